@@ -1,0 +1,69 @@
+"""cxrtrek: machine-assisted chest X-ray reading in eight diagnostic stages.
+
+Importing the package is light: the typed data (:mod:`cxrtrek.schema`), the stage specs and
+the errors load on first use; torch, transformers and chromadb load only in the parts that
+need them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (loaded on first access)
+_EXPORTS: dict[str, str] = {
+    "Answer": "cxrtrek.schema",
+    "BBox": "cxrtrek.schema",
+    "Finding": "cxrtrek.schema",
+    "ImageRef": "cxrtrek.schema",
+    "ImageRole": "cxrtrek.schema",
+    "QType": "cxrtrek.schema",
+    "Question": "cxrtrek.schema",
+    "Report": "cxrtrek.schema",
+    "StageResult": "cxrtrek.schema",
+    "Study": "cxrtrek.schema",
+    "STAGES": "cxrtrek.stages",
+    "StageSpec": "cxrtrek.stages",
+    "CXRTrekError": "cxrtrek.errors",
+    "load_studies": "cxrtrek.data.cxrtrek",
+    "read_records": "cxrtrek.data.cxrtrek",
+    "write_records": "cxrtrek.data.cxrtrek",
+    "decode_image": "cxrtrek.data.images",
+    "parse_answer": "cxrtrek.parsing",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+if TYPE_CHECKING:
+    from cxrtrek.data.cxrtrek import load_studies, read_records, write_records
+    from cxrtrek.data.images import decode_image
+    from cxrtrek.errors import CXRTrekError
+    from cxrtrek.parsing import parse_answer
+    from cxrtrek.schema import (
+        Answer,
+        BBox,
+        Finding,
+        ImageRef,
+        ImageRole,
+        QType,
+        Question,
+        Report,
+        StageResult,
+        Study,
+    )
+    from cxrtrek.stages import STAGES, StageSpec
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cxrtrek' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,1 @@
+"""The agent facade, VLM backends, sub-agent adapters and the command line."""

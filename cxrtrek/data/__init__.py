@@ -1,0 +1,1 @@
+"""Data: CXRTrek-format I/O, image and DICOM decoding, bundled examples."""

@@ -1,0 +1,1 @@
+"""Metrics, the evaluation runner, reports, plots and benchmarks."""

@@ -1,0 +1,1 @@
+"""The stage graph: state, stage nodes, routing, planning, tracing and replay."""

@@ -1,0 +1,1 @@
+"""Vector memory over chromadb: stage memory, prior studies, case library."""

@@ -1,0 +1,1 @@
+"""CXRTrekNet: model, tokenizer, training and the model server."""

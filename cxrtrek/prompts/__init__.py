@@ -1,0 +1,1 @@
+"""Prompt templates, kept as files beside this module and rendered strictly."""

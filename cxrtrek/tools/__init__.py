@@ -1,0 +1,1 @@
+"""Retrieval and image tools the stages (and parent agents) call."""
