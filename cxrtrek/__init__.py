@@ -14,6 +14,9 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it (loaded on first access)
 _EXPORTS: dict[str, str] = {
+    "AgentSettings": "cxrtrek.agent.agent",
+    "CXRTrekAgent": "cxrtrek.agent.agent",
+    "RunReport": "cxrtrek.agent.agent",
     "Answer": "cxrtrek.schema",
     "BBox": "cxrtrek.schema",
     "Finding": "cxrtrek.schema",
@@ -34,9 +37,33 @@ _EXPORTS: dict[str, str] = {
     "parse_answer": "cxrtrek.parsing",
 }
 
-__all__ = ["__version__", *sorted(_EXPORTS)]
+__all__ = [
+    "STAGES",
+    "AgentSettings",
+    "Answer",
+    "BBox",
+    "CXRTrekAgent",
+    "CXRTrekError",
+    "Finding",
+    "ImageRef",
+    "ImageRole",
+    "QType",
+    "Question",
+    "Report",
+    "RunReport",
+    "StageResult",
+    "StageSpec",
+    "Study",
+    "__version__",
+    "decode_image",
+    "load_studies",
+    "parse_answer",
+    "read_records",
+    "write_records",
+]
 
 if TYPE_CHECKING:
+    from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent, RunReport
     from cxrtrek.data.cxrtrek import load_studies, read_records, write_records
     from cxrtrek.data.images import decode_image
     from cxrtrek.errors import CXRTrekError

@@ -40,3 +40,7 @@ def test_cli_help_is_light_and_fast() -> None:
 def test_public_api_resolves() -> None:
     for name in cxrtrek.__all__:
         assert getattr(cxrtrek, name) is not None
+
+
+def test_all_matches_the_lazy_exports() -> None:
+    assert set(cxrtrek.__all__) - {"__version__"} == set(cxrtrek._EXPORTS)
