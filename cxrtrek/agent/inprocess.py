@@ -1,0 +1,181 @@
+"""The in-process VLM backend: CXRTrekNet in this process, on CPU or GPU.
+
+Requests are answered in batches (``max_batch_size``), left-padded, greedy unless a request
+asks to sample. Each image's visual tokens are cached by the image's SHA-256 (LRU, at most
+``cache_size`` images), so a study's images are encoded once for all of its questions.
+Generation runs in a worker thread (``asyncio.to_thread``) behind a lock: concurrent callers
+are served one batch at a time and the event loop stays free.
+
+Load a saved model folder with :meth:`InProcessBackend.load`; the constructor takes a model
+that is already built (it never loads weights itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cxrtrek.agent.protocol import VLMRequest, VLMResponse
+from cxrtrek.errors import DataError
+from cxrtrek.schema import ImageRef
+
+if TYPE_CHECKING:
+    import torch
+
+    from cxrtrek.model.modeling import CXRTrekNetForConditionalGeneration
+    from cxrtrek.model.processing import CXRTrekNetProcessor, Encoded
+
+__all__ = ["InProcessBackend"]
+
+log = logging.getLogger(__name__)
+
+
+class InProcessBackend:
+    """Implements :class:`~cxrtrek.agent.protocol.VLMBackend` over a CXRTrekNet model."""
+
+    def __init__(self, model: CXRTrekNetForConditionalGeneration,
+                 processor: CXRTrekNetProcessor, *, model_id: str | None = None,
+                 max_batch_size: int = 8, cache_size: int = 256) -> None:
+        if max_batch_size < 1:
+            raise DataError(f"max_batch_size must be at least 1; got {max_batch_size}")
+        if cache_size < 0:
+            raise DataError(f"cache_size must be 0 (no cache) or more; got {cache_size}")
+        self.model = model.train(False)
+        self.processor = processor
+        self.model_id = model_id or (str(model.config.name_or_path) or "cxrtrek-net")
+        self.max_batch_size = max_batch_size
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+        self.cache_hits = 0
+        self.cache_misses = 0
+
+    @classmethod
+    def load(cls, folder: str | Path, *, device: str | None = None, dtype: str | None = None,
+             model_id: str | None = None, max_batch_size: int = 8,
+             cache_size: int = 256) -> InProcessBackend:
+        """Load a saved CXRTrekNet folder (device and dtype automatic unless given)."""
+        from cxrtrek.model.build import load_pretrained
+
+        model, processor = load_pretrained(folder, device=device, dtype=dtype)
+        return cls(model, processor, model_id=model_id or Path(folder).name,
+                   max_batch_size=max_batch_size, cache_size=cache_size)
+
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+    # --- the protocol -----------------------------------------------------------------------
+
+    async def generate(self, requests: Sequence[VLMRequest]) -> list[VLMResponse]:
+        if not requests:
+            return []
+        return await asyncio.to_thread(self.generate_sync, requests)
+
+    def generate_sync(self, requests: Sequence[VLMRequest]) -> list[VLMResponse]:
+        """The blocking form of :meth:`generate` (thread-safe)."""
+        encoded = [self._encode(r) for r in requests]  # validate everything before any work
+        out: list[VLMResponse] = []
+        with self._lock:
+            for start in range(0, len(requests), self.max_batch_size):
+                stop = start + self.max_batch_size
+                out.extend(self._run_batch(requests[start:stop], encoded[start:stop]))
+        return out
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _encode(self, request: VLMRequest) -> Encoded:
+        from cxrtrek.prompts.render import ContextTurn
+
+        rid = request.request_id
+        if not request.images:
+            raise DataError(f"request {rid!r}: expected at least one image (the current "
+                            "study first, then priors); got none")
+        for s in (request.stage, *(c.stage for c in request.context)):
+            if not 1 <= s <= 8:
+                raise DataError(f"request {rid!r}: stage must be 1-8; got {s}")
+        enc = self.processor.encode_prompt(
+            stage=request.stage, question=request.question, n_images=len(request.images),
+            context=[ContextTurn(c.stage, c.question, c.answer) for c in request.context],
+            system=request.system)
+        limit = self.processor.context_length
+        if len(enc) >= limit:
+            raise DataError(f"request {rid!r}: the prompt is {len(enc)} tokens (with "
+                            f"{len(request.images)} images and {len(request.context)} context "
+                            f"turns); the model takes fewer than {limit} (prompt plus answer)")
+        return enc
+
+    def _image_embeds(self, requests: Sequence[VLMRequest]) -> tuple[torch.Tensor, list[int]]:
+        """Visual tokens of every image of the batch, in order, and cache hits per request."""
+        import torch
+
+        from cxrtrek.model.images import load_image
+
+        refs = [ref for r in requests for ref in r.images]
+        keys = [ref.digest() for ref in refs]
+        if self.cache_size == 0:
+            with torch.inference_mode():
+                feats = self.model.get_image_features(
+                    self.processor.pixel_values([load_image(ref) for ref in refs]))
+            return feats, [0] * len(requests)
+        todo: dict[str, ImageRef] = {}  # images to encode, first occurrence of each hash
+        for key, ref in zip(keys, refs, strict=True):
+            if key not in self._cache:
+                todo.setdefault(key, ref)
+        hits_per_request: list[int] = []
+        k = 0
+        for r in requests:
+            hits_per_request.append(sum(1 for key in keys[k:k + len(r.images)] if key not in todo))
+            k += len(r.images)
+        if todo:
+            with torch.inference_mode():
+                new = self.model.get_image_features(
+                    self.processor.pixel_values([load_image(ref) for ref in todo.values()]))
+            for i, key in enumerate(todo):
+                self._cache[key] = new[i]
+        self.cache_hits += sum(hits_per_request)
+        self.cache_misses += len(todo)
+        feats = torch.stack([self._cache[key] for key in keys])
+        for key in keys:
+            self._cache.move_to_end(key)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return feats, hits_per_request
+
+    def _run_batch(self, requests: Sequence[VLMRequest],
+                   encoded: Sequence[Encoded]) -> list[VLMResponse]:
+        import torch
+
+        from cxrtrek.model.modeling import Decoding
+        from cxrtrek.model.processing import collate
+
+        t0 = time.perf_counter()
+        feats, hits = self._image_embeds(requests)
+        batch = collate(encoded, self.processor.tokenizer.pad_id, side="left")
+        decoding = [Decoding(temperature=r.decoding.temperature, top_p=r.decoding.top_p,
+                             seed=r.decoding.seed if r.decoding.seed is not None
+                             or r.decoding.greedy else secrets.randbits(63))
+                    for r in requests]
+        with torch.inference_mode():
+            generated = self.model.generate_batch(
+                batch["input_ids"], batch["attention_mask"], image_embeds=feats,
+                max_new_tokens=[r.max_new_tokens for r in requests], decoding=decoding,
+                stop_token_ids=self.processor.stop_token_ids)
+        latency = time.perf_counter() - t0
+        log.debug("batch of %d answered in %.3f s", len(requests), latency)
+        return [
+            VLMResponse(
+                request_id=r.request_id, text=self.processor.decode(g.ids),
+                model_id=self.model_id, prompt_tokens=len(enc), completion_tokens=len(g.ids),
+                latency_s=latency,
+                finish_reason="stop" if g.finish_reason == "stop" else "length",
+                cache_hits=hit)
+            for r, enc, g, hit in zip(requests, encoded, generated, hits, strict=True)
+        ]

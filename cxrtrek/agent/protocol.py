@@ -1,0 +1,96 @@
+"""The VLM protocol: what the graph asks a vision-language model, and what comes back.
+
+Every backend (in-process CXRTrekNet, HTTP, recorded, scripted) implements
+:class:`VLMBackend`: one ``async generate(requests) -> responses`` call, responses in request
+order. This module is light: it imports no torch and no transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cxrtrek.schema import ImageRef
+
+__all__ = ["ContextPair", "DecodingSettings", "VLMBackend", "VLMRequest", "VLMResponse"]
+
+
+class ContextPair(BaseModel):
+    """An earlier stage's question and answer, given to the model as context."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    stage: int = Field(ge=1, le=8)
+    question: str
+    answer: str
+
+
+class DecodingSettings(BaseModel):
+    """Greedy by default; a ``temperature`` above 0 samples (``top_p`` optional, ``seed``
+    makes sampling reproducible)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    temperature: float | None = Field(default=None, ge=0.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return not self.temperature
+
+
+class VLMRequest(BaseModel):
+    """One question about one study's images (current study first, then priors)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str
+    stage: int
+    """1-8. Not range-checked here, so that a backend reports a bad stage as its own error."""
+    question: str
+    images: list[ImageRef] = Field(default_factory=list)
+    context: list[ContextPair] = Field(default_factory=list)
+    system: str | None = None
+    """The system prompt; None uses the model's own."""
+    max_new_tokens: int = Field(default=128, ge=1)
+    decoding: DecodingSettings = Field(default_factory=DecodingSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pairs(cls, data: object) -> object:
+        """Accept context as (stage, question, answer) tuples too."""
+        if isinstance(data, dict) and isinstance(data.get("context"), list):
+            data = dict(data)
+            data["context"] = [
+                {"stage": c[0], "question": c[1], "answer": c[2]}
+                if isinstance(c, tuple | list) else c for c in data["context"]
+            ]
+        return data
+
+
+class VLMResponse(BaseModel):
+    """The model's answer to one request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str
+    text: str
+    model_id: str
+    prompt_tokens: int = Field(default=0, ge=0)
+    completion_tokens: int = Field(default=0, ge=0)
+    latency_s: float = Field(default=0.0, ge=0.0)
+    finish_reason: Literal["stop", "length"] = "stop"
+    cache_hits: int = Field(default=0, ge=0)
+    """How many of the request's images were served from the backend's vision cache."""
+
+
+@runtime_checkable
+class VLMBackend(Protocol):
+    """A vision-language model behind one call. Responses come back in request order."""
+
+    model_id: str
+
+    async def generate(self, requests: Sequence[VLMRequest]) -> list[VLMResponse]: ...

@@ -1,0 +1,111 @@
+"""CXRTrekNet's configuration and its presets.
+
+A :class:`CXRTrekNetConfig` holds a vision config (any transformers vision model: a small
+ResNet for the presets, a ViT-family model for real use) and a causal-LM config (Llama by
+default), plus how images become tokens: ``image_size`` pixels in, ``image_grid`` x
+``image_grid`` pooled visual tokens out per image.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from transformers import AutoConfig, LlamaConfig, PretrainedConfig, ResNetConfig
+from transformers.configuration_utils import SubConfigSpec
+
+from cxrtrek.errors import ConfigError
+
+__all__ = ["DEFAULT_SYSTEM_PROMPT", "PRESETS", "CXRTrekNetConfig", "preset_config"]
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful radiology assistant to help radiologists analyze, interpret medical "
+    "images and answer clinical questions."
+)
+
+PRESETS = ("tiny", "demo")
+
+
+class CXRTrekNetConfig(PretrainedConfig):  # type: ignore[no-untyped-call]
+    """Vision encoder + MLP projector + causal LM; image placeholders become visual tokens."""
+
+    model_type: ClassVar[str] = "cxrtrek_net"
+    sub_configs_defaults: ClassVar[dict[str, SubConfigSpec]] = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="resnet"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    vision_config: dict[str, Any] | PretrainedConfig | None = None
+    text_config: dict[str, Any] | PretrainedConfig | None = None
+    image_token_id: int = 3
+    pad_token_index: int = 0
+    stop_token_ids: list[int] | None = None
+    image_size: int = 160
+    image_grid: int = 5
+    image_mean: float = 0.5
+    image_std: float = 0.25
+    projector_hidden_act: str = "gelu"
+    freeze_vision: bool = True
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    tie_word_embeddings: bool = True
+
+    @property
+    def vision(self) -> PretrainedConfig:
+        """The vision sub-config."""
+        return _sub(self.vision_config, "vision_config")
+
+    @property
+    def text(self) -> PretrainedConfig:
+        """The language-model sub-config."""
+        return _sub(self.text_config, "text_config")
+
+    @property
+    def tokens_per_image(self) -> int:
+        return int(self.image_grid) ** 2
+
+    @property
+    def context_length(self) -> int:
+        """Longest sequence (prompt and answer) the language model takes."""
+        return int(self.text.max_position_embeddings)
+
+    @property
+    def image_channels(self) -> int:
+        return int(getattr(self.vision, "num_channels", 3))
+
+
+def _sub(value: object, name: str) -> PretrainedConfig:
+    if not isinstance(value, PretrainedConfig):
+        raise ConfigError(f"{name} should be a transformers config; found {type(value).__name__}")
+    return value
+
+
+def _round_up(n: int, k: int = 64) -> int:
+    return (n + k - 1) // k * k
+
+
+def preset_config(name: Literal["tiny", "demo"] | str, *, vocab_size: int,
+                  stop_token_ids: list[int], image_token_id: int,
+                  pad_token_index: int) -> CXRTrekNetConfig:
+    """The config of a preset: ``tiny`` (tests, builds in well under a second) or ``demo``
+    (about 13M parameters, trainable on 2 CPU cores at 160 px)."""
+    vocab = _round_up(vocab_size)
+    if name == "tiny":
+        vision = ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16],
+                              depths=[1, 1], layer_type="basic")
+        text = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=512, tie_word_embeddings=True)
+        image_size, grid = 32, 2
+    elif name == "demo":
+        vision = ResNetConfig(num_channels=1, embedding_size=32, hidden_sizes=[32, 64, 128, 256],
+                              depths=[1, 1, 2, 1], layer_type="basic")
+        text = LlamaConfig(vocab_size=vocab, hidden_size=384, intermediate_size=1024,
+                           num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2,
+                           max_position_embeddings=1024, tie_word_embeddings=True)
+        image_size, grid = 160, 5
+    else:
+        raise ConfigError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+    return CXRTrekNetConfig(
+        vision_config=vision, text_config=text, image_size=image_size, image_grid=grid,
+        image_token_id=image_token_id, pad_token_index=pad_token_index,
+        stop_token_ids=stop_token_ids, tie_word_embeddings=True,
+    )

@@ -1,0 +1,372 @@
+"""Training CXRTrekNet on CXRTrek-format data: ``train(TrainConfig) -> Path``.
+
+- Examples pack several questions of one study (its images, then question-answer turns in
+  file order, up to ``pack_questions`` and the model's context length); every answer is
+  supervised, nothing else is. The layout is the inference chat format (``chat.jinja``).
+- The LM is trained with LoRA (peft) by default, or fully, or not at all; the projector is
+  always trained; the vision tower only with ``train_vision``.
+- Seeded and deterministic: the example order is a function of (seed, step), so a run resumed
+  from a checkpoint continues exactly as the uninterrupted run would have.
+- Checkpoints (``<output>/checkpoint.pt``: trainable weights, optimizer, scheduler, RNG, step)
+  every ``checkpoint_every`` steps and on Ctrl-C; ``resume=True`` continues from one.
+- The output folder loads with ``load_pretrained`` (merged weights, config, tokenizer);
+  a LoRA run also writes its adapter under ``<output>/adapter``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import warnings
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from cxrtrek.errors import ConfigError, DataError
+from cxrtrek.model.build import build_preset, from_parts, load_pretrained, save_pretrained
+from cxrtrek.model.images import load_image
+from cxrtrek.model.modeling import CXRTrekNetForConditionalGeneration
+from cxrtrek.model.processing import CXRTrekNetProcessor, Encoded, collate
+from cxrtrek.prompts.render import ContextTurn
+from cxrtrek.schema import ImageRef, Study
+
+__all__ = ["LORA_TARGETS", "TrainConfig", "build_examples", "train"]
+
+log = logging.getLogger(__name__)
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CHECKPOINT = "checkpoint.pt"
+STATE = "trainer_state.json"
+
+
+class TrainConfig(BaseModel):
+    """Everything a training run depends on (saved as ``training_args.json``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    output_dir: Path
+    model: str = "tiny"
+    """A preset (tiny, demo) or a saved CXRTrekNet folder to start from."""
+    vision_path: Path | None = None
+    lm_path: Path | None = None
+    """Both set: assemble the model from these pretrained parts instead of ``model``."""
+    train_data: Path | None = None
+    eval_data: Path | None = None
+    image_root: Path | None = None
+    max_images: int = Field(default=2, ge=1)
+    pack_questions: int = Field(default=8, ge=1)
+    steps: int = Field(default=100, ge=1)
+    batch_size: int = Field(default=4, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    lr: float = Field(default=5e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=10, ge=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    lm_mode: Literal["lora", "full", "frozen"] = "lora"
+    lora_r: int = Field(default=16, ge=1)
+    lora_alpha: int = Field(default=32, ge=1)
+    lora_dropout: float = Field(default=0.0, ge=0, lt=1)
+    train_vision: bool = False
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: str | None = None
+    seed: int = 0
+    eval_every: int = Field(default=0, ge=0)
+    """Evaluate every N steps (0: only at the end); needs eval data."""
+    checkpoint_every: int = Field(default=50, ge=0)
+    resume: bool = True
+    progress: bool = True
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Example:
+    images: tuple[ImageRef, ...]
+    encoded: Encoded
+
+
+def build_examples(studies: Sequence[Study], processor: CXRTrekNetProcessor, *,
+                   max_images: int, pack_questions: int) -> list[Example]:
+    """Packed examples: consecutive questions of a study that fit the context length."""
+    out: list[Example] = []
+    for study in studies:
+        images = (list(study.images) + (list(study.prior.images) if study.prior else []))
+        images = images[:max_images]
+        if not images:
+            raise DataError(f"study {study.study_id}: expected at least one image; got none")
+        turns = [ContextTurn(q.stage, q.text, study.references[q.id].text)
+                 for q in study.questions if q.id in study.references]
+        pack: list[ContextTurn] = []
+        for turn in [*turns, None]:
+            candidate = [*pack, turn] if turn is not None else pack
+            fits = turn is not None and len(candidate) <= pack_questions and len(
+                processor.encode_training(candidate, n_images=len(images))
+            ) <= processor.context_length
+            if fits:
+                pack = candidate
+                continue
+            if pack:
+                enc = processor.encode_training(pack, n_images=len(images))
+                out.append(Example(tuple(images), enc))
+            pack = [turn] if turn is not None else []
+            if pack and len(processor.encode_training(pack, n_images=len(images))) > \
+                    processor.context_length:
+                log.warning("study %s: a question does not fit the context length; skipped",
+                            study.study_id)
+                pack = []
+    return out
+
+
+class _Pixels:
+    """Decoded, preprocessed images by SHA-256 (each image read once)."""
+
+    def __init__(self, processor: CXRTrekNetProcessor) -> None:
+        self._processor = processor
+        self._by_hash: dict[str, torch.Tensor] = {}
+
+    def __call__(self, refs: Sequence[ImageRef]) -> torch.Tensor:
+        tensors = []
+        for ref in refs:
+            key = ref.digest()
+            if key not in self._by_hash:
+                self._by_hash[key] = self._processor.pixel_values([load_image(ref)])[0]
+            tensors.append(self._by_hash[key])
+        return torch.stack(tensors)
+
+
+def _batch(examples: Sequence[Example], pixels: _Pixels, pad_id: int,
+           device: torch.device) -> dict[str, torch.Tensor]:
+    batch = collate([e.encoded for e in examples], pad_id, side="right")
+    batch["pixel_values"] = pixels([ref for e in examples for ref in e.images])
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _order(n: int, seed: int, position: int) -> int:
+    """The example index at a global position: a fresh seeded permutation per epoch."""
+    epoch, offset = divmod(position, n)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return int(perm[offset])
+
+
+# --- model -----------------------------------------------------------------------------------
+
+
+def _base(cfg: TrainConfig) -> tuple[CXRTrekNetForConditionalGeneration, CXRTrekNetProcessor]:
+    if (cfg.vision_path is None) != (cfg.lm_path is None):
+        raise ConfigError("from_parts needs both vision_path and lm_path; got only one")
+    if cfg.vision_path is not None and cfg.lm_path is not None:
+        return from_parts(vision_path=cfg.vision_path, lm_path=cfg.lm_path, seed=cfg.seed)
+    if cfg.model in ("tiny", "demo"):
+        return build_preset(cfg.model, seed=cfg.seed)
+    return load_pretrained(cfg.model, device="cpu", dtype="float32")
+
+
+def _prepare(cfg: TrainConfig, model: CXRTrekNetForConditionalGeneration) -> torch.nn.Module:
+    """Set what trains; wrap with LoRA when asked."""
+    model.freeze_vision(not cfg.train_vision)
+    if cfg.lm_mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(cfg.seed + 1)
+        targets = "|".join(LORA_TARGETS)
+        lora = LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=rf".*language_model\..*\.({targets})$",
+            modules_to_save=["projector", *(["vision_tower"] if cfg.train_vision else [])])
+        with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
+            warnings.simplefilter("ignore", FutureWarning)
+            wrapped: torch.nn.Module = get_peft_model(model, lora)
+        return wrapped
+    model.language_model.requires_grad_(cfg.lm_mode == "full")
+    model.projector.requires_grad_(True)
+    return model
+
+
+def _trainable(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+
+def _schedule(cfg: TrainConfig) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        span = max(1, cfg.steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+
+def _load_data(cfg: TrainConfig, path: Path | None) -> list[Study]:
+    if path is None:
+        return []
+    from cxrtrek.data.cxrtrek import load_studies
+
+    return load_studies(path, image_root=cfg.image_root)
+
+
+def _save_checkpoint(path: Path, step: int, module: torch.nn.Module,
+                     optimizer: torch.optim.Optimizer,
+                     scheduler: torch.optim.lr_scheduler.LRScheduler,
+                     history: list[dict[str, float]], cfg: TrainConfig) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({
+        "step": step,
+        "trainable": {n: p.detach().clone() for n, p in _trainable(module).items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        "history": history,
+        "config": cfg.model_dump(mode="json", exclude={"progress", "resume"}),
+    }, tmp)
+    tmp.replace(path)
+    log.info("checkpoint at step %d: %s", step, path)
+
+
+def _evaluate(module: torch.nn.Module, examples: Sequence[Example], pixels: _Pixels,
+              pad_id: int, device: torch.device, batch_size: int,
+              autocast: Callable[[], AbstractContextManager[Any]]) -> float:
+    module.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i:i + batch_size]
+            with autocast():
+                loss = module(**_batch(chunk, pixels, pad_id, device)).loss
+            total += float(loss) * len(chunk)
+            n += len(chunk)
+    module.train()
+    return total / max(n, 1)
+
+
+def train(cfg: TrainConfig, *, studies: Sequence[Study] | None = None,
+          eval_studies: Sequence[Study] | None = None,
+          on_step: Callable[[int, float], None] | None = None) -> Path:
+    """Train and save; returns the output folder. ``studies`` override ``cfg.train_data``;
+    ``on_step(step, loss)`` is called after every optimizer step."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    out = cfg.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model, processor = _base(cfg)
+    device = torch.device(cfg.device) if cfg.device else (
+        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    torch.nn.Module.to(model, device)
+    train_studies = list(studies) if studies is not None else _load_data(cfg, cfg.train_data)
+    evals = list(eval_studies) if eval_studies is not None else _load_data(cfg, cfg.eval_data)
+    examples = build_examples(train_studies, processor, max_images=cfg.max_images,
+                              pack_questions=cfg.pack_questions)
+    eval_examples = build_examples(evals, processor, max_images=cfg.max_images,
+                                   pack_questions=cfg.pack_questions)
+    if not examples:
+        raise DataError("expected training studies with questions and reference answers; "
+                        f"got {len(train_studies)} studies and no usable examples")
+    log.info("%d studies -> %d packed examples", len(train_studies), len(examples))
+
+    module = _prepare(cfg, model)
+    module.train()
+    params = list(_trainable(module).values())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
+    history: list[dict[str, float]] = []
+    start = 0
+    ckpt = out / CHECKPOINT
+    if cfg.resume and ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        saved = state["config"]
+        now = cfg.model_dump(mode="json", exclude={"progress", "resume"})
+        if saved != now:
+            diff = sorted(k for k in now if saved.get(k) != now[k])
+            raise ConfigError(f"{ckpt} was written by a run with other settings ({diff}); "
+                              "use another output_dir or resume=False")
+        missing = set(_trainable(module)) - set(state["trainable"])
+        if missing:
+            raise ConfigError(f"{ckpt} lacks trainable weights: {sorted(missing)[:3]}")
+        module.load_state_dict(state["trainable"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        history = list(state["history"])
+        start = int(state["step"])
+        log.info("resumed from %s at step %d", ckpt, start)
+
+    pixels = _Pixels(processor)
+    pad_id = processor.tokenizer.pad_id
+
+    def autocast() -> AbstractContextManager[Any]:
+        if cfg.dtype == "bfloat16":
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
+                        TextColumn("ETA"), TimeRemainingColumn(), disable=not cfg.progress)
+    step = start
+    try:
+        with progress:
+            task = progress.add_task("train", total=cfg.steps, completed=start, loss="-")
+            for step in range(start, cfg.steps):
+                optimizer.zero_grad(set_to_none=True)
+                step_loss = 0.0
+                for micro in range(cfg.grad_accum):
+                    pos = (step * cfg.grad_accum + micro) * cfg.batch_size
+                    chunk = [examples[_order(len(examples), cfg.seed, pos + j)]
+                             for j in range(cfg.batch_size)]
+                    with autocast():
+                        loss = module(**_batch(chunk, pixels, pad_id, device)).loss
+                    (loss / cfg.grad_accum).backward()
+                    step_loss += float(loss.detach()) / cfg.grad_accum
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                scheduler.step()
+                record = {"step": step + 1, "loss": step_loss,
+                          "lr": float(scheduler.get_last_lr()[0])}
+                if eval_examples and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                    record["eval_loss"] = _evaluate(module, eval_examples, pixels, pad_id,
+                                                    device, cfg.batch_size, autocast)
+                history.append(record)
+                progress.update(task, advance=1, loss=f"{step_loss:.3f}")
+                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                    _save_checkpoint(ckpt, step + 1, module, optimizer, scheduler, history, cfg)
+                if on_step is not None:
+                    on_step(step + 1, step_loss)
+            step = cfg.steps
+    except KeyboardInterrupt:
+        done = len(history)
+        if done > start and not (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+            _save_checkpoint(ckpt, done, module, optimizer, scheduler, history, cfg)
+        raise
+
+    final: dict[str, Any] = {"history": history}
+    if eval_examples:
+        final["eval_loss"] = _evaluate(module, eval_examples, pixels, pad_id, device,
+                                       cfg.batch_size, autocast)
+    module.eval()
+    if cfg.lm_mode == "lora":
+        module.save_pretrained(str(out / "adapter"))  # type: ignore[operator]
+        model = module.merge_and_unload()  # type: ignore[operator]
+    save_pretrained(model, processor, out)
+    (out / STATE).write_text(json.dumps(final, indent=1) + "\n")
+    (out / "training_args.json").write_text(cfg.model_dump_json(indent=1) + "\n")
+    log.info("saved %s", out)
+    return out

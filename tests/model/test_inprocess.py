@@ -1,0 +1,146 @@
+"""The in-process backend: batching, the vision cache, bad requests, concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxrtrek.agent.inprocess import InProcessBackend
+from cxrtrek.agent.protocol import VLMBackend, VLMRequest
+from cxrtrek.errors import DataError
+from cxrtrek.model.build import build_preset, save_pretrained
+from cxrtrek.model.modeling import CXRTrekNetForConditionalGeneration
+from cxrtrek.model.processing import CXRTrekNetProcessor
+from cxrtrek.schema import ImageRef
+
+Tiny = tuple[CXRTrekNetForConditionalGeneration, CXRTrekNetProcessor]
+
+
+def _png(path: Path, seed: int) -> ImageRef:
+    arr = (np.random.default_rng(seed).random((40, 40)) * 255).astype(np.uint8)
+    Image.fromarray(arr).save(path)
+    return ImageRef(path=str(path))
+
+
+@pytest.fixture()
+def images(tmp_path: Path) -> list[ImageRef]:
+    return [_png(tmp_path / f"img{i}.png", i) for i in range(3)]
+
+
+def _requests(images: list[ImageRef]) -> list[VLMRequest]:
+    return [
+        VLMRequest(request_id="a", stage=1, question="What is the view?", images=images[:1],
+                   max_new_tokens=6),
+        VLMRequest(request_id="b", stage=5, question="What changed?", images=images[:2],
+                   context=[(2, "Any effusion?", "Yes.")], max_new_tokens=9),
+        VLMRequest(request_id="c", stage=2, question="Is there an effusion?",
+                   images=images[2:], max_new_tokens=4),
+    ]
+
+
+class _Counter:
+    def __init__(self, model: CXRTrekNetForConditionalGeneration) -> None:
+        self.calls = 0
+        model.vision_tower.register_forward_hook(self._hook)
+
+    def _hook(self, *_: object) -> None:
+        self.calls += 1
+
+
+def test_backend_follows_the_protocol(tiny: Tiny, images: list[ImageRef]) -> None:
+    backend = InProcessBackend(*tiny, model_id="tiny")
+    assert isinstance(backend, VLMBackend)
+    out = asyncio.run(backend.generate(_requests(images)))
+    assert [r.request_id for r in out] == ["a", "b", "c"]
+    assert all(r.model_id == "tiny" and r.latency_s > 0 for r in out)
+    assert [r.completion_tokens <= m for r, m in zip(out, (6, 9, 4), strict=True)]
+    assert out[1].prompt_tokens > out[0].prompt_tokens
+    assert all(r.finish_reason in ("stop", "length") for r in out)
+
+
+def test_batched_equals_one_at_a_time(tiny: Tiny, images: list[ImageRef]) -> None:
+    reqs = _requests(images)
+    batched = asyncio.run(InProcessBackend(*tiny, max_batch_size=8).generate(reqs))
+    single = InProcessBackend(*tiny, max_batch_size=1, cache_size=0)
+    one = [asyncio.run(single.generate([r]))[0] for r in reqs]
+    assert [r.text for r in batched] == [r.text for r in one]
+    assert [r.completion_tokens for r in batched] == [r.completion_tokens for r in one]
+
+
+def test_cache_hit_gives_identical_output_without_the_vision_tower(
+        tiny: Tiny, images: list[ImageRef]) -> None:
+    backend = InProcessBackend(*tiny)
+    counter = _Counter(backend.model)
+    reqs = _requests(images)
+    first = asyncio.run(backend.generate(reqs))
+    assert counter.calls == 1  # one batched encoding of the 3 distinct images
+    assert [r.cache_hits for r in first] == [0, 0, 0]
+    again = asyncio.run(backend.generate(reqs))
+    assert counter.calls == 1
+    assert [r.cache_hits for r in again] == [1, 2, 1]
+    assert [r.text for r in again] == [r.text for r in first]
+    assert backend.cache_hits == 4 and backend.cache_misses == 3
+
+
+def test_cache_is_bounded_lru(tiny: Tiny, images: list[ImageRef]) -> None:
+    backend = InProcessBackend(*tiny, cache_size=2)
+    counter = _Counter(backend.model)
+    ask = [VLMRequest(request_id=str(i), stage=1, question="View?", images=[img],
+                      max_new_tokens=1) for i, img in enumerate(images)]
+    for r in ask:
+        asyncio.run(backend.generate([r]))
+    assert counter.calls == 3
+    asyncio.run(backend.generate([ask[2]]))  # most recent: still cached
+    assert counter.calls == 3
+    asyncio.run(backend.generate([ask[0]]))  # evicted
+    assert counter.calls == 4
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"images": []}, "expected at least one image"),
+    ({"stage": 9}, "stage must be 1-8; got 9"),
+    ({"stage": 0}, "stage must be 1-8; got 0"),
+    ({"question": "why " * 600}, "the prompt is .* tokens"),
+])
+def test_bad_requests_raise_clear_errors(tiny: Tiny, images: list[ImageRef],
+                                         change: dict[str, object], message: str) -> None:
+    backend = InProcessBackend(*tiny)
+    good = _requests(images)[0]
+    bad = good.model_copy(update={"request_id": "bad", **change})
+    with pytest.raises(DataError, match=message) as info:
+        asyncio.run(backend.generate([good, bad]))
+    assert "'bad'" in str(info.value)
+
+
+def test_concurrent_calls_are_safe(tiny: Tiny, images: list[ImageRef]) -> None:
+    backend = InProcessBackend(*tiny)
+    reqs = _requests(images)
+    expected = [r.text for r in asyncio.run(InProcessBackend(*tiny).generate(reqs))]
+
+    async def many() -> list[list[str]]:
+        outs = await asyncio.gather(*(backend.generate(reqs) for _ in range(4)))
+        return [[r.text for r in out] for out in outs]
+
+    assert asyncio.run(many()) == [expected] * 4
+
+
+def test_load_from_a_saved_folder(tiny: Tiny, images: list[ImageRef], tmp_path: Path) -> None:
+    save_pretrained(*tiny, tmp_path / "tiny-model")
+    backend = InProcessBackend.load(tmp_path / "tiny-model", device="cpu")
+    assert backend.model_id == "tiny-model"
+    out = asyncio.run(backend.generate(_requests(images)))
+    ref = asyncio.run(InProcessBackend(*tiny).generate(_requests(images)))
+    assert [r.text for r in out] == [r.text for r in ref]
+
+
+def test_sampling_is_seeded(images: list[ImageRef]) -> None:
+    backend = InProcessBackend(*build_preset("tiny", seed=3))
+    req = VLMRequest(request_id="s", stage=1, question="View?", images=images[:1],
+                     max_new_tokens=8, decoding={"temperature": 1.5, "top_p": 0.95, "seed": 7})
+    a = asyncio.run(backend.generate([req]))[0].text
+    b = asyncio.run(backend.generate([req]))[0].text
+    assert a == b
