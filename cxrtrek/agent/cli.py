@@ -143,10 +143,230 @@ def _add_inspect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.set_defaults(handler=_cmd_inspect)
 
 
+# --- train -------------------------------------------------------------------------------
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from cxrtrek.model.train import TrainConfig, train
+
+    fields = ("model", "vision_path", "lm_path", "train_data", "eval_data", "image_root",
+              "steps", "batch_size", "grad_accum", "lr", "lm_mode", "train_vision",
+              "pack_questions", "dtype", "device", "seed", "eval_every", "checkpoint_every")
+    cfg = TrainConfig(output_dir=args.output_dir, resume=not args.no_resume,
+                      **{k: getattr(args, k) for k in fields if getattr(args, k) is not None})
+    out = train(cfg)
+    sys.stdout.write(f"{out}\n")
+    return EXIT_OK
+
+
+def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train CXRTrekNet on CXRTrek-format data",
+        description="Train CXRTrekNet (LoRA on the LM and the projector by default) on a "
+                    "CXRTrek-format file with images. Checkpoints into OUTPUT_DIR and resumes "
+                    "from there; the finished folder loads with the in-process backend.",
+    )
+    p.add_argument("train_data", type=Path, help="CXRTrek-format training file")
+    p.add_argument("output_dir", type=Path, help="folder for checkpoints and the model")
+    p.add_argument("--eval-data", type=Path, help="CXRTrek-format evaluation file")
+    p.add_argument("--image-root", type=Path,
+                   help="folder the image paths are relative to (default: the data's folder)")
+    p.add_argument("--model", help="preset (tiny, demo) or a saved model folder (default tiny)")
+    p.add_argument("--vision-path", type=Path, help="pretrained vision model folder")
+    p.add_argument("--lm-path", type=Path, help="pretrained causal LM folder")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--lm-mode", choices=("lora", "full", "frozen"))
+    p.add_argument("--train-vision", action="store_true", default=None)
+    p.add_argument("--pack-questions", type=int, help="questions per training example")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"))
+    p.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: automatic)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--eval-every", type=int, metavar="N")
+    p.add_argument("--checkpoint-every", type=int, metavar="N")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over even if OUTPUT_DIR holds a checkpoint")
+    p.set_defaults(handler=_cmd_train)
+
+
+# --- phantoms ----------------------------------------------------------------------------
+
+
+def _cmd_phantoms(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from cxrtrek.data.phantoms import generate
+
+    with Progress(transient=True) as progress:
+        task = progress.add_task("phantom studies", total=args.n)
+        path = generate(args.n, args.seed, args.out, size=args.size,
+                        prior_fraction=args.prior_fraction,
+                        progress=lambda k: progress.advance(task, k))
+    sys.stdout.write(f"{path}\n")
+    return EXIT_OK
+
+
+def _add_phantoms(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "phantoms",
+        help="generate synthetic chest radiographs with 8-stage questions",
+        description="Write N phantom studies (procedural radiographs with known findings, "
+                    "about 60%% with a prior study) to OUT: images/, phantoms.json in the "
+                    "CXRTrek format and truth.jsonl. The same seed gives the same bytes.",
+    )
+    p.add_argument("--n", type=int, required=True, help="number of studies")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--size", type=int, default=320, metavar="PX",
+                   help="image size in pixels, 128-512 (default 320)")
+    p.add_argument("--prior-fraction", type=float, default=0.6,
+                   help="share of patients with a prior study (default 0.6)")
+    p.set_defaults(handler=_cmd_phantoms)
+
+
+# --- read and replay -----------------------------------------------------------------------
+
+
+def _cmd_read(args: argparse.Namespace) -> int:
+    from cxrtrek.agent._reading_cli import cmd_read
+
+    return cmd_read(args)
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from cxrtrek.agent._reading_cli import cmd_replay
+
+    return cmd_replay(args)
+
+
+def _study_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-root", type=Path, metavar="DIR",
+                   help="folder the image paths are relative to (default: the file's folder)")
+    p.add_argument("--allow-missing-images", action="store_true",
+                   help="read studies whose image files are absent (scripted backends only)")
+    p.add_argument("--checkpoint-db", type=Path, metavar="FILE",
+                   help="SQLite checkpoints (default: $CXRTREK_HOME/checkpoints.sqlite)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the views")
+
+
+def _add_read(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "read",
+        help="read studies in the eight stages (live view, then the report)",
+        description="Read each study of a CXRTrek-format file (or one Study JSON) stage by "
+                    "stage, showing the stages as they complete, then the report. Runs are "
+                    "checkpointed (resumable) and traced as JSONL.",
+    )
+    p.add_argument("study", type=Path, metavar="STUDY.json", help="CXRTrek file or Study JSON")
+    _study_arguments(p)
+    p.add_argument("--context", choices=("full", "retrieved", "none"), default="full",
+                   help="earlier stages' answers given with each question (default full)")
+    p.add_argument("--review-after", metavar="2,3",
+                   help="pause after these stages for a person to approve or edit (stdin)")
+    p.add_argument("--trace-dir", type=Path, metavar="DIR",
+                   help="where traces go (default: $CXRTREK_HOME/traces)")
+    p.add_argument("--backend", default="scripted-oracle", metavar="BACKEND",
+                   help="scripted-oracle (default) or inprocess:PATH")
+    p.add_argument("--mode", choices=("auto", "dataset", "clinical"), default="auto",
+                   help="dataset: the file's questions; clinical: planned (default auto)")
+    p.add_argument("--nondiagnostic", choices=("continue", "stop"), default="continue",
+                   help="when stage 1 judges the study non-diagnostic (default continue)")
+    p.add_argument("--max-new-tokens", type=int, metavar="N")
+    p.set_defaults(handler=_cmd_read)
+
+
+def _add_replay(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "replay",
+        help="play a trace back; re-execute it and diff stage by stage",
+        description="Show a trace stage by stage. With --against, re-execute the run "
+                    "(recorded: the trace's own outputs; or a backend) and name the first "
+                    "stage that diverged (exit 1 when one did). With --study (dataset mode), "
+                    "also attribute errors to the first wrong stage.",
+    )
+    p.add_argument("trace", type=Path, metavar="TRACE.jsonl")
+    p.add_argument("--against", metavar="BACKEND",
+                   help="recorded, scripted-oracle or inprocess:PATH")
+    p.add_argument("--study", type=Path, metavar="FILE",
+                   help="the study (default: from the run's checkpoint)")
+    _study_arguments(p)
+    p.set_defaults(handler=_cmd_replay)
+
+
+# --- serve ----------------------------------------------------------------------------------
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from cxrtrek.model.server import ServerSettings, load_backend, serve
+
+    settings = ServerSettings.create(  # bad settings fail here, before the model loads
+        host=args.host, port=args.port, token=args.token or os.environ.get(
+            "CXRTREK_SERVER_TOKEN") or None, model_id=args.model_id,
+        max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue, max_request_bytes=args.max_request_bytes,
+        request_timeout_s=args.request_timeout_s, drain_timeout_s=args.drain_timeout_s,
+        cache_size=args.cache_size)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    backend = load_backend(args.model, device=args.device, dtype=args.dtype,
+                           max_batch_size=settings.max_batch_size,
+                           cache_size=settings.cache_size)
+    serve(backend, settings)
+    return EXIT_OK
+
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve CXRTrekNet over HTTP (OpenAI-compatible chat completions)",
+        description="Host CXRTrekNet behind POST /v1/chat/completions (OpenAI format, images "
+                    "as data: URLs), GET /v1/models, /health and /metrics. Concurrent "
+                    "requests are batched; vision features are cached by image SHA-256. "
+                    "Binds 127.0.0.1 unless told otherwise; any other address needs a token "
+                    "(--token or $CXRTREK_SERVER_TOKEN). SIGINT/SIGTERM drain and exit.",
+    )
+    p.add_argument("--model", default="tiny", metavar="PATH|tiny|demo",
+                   help="a saved model folder, or a preset with random weights (default tiny)")
+    p.add_argument("--device", default="auto", metavar="cuda|cpu|auto",
+                   help="e.g. cpu, cuda, cuda:1 (default auto: CUDA when available)")
+    p.add_argument("--dtype", default="auto", choices=("bfloat16", "float32", "auto"),
+                   help="default auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--token", help="bearer token required of clients "
+                                   "(default $CXRTREK_SERVER_TOKEN)")
+    p.add_argument("--model-id", help="the served model name (default from the model)")
+    p.add_argument("--max-batch-size", type=int, default=8, metavar="N")
+    p.add_argument("--max-wait-ms", type=float, default=10.0, metavar="MS",
+                   help="how long a batch waits to fill (default 10)")
+    p.add_argument("--max-queue", type=int, default=256, metavar="N",
+                   help="waiting requests beyond N get 429 (default 256)")
+    p.add_argument("--max-request-bytes", type=int, metavar="N",
+                   help="larger bodies get 413 (default 32 MiB)")
+    p.add_argument("--request-timeout-s", type=float, metavar="S",
+                   help="queue wait plus generation; then 504 (default 120)")
+    p.add_argument("--drain-timeout-s", type=float, metavar="S",
+                   help="on shutdown, time for requests in flight (default 30)")
+    p.add_argument("--cache-size", type=int, default=256, metavar="N",
+                   help="images in the vision-feature cache; 0 turns it off (default 256)")
+    p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
+    p.set_defaults(handler=_cmd_serve)
+
+
 # --- the parser ----------------------------------------------------------------------------
 
 _COMMANDS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
     _add_inspect,
+    _add_train,
+    _add_phantoms,
+    _add_read,
+    _add_replay,
+    _add_serve,
 )
 
 

@@ -1,0 +1,431 @@
+"""The Python API of a reading: :class:`CXRTrekAgent`.
+
+::
+
+    agent = CXRTrekAgent(backend=InProcessBackend.load("model/"),
+                         settings=AgentSettings(context="full", review_after=(2,)))
+    report = agent.run(study)                 # a RunReport (a cxrtrek.schema.Report)
+    if report.status == "awaiting_review":    # paused after stage 2 for a person
+        report = agent.review(report.run_id, edits={"s2-findings": "Small left effusion."})
+    for event in agent.stream(study): ...     # stage events as stages complete
+    agent.resume(run_id)                      # a killed run, from its last completed stage
+    agent.replay("traces/<run>.jsonl")        # re-execute (recorded outputs by default), diff
+    agent.fork(run_id, stage=2, edits={...})  # re-run later stages from a corrected stage 2
+
+Every run is checkpointed in SQLite after every transition (``durability="sync"``) and
+traced as JSONL (:mod:`cxrtrek.graph.trace`). The run's dependencies (backend, settings,
+tracer, retriever, prior lookup) reach the graph as LangGraph runtime context. ``agent.graph``
+is the compiled graph without a checkpointer: it nests in a parent LangGraph graph.
+
+The sync methods (``run``, ``resume``, ...) run an event loop; inside one, use the ``a``-forms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+from pydantic import BaseModel, ConfigDict
+
+from cxrtrek.errors import DataError
+from cxrtrek.graph.state import (
+    PriorLookup,
+    ReadInput,
+    ReadState,
+    RunContext,
+    RunMemory,
+    RunSettings,
+)
+from cxrtrek.schema import Report, StageResult, Study
+
+if TYPE_CHECKING:
+    from langchain_core.runnables import RunnableConfig
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    from cxrtrek.agent.protocol import VLMBackend
+    from cxrtrek.graph.context import ContextRetriever
+    from cxrtrek.graph.graph import CompiledReadGraph
+    from cxrtrek.graph.nodes import ReviewDecision, ReviewRequest
+    from cxrtrek.graph.replay import ForkResult, ReplayResult
+    from cxrtrek.graph.trace import Tracer, TraceRecord
+
+__all__ = ["AgentSettings", "CXRTrekAgent", "RunReport", "StageEvent"]
+
+log = logging.getLogger(__name__)
+
+RunStatus = Literal["completed", "stopped", "awaiting_review", "incomplete"]
+
+
+class AgentSettings(RunSettings):
+    """Run settings plus where checkpoints and traces go.
+
+    ``home`` defaults to ``$CXRTREK_HOME`` or ``./.cxrtrek``; ``checkpoint_db`` to
+    ``<home>/checkpoints.sqlite`` (``":memory:"``: in memory, this agent only); ``trace_dir``
+    to ``<home>/traces`` (``trace=False`` keeps traces in memory only).
+    """
+
+    home: str | None = None
+    checkpoint_db: str | None = None
+    trace_dir: str | None = None
+    trace: bool = True
+
+    def home_dir(self) -> Path:
+        return Path(self.home or os.environ.get("CXRTREK_HOME") or ".cxrtrek")
+
+    def checkpoint_path(self) -> str:
+        return self.checkpoint_db or str(self.home_dir() / "checkpoints.sqlite")
+
+    def trace_path(self) -> Path:
+        return Path(self.trace_dir) if self.trace_dir else self.home_dir() / "traces"
+
+    def run_settings(self) -> RunSettings:
+        return RunSettings.model_validate(self.model_dump(include=set(RunSettings.model_fields)))
+
+
+class RunReport(Report):
+    """A :class:`~cxrtrek.schema.Report` with the run's status, and the pending review when
+    the run paused for one (the report then holds the stages done so far)."""
+
+    status: RunStatus = "completed"
+    review: dict[str, Any] | None = None
+    """The pending :class:`~cxrtrek.graph.nodes.ReviewRequest`, as JSON."""
+
+
+class StageEvent(BaseModel):
+    """What :meth:`CXRTrekAgent.stream` yields: a stage done, a review pending, the report."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: str
+    kind: Literal["stage", "review", "report"]
+    stage: int | None = None
+    result: StageResult | None = None
+    report: RunReport | None = None
+
+
+def _config(run_id: str) -> RunnableConfig:
+    return {"configurable": {"thread_id": run_id}}
+
+
+class CXRTrekAgent:
+    """Reads chest X-ray studies in eight stages; runs are durable, traced and replayable."""
+
+    def __init__(self, backend: VLMBackend, memory: object | None = None,
+                 settings: AgentSettings | None = None, *, prior_lookup: PriorLookup | None = None,
+                 retriever: ContextRetriever | None = None, tracer: Tracer | None = None) -> None:
+        from cxrtrek.graph.context import ContextRetriever
+        from cxrtrek.graph.graph import build_graph
+        from cxrtrek.graph.trace import JsonlTracer, MemoryTracer
+
+        self.backend = backend
+        self.memory = memory
+        self.settings = settings or AgentSettings()
+        self.retriever = retriever or (memory if isinstance(memory, ContextRetriever) else None)
+        found = getattr(memory, "find_prior", None)
+        self.prior_lookup: PriorLookup | None = prior_lookup or (found if callable(found)
+                                                                 else None)
+        self.tracer: Tracer = tracer or (JsonlTracer(self.settings.trace_path())
+                                         if self.settings.trace else MemoryTracer())
+        self.graph: CompiledReadGraph = build_graph()
+        self._memory_saver: InMemorySaver | None = None
+        if self.settings.checkpoint_path() == ":memory:":
+            from langgraph.checkpoint.memory import InMemorySaver
+
+            self._memory_saver = InMemorySaver()
+
+    # --- plumbing -----------------------------------------------------------------------------
+
+    def context(self, backend: VLMBackend | None = None) -> RunContext:
+        """The runtime context of a run (also what a parent graph passes to the subgraph)."""
+        return RunContext(backend=backend or self.backend, settings=self.settings.run_settings(),
+                          tracer=self.tracer, retriever=self.retriever,
+                          prior_lookup=self.prior_lookup,
+                          memory=self.memory if isinstance(self.memory, RunMemory) else None)
+
+    @asynccontextmanager
+    async def _compiled(self) -> AsyncIterator[CompiledReadGraph]:
+        """The graph bound to the checkpointer (SQLite, opened for the call)."""
+        if self._memory_saver is not None:
+            yield self.graph.copy(update={"checkpointer": self._memory_saver})
+            return
+        from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+        path = Path(self.settings.checkpoint_path())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        async with AsyncSqliteSaver.from_conn_string(str(path)) as saver:
+            yield self.graph.copy(update={"checkpointer": saver})
+
+    @staticmethod
+    def new_run_id(study: Study) -> str:
+        return f"{study.study_id}-{uuid.uuid4().hex[:8]}"
+
+    def _inputs(self, study: Study, settings: RunSettings | None,
+                ctx: RunContext) -> ReadInput:
+        for ref in [*study.images, *(study.prior.images if study.prior else [])]:
+            if ref.data is not None and ref.sha256 is not None:
+                ctx.image_bytes[ref.sha256] = ref.data
+        run_settings = settings or self.settings.run_settings()
+        return {"study": study.model_dump(mode="json"),
+                "settings": run_settings.model_dump(mode="json")}
+
+    async def _outcome(self, graph: CompiledReadGraph, run_id: str) -> RunReport:
+        from cxrtrek.graph.nodes import build_report
+
+        snap = await graph.aget_state(_config(run_id))
+        values: dict[str, Any] = dict(snap.values)
+        if not values.get("study"):
+            raise DataError(f"no run {run_id!r} in the checkpoints at "
+                            f"{self.settings.checkpoint_path()}")
+        review: dict[str, Any] | None = None
+        status: RunStatus
+        if snap.interrupts:
+            status, review = "awaiting_review", dict(snap.interrupts[0].value)
+        elif values.get("report") and not snap.next:
+            report = Report.model_validate(values["report"])
+            status = "stopped" if values.get("stopped") else "completed"
+            return RunReport(**report.model_dump(), status=status)
+        else:
+            status = "incomplete"
+        report = build_report(cast(ReadState, values), run_id)
+        return RunReport(**report.model_dump(), status=status, review=review)
+
+    async def _arun(self, study: Study, run_id: str, settings: RunSettings | None,
+                    backend: VLMBackend | None) -> RunReport:
+        ctx = self.context(backend)
+        inputs = self._inputs(study, settings, ctx)
+        async with self._compiled() as graph:
+            await graph.ainvoke(inputs, _config(run_id), context=ctx,
+                                durability="sync")
+            return await self._outcome(graph, run_id)
+
+    # --- runs --------------------------------------------------------------------------------
+
+    async def arun(self, study: Study, *, run_id: str | None = None,
+                   settings: RunSettings | None = None) -> RunReport:
+        """Read a study; the report (or, paused for review, the report so far)."""
+        return await self._arun(study, run_id or self.new_run_id(study), settings, None)
+
+    def run(self, study: Study, *, run_id: str | None = None,
+            settings: RunSettings | None = None) -> RunReport:
+        """Blocking :meth:`arun`."""
+        return asyncio.run(self.arun(study, run_id=run_id, settings=settings))
+
+    async def astream(self, study: Study, *, run_id: str | None = None,
+                      settings: RunSettings | None = None) -> AsyncGenerator[StageEvent, None]:
+        """Stage events as the stages complete, then the report (or the pending review)."""
+        run_id = run_id or self.new_run_id(study)
+        ctx = self.context()
+        inputs = self._inputs(study, settings, ctx)
+        async with self._compiled() as graph:
+            async for chunk in graph.astream(inputs, _config(run_id),
+                                             context=ctx, stream_mode="updates",
+                                             durability="sync"):
+                for node, update in chunk.items():
+                    if not node.startswith("stage_") or not isinstance(update, dict):
+                        continue
+                    for key, value in (update.get("results") or {}).items():
+                        yield StageEvent(run_id=run_id, kind="stage", stage=int(key),
+                                         result=StageResult.model_validate(value))
+            report = await self._outcome(graph, run_id)
+        kind: Literal["review", "report"] = ("review" if report.status == "awaiting_review"
+                                             else "report")
+        yield StageEvent(run_id=run_id, kind=kind,
+                         stage=report.review["stage"] if report.review else None, report=report)
+
+    def stream(self, study: Study, *, run_id: str | None = None,
+               settings: RunSettings | None = None) -> Iterator[StageEvent]:
+        """Blocking :meth:`astream`."""
+        with asyncio.Runner() as runner:
+            events = self.astream(study, run_id=run_id, settings=settings)
+
+            async def step() -> StageEvent:
+                return await anext(events)
+
+            try:
+                while True:
+                    try:
+                        event = runner.run(step())
+                    except StopAsyncIteration:
+                        return
+                    yield event
+            finally:
+                runner.run(events.aclose())
+
+    async def _aresume(self, run_id: str, decision: ReviewDecision | dict[str, Any] | None,
+                       backend: VLMBackend | None) -> RunReport:
+        from langgraph.types import Command
+
+        from cxrtrek.graph.nodes import ReviewDecision, ReviewRequest
+
+        ctx = self.context(backend)
+        config = _config(run_id)
+        async with self._compiled() as graph:
+            snap = await graph.aget_state(config)
+            if not snap.values:
+                raise DataError(f"no run {run_id!r} in the checkpoints at "
+                                f"{self.settings.checkpoint_path()}")
+            if snap.interrupts:
+                chosen = ReviewDecision.model_validate(decision or {})
+                pending = ReviewRequest.model_validate(snap.interrupts[0].value)
+                unknown = sorted(set(chosen.edits) - {q.id for q in pending.questions})
+                if unknown:  # checked here: a resume value, once given, is kept by the run
+                    raise DataError(f"stage {pending.stage}: no question {unknown[0]!r} to "
+                                    f"edit; the stage asked {[q.id for q in pending.questions]}")
+                await graph.ainvoke(Command(resume=chosen.model_dump(mode="json")), config,
+                                    context=ctx, durability="sync")
+            elif decision is not None:
+                raise DataError(f"run {run_id!r} is not waiting for a review; nothing to "
+                                "decide")
+            elif snap.next:
+                log.info("run %s: resuming at %s", run_id, ", ".join(snap.next))
+                await graph.ainvoke(None, config, context=ctx, durability="sync")
+            return await self._outcome(graph, run_id)
+
+    async def aresume(self, run_id: str,
+                      decision: ReviewDecision | dict[str, Any] | None = None) -> RunReport:
+        """Continue a run: after a crash from its last completed stage, or past a review
+        pause with ``decision`` (approve: None or no edits)."""
+        return await self._aresume(run_id, decision, None)
+
+    def resume(self, run_id: str,
+               decision: ReviewDecision | dict[str, Any] | None = None) -> RunReport:
+        """Blocking :meth:`aresume`."""
+        return asyncio.run(self.aresume(run_id, decision))
+
+    async def areview(self, run_id: str, edits: dict[str, str] | None = None) -> RunReport:
+        """Approve the paused stage (no edits) or correct its answers, and go on."""
+        return await self.aresume(run_id, {"edits": edits or {}})
+
+    def review(self, run_id: str, edits: dict[str, str] | None = None) -> RunReport:
+        """Blocking :meth:`areview`."""
+        return asyncio.run(self.areview(run_id, edits))
+
+    async def areport(self, run_id: str) -> RunReport:
+        """The report of a run as its checkpoints have it now."""
+        async with self._compiled() as graph:
+            return await self._outcome(graph, run_id)
+
+    def report(self, run_id: str) -> RunReport:
+        return asyncio.run(self.areport(run_id))
+
+    def pending_review(self, run_id: str) -> ReviewRequest | None:
+        """The review a paused run waits for, or None."""
+        from cxrtrek.graph.nodes import ReviewRequest
+
+        review = self.report(run_id).review
+        return ReviewRequest.model_validate(review) if review else None
+
+    # --- traces, replay, fork ----------------------------------------------------------------
+
+    def trace_records(self, run_id: str) -> list[TraceRecord]:
+        """The trace of a run, from this agent's tracer."""
+        from cxrtrek.graph.trace import JsonlTracer, MemoryTracer, read_trace
+
+        if isinstance(self.tracer, MemoryTracer):
+            return self.tracer.of_run(run_id)
+        if isinstance(self.tracer, JsonlTracer):
+            path = self.tracer.path(run_id)
+            return read_trace(path) if path.is_file() else []
+        return []
+
+    async def areplay(self, trace: str | Path | Sequence[TraceRecord], *,
+                      against: VLMBackend | None = None,
+                      study: Study | None = None) -> ReplayResult:
+        """Re-execute a traced run (on the trace's own outputs by default, or ``against``
+        another backend) with its settings and recorded review edits; diff stage by stage.
+
+        The study comes from the run's checkpoint unless given (traces hold no images)."""
+        from cxrtrek.agent.recorded import RecordedBackend
+        from cxrtrek.graph.replay import ReplayResult, answers_from_records, diff_answers
+        from cxrtrek.graph.trace import ReviewRecord, RunRecord, read_trace
+
+        records = read_trace(trace) if isinstance(trace, str | Path) else list(trace)
+        head = next((r for r in records if isinstance(r, RunRecord)), None)
+        if head is None:
+            raise DataError("the trace has no run record; cannot replay it")
+        if study is None:
+            async with self._compiled() as graph:
+                snap = await graph.aget_state(_config(head.run_id))
+            if not snap.values.get("study"):
+                raise DataError(f"run {head.run_id!r} is not in the checkpoints at "
+                                f"{self.settings.checkpoint_path()}; pass the study")
+            study = Study.model_validate(snap.values["study"])
+        backend = against or RecordedBackend(records)
+        settings = RunSettings.model_validate(head.settings)
+        replay_id = f"{head.run_id}-replay-{uuid.uuid4().hex[:6]}"
+        report = await self._arun(study, replay_id, settings, backend)
+        while report.status == "awaiting_review" and report.review is not None:
+            stage = report.review["stage"]
+            edits = {r.question_id: r.after for r in records
+                     if isinstance(r, ReviewRecord) and r.stage == stage}
+            report = await self._aresume(replay_id, {"edits": edits}, backend)
+        diff = diff_answers(answers_from_records(records, run_id=head.run_id),
+                            answers_from_records(self.trace_records(replay_id)),
+                            before_name=head.run_id, after_name=replay_id)
+        return ReplayResult(original_run_id=head.run_id, replay_run_id=replay_id,
+                            model_id=backend.model_id, report=report, diff=diff)
+
+    def replay(self, trace: str | Path | Sequence[TraceRecord], *,
+               against: VLMBackend | None = None, study: Study | None = None) -> ReplayResult:
+        """Blocking :meth:`areplay`."""
+        return asyncio.run(self.areplay(trace, against=against, study=study))
+
+    async def afork(self, run_id: str, stage: int, edits: dict[str, str], *,
+                    new_run_id: str | None = None) -> ForkResult:
+        """From the checkpoint after ``stage`` of ``run_id``, with ``edits`` (question id ->
+        corrected answer) applied, re-run the later stages as a new run; diff the reports."""
+        from cxrtrek.graph.nodes import edit_stage
+        from cxrtrek.graph.replay import ForkResult, answers_from_report, diff_answers
+        from cxrtrek.graph.trace import QuestionRecord, RunRecord, StageRecord, hash_patient
+
+        fork_id = new_run_id or f"{run_id}-fork-{uuid.uuid4().hex[:6]}"
+        ctx = self.context()
+        async with self._compiled() as graph:
+            before = await self._outcome(graph, run_id)
+            snap = None
+            async for s in graph.aget_state_history(_config(run_id)):
+                if s.values.get("last_stage") == stage and s.next and "review" not in s.next:
+                    snap = s
+                    break
+            if snap is None:
+                raise DataError(f"run {run_id!r} has no checkpoint after stage {stage} "
+                                "(the stage did not run, or awaits review)")
+            values: dict[str, Any] = dict(snap.values)
+            update, reviews = edit_stage(cast(ReadState, values), stage, edits,
+                                         run_id=fork_id)
+            values["results"] = {**values["results"], **update.pop("results")}
+            values.update(update)
+            checkpoint_id = snap.config["configurable"].get("checkpoint_id")
+            study = Study.model_validate(values["study"])
+            settings = RunSettings.model_validate(values["settings"])
+            copied = [r.model_copy(update={"run_id": fork_id})
+                      for r in self.trace_records(run_id)
+                      if isinstance(r, QuestionRecord | StageRecord) and r.stage <= stage]
+            self.tracer.write([RunRecord(
+                run_id=fork_id, study_id=study.study_id,
+                patient_hash=hash_patient(study.patient_id),
+                images=[r.sha256 for r in study.images],
+                prior_images=[r.sha256 for r in study.prior.images] if study.prior else [],
+                mode="dataset" if study.questions else "clinical",
+                settings=settings.model_dump(mode="json"), model_id=self.backend.model_id,
+                forked_from={"run_id": run_id, "stage": stage, "checkpoint_id": checkpoint_id},
+            ), *copied, *reviews])
+            fork_config = _config(fork_id)
+            await graph.aupdate_state(fork_config, values, as_node="review")
+            await graph.ainvoke(None, fork_config, context=ctx, durability="sync")
+            after = await self._outcome(graph, fork_id)
+        diff = diff_answers(answers_from_report(before), answers_from_report(after),
+                            before_name=run_id, after_name=fork_id)
+        return ForkResult(run_id=fork_id, forked_from=run_id, stage=stage,
+                          checkpoint_id=checkpoint_id, edits=edits, report=after, diff=diff)
+
+    def fork(self, run_id: str, stage: int, edits: dict[str, str], *,
+             new_run_id: str | None = None) -> ForkResult:
+        """Blocking :meth:`afork`."""
+        return asyncio.run(self.afork(run_id, stage, edits, new_run_id=new_run_id))

@@ -1,0 +1,315 @@
+"""Portable, schema-versioned JSONL traces of readings.
+
+One file per run (``<trace_dir>/<run_id>.jsonl``), one JSON object a line, each a record of
+the union :data:`TraceRecord` told apart by ``kind``:
+
+* ``run``: the study (by id; images by SHA-256; the patient id only hashed), the model, the
+  settings, and where a fork came from;
+* ``question``: one question of one stage: the rendered prompt and its SHA-256, the context
+  ids with their retrieval scores, the model id and decoding settings, the raw and parsed
+  output with its parse status, latency, retries and the checkpoint the stage started from;
+* ``stage``: a stage's outcome (ran, skipped with the reason, failed with the error);
+* ``review``: a person's edit of an answer;
+* ``end``: the run's outcome.
+
+Writes are idempotent per key (run, kind, stage, question): writing a key again replaces its
+line, so a resumed or re-executed stage never duplicates entries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from cxrtrek.agent.protocol import DecodingSettings
+from cxrtrek.errors import DataError
+from cxrtrek.schema import ParsedAnswer
+
+__all__ = [
+    "TRACE_SCHEMA_VERSION",
+    "ContextRef",
+    "EndRecord",
+    "JsonlTracer",
+    "MemoryTracer",
+    "QuestionRecord",
+    "ReviewRecord",
+    "RunRecord",
+    "StageRecord",
+    "TraceRecord",
+    "Tracer",
+    "hash_patient",
+    "read_trace",
+    "record_key",
+    "trace_path",
+]
+
+log = logging.getLogger(__name__)
+
+TRACE_SCHEMA_VERSION = 1
+
+_BASE = ConfigDict(extra="forbid")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def hash_patient(patient_id: str | None) -> str | None:
+    """A one-way id of a patient (raw patient ids never enter a trace)."""
+    if not patient_id:
+        return None
+    return hashlib.sha256(f"cxrtrek-patient:{patient_id}".encode()).hexdigest()[:24]
+
+
+class ContextRef(BaseModel):
+    """A context item a question was asked with: ``"<stage>:<question id>"`` and its score."""
+
+    model_config = _BASE
+    id: str
+    score: float | None = None
+
+
+class RunRecord(BaseModel):
+    model_config = _BASE
+    kind: Literal["run"] = "run"
+    schema_version: int = TRACE_SCHEMA_VERSION
+    run_id: str
+    study_id: str
+    patient_hash: str | None = None
+    images: list[str | None] = Field(default_factory=list)
+    """SHA-256 of each current image (None when the file could not be read)."""
+    prior_images: list[str | None] = Field(default_factory=list)
+    mode: str
+    settings: dict[str, Any]
+    model_id: str
+    forked_from: dict[str, Any] | None = None
+    created_at: str = Field(default_factory=_now)
+
+
+class QuestionRecord(BaseModel):
+    model_config = _BASE
+    kind: Literal["question"] = "question"
+    schema_version: int = TRACE_SCHEMA_VERSION
+    run_id: str
+    stage: int
+    question_id: str
+    request_id: str
+    task_type: str
+    qtype: str
+    question: str
+    options: list[str] = Field(default_factory=list)
+    target: str | None = None
+    prompt: str
+    prompt_sha256: str
+    images: list[str | None] = Field(default_factory=list)
+    context: list[ContextRef] = Field(default_factory=list)
+    model_id: str
+    decoding: DecodingSettings
+    max_new_tokens: int
+    raw_output: str
+    parsed: ParsedAnswer
+    parse_status: Literal["ok", "unparsed"]
+    finish_reason: str = "stop"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = 0.0
+    """Wall time of the stage's generate call (the questions of a stage share one call)."""
+    retries: int = 0
+    checkpoint_id: str | None = None
+    """The checkpoint the stage started from (the one after the previous stage)."""
+    created_at: str = Field(default_factory=_now)
+
+
+class StageRecord(BaseModel):
+    model_config = _BASE
+    kind: Literal["stage"] = "stage"
+    schema_version: int = TRACE_SCHEMA_VERSION
+    run_id: str
+    stage: int
+    name: str
+    status: Literal["ran", "skipped", "failed"]
+    reason: str | None = None
+    question_ids: list[str] = Field(default_factory=list)
+    latency_s: float = 0.0
+    retries: int = 0
+    errors: list[str] = Field(default_factory=list)
+    checkpoint_id: str | None = None
+    created_at: str = Field(default_factory=_now)
+
+
+class ReviewRecord(BaseModel):
+    model_config = _BASE
+    kind: Literal["review"] = "review"
+    schema_version: int = TRACE_SCHEMA_VERSION
+    run_id: str
+    stage: int
+    question_id: str
+    before: str
+    after: str
+    created_at: str = Field(default_factory=_now)
+
+
+class EndRecord(BaseModel):
+    model_config = _BASE
+    kind: Literal["end"] = "end"
+    schema_version: int = TRACE_SCHEMA_VERSION
+    run_id: str
+    status: Literal["completed", "stopped"]
+    findings: str | None = None
+    impression: str | None = None
+    limitations: list[str] = Field(default_factory=list)
+    created_at: str = Field(default_factory=_now)
+
+
+TraceRecord = Annotated[
+    RunRecord | QuestionRecord | StageRecord | ReviewRecord | EndRecord,
+    Field(discriminator="kind"),
+]
+_ADAPTER: TypeAdapter[TraceRecord] = TypeAdapter(TraceRecord)
+
+
+def record_key(record: TraceRecord) -> tuple[str, str, int, str]:
+    """The identity of a record: writing the same key again replaces it."""
+    stage = getattr(record, "stage", 0)
+    question = getattr(record, "question_id", "")
+    return record.run_id, record.kind, stage, question
+
+
+@runtime_checkable
+class Tracer(Protocol):
+    """Receives a run's trace records (a batch at a time)."""
+
+    def write(self, records: Sequence[TraceRecord]) -> None: ...
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def trace_path(trace_dir: str | Path, run_id: str) -> Path:
+    """The trace file of a run."""
+    return Path(trace_dir) / f"{_UNSAFE.sub('_', run_id)}.jsonl"
+
+
+class JsonlTracer:
+    """Writes each run's records to ``<trace_dir>/<run_id>.jsonl``, idempotently per key.
+
+    New keys are appended (and flushed, so a killed process loses nothing it wrote); a key
+    written again replaces its line (the file is rewritten through a temporary file).
+    """
+
+    def __init__(self, trace_dir: str | Path) -> None:
+        self.trace_dir = Path(trace_dir)
+        self._files: dict[str, tuple[Path, dict[tuple[str, str, int, str], str], list[str]]] = {}
+
+    def path(self, run_id: str) -> Path:
+        return trace_path(self.trace_dir, run_id)
+
+    def _open(self, run_id: str) -> tuple[Path, dict[tuple[str, str, int, str], str], list[str]]:
+        if run_id not in self._files:
+            path = self.path(run_id)
+            lines: list[str] = []
+            keys: dict[tuple[str, str, int, str], str] = {}
+            if path.is_file():
+                for rec, line in zip(read_trace(path), _lines(path), strict=True):
+                    keys[record_key(rec)] = line
+                    lines.append(line)
+            self._files[run_id] = (path, keys, lines)
+        return self._files[run_id]
+
+    def write(self, records: Sequence[TraceRecord]) -> None:
+        by_run: dict[str, list[TraceRecord]] = {}
+        for rec in records:
+            by_run.setdefault(rec.run_id, []).append(rec)
+        for run_id, recs in by_run.items():
+            self._write_run(run_id, recs)
+
+    def _write_run(self, run_id: str, records: Iterable[TraceRecord]) -> None:
+        path, keys, lines = self._open(run_id)
+        appended: list[str] = []
+        replaced = False
+        for rec in records:
+            key = record_key(rec)
+            line = rec.model_dump_json()
+            old = keys.get(key)
+            if old is not None:
+                if _same(old, line):
+                    continue
+                lines[lines.index(old)] = line
+                replaced = True
+            else:
+                lines.append(line)
+                appended.append(line)
+            keys[key] = line
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if replaced:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(f"{x}\n" for x in lines), encoding="utf-8")
+            tmp.replace(path)
+            log.debug("trace %s: rewritten (%d records)", path, len(lines))
+        elif appended:
+            with path.open("a", encoding="utf-8") as fh:
+                fh.write("".join(f"{x}\n" for x in appended))
+                fh.flush()
+
+
+class MemoryTracer:
+    """Keeps records in memory (idempotent per key, like :class:`JsonlTracer`)."""
+
+    def __init__(self) -> None:
+        self.records: list[TraceRecord] = []
+        self._index: dict[tuple[str, str, int, str], int] = {}
+
+    def write(self, records: Sequence[TraceRecord]) -> None:
+        for rec in records:
+            key = record_key(rec)
+            if key in self._index:
+                self.records[self._index[key]] = rec
+            else:
+                self._index[key] = len(self.records)
+                self.records.append(rec)
+
+    def of_run(self, run_id: str) -> list[TraceRecord]:
+        return [r for r in self.records if r.run_id == run_id]
+
+
+def _same(old: str, new: str) -> bool:
+    """Equal but for the time of writing."""
+    a, b = json.loads(old), json.loads(new)
+    a.pop("created_at", None)
+    b.pop("created_at", None)
+    return bool(a == b)
+
+
+def _lines(path: Path) -> list[str]:
+    return [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def read_trace(path: str | Path) -> list[TraceRecord]:
+    """The records of a trace file, validated; :class:`DataError` naming the bad line."""
+    path = Path(path)
+    try:
+        lines = _lines(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read the trace ({exc})") from exc
+    out: list[TraceRecord] = []
+    for n, line in enumerate(lines, start=1):
+        try:
+            out.append(_ADAPTER.validate_json(line))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise DataError(f"{path}:{n}: not a trace record of schema version "
+                            f"{TRACE_SCHEMA_VERSION}: {where}: {first['msg']}") from exc
+        version = out[-1].schema_version
+        if version != TRACE_SCHEMA_VERSION:
+            raise DataError(f"{path}:{n}: trace schema version {version}; this cxrtrek reads "
+                            f"version {TRACE_SCHEMA_VERSION}")
+    return out
