@@ -56,6 +56,8 @@ ReportSection = Literal["findings", "impression", "all"]
 """What a header-less report text is: its findings, its impression, or a whole report."""
 
 _EMPTY = "empty answer"
+_OPTIONS_TAIL = 10_000
+"""parse_options looks for the option list in this many final characters of a question."""
 
 # --- labels ---------------------------------------------------------------------------------------
 
@@ -104,12 +106,16 @@ def _after_separator(text: str, start: int) -> bool:
     return window.split()[-1].lower() in _SKIP_WORDS
 
 
-def _label_tokens(text: str, *, separated: bool) -> list[_Label]:
+def _label_tokens(text: str, *, separated: bool, limit: int | None = None) -> list[_Label]:
+    """The label tokens of ``text`` (only those after a separator if ``separated``), at most
+    ``limit`` of them: lists of options are short, a limit only bounds adversarial input."""
     out = []
     for m in _LABEL_TOKEN_RE.finditer(text):
         if separated and not _after_separator(text, m.start()):
             continue
         out.append(_Label(_label_of(m), m.start(), m.end()))
+        if limit is not None and len(out) >= limit:
+            break
     return out
 
 
@@ -347,10 +353,12 @@ def parse_options(question_text: str) -> list[str]:
     Options keep their label and text as written (``"A. Yes."``), whitespace collapsed,
     separators removed. The final period of the last option is kept only when another option
     ends with a period (otherwise it ends the sentence). Compare with :func:`normalize_option`.
+    The list is looked for in the last 10 000 characters of the question (after trailing
+    instructions are removed).
     """
     if not isinstance(question_text, str) or not question_text.strip():
         return []
-    t = _preprocess_question(question_text)
+    t = _preprocess_question(question_text)[-_OPTIONS_TAIL:]
     bracket: str | None = None
     tb = t.rstrip(" .\t\r\n")
     if tb.endswith("]"):
@@ -442,19 +450,34 @@ def _span_contains(outer: tuple[int, int], inner: tuple[int, int]) -> bool:
     return outer != inner and outer[0] <= inner[0] and inner[1] <= outer[1]
 
 
-def _match_by_text(answer: str, bodies: list[list[str]]) -> list[int] | str:
+def _fits(
+    toks: list[str], breaks: list[bool], pos: int, body: list[str], body_breaks: list[bool]
+) -> bool:
+    """Whether ``body`` matches the answer's words at ``pos`` without running over a break
+    (punctuation, ``and``/``or``) that the option itself does not have there."""
+    n = len(body)
+    if toks[pos:pos + n] != body:
+        return False
+    return all(body_breaks[j] or not breaks[pos + j] for j in range(n - 1))
+
+
+def _match_by_text(
+    answer: str, bodies: list[list[str]], body_breaks: list[list[bool]]
+) -> list[int] | str:
     """Indices of the options an answer names by their text, or a reason for failure."""
     toks, breaks = _tokens_with_breaks(_LABEL_TOKEN_RE.sub(" ", answer))
     if not toks:
         return "answer has no words to match against the options"
     order = sorted((i for i, b in enumerate(bodies) if b), key=lambda i: -len(bodies[i]))
-    # 1. A leading list of options: "Nodular opacities. and Nodular opacification." The
-    # longest option that ends where punctuation (or "and"/"or") does is preferred, so that
-    # "Left., Left right." reads as "Left" + "Left right", not "Left left" + "right".
+    # 1. A leading list of options: "Nodular opacities. and Nodular opacification." Options
+    # do not run over the answer's punctuation, and the longest one that ends where
+    # punctuation (or "and"/"or") does is preferred: "Left., Left left." reads as "Left" +
+    # "Left left", not "Left left left".
     chosen: list[int] = []
     pos = 0
-    while pos < len(toks):
-        fits = [i for i in order if toks[pos:pos + len(bodies[i])] == bodies[i]]
+    # More items than options only repeats options: stop there (bounds "yes yes yes ...").
+    while pos < len(toks) and len(chosen) <= len(bodies):
+        fits = [i for i in order if _fits(toks, breaks, pos, bodies[i], body_breaks[i])]
         if not fits:
             break
         at_break = [i for i in fits if breaks[pos + len(bodies[i]) - 1]]
@@ -501,7 +524,7 @@ def _match_by_label(
         if missing:
             return f"label(s) {', '.join(missing)} not among the option labels ({known})"
         return [index[lab] for lab in found]
-    cands = [c for c in _label_tokens(clean, separated=True) if c.label in index]
+    cands = [c for c in _label_tokens(clean, separated=True, limit=256) if c.label in index]
     if cands and cands[0].start == 0:
         chain = [cands[0]]
         segs = [clean[c.end:(cands[k + 1].start if k + 1 < len(cands) else len(clean))]
@@ -518,7 +541,7 @@ def _match_by_label(
         return f"answer's label {_label_of(first)} is not among the option labels ({known})"
     # Labels later in the text count only when followed by their option's text.
     picked = []
-    cands = [c for c in _label_tokens(clean, separated=False) if c.label in index]
+    cands = [c for c in _label_tokens(clean, separated=False, limit=256) if c.label in index]
     for k, c in enumerate(cands):
         seg = clean[c.end:(cands[k + 1].start if k + 1 < len(cands) else len(clean))]
         body = bodies[index[c.label]]
@@ -549,13 +572,15 @@ def parse_choice(text: str, options: Sequence[str], *, multi: bool) -> ChoicePar
         return Unparsed(reason="no options to choose from; pass parse_options(question)")
     split = [option_label(o) for o in opts]
     labels = [lab for lab, _ in split]
-    bodies = [_tokens(body) for _, body in split]
+    tokenised = [_tokens_with_breaks(body) for _, body in split]
+    bodies = [toks for toks, _ in tokenised]
+    body_breaks = [brk for _, brk in tokenised]
     clean = _clean_answer(text)
     result = _match_by_label(clean, labels, bodies)
     if result is None:
-        result = _match_by_text(clean, bodies)
+        result = _match_by_text(clean, bodies, body_breaks)
     elif isinstance(result, str):
-        by_text = _match_by_text(clean, bodies)
+        by_text = _match_by_text(clean, bodies, body_breaks)
         if isinstance(by_text, list) and by_text:
             result = by_text
     if isinstance(result, str):

@@ -98,6 +98,7 @@ def _stage_table(study: Study, done: dict[int, StageResult], note: str) -> Table
 
 
 def _print_report(console: Console, report: RunReport, trace: Path | None) -> None:
+    console.print()
     console.print(f"[bold]run {report.run_id}[/bold]: {report.status}")
     for label, text in (("Findings", report.findings), ("Impression", report.impression)):
         if text:

@@ -737,8 +737,8 @@ FRAGMENTS = [
     "Answer the question directly.", "Select the correct answer from the options below:",
     "Cardiomegaly", "the answer is",
 ]
-fragment_text = st.lists(st.sampled_from(FRAGMENTS), max_size=60).map("".join)
-any_text = st.one_of(st.text(max_size=300), fragment_text)
+fragment_text = st.lists(st.sampled_from(FRAGMENTS), max_size=50).map("".join)
+any_text = st.one_of(st.text(max_size=200), fragment_text)
 option_lists = st.lists(st.one_of(st.text(max_size=40), fragment_text), max_size=8)
 QTYPE_STRATEGY = st.sampled_from([*QTYPES, "multi-choice-2", "bogus", ""])
 TASK_TYPES = st.sampled_from([
@@ -749,6 +749,7 @@ TASK_TYPES = st.sampled_from([
 PROPERTY = settings(
     max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
+ROUND_TRIP = settings(PROPERTY, max_examples=100)
 
 
 def _check(result: object) -> None:
@@ -810,7 +811,7 @@ def test_parse_answer_never_raises(
 coordinate = st.decimals(min_value=0, max_value=100, places=2).map(float)
 
 
-@PROPERTY
+@ROUND_TRIP
 @given(st.lists(st.tuples(coordinate, coordinate, coordinate, coordinate,
                           st.sampled_from(["", "left lung", "heart"])), min_size=1, max_size=4))
 def test_parse_boxes_round_trip(boxes: list[tuple[float, float, float, float, str]]) -> None:
@@ -842,7 +843,7 @@ LIST_STYLES = [
 ]
 
 
-@PROPERTY
+@ROUND_TRIP
 @given(st.lists(option_text, min_size=2, max_size=6, unique=True),
        st.sampled_from(LIST_STYLES), st.booleans(), st.data())
 def test_parse_options_and_choice_round_trip(
@@ -864,30 +865,23 @@ def test_parse_options_and_choice_round_trip(
 # --- linear time on long adversarial inputs -------------------------------------------------------
 
 _N = 100_000
+# Each targets a pattern that backtracks badly when written carelessly (long runs of spaces
+# after a prefix, repeated labels, separators, tags, sentence ends, quotes, brackets).
 ADVERSARIAL = [
-    " " * _N,
-    "A. " * (_N // 3),
     "A. B. " * (_N // 6),
-    "A. x, B. x, " * (_N // 12),
-    "<|box|>" * (_N // 7),
+    "\nA. x, B. x;" * (_N // 13),
     "<|box|>(" + "1" * _N,
-    "<|box|>(1" + " " * _N + "x",
-    "<|ref|>" * (_N // 7),
+    "<|ref|>x<|/ref|><|box|>(1" + " " * _N + "x",
     "findings" + " " * _N + "x",
     "Findings: " * (_N // 10),
-    ". " * (_N // 2),
+    ". or " * (_N // 5),
     "x." + " " * _N + "or" + " " * _N + "y",
     "answer" + " " * _N + "x",
-    "A" + " " * _N + "x",
-    "A, " * (_N // 3) + "x",
+    "A, " * (_N // 3) + "x" + " " * _N,
     "Answer the question. " * (_N // 21),
-    "' a" * (_N // 3),
-    "(" * _N,
-    "[" * _N + "]",
-    ": " * (_N // 2),
-    "\nA. x" * (_N // 5),
-    "yes " * (_N // 4),
-    "Choose the best answer. " * (_N // 24),
+    "' a" * (_N // 3) + "[" * _N + "]",
+    ": yes " * (_N // 6),
+    "Which one? Choose the best answer. " * (_N // 35),
     "".join(FRAGMENTS) * (_N // len("".join(FRAGMENTS))),
 ]
 
