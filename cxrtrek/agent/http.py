@@ -1,0 +1,337 @@
+"""The HTTP VLM backend: any OpenAI-compatible chat-completions server.
+
+::
+
+    async with HTTPBackend(["http://gpu-1:8000/v1", "http://gpu-2:8000/v1"],
+                           token=os.environ["CXRTREK_SERVER_TOKEN"]) as backend:
+        agent = CXRTrekAgent(backend)
+        report = await agent.arun(study)
+
+Speaks the format of :mod:`cxrtrek.model.server` (our server), which is plain OpenAI
+chat completions, so the same client drives vLLM or a hosted VLM:
+
+- a ``system`` message (when the request has one); then each earlier stage's question and
+  answer as a ``user`` / ``assistant`` pair; then the question as the last ``user`` turn. Each
+  user turn starts with its ``<stage_N>`` marker (CXRTrekNet's chat format);
+- the images as ``image_url`` parts (base64 ``data:`` URLs) of the first user turn, current
+  study first, then priors;
+- ``max_tokens``, ``temperature`` (0: greedy), ``top_p`` and ``seed`` from the request.
+
+All requests of one :meth:`~HTTPBackend.generate` call go out concurrently over one pooled
+``httpx.AsyncClient``. A request that meets a connection failure (refused, reset, dropped
+mid-answer), HTTP 429 or a 5xx is retried with exponential backoff and jitter (``Retry-After``
+honoured, capped), each attempt on the next base URL (round robin, so a dead replica is
+failed over). A read timeout is not retried here (the server is busy: retrying adds load);
+it raises :class:`~cxrtrek.errors.TransientError` for the caller's own policy. Other 4xx are
+never retried: :class:`~cxrtrek.errors.BackendError`. Every error names the server, the
+status or the transport error, and the request.
+
+The client is bound to the event loop that first uses it; a call from another loop (e.g. a
+second ``asyncio.run``) opens a fresh pool. Close with :meth:`~HTTPBackend.aclose` or
+``async with``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import logging
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cxrtrek.agent.protocol import VLMRequest, VLMResponse
+from cxrtrek.errors import BackendError, ConfigError, DataError, TransientError
+from cxrtrek.schema import ImageRef
+
+__all__ = ["HTTPBackend"]
+
+log = logging.getLogger(__name__)
+
+# Transport failures worth another attempt: the request did not get an answer because the
+# connection failed, not because the server was slow.
+_RETRY_TRANSPORT: tuple[type[httpx.TransportError], ...] = (
+    httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, httpx.WriteError,
+    httpx.RemoteProtocolError)
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    content: str | None = None
+
+
+class _Choice(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    message: _Message
+    finish_reason: str | None = None
+
+
+class _Usage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    prompt_tokens: int = Field(default=0, ge=0)
+    completion_tokens: int = Field(default=0, ge=0)
+
+
+class _Completion(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    choices: list[_Choice] = Field(min_length=1)
+    usage: _Usage | None = None
+    cxrtrek: dict[str, Any] | None = None
+
+
+def _mime(data: bytes) -> str:
+    if data.startswith(b"\x89PNG"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8"):
+        return "image/jpeg"
+    if data[128:132] == b"DICM":
+        return "application/dicom"
+    return "application/octet-stream"
+
+
+def _normalize(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"expected base URLs like http://host:8000/v1; got {url!r}")
+    url = url.rstrip("/")
+    return url if url.endswith("/v1") or parts.path.strip("/") else f"{url}/v1"
+
+
+def _error_message(response: httpx.Response) -> str:
+    """The server's error message (OpenAI-style JSON), or the start of the body."""
+    try:
+        body = response.json()
+        error = body.get("error") if isinstance(body, dict) else None
+        if isinstance(error, dict) and error.get("message"):
+            code = f" [{error['code']}]" if error.get("code") else ""
+            return f"{error['message']}{code}"
+        if isinstance(error, str):
+            return error
+    except ValueError:
+        pass
+    text = response.text.strip()
+    return text[:200] or response.reason_phrase
+
+
+class HTTPBackend:
+    """Implements :class:`~cxrtrek.agent.protocol.VLMBackend` over OpenAI-compatible servers.
+
+    ``base_urls``: one or more replicas (``http://host:port/v1``; a bare ``host:port`` URL
+    gets ``/v1``). ``token``: sent as ``Authorization: Bearer``. ``model``: the ``model``
+    field sent (None: omitted; our server then uses its own). ``timeout``: seconds to wait
+    for an answer; ``connect_timeout``: for a connection. ``max_retries``: further attempts
+    after the first on transient failures; backoff ``backoff_s * 2**attempt`` capped at
+    ``backoff_max_s``, with equal jitter. ``transport``: an ``httpx`` transport (tests pass
+    ``httpx.MockTransport``).
+    """
+
+    def __init__(self, base_urls: str | Sequence[str], *, token: str | None = None,
+                 model: str | None = None, timeout: float = 120.0, connect_timeout: float = 5.0,
+                 max_retries: int = 3, backoff_s: float = 0.25, backoff_max_s: float = 4.0,
+                 max_connections: int = 64, transport: httpx.AsyncBaseTransport | None = None,
+                 seed: int | None = None) -> None:
+        urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
+        if not urls:
+            raise ConfigError("expected at least one base URL; got none")
+        if max_retries < 0 or backoff_s < 0 or backoff_max_s < 0:
+            raise ConfigError("max_retries, backoff_s and backoff_max_s must not be negative")
+        if timeout <= 0 or connect_timeout <= 0 or max_connections < 1:
+            raise ConfigError("timeouts must be positive and max_connections at least 1")
+        self.base_urls = [_normalize(u) for u in urls]
+        self.model = model
+        self.model_id = model or self.base_urls[0]
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.backoff_max_s = backoff_max_s
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._timeout = httpx.Timeout(timeout, connect=connect_timeout)
+        self._limits = httpx.Limits(max_connections=max_connections,
+                                    max_keepalive_connections=max_connections)
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._turn = itertools.count()
+        self._rng = random.Random(seed)
+        self._data_urls: OrderedDict[str, str] = OrderedDict()
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def _http(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:
+            if self._client is not None:
+                log.debug("a new event loop: opening a fresh connection pool")
+            self._client = httpx.AsyncClient(headers=self._headers, timeout=self._timeout,
+                                             limits=self._limits, transport=self._transport)
+            self._loop = loop
+        return self._client
+
+    async def aclose(self) -> None:
+        """Close the connection pool (if it belongs to the running loop)."""
+        client, self._client = self._client, None
+        if client is not None and self._loop is asyncio.get_running_loop():
+            await client.aclose()
+        self._loop = None
+
+    async def __aenter__(self) -> HTTPBackend:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    # --- the protocol -----------------------------------------------------------------------
+
+    async def generate(self, requests: Sequence[VLMRequest]) -> list[VLMResponse]:
+        """Send all requests concurrently; responses in request order.
+
+        If any request fails, raises its error (a non-transient one first, since retrying
+        will not help), its message saying how many of the requests failed.
+        """
+        if not requests:
+            return []
+        outcomes = await asyncio.gather(*(self._send(r) for r in requests),
+                                        return_exceptions=True)
+        failed = [o for o in outcomes if isinstance(o, BaseException)]
+        if not failed:
+            return [o for o in outcomes if isinstance(o, VLMResponse)]
+        for exc in failed:
+            if not isinstance(exc, Exception):
+                raise exc  # CancelledError, KeyboardInterrupt
+        first = next((e for e in failed if not isinstance(e, TransientError)), failed[0])
+        if len(failed) == 1 or not isinstance(first, BackendError | DataError):
+            raise first
+        raise type(first)(f"{len(failed)} of {len(requests)} requests failed; first: "
+                          f"{first}") from first
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _data_url(self, ref: ImageRef) -> str:
+        key = ref.digest() if (ref.sha256 or ref.path) else None
+        if key is not None and key in self._data_urls:
+            self._data_urls.move_to_end(key)
+            return self._data_urls[key]
+        try:
+            data = ref.read_bytes()
+        except OSError as exc:
+            raise DataError(f"image {ref.path or ref.sha256}: cannot read its bytes to send "
+                            f"({exc})") from exc
+        url = f"data:{_mime(data)};base64,{base64.b64encode(data).decode('ascii')}"
+        if key is not None:
+            self._data_urls[key] = url
+            while len(self._data_urls) > 16:
+                self._data_urls.popitem(last=False)
+        return url
+
+    def _payload(self, request: VLMRequest) -> dict[str, Any]:
+        messages: list[dict[str, Any]] = []
+        if request.system is not None:
+            messages.append({"role": "system", "content": request.system})
+        images = [{"type": "image_url", "image_url": {"url": self._data_url(ref)}}
+                  for ref in request.images]
+        turns: list[tuple[str, str]] = [*((f"<stage_{c.stage}> {c.question}", c.answer)
+                                          for c in request.context)]
+        first = True
+        for question, answer in turns:
+            content: list[dict[str, Any]] = [*(images if first else []),
+                                             {"type": "text", "text": question}]
+            messages += [{"role": "user", "content": content},
+                         {"role": "assistant", "content": answer}]
+            first = False
+        messages.append({"role": "user", "content": [
+            *(images if first else []),
+            {"type": "text", "text": f"<stage_{request.stage}> {request.question}"}]})
+        payload: dict[str, Any] = {"messages": messages, "max_tokens": request.max_new_tokens}
+        if self.model is not None:
+            payload["model"] = self.model
+        decoding = request.decoding
+        if decoding.greedy:
+            payload["temperature"] = 0.0
+        else:
+            payload["temperature"] = decoding.temperature
+            if decoding.top_p is not None:
+                payload["top_p"] = decoding.top_p
+        if decoding.seed is not None:
+            payload["seed"] = decoding.seed
+        return payload
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        base = min(self.backoff_max_s, self.backoff_s * 2.0 ** attempt)
+        delay = base / 2 + self._rng.uniform(0, base / 2)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.backoff_max_s))
+        return delay
+
+    async def _send(self, request: VLMRequest) -> VLMResponse:
+        payload = self._payload(request)
+        client = self._http()
+        failures: list[str] = []
+        t0 = time.perf_counter()
+        start = next(self._turn)  # round robin; each retry moves on to the next replica
+        for attempt in range(self.max_retries + 1):
+            base = self.base_urls[(start + attempt) % len(self.base_urls)]
+            url = f"{base}/chat/completions"
+            retry_after: float | None = None
+            try:
+                response = await client.post(url, json=payload)
+            except _RETRY_TRANSPORT as exc:
+                failures.append(f"{base}: {type(exc).__name__}: {exc}".rstrip(": "))
+            except httpx.TimeoutException as exc:
+                raise TransientError(
+                    f"request {request.request_id!r}: {base} gave no answer within "
+                    f"{self.timeout:g} s ({type(exc).__name__}); not retried") from exc
+            except httpx.HTTPError as exc:
+                raise BackendError(f"request {request.request_id!r}: POST {url} failed: "
+                                   f"{type(exc).__name__}: {exc}") from exc
+            else:
+                status = response.status_code
+                if status == 200:
+                    return self._response(request, response, base, time.perf_counter() - t0)
+                message = _error_message(response)
+                if status != 429 and status < 500:
+                    raise BackendError(f"request {request.request_id!r}: {base} answered HTTP "
+                                       f"{status}: {message}")
+                failures.append(f"{base}: HTTP {status}: {message}")
+                header = response.headers.get("retry-after", "")
+                retry_after = float(header) if header.replace(".", "", 1).isdigit() else None
+            if attempt < self.max_retries:
+                delay = self._delay(attempt, retry_after)
+                log.warning("request %s: %s; retry %d of %d in %.2f s", request.request_id,
+                            failures[-1], attempt + 1, self.max_retries, delay)
+                await asyncio.sleep(delay)
+        servers = ", ".join(dict.fromkeys(f.split(": ", 1)[0] for f in failures))
+        raise TransientError(f"request {request.request_id!r}: failed {len(failures)} times "
+                             f"(server {servers}); last: {failures[-1]}")
+
+    def _response(self, request: VLMRequest, response: httpx.Response, base: str,
+                  latency: float) -> VLMResponse:
+        try:
+            completion = _Completion.model_validate_json(response.content)
+        except ValidationError as exc:
+            raise BackendError(f"request {request.request_id!r}: {base} returned a malformed "
+                               f"chat completion: {exc.errors()[0]['msg']} at "
+                               f"{'.'.join(str(p) for p in exc.errors()[0]['loc'])}") from None
+        choice = completion.choices[0]
+        usage = completion.usage or _Usage()
+        extra = completion.cxrtrek or {}
+        hits = extra.get("cache_hits")
+        return VLMResponse(
+            request_id=request.request_id, text=(choice.message.content or "").strip(),
+            model_id=completion.model or self.model_id, prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens, latency_s=latency,
+            finish_reason="length" if choice.finish_reason == "length" else "stop",
+            cache_hits=hits if isinstance(hits, int) and hits >= 0 else 0)

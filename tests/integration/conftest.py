@@ -1,0 +1,123 @@
+"""Fixtures of the server tests: a briefly trained tiny CXRTrekNet (so answers are text that
+differs by question), its phantom images, and a real server on a loopback port."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from cxrtrek.model.build import load_pretrained
+from cxrtrek.model.modeling import CXRTrekNetForConditionalGeneration
+from cxrtrek.model.processing import CXRTrekNetProcessor
+from cxrtrek.model.synthetic import phantom_studies
+from cxrtrek.model.train import TrainConfig, train
+from cxrtrek.schema import ImageRef, Study
+
+# Tiny matrices gain nothing from threads, and a busy 2-core machine loses a lot to them.
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[2]
+TOKEN = "test-token-5f1c"
+
+Tiny = tuple[CXRTrekNetForConditionalGeneration, CXRTrekNetProcessor]
+
+
+@pytest.fixture(scope="session")
+def phantoms(tmp_path_factory: pytest.TempPathFactory) -> list[Study]:
+    return phantom_studies(tmp_path_factory.mktemp("phantoms"), 16, seed=0, size=32)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory, phantoms: list[Study]) -> Path:
+    """Tiny CXRTrekNet after 80 LoRA steps on the phantoms (about 7 s on one core)."""
+    cfg = TrainConfig.model_validate(dict(
+        output_dir=tmp_path_factory.mktemp("model"), model="tiny", steps=80, batch_size=4,
+        lr=3e-3, warmup_steps=2, pack_questions=6, checkpoint_every=0, progress=False))
+    return train(cfg, studies=phantoms, eval_studies=phantoms[:2])
+
+
+@pytest.fixture(scope="session")
+def tiny(model_dir: Path) -> Tiny:
+    model, processor = load_pretrained(model_dir, device="cpu", dtype="float32")
+    return model, processor
+
+
+@pytest.fixture(scope="session")
+def images(phantoms: list[Study]) -> list[ImageRef]:
+    """Four different phantom radiographs (PNG files)."""
+    return [s.images[0] for s in phantoms[:4]]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    """``cxrtrek serve`` in a subprocess on 127.0.0.1 (started, waited for, killed)."""
+
+    def __init__(self, model: Path, port: int, log: Path, *extra: str) -> None:
+        self.port, self.model, self.log = port, model, log
+        self.args = [sys.executable, "-m", "cxrtrek.agent.cli", "serve", "--model", str(model),
+                     "--device", "cpu", "--port", str(port), "--threads", "1", *extra]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def launch(self) -> ServerProcess:
+        """Start the process (without waiting for it to listen)."""
+        env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
+               "TRANSFORMERS_OFFLINE": "1"}
+        with self.log.open("ab") as log:  # a file, not a pipe: a full pipe blocks the server
+            self.proc = subprocess.Popen(self.args, env=env, stdout=log,
+                                         stderr=subprocess.STDOUT)
+        return self
+
+    def wait_ready(self, timeout_s: float = 90.0) -> ServerProcess:
+        """Wait until ``/health`` answers (the process must not exit meanwhile)."""
+        assert self.proc is not None, "launch() first"
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                out = self.log.read_text(errors="replace")[-3000:]
+                raise AssertionError(f"the server exited with {self.proc.returncode}: {out}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).is_success:
+                    return self
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up in time"
+            time.sleep(0.1)
+
+    def start(self) -> ServerProcess:
+        return self.launch().wait_ready()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server_process(model_dir: Path,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """``cxrtrek serve`` of the trained model, launched (not waited for): a test module
+    that launches it early overlaps its cold start (seconds of imports) with other tests."""
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    server = ServerProcess(model_dir, free_port(), log).launch()
+    try:
+        yield server
+    finally:
+        server.kill()
