@@ -329,9 +329,11 @@ class HTTPBackend:
         usage = completion.usage or _Usage()
         extra = completion.cxrtrek or {}
         hits = extra.get("cache_hits")
+        used = extra.get("context_used")
         return VLMResponse(
             request_id=request.request_id, text=(choice.message.content or "").strip(),
             model_id=completion.model or self.model_id, prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens, latency_s=latency,
             finish_reason="length" if choice.finish_reason == "length" else "stop",
-            cache_hits=hits if isinstance(hits, int) and hits >= 0 else 0)
+            cache_hits=hits if isinstance(hits, int) and hits >= 0 else 0,
+            context_used=used if isinstance(used, int) and used >= 0 else None)

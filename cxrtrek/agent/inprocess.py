@@ -19,6 +19,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,14 @@ if TYPE_CHECKING:
 __all__ = ["InProcessBackend"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Fitted:
+    """A request's encoded prompt and how many of its context pairs it kept."""
+
+    encoded: Encoded
+    context_used: int
 
 
 class InProcessBackend:
@@ -80,18 +89,22 @@ class InProcessBackend:
         return await asyncio.to_thread(self.generate_sync, requests)
 
     def generate_sync(self, requests: Sequence[VLMRequest]) -> list[VLMResponse]:
-        """The blocking form of :meth:`generate` (thread-safe)."""
-        encoded = [self._encode(r) for r in requests]  # validate everything before any work
+        """The blocking form of :meth:`generate` (thread-safe).
+
+        A request whose context does not fit the model's window loses its oldest context
+        pairs first (the response's ``context_used`` says how many were kept).
+        """
+        fitted = [self._encode(r) for r in requests]  # validate everything before any work
         out: list[VLMResponse] = []
         with self._lock:
             for start in range(0, len(requests), self.max_batch_size):
                 stop = start + self.max_batch_size
-                out.extend(self._run_batch(requests[start:stop], encoded[start:stop]))
+                out.extend(self._run_batch(requests[start:stop], fitted[start:stop]))
         return out
 
     # --- internals --------------------------------------------------------------------------
 
-    def _encode(self, request: VLMRequest) -> Encoded:
+    def _encode(self, request: VLMRequest) -> _Fitted:
         from cxrtrek.prompts.render import ContextTurn
 
         rid = request.request_id
@@ -101,16 +114,25 @@ class InProcessBackend:
         for s in (request.stage, *(c.stage for c in request.context)):
             if not 1 <= s <= 8:
                 raise DataError(f"request {rid!r}: stage must be 1-8; got {s}")
-        enc = self.processor.encode_prompt(
-            stage=request.stage, question=request.question, n_images=len(request.images),
-            context=[ContextTurn(c.stage, c.question, c.answer) for c in request.context],
-            system=request.system)
+        turns = [ContextTurn(c.stage, c.question, c.answer) for c in request.context]
         limit = self.processor.context_length
+        # Room kept for the answer when context has to be dropped to fit the window.
+        reserve = min(request.max_new_tokens, limit // 4)
+        while True:
+            enc = self.processor.encode_prompt(
+                stage=request.stage, question=request.question, n_images=len(request.images),
+                context=turns, system=request.system)
+            if not turns or len(enc) + reserve <= limit:
+                break
+            turns = turns[1:]  # the oldest context pair goes first
         if len(enc) >= limit:
             raise DataError(f"request {rid!r}: the prompt is {len(enc)} tokens (with "
-                            f"{len(request.images)} images and {len(request.context)} context "
-                            f"turns); the model takes fewer than {limit} (prompt plus answer)")
-        return enc
+                            f"{len(request.images)} images and no context left); the model "
+                            f"takes fewer than {limit} (prompt plus answer)")
+        if len(turns) < len(request.context):
+            log.info("request %s: kept the last %d of %d context pairs to fit %d tokens",
+                     rid, len(turns), len(request.context), limit)
+        return _Fitted(enc, len(turns))
 
     def _image_embeds(self, requests: Sequence[VLMRequest]) -> tuple[torch.Tensor, list[int]]:
         """Visual tokens of every image of the batch, in order, and cache hits per request."""
@@ -150,13 +172,14 @@ class InProcessBackend:
         return feats, hits_per_request
 
     def _run_batch(self, requests: Sequence[VLMRequest],
-                   encoded: Sequence[Encoded]) -> list[VLMResponse]:
+                   fitted: Sequence[_Fitted]) -> list[VLMResponse]:
         import torch
 
         from cxrtrek.model.modeling import Decoding
         from cxrtrek.model.processing import collate
 
         t0 = time.perf_counter()
+        encoded = [f.encoded for f in fitted]
         feats, hits = self._image_embeds(requests)
         batch = collate(encoded, self.processor.tokenizer.pad_id, side="left")
         decoding = [Decoding(temperature=r.decoding.temperature, top_p=r.decoding.top_p,
@@ -176,6 +199,7 @@ class InProcessBackend:
                 model_id=self.model_id, prompt_tokens=len(enc), completion_tokens=len(g.ids),
                 latency_s=latency,
                 finish_reason="stop" if g.finish_reason == "stop" else "length",
-                cache_hits=hit)
-            for r, enc, g, hit in zip(requests, encoded, generated, hits, strict=True)
+                cache_hits=hit,
+                context_used=None if f.context_used == len(r.context) else f.context_used)
+            for r, enc, g, hit, f in zip(requests, encoded, generated, hits, fitted, strict=True)
         ]

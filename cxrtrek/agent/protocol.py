@@ -85,6 +85,9 @@ class VLMResponse(BaseModel):
     finish_reason: Literal["stop", "length"] = "stop"
     cache_hits: int = Field(default=0, ge=0)
     """How many of the request's images were served from the backend's vision cache."""
+    context_used: int | None = Field(default=None, ge=0)
+    """How many of the request's context pairs the model saw: a backend whose context window
+    cannot hold them all drops the oldest and says so here. None: all of them (or unknown)."""
 
 
 @runtime_checkable

@@ -340,15 +340,19 @@ def _question_records(run_id: str, questions: Sequence[Question],
     out: list[TraceRecord] = []
     for q, req, resp, ans, chosen in zip(questions, requests, responses, answers, contexts,
                                          strict=True):
+        # the prompt as the model saw it: a backend may have dropped the oldest context pairs
+        seen = req.context if resp.context_used is None else (
+            req.context[len(req.context) - resp.context_used:])
         prompt = render_chat(
             system=req.system or "", n_images=max(1, n_images), stage=req.stage,
             question=req.question,
-            context=[ContextTurn(c.stage, c.question, c.answer) for c in req.context])
+            context=[ContextTurn(c.stage, c.question, c.answer) for c in seen])
         out.append(QuestionRecord(
             run_id=run_id, stage=q.stage, question_id=q.id, request_id=req.request_id,
             task_type=q.task_type, qtype=q.qtype, question=q.text, options=q.options,
             target=q.target, prompt=prompt, prompt_sha256=sha256_bytes(prompt.encode()),
             images=shas, context=[ContextRef(id=c.item.id, score=c.score) for c in chosen],
+            context_used=resp.context_used,
             model_id=resp.model_id, decoding=req.decoding, max_new_tokens=req.max_new_tokens,
             raw_output=resp.text, parsed=ans.parsed,
             parse_status="ok" if ans.ok else "unparsed", finish_reason=resp.finish_reason,

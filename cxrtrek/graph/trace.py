@@ -111,6 +111,9 @@ class QuestionRecord(BaseModel):
     prompt_sha256: str
     images: list[str | None] = Field(default_factory=list)
     context: list[ContextRef] = Field(default_factory=list)
+    context_used: int | None = None
+    """How many of ``context`` the model saw (the backend dropped the oldest to fit its
+    window); None: all of them."""
     model_id: str
     decoding: DecodingSettings
     max_new_tokens: int

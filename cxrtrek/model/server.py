@@ -713,6 +713,7 @@ def create_app(backend_or_model: BackendOrModel,
                       "total_tokens": resp.prompt_tokens + resp.completion_tokens},
             "cxrtrek": {"request_id": vreq.request_id, "stage": vreq.stage,
                         "images": len(vreq.images), "cache_hits": resp.cache_hits,
+                        "context_used": resp.context_used,
                         "queue_s": round(job.started - job.enqueued, 6),
                         "batch_size": job.batch_size},
         }

@@ -144,3 +144,23 @@ def test_sampling_is_seeded(images: list[ImageRef]) -> None:
     a = asyncio.run(backend.generate([req]))[0].text
     b = asyncio.run(backend.generate([req]))[0].text
     assert a == b
+
+
+def test_context_that_overflows_the_window_drops_the_oldest_pairs(
+        tiny: Tiny, images: list[ImageRef]) -> None:
+    backend = InProcessBackend(*tiny)
+    limit = tiny[1].context_length
+    pairs = [(1 + i % 4, f"Question {i} about the lungs and the heart?",
+              "The answer is a long sentence about effusion, atelectasis and the heart. " * 2)
+             for i in range(60)]
+    request = VLMRequest(request_id="long", stage=6, question="What next?", images=images[:1],
+                         context=pairs, max_new_tokens=8)
+    [resp] = asyncio.run(backend.generate([request]))
+    assert resp.context_used is not None and 0 < resp.context_used < len(pairs)
+    assert resp.prompt_tokens + min(8, limit // 4) <= limit
+    # the kept pairs are the most recent ones: asking with just those gives the same answer
+    kept = request.model_copy(update={"request_id": "kept",
+                                      "context": request.context[-resp.context_used:]})
+    [same] = asyncio.run(backend.generate([kept]))
+    assert same.text == resp.text and same.context_used is None
+    assert same.prompt_tokens == resp.prompt_tokens
