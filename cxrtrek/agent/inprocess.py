@@ -1,7 +1,10 @@
 """The in-process VLM backend: CXRTrekNet in this process, on CPU or GPU.
 
 Requests are answered in batches (``max_batch_size``), left-padded, greedy unless a request
-asks to sample. Each image's visual tokens are cached by the image's SHA-256 (LRU, at most
+asks to sample. When the requests of a batch share their images and the start of their prompt
+(the questions of one stage share the system prompt, the images and the earlier stages), the
+shared prefix is processed once and only the rest of each prompt and the decoding are batched
+(``share_prefix``). Each image's visual tokens are cached by the image's SHA-256 (LRU, at most
 ``cache_size`` images), so a study's images are encoded once for all of its questions.
 Generation runs in a worker thread (``asyncio.to_thread``) behind a lock: concurrent callers
 are served one batch at a time and the event loop stays free.
@@ -51,7 +54,8 @@ class InProcessBackend:
 
     def __init__(self, model: CXRTrekNetForConditionalGeneration,
                  processor: CXRTrekNetProcessor, *, model_id: str | None = None,
-                 max_batch_size: int = 8, cache_size: int = 256) -> None:
+                 max_batch_size: int = 8, cache_size: int = 256,
+                 share_prefix: bool = True) -> None:
         if max_batch_size < 1:
             raise DataError(f"max_batch_size must be at least 1; got {max_batch_size}")
         if cache_size < 0:
@@ -61,6 +65,9 @@ class InProcessBackend:
         self.model_id = model_id or (str(model.config.name_or_path) or "cxrtrek-net")
         self.max_batch_size = max_batch_size
         self.cache_size = cache_size
+        self.share_prefix = share_prefix
+        self.prefix_batches = 0
+        """Batches answered through a shared prefix (see :meth:`_shared_prefix`)."""
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
         self.cache_hits = 0
@@ -69,13 +76,14 @@ class InProcessBackend:
     @classmethod
     def load(cls, folder: str | Path, *, device: str | None = None, dtype: str | None = None,
              model_id: str | None = None, max_batch_size: int = 8,
-             cache_size: int = 256) -> InProcessBackend:
+             cache_size: int = 256, share_prefix: bool = True) -> InProcessBackend:
         """Load a saved CXRTrekNet folder (device and dtype automatic unless given)."""
         from cxrtrek.model.build import load_pretrained
 
         model, processor = load_pretrained(folder, device=device, dtype=dtype)
         return cls(model, processor, model_id=model_id or Path(folder).name,
-                   max_batch_size=max_batch_size, cache_size=cache_size)
+                   max_batch_size=max_batch_size, cache_size=cache_size,
+                   share_prefix=share_prefix)
 
     def clear_cache(self) -> None:
         with self._lock:
@@ -95,12 +103,28 @@ class InProcessBackend:
         pairs first (the response's ``context_used`` says how many were kept).
         """
         fitted = [self._encode(r) for r in requests]  # validate everything before any work
-        out: list[VLMResponse] = []
+        # Batches are made of requests about the same images (in first-seen order), so that
+        # a batch can share its prompt prefix; responses go back in request order.
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(tuple(ref.digest() for ref in r.images), []).append(i)
+        out: list[VLMResponse | None] = [None] * len(requests)
         with self._lock:
-            for start in range(0, len(requests), self.max_batch_size):
-                stop = start + self.max_batch_size
-                out.extend(self._run_batch(requests[start:stop], fitted[start:stop]))
-        return out
+            # every distinct image of the call is encoded once, in one pass
+            feats, hits = self._image_embeds(requests)
+            offsets = [0]
+            for r in requests:
+                offsets.append(offsets[-1] + len(r.images))
+            for members in groups.values():
+                for start in range(0, len(members), self.max_batch_size):
+                    chunk = members[start:start + self.max_batch_size]
+                    answers = self._run_batch(
+                        [requests[i] for i in chunk], [fitted[i] for i in chunk],
+                        [feats[offsets[i]:offsets[i + 1]] for i in chunk],
+                        [hits[i] for i in chunk])
+                    for i, answer in zip(chunk, answers, strict=True):
+                        out[i] = answer
+        return [r for r in out if r is not None]
 
     # --- internals --------------------------------------------------------------------------
 
@@ -171,8 +195,34 @@ class InProcessBackend:
             self._cache.popitem(last=False)
         return feats, hits_per_request
 
-    def _run_batch(self, requests: Sequence[VLMRequest],
-                   fitted: Sequence[_Fitted]) -> list[VLMResponse]:
+    _MIN_SHARED = 16  # a shorter shared prefix is not worth a separate pass
+
+    def _shared_prefix(self, requests: Sequence[VLMRequest],
+                       encoded: Sequence[Encoded]) -> int:
+        """The length of the prompt prefix all requests share, when it is worth sharing:
+        the same images, every image token inside the prefix, and at least one token of each
+        prompt after it. 0 otherwise."""
+        if not self.share_prefix or len(requests) < 2:
+            return 0
+        images = [ref.digest() for ref in requests[0].images]
+        if any([ref.digest() for ref in r.images] != images for r in requests[1:]):
+            return 0
+        first = encoded[0].input_ids
+        shared = min(len(e) for e in encoded) - 1
+        for e in encoded[1:]:
+            ids = e.input_ids
+            n = 0
+            while n < shared and ids[n] == first[n]:
+                n += 1
+            shared = n
+        image_id = self.model.config.image_token_id
+        if any(image_id in e.input_ids[shared:] for e in encoded):
+            return 0
+        return shared if shared >= self._MIN_SHARED else 0
+
+    def _run_batch(self, requests: Sequence[VLMRequest], fitted: Sequence[_Fitted],
+                   image_feats: Sequence[torch.Tensor],
+                   hits: Sequence[int]) -> list[VLMResponse]:
         import torch
 
         from cxrtrek.model.modeling import Decoding
@@ -180,17 +230,28 @@ class InProcessBackend:
 
         t0 = time.perf_counter()
         encoded = [f.encoded for f in fitted]
-        feats, hits = self._image_embeds(requests)
+        feats = torch.cat(list(image_feats))
         batch = collate(encoded, self.processor.tokenizer.pad_id, side="left")
         decoding = [Decoding(temperature=r.decoding.temperature, top_p=r.decoding.top_p,
                              seed=r.decoding.seed if r.decoding.seed is not None
                              or r.decoding.greedy else secrets.randbits(63))
                     for r in requests]
+        shared = self._shared_prefix(requests, encoded)
         with torch.inference_mode():
-            generated = self.model.generate_batch(
-                batch["input_ids"], batch["attention_mask"], image_embeds=feats,
-                max_new_tokens=[r.max_new_tokens for r in requests], decoding=decoding,
-                stop_token_ids=self.processor.stop_token_ids)
+            if shared:
+                self.prefix_batches += 1
+                generated = self.model.generate_with_prefix(
+                    encoded[0].input_ids[:shared],
+                    [e.input_ids[shared:] for e in encoded],
+                    pad_id=self.processor.tokenizer.pad_id,
+                    image_embeds=feats[:len(requests[0].images)],
+                    max_new_tokens=[r.max_new_tokens for r in requests], decoding=decoding,
+                    stop_token_ids=self.processor.stop_token_ids)
+            else:
+                generated = self.model.generate_batch(
+                    batch["input_ids"], batch["attention_mask"], image_embeds=feats,
+                    max_new_tokens=[r.max_new_tokens for r in requests], decoding=decoding,
+                    stop_token_ids=self.processor.stop_token_ids)
         latency = time.perf_counter() - t0
         log.debug("batch of %d answered in %.3f s", len(requests), latency)
         return [

@@ -164,3 +164,59 @@ def test_context_that_overflows_the_window_drops_the_oldest_pairs(
     [same] = asyncio.run(backend.generate([kept]))
     assert same.text == resp.text and same.context_used is None
     assert same.prompt_tokens == resp.prompt_tokens
+
+
+def _stage_requests(images: list[ImageRef], n: int) -> list[VLMRequest]:
+    """Questions of one stage: same images, same earlier-stage context, other questions."""
+    context = [(1, "What is the view of this X-ray?", "PA view."),
+               (2, "Is there a pleural effusion?", "Yes. A small left pleural effusion.")]
+    questions = ["Where is the effusion?", "Is the heart enlarged?",
+                 "Describe the left lung base in detail.", "Any pneumothorax?", "Size?"]
+    return [VLMRequest(request_id=f"s3-{i}", stage=3, question=questions[i % len(questions)],
+                       images=images[:2], context=context, max_new_tokens=6 + i)
+            for i in range(n)]
+
+
+def test_shared_prefix_decoding_equals_full_prompts(tiny: Tiny, images: list[ImageRef]) -> None:
+    """The model level: the prefix path gives the tokens of the plain batched path (random
+    weights, no stop token, so every row decodes its full budget)."""
+    import torch
+
+    model, processor = tiny
+    backend = InProcessBackend(model, processor)
+    requests = _stage_requests(images, 4)
+    fitted = [backend._encode(r) for r in requests]
+    encoded = [f.encoded for f in fitted]
+    shared = backend._shared_prefix(requests, encoded)
+    assert shared >= 16 and all(len(e) > shared for e in encoded)
+    feats, _ = backend._image_embeds(requests[:1])
+    budgets = [r.max_new_tokens for r in requests]
+    with torch.inference_mode():
+        via_prefix = model.generate_with_prefix(
+            encoded[0].input_ids[:shared], [e.input_ids[shared:] for e in encoded],
+            pad_id=processor.tokenizer.pad_id, image_embeds=feats, max_new_tokens=budgets,
+            stop_token_ids=[])
+        one_by_one = [model.generate_batch(
+            torch.tensor([e.input_ids]), torch.ones((1, len(e)), dtype=torch.long),
+            image_embeds=feats, max_new_tokens=budgets[i], stop_token_ids=[])[0]
+            for i, e in enumerate(encoded)]
+    assert [g.ids for g in via_prefix] == [g.ids for g in one_by_one]
+    assert [len(g.ids) for g in via_prefix] == budgets
+
+
+def test_backend_uses_the_shared_prefix_for_a_stage(trained: Path,
+                                                    images: list[ImageRef]) -> None:
+    backend = InProcessBackend.load(trained, device="cpu")
+    requests = _stage_requests(images, 5)
+    batched = asyncio.run(backend.generate(requests))
+    assert backend.prefix_batches == 1
+    single = InProcessBackend.load(trained, device="cpu", max_batch_size=1, cache_size=0)
+    alone = [asyncio.run(single.generate([r]))[0] for r in requests]
+    assert single.prefix_batches == 0
+    assert [r.text for r in batched] == [r.text for r in alone]
+    assert sum(r.completion_tokens for r in batched) > 0  # real answers, not all empty
+    assert [r.completion_tokens for r in batched] == [r.completion_tokens for r in alone]
+    # different images in one batch: no shared prefix
+    mixed = [requests[0], requests[1].model_copy(update={"images": images[1:3]})]
+    asyncio.run(backend.generate(mixed))
+    assert backend.prefix_batches == 1
