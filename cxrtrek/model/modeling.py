@@ -144,6 +144,11 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected visual tokens (n_images, image_grid ** 2, text hidden size)."""
+        return self.project_image_features(self.get_pooled_features(pixel_values))
+
+    def get_pooled_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The vision tower's feature map pooled to the grid, before the projector:
+        (n_images, image_grid ** 2, vision channels). A frozen tower's output can be cached."""
         vision_dtype = next(self.vision_tower.parameters()).dtype
         pixel_values = pixel_values.to(device=self.device, dtype=vision_dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.vision_frozen):
@@ -153,9 +158,14 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
             side = math.isqrt(length)
             feats = feats[:, length - side * side:].transpose(1, 2).reshape(n, c, side, side)
         grid = int(self.config.image_grid)
-        pooled = F.adaptive_avg_pool2d(feats, (grid, grid)).flatten(2).transpose(1, 2)
+        pooled: torch.Tensor = F.adaptive_avg_pool2d(feats, (grid, grid))
+        pooled = pooled.flatten(2).transpose(1, 2)
+        return pooled
+
+    def project_image_features(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Visual tokens from pooled features (see :meth:`get_pooled_features`)."""
         proj_dtype = self.projector.linear_1.weight.dtype
-        out: torch.Tensor = self.projector(pooled.to(proj_dtype))
+        out: torch.Tensor = self.projector(pooled.to(device=self.device, dtype=proj_dtype))
         return out
 
     def _merge_images(self, input_ids: torch.Tensor, embeds: torch.Tensor,
@@ -182,12 +192,16 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
         image_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         cache: Any = None,
+        pooled_features: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        """Logits (and the loss on ``labels``, -100 ignored). Pass images as ``pixel_values``
-        or as already-projected ``image_embeds`` (e.g. from a cache)."""
+        """Logits (and the loss on ``labels``, -100 ignored). Pass images as ``pixel_values``,
+        as already-projected ``image_embeds`` (e.g. from a cache) or as the frozen tower's
+        ``pooled_features`` (projected here, so the projector trains)."""
+        if image_embeds is None and pooled_features is not None:
+            image_embeds = self.project_image_features(pooled_features)
         if image_embeds is None and pixel_values is not None:
             image_embeds = self.get_image_features(pixel_values)
         embeds = self.get_input_embeddings()(input_ids)
@@ -225,16 +239,7 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
         Rows are independent: a row's output does not depend on the other rows (left padding
         and per-row position ids and random generators).
         """
-        batch, prompt_len = input_ids.shape
-        limits = ([int(max_new_tokens)] * batch if isinstance(max_new_tokens, int)
-                  else [int(m) for m in max_new_tokens])
-        room = self.config.context_length - prompt_len
-        limits = [max(0, min(m, room)) for m in limits]
-        decoding = list(decoding) if decoding is not None else [Decoding()] * batch
-        stops = set(stop_token_ids if stop_token_ids is not None
-                    else (self.config.stop_token_ids or []))
-        gens = [torch.Generator().manual_seed(d.seed if d.seed is not None else 0)
-                for d in decoding]
+        batch = input_ids.shape[0]
         device = self.device
         input_ids = input_ids.to(device)
         mask = attention_mask.to(device)
@@ -243,10 +248,74 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
         out = self(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                    pixel_values=pixel_values, image_embeds=image_embeds, cache=cache,
                    use_cache=True, logits_to_keep=1)
+        lengths = [int(n) for n in mask.sum(-1).tolist()]
+        return self._decode(out, mask, positions[:, -1:], lengths, batch, max_new_tokens,
+                            decoding, stop_token_ids)
+
+    @torch.no_grad()
+    def generate_with_prefix(
+        self,
+        prefix_ids: Sequence[int],
+        suffixes: Sequence[Sequence[int]],
+        *,
+        pad_id: int,
+        image_embeds: torch.Tensor | None = None,
+        max_new_tokens: int | Sequence[int] = 64,
+        decoding: Sequence[Decoding] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+    ) -> list[Generated]:
+        """Decode prompts that share a prefix (``prefix_ids + suffixes[i]``): the prefix, with
+        all the images (``image_embeds``), is processed once, its cache copied to every row,
+        then the suffixes (no image tokens, at least one token each) and the decoding run
+        batched. The questions of one stage share images, system prompt and earlier stages,
+        so this saves most of the prompt work of a stage.
+        """
+        if not prefix_ids or any(not s for s in suffixes):
+            raise DataError("a shared prefix and non-empty suffixes are required")
+        if any(self.config.image_token_id in s for s in suffixes):
+            raise DataError("image tokens must all lie in the shared prefix")
+        batch, plen = len(suffixes), len(prefix_ids)
+        device = self.device
+        prefix = torch.tensor([list(prefix_ids)], dtype=torch.long, device=device)
+        cache = DynamicCache(config=self.config.text)
+        self(input_ids=prefix, attention_mask=torch.ones_like(prefix),
+             position_ids=torch.arange(plen, device=device).unsqueeze(0),
+             image_embeds=image_embeds, cache=cache, use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(batch)
+        width = max(len(s) for s in suffixes)
+        ids = torch.full((batch, width), pad_id, dtype=torch.long, device=device)
+        smask = torch.zeros((batch, width), dtype=torch.long, device=device)
+        for row, suffix in enumerate(suffixes):  # left-padded between prefix and suffix
+            ids[row, width - len(suffix):] = torch.tensor(list(suffix), dtype=torch.long)
+            smask[row, width - len(suffix):] = 1
+        positions = plen + (smask.cumsum(-1) - 1).clamp(min=0)
+        mask = torch.cat([torch.ones((batch, plen), dtype=torch.long, device=device), smask],
+                         dim=1)
+        out = self.language_model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                  cache=cache, use_cache=True, logits_to_keep=1)
+        lengths = [plen + len(s) for s in suffixes]
+        return self._decode(out, mask, positions[:, -1:], lengths, batch, max_new_tokens,
+                            decoding, stop_token_ids)
+
+    def _decode(self, out: Any, mask: torch.Tensor, last: torch.Tensor, lengths: list[int],
+                batch: int, max_new_tokens: int | Sequence[int],
+                decoding: Sequence[Decoding] | None,
+                stop_token_ids: Sequence[int] | None) -> list[Generated]:
+        """The token-by-token loop after the prompt: ``out`` holds the prompt's last logits
+        and cache; each row may take ``context_length - lengths[row]`` new tokens at most."""
+        limits = ([int(max_new_tokens)] * batch if isinstance(max_new_tokens, int)
+                  else [int(m) for m in max_new_tokens])
+        limits = [max(0, min(m, self.config.context_length - n))
+                  for m, n in zip(limits, lengths, strict=True)]
+        decoding = list(decoding) if decoding is not None else [Decoding()] * batch
+        stops = set(stop_token_ids if stop_token_ids is not None
+                    else (self.config.stop_token_ids or []))
+        gens = [torch.Generator().manual_seed(d.seed if d.seed is not None else 0)
+                for d in decoding]
+        device = self.device
         ids: list[list[int]] = [[] for _ in range(batch)]
         reasons = ["length"] * batch
         done = [limits[i] == 0 for i in range(batch)]
-        last = positions[:, -1:]
         for _ in range(max(limits, default=0)):
             logits = out.logits[:, -1].float()
             next_tokens = [self._choose(logits[i], decoding[i], gens[i]) for i in range(batch)]
