@@ -149,9 +149,19 @@ def _add_inspect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 def _cmd_train(args: argparse.Namespace) -> int:
     from cxrtrek.model.train import TrainConfig, train
 
+    if args.phase == "vision":
+        from cxrtrek.model.pretrain import VisionPretrainConfig, pretrain_vision
+
+        keys = ("model", "steps", "batch_size", "lr", "seed", "image_size", "max_minutes")
+        vcfg = VisionPretrainConfig(data=args.train_data, output_dir=args.output_dir,
+                                    **{k: getattr(args, k) for k in keys
+                                       if getattr(args, k) is not None})
+        sys.stdout.write(f"{pretrain_vision(vcfg)}\n")
+        return EXIT_OK
     fields = ("model", "vision_path", "lm_path", "train_data", "eval_data", "image_root",
               "steps", "batch_size", "grad_accum", "lr", "lm_mode", "train_vision",
-              "pack_questions", "dtype", "device", "seed", "eval_every", "checkpoint_every")
+              "pack_questions", "dtype", "device", "seed", "eval_every", "checkpoint_every",
+              "cache_image_features", "caption_keep", "max_minutes")
     cfg = TrainConfig(output_dir=args.output_dir, resume=not args.no_resume,
                       **{k: getattr(args, k) for k in fields if getattr(args, k) is not None})
     out = train(cfg)
@@ -189,6 +199,15 @@ def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--checkpoint-every", type=int, metavar="N")
     p.add_argument("--no-resume", action="store_true",
                    help="start over even if OUTPUT_DIR holds a checkpoint")
+    p.add_argument("--phase", choices=("lm", "vision"), default="lm",
+                   help="lm: projector and LM on Q&A (default); vision: supervised vision-"
+                        "encoder pretraining on a phantom dataset's truth.jsonl")
+    p.add_argument("--image-size", type=int, metavar="PX", help="vision phase: resolution")
+    p.add_argument("--cache-image-features", action="store_true", default=None,
+                   help="frozen vision tower: encode each image once")
+    p.add_argument("--caption-keep", type=float, metavar="P",
+                   help="fraction of free-text non-report answers to train on")
+    p.add_argument("--max-minutes", type=float, metavar="M", help="stop after M minutes")
     p.set_defaults(handler=_cmd_train)
 
 
@@ -358,6 +377,60 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(handler=_cmd_serve)
 
 
+# --- eval ----------------------------------------------------------------------------------
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from cxrtrek.evals._cli import cmd_eval
+
+    return cmd_eval(args)
+
+
+def _add_eval(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a backend on CXRTrek-format data (per-stage metrics, ablation)",
+        usage="cxrtrek eval --data DATASET [options]\n       cxrtrek eval compare A B [--json]",
+        description="Read every study of a CXRTrek-format dataset (dataset mode) under each "
+                    "context policy and score the answers per stage and question type: "
+                    "accuracy, exact match and F1, detection IoU, BLEU-1/4, ROUGE-L and a "
+                    "CheXpert finding F1. Writes results.json, questions.jsonl and PNG plots "
+                    "to --out and prints the summary. 'cxrtrek eval compare A B' prints the "
+                    "per-stage deltas B - A of two results (folders or results.json files).",
+    )
+    p.add_argument("action", nargs="*", metavar="compare A B",
+                   help="compare two results instead of evaluating")
+    p.add_argument("--data", type=Path, metavar="DATASET", help="CXRTrek-format file")
+    p.add_argument("--image-root", type=Path, metavar="DIR",
+                   help="folder the image paths are relative to (default: the file's folder)")
+    p.add_argument("--backend", default="scripted-oracle", metavar="BACKEND",
+                   help="scripted-oracle (default), inprocess:PATH or http:URL")
+    p.add_argument("--context", default="full", metavar="full,retrieved,none",
+                   help="context policies, comma-separated; several run side by side "
+                        "(default full)")
+    p.add_argument("--out", type=Path, default=Path("eval-results"), metavar="DIR",
+                   help="output folder (default eval-results)")
+    p.add_argument("--allow-missing-images", action="store_true",
+                   help="skip (and count) studies whose images are missing; the oracle "
+                        "answers them anyway")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="processes to shard the studies over (default 1)")
+    p.add_argument("--concurrency", type=int, default=4, metavar="N",
+                   help="readings in flight per process (default 4)")
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N studies")
+    p.add_argument("--ray", metavar="ADDRESS|local",
+                   help="run the shards as Ray tasks: 'local' starts a local cluster with "
+                        "--workers CPUs; an address joins a running one")
+    p.add_argument("--bertscore-model", type=Path, metavar="PATH",
+                   help="local BERT-like model folder for BERTScore (default: skipped)")
+    p.add_argument("--memory", type=Path, metavar="DIR",
+                   help="chromadb folder for the agent's vector memory (retrieved context)")
+    p.add_argument("--max-new-tokens", type=int, metavar="N")
+    p.add_argument("--json", action="store_true",
+                   help="print the written files (eval) or the deltas (compare) as JSON")
+    p.set_defaults(handler=_cmd_eval)
+
+
 # --- the parser ----------------------------------------------------------------------------
 
 _COMMANDS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
@@ -367,6 +440,7 @@ _COMMANDS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]],
     _add_read,
     _add_replay,
     _add_serve,
+    _add_eval,
 )
 
 

@@ -1,1 +1,74 @@
-"""Metrics, the evaluation runner, reports, plots and benchmarks."""
+"""Metrics, the evaluation runner, reports and plots.
+
+::
+
+    from cxrtrek.evals import EvalConfig, run_eval, compare_results, load_results
+
+    outcome = run_eval(EvalConfig(data="data.json", contexts=("full", "none")), "eval/")
+    outcome.results.policies["full"].by_stage["2"].metrics["yes_no_acc"]
+
+Modules: :mod:`~cxrtrek.evals.metrics` (per-question scores, metric definitions),
+:mod:`~cxrtrek.evals.chexpert_labeler` (the 14 CheXpert observations, negation- and
+uncertainty-aware), :mod:`~cxrtrek.evals.results` (rows, summaries, comparison),
+:mod:`~cxrtrek.evals.runner` (asyncio, worker processes, Ray), :mod:`~cxrtrek.evals.plots`,
+:mod:`~cxrtrek.evals.bertscore` (optional, local model only). Importing this package is light:
+sacrebleu, rouge-score, matplotlib, Ray and transformers load when used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS: dict[str, str] = {
+    "EvalConfig": "cxrtrek.evals.runner",
+    "EvalOutcome": "cxrtrek.evals.runner",
+    "evaluate": "cxrtrek.evals.runner",
+    "run_eval": "cxrtrek.evals.runner",
+    "EvalResults": "cxrtrek.evals.results",
+    "QuestionRow": "cxrtrek.evals.results",
+    "compare_results": "cxrtrek.evals.results",
+    "load_results": "cxrtrek.evals.results",
+    "summarize": "cxrtrek.evals.results",
+    "score_answer": "cxrtrek.evals.metrics",
+    "label_text": "cxrtrek.evals.chexpert_labeler",
+}
+
+__all__ = [
+    "EvalConfig",
+    "EvalOutcome",
+    "EvalResults",
+    "QuestionRow",
+    "compare_results",
+    "evaluate",
+    "label_text",
+    "load_results",
+    "run_eval",
+    "score_answer",
+    "summarize",
+]
+
+if TYPE_CHECKING:
+    from cxrtrek.evals.chexpert_labeler import label_text
+    from cxrtrek.evals.metrics import score_answer
+    from cxrtrek.evals.results import (
+        EvalResults,
+        QuestionRow,
+        compare_results,
+        load_results,
+        summarize,
+    )
+    from cxrtrek.evals.runner import EvalConfig, EvalOutcome, evaluate, run_eval
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cxrtrek.evals' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

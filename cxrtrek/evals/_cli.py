@@ -1,0 +1,172 @@
+"""The handler of ``cxrtrek eval`` and ``cxrtrek eval compare`` (loaded only when they run)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cxrtrek.errors import ConfigError
+from cxrtrek.evals.metrics import METRICS
+from cxrtrek.evals.results import Comparison, EvalResults, compare_results, load_results
+from cxrtrek.evals.runner import EvalConfig, run_eval
+from cxrtrek.stages import STAGES
+
+__all__ = ["cmd_eval", "render_comparison", "render_results"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+POLICIES = ("full", "retrieved", "none")
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}"
+
+
+def _contexts(text: str) -> tuple[str, ...]:
+    items = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [x for x in items if x not in POLICIES]
+    if bad or not items:
+        raise ConfigError(f"--context takes a comma-separated list of {', '.join(POLICIES)}; "
+                          f"got {text!r}")
+    return items
+
+
+def render_results(results: EvalResults) -> list[Table]:
+    """The summary tables: stage scores per policy, each metric overall, error propagation."""
+    policies = list(results.policies)
+    stages = Table(title=f"stage score (%) - {results.model_id or 'model'}, "
+                         f"{results.dataset['studies']} studies")
+    stages.add_column("stage")
+    for p in policies:
+        stages.add_column(p, justify="right")
+    stages.add_column("questions", justify="right")
+    for spec in STAGES:
+        key = str(spec.number)
+        if not any(key in s.by_stage for s in results.policies.values()):
+            continue
+        cells = [_pct(s.by_stage[key].stage_score) if key in s.by_stage else "-"
+                 for s in results.policies.values()]
+        n = max((s.by_stage[key].n for s in results.policies.values() if key in s.by_stage),
+                default=0)
+        stages.add_row(f"{spec.number} {spec.title}", *cells, str(n))
+    stages.add_row("[bold]all[/bold]", *(_pct(s.overall.stage_score)
+                                         for s in results.policies.values()),
+                   str(max(s.overall.n for s in results.policies.values())))
+
+    metrics = Table(title="metrics, all stages (%)")
+    metrics.add_column("metric")
+    metrics.add_column("type")
+    for p in policies:
+        metrics.add_column(p, justify="right")
+    metrics.add_column("n", justify="right")
+    for name, qtype in METRICS.items():
+        values = [s.overall.metrics.get(name) for s in results.policies.values()]
+        if all(v is None for v in values):
+            continue
+        n = max(s.overall.support.get(name, 0) for s in results.policies.values())
+        metrics.add_row(name, qtype, *(_pct(v) for v in values), str(n))
+
+    prop = Table(title="error propagation (graph attribution)")
+    prop.add_column("")
+    for p in policies:
+        prop.add_column(p, justify="right")
+    pr = [s.propagation for s in results.policies.values()]
+    prop.add_row("wrong / judged", *(f"{x.wrong}/{x.judged}" for x in pr))
+    prop.add_row("runs all correct", *(f"{x.runs_all_correct}/{x.runs}" for x in pr))
+    prop.add_row("wrong after an earlier wrong stage (% of wrong, stages 2-8)",
+                 *(_pct(x.wrong_preceded_by_earlier_wrong) for x in pr))
+    prop.add_row("P(wrong | earlier stage wrong)", *(_pct(x.p_wrong_given_earlier_wrong)
+                                                     for x in pr))
+    prop.add_row("P(wrong | no earlier stage wrong)",
+                 *(_pct(x.p_wrong_given_no_earlier_wrong) for x in pr))
+    prop.add_row("P(wrong | wrong answer in context)",
+                 *(_pct(x.p_wrong_given_wrong_context) for x in pr))
+    prop.add_row("counts: ok / unparsed / not answered / skipped",
+                 *(f"{s.counts['ok']}/{s.counts['unparsed']}/{s.counts['not_answered']}/"
+                   f"{s.counts['skipped_missing_image']}" for s in results.policies.values()))
+    return [stages, metrics, prop]
+
+
+def render_comparison(cmp: Comparison) -> Table:
+    """Per-stage deltas of the stage score and each metric, B - A."""
+    table = Table(title=f"B - A  (A: {cmp.a}, B: {cmp.b}), percentage points")
+    table.add_column("policy")
+    table.add_column("stage")
+    table.add_column("metric")
+    table.add_column("A", justify="right")
+    table.add_column("B", justify="right")
+    table.add_column("delta", justify="right")
+    for d in cmp.deltas:
+        delta = "n/a" if d.delta is None else f"{100 * d.delta:+.1f}"
+        style = "" if d.delta is None or abs(d.delta) < 1e-12 else (
+            "green" if d.delta > 0 else "red")
+        table.add_row(d.policy_a if d.policy_a == d.policy_b else f"{d.policy_a}->{d.policy_b}",
+                      d.stage, d.metric, _pct(d.a), _pct(d.b),
+                      f"[{style}]{delta}[/{style}]" if style else delta)
+    return table
+
+
+def _cmd_compare(paths: Sequence[str], as_json: bool) -> int:
+    a, b = load_results(paths[0]), load_results(paths[1])
+    cmp = compare_results(a, b, name_a=paths[0], name_b=paths[1])
+    if as_json:
+        sys.stdout.write(cmp.model_dump_json(indent=1) + "\n")
+    else:
+        Console().print(render_comparison(cmp))
+    return EXIT_OK
+
+
+def _progress_factory(progress: Progress) -> Callable[[int], Callable[[int], None]]:
+    def factory(total: int) -> Callable[[int], None]:
+        task = progress.add_task("reading studies", total=total)
+        return lambda k: progress.advance(task, k)
+
+    return factory
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    if args.action:
+        if args.action[0] != "compare" or len(args.action) != 3:
+            sys.stderr.write("cxrtrek eval: error: expected 'cxrtrek eval --data DATASET ...' "
+                             "or 'cxrtrek eval compare A B'; got "
+                             f"{' '.join(args.action)!r}\n")
+            return EXIT_USAGE
+        return _cmd_compare(args.action[1:], args.json)
+    if args.data is None:
+        sys.stderr.write("cxrtrek eval: error: --data DATASET is required (or use "
+                         "'cxrtrek eval compare A B')\n")
+        return EXIT_USAGE
+    try:
+        config = EvalConfig(
+            data=str(args.data), image_root=str(args.image_root) if args.image_root else None,
+            backend=args.backend, contexts=_contexts(args.context),
+            allow_missing_images=args.allow_missing_images, workers=args.workers,
+            concurrency=args.concurrency, limit=args.limit, ray=args.ray,
+            bertscore_model=str(args.bertscore_model) if args.bertscore_model else None,
+            memory=str(args.memory) if args.memory else None,
+            max_new_tokens=args.max_new_tokens)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ConfigError(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from exc
+    err_console = Console(stderr=True)
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                  MofNCompleteColumn(), TimeElapsedColumn(), console=err_console,
+                  transient=True) as progress:
+        outcome = run_eval(config, args.out, progress_factory=_progress_factory(progress))
+    if args.json:
+        sys.stdout.write(json.dumps({k: str(v) for k, v in outcome.files.items()}) + "\n")
+    else:
+        console = Console()
+        for table in render_results(outcome.results):
+            console.print(table)
+        for note in outcome.results.notes:
+            console.print(f"[dim]note: {note}[/dim]")
+        console.print(f"wrote {', '.join(str(p) for p in outcome.files.values())}")
+    failed = any(n.startswith("run failed") for n in outcome.results.notes)
+    return EXIT_FAILED if failed else EXIT_OK
