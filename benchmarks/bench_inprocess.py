@@ -85,7 +85,7 @@ def main() -> None:
                                            cache_size=cache)
                 calls = [0]
                 hook = model.vision_tower.register_forward_hook(
-                    lambda *_: calls.__setitem__(0, calls[0] + 1))
+                    lambda *_, c=calls: c.__setitem__(0, c[0] + 1))
                 t0 = time.perf_counter()
                 if batch == 1:
                     out = [r for req in requests for r in asyncio.run(backend.generate([req]))]

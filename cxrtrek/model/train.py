@@ -10,7 +10,12 @@
 - Checkpoints (``<output>/checkpoint.pt``: trainable weights, optimizer, scheduler, RNG, step)
   every ``checkpoint_every`` steps and on Ctrl-C; ``resume=True`` continues from one.
 - The output folder loads with ``load_pretrained`` (merged weights, config, tokenizer);
-  a LoRA run also writes its adapter under ``<output>/adapter``.
+  a LoRA run also writes its adapter under ``<output>/adapter``. :func:`export_checkpoint`
+  turns a run's latest ``checkpoint.pt`` into such a folder (e.g. after stopping it early).
+- With a frozen vision tower, ``cache_image_features`` computes each image's pooled features
+  once and reuses them (the projector still trains); ``caption_keep`` keeps only a seeded
+  fraction of the free-text answers other than reports, to spend more steps on the rest;
+  ``max_minutes`` stops the run at a wall-clock budget, saving what it has.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import json
 import logging
 import math
 import random
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -37,7 +43,7 @@ from cxrtrek.model.processing import CXRTrekNetProcessor, Encoded, collate
 from cxrtrek.prompts.render import ContextTurn
 from cxrtrek.schema import ImageRef, Study
 
-__all__ = ["LORA_TARGETS", "TrainConfig", "build_examples", "train"]
+__all__ = ["LORA_TARGETS", "TrainConfig", "build_examples", "export_checkpoint", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +86,12 @@ class TrainConfig(BaseModel):
     eval_every: int = Field(default=0, ge=0)
     """Evaluate every N steps (0: only at the end); needs eval data."""
     checkpoint_every: int = Field(default=50, ge=0)
+    cache_image_features: bool = False
+    """With a frozen vision tower: encode each image once, train on its cached features."""
+    caption_keep: float = Field(default=1.0, ge=0, le=1)
+    """Fraction of free-text (captioning, non-report) answers kept, chosen by seed."""
+    max_minutes: float | None = Field(default=None, gt=0)
+    """Stop after this many minutes (checkpoint and model are saved); None: run all steps."""
     resume: bool = True
     progress: bool = True
 
@@ -93,17 +105,29 @@ class Example:
     encoded: Encoded
 
 
+def _kept(question: Any, keep: float, rng: random.Random) -> bool:
+    """Whether a question stays under ``caption_keep``: all but non-report free text do."""
+    if keep >= 1.0 or question.qtype != "captioning" or \
+            str(question.task_type).startswith("Report_Generation"):
+        return True
+    return rng.random() < keep
+
+
 def build_examples(studies: Sequence[Study], processor: CXRTrekNetProcessor, *,
-                   max_images: int, pack_questions: int) -> list[Example]:
-    """Packed examples: consecutive questions of a study that fit the context length."""
+                   max_images: int, pack_questions: int, caption_keep: float = 1.0,
+                   seed: int = 0) -> list[Example]:
+    """Packed examples: consecutive questions of a study that fit the context length
+    (free-text answers other than reports kept with probability ``caption_keep``)."""
     out: list[Example] = []
+    rng = random.Random(seed)
     for study in studies:
         images = (list(study.images) + (list(study.prior.images) if study.prior else []))
         images = images[:max_images]
         if not images:
             raise DataError(f"study {study.study_id}: expected at least one image; got none")
         turns = [ContextTurn(q.stage, q.text, study.references[q.id].text)
-                 for q in study.questions if q.id in study.references]
+                 for q in study.questions
+                 if q.id in study.references and _kept(q, caption_keep, rng)]
         pack: list[ContextTurn] = []
         for turn in [*turns, None]:
             candidate = [*pack, turn] if turn is not None else pack
@@ -142,10 +166,32 @@ class _Pixels:
         return torch.stack(tensors)
 
 
+class _Features(_Pixels):
+    """Pooled features of a frozen vision tower by SHA-256 (each image encoded once)."""
+
+    def __init__(self, processor: CXRTrekNetProcessor,
+                 model: CXRTrekNetForConditionalGeneration) -> None:
+        super().__init__(processor)
+        self._model = model
+        self._features: dict[str, torch.Tensor] = {}
+
+    def __call__(self, refs: Sequence[ImageRef]) -> torch.Tensor:
+        missing = [r for r in refs if r.digest() not in self._features]
+        if missing:
+            pixels = super().__call__(missing)
+            with torch.no_grad():
+                feats = self._model.get_pooled_features(pixels).detach().cpu()
+            for ref, f in zip(missing, feats, strict=True):
+                self._features[ref.digest()] = f
+                self._by_hash.pop(ref.digest(), None)
+        return torch.stack([self._features[r.digest()] for r in refs])
+
+
 def _batch(examples: Sequence[Example], pixels: _Pixels, pad_id: int,
            device: torch.device) -> dict[str, torch.Tensor]:
     batch = collate([e.encoded for e in examples], pad_id, side="right")
-    batch["pixel_values"] = pixels([ref for e in examples for ref in e.images])
+    key = "pooled_features" if isinstance(pixels, _Features) else "pixel_values"
+    batch[key] = pixels([ref for e in examples for ref in e.images])
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -195,11 +241,18 @@ def _trainable(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _schedule(cfg: TrainConfig) -> Callable[[int], float]:
+    """Warm-up, then cosine decay over the steps (or over ``max_minutes`` of wall clock when
+    that runs out first)."""
+    clock = time.monotonic()
+    budget_s = 60 * cfg.max_minutes if cfg.max_minutes else None
+
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / (cfg.warmup_steps + 1)
         span = max(1, cfg.steps - cfg.warmup_steps)
         progress = min(1.0, (step - cfg.warmup_steps) / span)
+        if budget_s is not None:
+            progress = max(progress, min(1.0, (time.monotonic() - clock) / budget_s))
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return factor
 
@@ -254,6 +307,42 @@ def train(cfg: TrainConfig, *, studies: Sequence[Study] | None = None,
           on_step: Callable[[int, float], None] | None = None) -> Path:
     """Train and save; returns the output folder. ``studies`` override ``cfg.train_data``;
     ``on_step(step, loss)`` is called after every optimizer step."""
+    out = cfg.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model, processor = _base(cfg)
+    return _run(cfg, model, processor, studies, eval_studies, on_step)
+
+
+def export_checkpoint(output_dir: str | Path) -> Path:
+    """Write the loadable model folder of a run from its latest ``checkpoint.pt`` (e.g. one
+    stopped early) into ``output_dir``; returns the folder."""
+    out = Path(output_dir)
+    ckpt = out / CHECKPOINT
+    if not ckpt.is_file():
+        raise ConfigError(f"expected a training checkpoint at {ckpt}; found none")
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    cfg = TrainConfig.model_validate({**state["config"], "progress": False})
+    model, processor = _base(cfg)
+    module = _prepare(cfg, model)
+    module.load_state_dict(state["trainable"], strict=False)
+    module.eval()
+    if cfg.lm_mode == "lora":
+        module.save_pretrained(str(out / "adapter"))  # type: ignore[operator]
+        model = module.merge_and_unload()  # type: ignore[operator]
+    save_pretrained(model, processor, out)
+    (out / STATE).write_text(json.dumps({"steps_done": int(state["step"]),
+                                         "history": state["history"]}, indent=1) + "\n")
+    (out / "training_args.json").write_text(cfg.model_dump_json(indent=1) + "\n")
+    log.info("exported step %d of %s", int(state["step"]), out)
+    return out
+
+
+def _run(cfg: TrainConfig, model: CXRTrekNetForConditionalGeneration,
+         processor: CXRTrekNetProcessor, studies: Sequence[Study] | None,
+         eval_studies: Sequence[Study] | None,
+         on_step: Callable[[int, float], None] | None) -> Path:
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -264,17 +353,14 @@ def train(cfg: TrainConfig, *, studies: Sequence[Study] | None = None,
     )
 
     out = cfg.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model, processor = _base(cfg)
     device = torch.device(cfg.device) if cfg.device else (
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     torch.nn.Module.to(model, device)
     train_studies = list(studies) if studies is not None else _load_data(cfg, cfg.train_data)
     evals = list(eval_studies) if eval_studies is not None else _load_data(cfg, cfg.eval_data)
     examples = build_examples(train_studies, processor, max_images=cfg.max_images,
-                              pack_questions=cfg.pack_questions)
+                              pack_questions=cfg.pack_questions, caption_keep=cfg.caption_keep,
+                              seed=cfg.seed)
     eval_examples = build_examples(evals, processor, max_images=cfg.max_images,
                                    pack_questions=cfg.pack_questions)
     if not examples:
@@ -310,7 +396,11 @@ def train(cfg: TrainConfig, *, studies: Sequence[Study] | None = None,
         start = int(state["step"])
         log.info("resumed from %s at step %d", ckpt, start)
 
-    pixels = _Pixels(processor)
+    if cfg.cache_image_features and not cfg.train_vision:
+        model.vision_tower.eval()
+        pixels: _Pixels = _Features(processor, model)
+    else:
+        pixels = _Pixels(processor)
     pad_id = processor.tokenizer.pad_id
 
     def autocast() -> AbstractContextManager[Any]:
@@ -322,6 +412,7 @@ def train(cfg: TrainConfig, *, studies: Sequence[Study] | None = None,
                         TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
                         TextColumn("ETA"), TimeRemainingColumn(), disable=not cfg.progress)
     step = start
+    deadline = (time.monotonic() + 60 * cfg.max_minutes) if cfg.max_minutes else None
     try:
         with progress:
             task = progress.add_task("train", total=cfg.steps, completed=start, loss="-")
@@ -350,6 +441,11 @@ def train(cfg: TrainConfig, *, studies: Sequence[Study] | None = None,
                     _save_checkpoint(ckpt, step + 1, module, optimizer, scheduler, history, cfg)
                 if on_step is not None:
                     on_step(step + 1, step_loss)
+                if deadline is not None and time.monotonic() > deadline and step + 1 < cfg.steps:
+                    log.warning("time budget of %g min reached at step %d of %d; stopping",
+                                cfg.max_minutes, step + 1, cfg.steps)
+                    _save_checkpoint(ckpt, step + 1, module, optimizer, scheduler, history, cfg)
+                    break
             step = cfg.steps
     except KeyboardInterrupt:
         done = len(history)
@@ -357,7 +453,7 @@ def train(cfg: TrainConfig, *, studies: Sequence[Study] | None = None,
             _save_checkpoint(ckpt, done, module, optimizer, scheduler, history, cfg)
         raise
 
-    final: dict[str, Any] = {"history": history}
+    final: dict[str, Any] = {"steps_done": len(history), "history": history}
     if eval_examples:
         final["eval_loss"] = _evaluate(module, eval_examples, pixels, pad_id, device,
                                        cfg.batch_size, autocast)

@@ -1,0 +1,419 @@
+"""Phase 1 of the demo recipe: supervised pretraining of CXRTrekNet's vision encoder on phantoms.
+
+The vision tower learns what the phantoms' truth (``truth.jsonl`` written by
+:func:`cxrtrek.data.phantoms.generate`) says about each image before the language model ever
+sees it: which findings and devices are present, their side, zone and grade, the acquisition
+(view, rotation, inspiration, exposure), the cardiothoracic ratio, and boxes of the heart, both
+lungs, every focal finding and the device tips.
+
+All heads read the *pooled grid* the language model later receives (``image_grid ** 2`` tokens
+of the tower's last feature map, flattened), so whatever the heads can read is there for the
+projector and the LM. The heads are thrown away; the trained tower is saved inside a full
+CXRTrekNet folder (random projector and LM) that phase 2 (:func:`cxrtrek.model.train.train`
+with ``model=<that folder>``) starts from, with the tower frozen.
+
+``pretrain_vision(VisionPretrainConfig) -> Path``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from cxrtrek.errors import DataError
+from cxrtrek.model.build import build_preset, load_pretrained, save_pretrained
+from cxrtrek.model.modeling import CXRTrekNetForConditionalGeneration, vision_hidden_size
+
+__all__ = [
+    "BOX_TARGETS",
+    "CLASS_HEADS",
+    "PRESENCE",
+    "VisionPretrainConfig",
+    "image_targets",
+    "pretrain_vision",
+]
+
+log = logging.getLogger(__name__)
+
+PRESENCE = ("cardiomegaly", "effusion", "pneumothorax", "consolidation", "nodule", "mass",
+            "atelectasis", "edema", "rib_fracture", "endotracheal_tube", "central_line")
+"""Multi-label presence targets (findings, then devices)."""
+
+_GRADE_KINDS = {
+    "cardiomegaly": ("mild", "moderate", "severe"), "edema": ("mild", "moderate", "severe"),
+    "effusion": ("small", "moderate", "large"), "pneumothorax": ("small", "moderate", "large"),
+    "consolidation": ("small", "moderate", "large"), "nodule": ("small", "moderate"),
+    "mass": ("moderate", "large"), "atelectasis": ("small", "moderate"),
+}
+_SIDED = ("effusion", "pneumothorax", "consolidation", "nodule", "mass", "atelectasis",
+          "rib_fracture")
+_ZONED = ("consolidation", "nodule", "mass", "atelectasis", "rib_fracture")
+
+CLASS_HEADS: dict[str, tuple[str, ...]] = {
+    "view": ("PA", "AP"),
+    "rotation": ("none", "right", "left"),
+    "inspiration": ("adequate", "poor", "hyperinflated"),
+    "exposure": ("adequate", "under", "over"),
+    **{f"grade:{k}": v for k, v in _GRADE_KINDS.items()},
+    **{f"side:{k}": ("right", "left") for k in _SIDED},
+    **{f"zone:{k}": ("upper", "middle", "lower") for k in _ZONED},
+    "tip:endotracheal_tube": ("appropriate", "low", "high"),
+    "tip:central_line": ("svc", "cavoatrial", "atrium"),
+    "entry:central_line": ("right internal jugular", "left subclavian"),
+}
+"""Single-label heads: name -> classes (ignored where the finding or device is absent)."""
+
+BOX_TARGETS = ("heart", "right_lung", "left_lung", "effusion", "pneumothorax", "consolidation",
+               "nodule", "mass", "atelectasis", "rib_fracture", "endotracheal_tube",
+               "central_line")
+"""Box regression targets (fractions 0-1; ignored where absent)."""
+
+IGNORE = -100
+
+
+class VisionPretrainConfig(BaseModel):
+    """Everything a vision pretraining run depends on (saved as ``pretrain_args.json``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: Path
+    """A phantom dataset: the folder (or its ``phantoms.json``) with ``truth.jsonl``."""
+    output_dir: Path
+    model: str = "demo"
+    """A preset (tiny, demo) or a saved CXRTrekNet folder whose vision tower to train."""
+    image_size: int | None = Field(default=None, ge=32)
+    """Training (and from then on the model's) resolution; None: the model's own."""
+    steps: int = Field(default=1000, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=2e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    warmup_steps: int = Field(default=20, ge=0)
+    box_weight: float = Field(default=10.0, ge=0)
+    holdout: int = Field(default=200, ge=0)
+    """Images kept out of training to report the heads' accuracy."""
+    max_minutes: float | None = Field(default=None, gt=0)
+    """Wall-clock budget: the learning rate decays over whichever runs out first, steps or
+    time, and the run stops when either does (a shared CPU then still ends on time)."""
+    seed: int = 0
+    progress: bool = True
+
+
+# --- targets ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageTargets:
+    """The supervised targets of one image."""
+
+    presence: list[float]
+    classes: list[int]
+    boxes: list[list[float]]
+    box_mask: list[float]
+    ctr: float
+
+
+def image_targets(truth: dict[str, Any]) -> ImageTargets:
+    """Targets of one image from its :class:`~cxrtrek.data.phantoms.PhantomTruth` (as JSON)."""
+    findings = {f["kind"]: f for f in truth.get("findings", [])}
+    devices = {d["kind"]: d for d in truth.get("devices", [])}
+    presence = [1.0 if (k in findings or k in devices) else 0.0 for k in PRESENCE]
+    values: dict[str, str | None] = {
+        "view": truth["view"], "rotation": truth["rotation"],
+        "inspiration": truth["inspiration"], "exposure": truth["exposure"],
+    }
+    for kind, f in findings.items():
+        values[f"grade:{kind}"] = f.get("severity") or f.get("size")
+        values[f"side:{kind}"] = f.get("laterality")
+        values[f"zone:{kind}"] = f.get("zone")
+    for kind, d in devices.items():
+        values[f"tip:{kind}"] = d.get("tip")
+        values[f"entry:{kind}"] = d.get("entry")
+    classes = []
+    for head, options in CLASS_HEADS.items():
+        v = values.get(head)
+        classes.append(options.index(v) if v in options else IGNORE)
+    box_of: dict[str, list[float]] = {"heart": truth["heart_box"],
+                                      "right_lung": truth["right_lung_box"],
+                                      "left_lung": truth["left_lung_box"]}
+    for kind, f in findings.items():
+        if f.get("boxes"):
+            box_of[kind] = f["boxes"][0]
+    for kind, d in devices.items():
+        box_of[kind] = d["box"]
+    boxes, mask = [], []
+    for name in BOX_TARGETS:
+        b = box_of.get(name)
+        ok = b is not None and b[2] > b[0] and b[3] > b[1]
+        boxes.append([v / 100.0 for v in b] if ok and b is not None else [0.0] * 4)
+        mask.append(1.0 if ok else 0.0)
+    return ImageTargets(presence, classes, boxes, mask, float(truth.get("ctr") or 0.0))
+
+
+def _truth_images(data: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """(image path, truth) of every image of the dataset, priors included."""
+    folder = data.parent if data.is_file() else data
+    truth_file = folder / "truth.jsonl"
+    if not truth_file.is_file():
+        raise DataError(f"expected phantom truth at {truth_file} (written by `cxrtrek phantoms`)"
+                        "; found none")
+    out: list[tuple[Path, dict[str, Any]]] = []
+    for line in truth_file.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        t: dict[str, Any] | None = json.loads(line)
+        while t is not None:
+            path = folder / "images" / t["patient_id"] / t["study_id"] / "frontal.png"
+            if path.is_file():
+                out.append((path, t))
+            t = t.get("prior")
+    if not out:
+        raise DataError(f"no phantom images found under {folder / 'images'}")
+    return out
+
+
+def _load_pixels(paths: Sequence[Path], size: int) -> torch.Tensor:
+    """All images as uint8 (N, size, size), resized like the model's image processor."""
+    from PIL import Image
+
+    from cxrtrek.model.images import ImageProcessor
+
+    proc = ImageProcessor(size=size, mean=0.0, std=1.0, channels=1)
+    out = torch.empty((len(paths), size, size), dtype=torch.uint8)
+    for i, p in enumerate(paths):
+        arr = np.asarray(Image.open(p).convert("L"))
+        t = proc([arr])[0, 0] if arr.shape != (size, size) else torch.from_numpy(arr / 255.0)
+        out[i] = (t.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8)
+    return out
+
+
+# --- the heads -------------------------------------------------------------------------------
+
+
+class VisionHeads(nn.Module):
+    """Presence, class, box and CTR heads over the flattened pooled grid."""
+
+    def __init__(self, channels: int, grid: int, hidden: int = 512) -> None:
+        super().__init__()
+        self.n_presence = len(PRESENCE)
+        self.class_sizes = [len(v) for v in CLASS_HEADS.values()]
+        n_out = self.n_presence + sum(self.class_sizes) + 4 * len(BOX_TARGETS) + 1
+        self.net = nn.Sequential(nn.Flatten(), nn.LayerNorm(channels * grid * grid),
+                                 nn.Linear(channels * grid * grid, hidden), nn.GELU(),
+                                 nn.Linear(hidden, n_out))
+
+    def forward(self, pooled: torch.Tensor) -> dict[str, Any]:
+        out = self.net(pooled)
+        p = self.n_presence
+        presence = out[:, :p]
+        classes = []
+        for n in self.class_sizes:
+            classes.append(out[:, p:p + n])
+            p += n
+        nb = 4 * len(BOX_TARGETS)
+        boxes = torch.sigmoid(out[:, p:p + nb]).view(-1, len(BOX_TARGETS), 4)
+        return {"presence": presence, "classes": classes, "boxes": boxes,
+                "ctr": out[:, p + nb]}
+
+
+def _losses(pred: dict[str, Any], batch: dict[str, torch.Tensor],
+            box_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+    presence = F.binary_cross_entropy_with_logits(pred["presence"], batch["presence"])
+    cls = pred["presence"].new_zeros(())
+    for i, logits in enumerate(pred["classes"]):
+        target = batch["classes"][:, i]
+        if bool((target != IGNORE).any()):
+            cls = cls + F.cross_entropy(logits, target, ignore_index=IGNORE)
+    mask = batch["box_mask"].unsqueeze(-1)
+    box = (F.smooth_l1_loss(pred["boxes"], batch["boxes"], reduction="none", beta=0.02)
+           * mask).sum() / mask.sum().clamp(min=1) / 4
+    ctr = F.mse_loss(pred["ctr"], batch["ctr"] * 10)
+    total = presence + cls / len(pred["classes"]) * 4 + box_weight * box + 0.1 * ctr
+    return total, {"presence": float(presence.detach()), "classes": float(cls.detach()),
+                   "box": float(box.detach())}
+
+
+def _box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    x1 = torch.maximum(a[..., 0], b[..., 0])
+    y1 = torch.maximum(a[..., 1], b[..., 1])
+    x2 = torch.minimum(a[..., 2], b[..., 2])
+    y2 = torch.minimum(a[..., 3], b[..., 3])
+    inter = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)
+    area_a = (a[..., 2] - a[..., 0]).clamp(min=0) * (a[..., 3] - a[..., 1]).clamp(min=0)
+    area_b = (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)
+    return inter / (area_a + area_b - inter).clamp(min=1e-9)
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+def _pooled(model: CXRTrekNetForConditionalGeneration, pixels: torch.Tensor) -> torch.Tensor:
+    return model.get_pooled_features(pixels)
+
+
+def _normalise(raw: torch.Tensor, model: CXRTrekNetForConditionalGeneration) -> torch.Tensor:
+    x = raw.float().unsqueeze(1) / 255.0
+    x = (x - float(model.config.image_mean)) / float(model.config.image_std)
+    return x.expand(-1, model.config.image_channels, -1, -1)
+
+
+def _heads_report(model: CXRTrekNetForConditionalGeneration, heads: VisionHeads,
+                  pixels: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Held-out accuracy of the heads: presence, each class head, box IoU per target."""
+    model.vision_tower.eval()
+    heads.eval()
+    preds: list[dict[str, Any]] = []
+    with torch.no_grad():
+        for i in range(0, len(pixels), 64):
+            preds.append(heads(_pooled(model, _normalise(pixels[i:i + 64], model))))
+    presence = torch.cat([p["presence"] for p in preds]) > 0
+    out: dict[str, float] = {}
+    truth = targets["presence"] > 0.5
+    for k, name in enumerate(PRESENCE):
+        out[f"presence:{name}"] = float((presence[:, k] == truth[:, k]).float().mean())
+    for k, name in enumerate(CLASS_HEADS):
+        logits = torch.cat([p["classes"][k] for p in preds])
+        t = targets["classes"][:, k]
+        keep = t != IGNORE
+        if bool(keep.any()):
+            out[f"class:{name}"] = float((logits.argmax(-1)[keep] == t[keep]).float().mean())
+    boxes = torch.cat([p["boxes"] for p in preds])
+    iou = _box_iou(boxes, targets["boxes"])
+    for k, name in enumerate(BOX_TARGETS):
+        keep = targets["box_mask"][:, k] > 0
+        if bool(keep.any()):
+            thr = 0.75 if name in ("heart", "right_lung", "left_lung") else 0.5
+            out[f"box:{name}@{thr}"] = float((iou[keep, k] >= thr).float().mean())
+    return out
+
+
+def pretrain_vision(cfg: VisionPretrainConfig) -> Path:
+    """Train the vision tower on the phantoms' truth; save a CXRTrekNet folder with it frozen.
+
+    Returns the output folder (loadable with ``load_pretrained``; a starting point for
+    :func:`cxrtrek.model.train.train`). ``vision_heads.pt`` and ``vision_metrics.json`` are
+    written beside it.
+    """
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    started = time.monotonic()
+    out = cfg.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if cfg.model in ("tiny", "demo"):
+        model, processor = build_preset(cfg.model, seed=cfg.seed)
+    else:
+        model, processor = load_pretrained(cfg.model, device="cpu", dtype="float32")
+    if cfg.image_size is not None and cfg.image_size != model.config.image_size:
+        model.config.image_size = cfg.image_size
+        processor = type(processor)(processor.tokenizer, model.config)
+    size = int(model.config.image_size)
+    items = _truth_images(cfg.data)
+    log.info("%d phantom images from %s; loading at %d px", len(items), cfg.data, size)
+    pixels = _load_pixels([p for p, _ in items], size)
+    tg = [image_targets(t) for _, t in items]
+    targets = {
+        "presence": torch.tensor([t.presence for t in tg]),
+        "classes": torch.tensor([t.classes for t in tg], dtype=torch.long),
+        "boxes": torch.tensor([t.boxes for t in tg]),
+        "box_mask": torch.tensor([t.box_mask for t in tg]),
+        "ctr": torch.tensor([t.ctr for t in tg]),
+    }
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(len(items), generator=gen)
+    n_hold = min(cfg.holdout, len(items) // 5)
+    hold, train_idx = order[:n_hold], order[n_hold:]
+    log.info("loaded in %.0f s; %d training, %d held-out images", time.monotonic() - started,
+             len(train_idx), n_hold)
+
+    model.freeze_vision(False)
+    model.vision_tower.train()
+    heads = VisionHeads(vision_hidden_size(model.config.vision), int(model.config.image_grid))
+    params = [*model.vision_tower.parameters(), *heads.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    budget_s = 60 * cfg.max_minutes if cfg.max_minutes else None
+    clock = time.monotonic()
+
+    def done_fraction(step: int) -> float:
+        by_steps = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        by_time = (time.monotonic() - clock) / budget_s if budget_s else 0.0
+        return max(by_steps, by_time)
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        progress = done_fraction(step)
+        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    history: list[dict[str, float]] = []
+    bar = Progress(TextColumn("[bold]vision"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
+                   TextColumn("ETA"), TimeRemainingColumn(), disable=not cfg.progress)
+    pos = len(train_idx)
+    perm = train_idx
+    with bar:
+        task = bar.add_task("vision", total=cfg.steps, loss="-")
+        for step in range(cfg.steps):
+            if pos + cfg.batch_size > len(perm):
+                perm = train_idx[torch.randperm(len(train_idx), generator=gen)]
+                pos = 0
+            idx = perm[pos:pos + cfg.batch_size]
+            pos += cfg.batch_size
+            x = _normalise(pixels[idx], model)
+            # exposure-like jitter: a small brightness/contrast change, never a flip
+            jitter = 1 + 0.05 * torch.randn(len(idx), 1, 1, 1, generator=gen)
+            x = x * jitter + 0.05 * torch.randn(len(idx), 1, 1, 1, generator=gen)
+            batch = {k: v[idx] for k, v in targets.items()}
+            loss, parts = _losses(heads(_pooled(model, x)), batch, cfg.box_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 2.0)
+            optimizer.step()
+            scheduler.step()
+            history.append({"step": step + 1, "loss": float(loss.detach()), **parts})
+            bar.update(task, advance=1, loss=f"{float(loss.detach()):.3f}")
+            if budget_s is not None and time.monotonic() - clock > budget_s:
+                log.warning("vision: time budget of %g min reached at step %d of %d",
+                            cfg.max_minutes, step + 1, cfg.steps)
+                break
+            if (step + 1) % 20 == 0:
+                log.info("vision step %d: loss %.3f %s", step + 1, float(loss),
+                         {k: round(v, 4) for k, v in parts.items()})
+
+    metrics = _heads_report(model, heads, pixels[hold], {k: v[hold] for k, v in targets.items()})
+    for k, v in metrics.items():
+        log.info("held-out %s: %.3f", k, v)
+    model.config.freeze_vision = True
+    model.freeze_vision(True)
+    save_pretrained(model.train(False), processor, out)
+    torch.save(heads.state_dict(), out / "vision_heads.pt")
+    (out / "vision_metrics.json").write_text(json.dumps(
+        {"held_out": metrics, "images": len(items), "held_out_images": n_hold,
+         "wall_s": round(time.monotonic() - started, 1), "steps_done": len(history),
+         "history": history[-5:]},
+        indent=1) + "\n")
+    (out / "pretrain_args.json").write_text(cfg.model_dump_json(indent=1) + "\n")
+    log.info("vision pretraining done in %.0f s: %s", time.monotonic() - started, out)
+    return out
