@@ -13,8 +13,12 @@ export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: run test lint typecheck clean
 
+DEMO_MODEL ?= cxrtrek/model/checkpoints/demo
+DEMO_STUDY ?= cxrtrek/data/studies/phantom_with_prior/phantoms.json
+
 run: $(STAMP)
 	$(VENV)/bin/cxrtrek inspect cxrtrek/data/examples
+	$(VENV)/bin/cxrtrek read $(DEMO_STUDY) --backend inprocess:$(DEMO_MODEL)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

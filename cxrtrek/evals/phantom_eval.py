@@ -400,7 +400,7 @@ def format_markdown(ev: PhantomEval) -> str:
     lines.append(f"| mention F1, type | {r['f1_type']:.2f} / {r['f1_type_baseline']:.2f} |")
     lines.append(f"| mention F1, type + side/zone | {r['f1_side_zone']:.2f} / "
                  f"{r['f1_side_zone_baseline']:.2f} |")
-    for k, v in r.items():
-        if k.startswith("f1:"):
-            lines.append(f"| {k[3:]} | {v:.2f} |")
+    for name, f1 in r.items():
+        if name.startswith("f1:"):
+            lines.append(f"| {name[3:]} | {f1:.2f} |")
     return "\n".join(lines) + "\n"

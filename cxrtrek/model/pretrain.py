@@ -388,7 +388,7 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> Path:
             batch = {k: v[idx] for k, v in targets.items()}
             loss, parts = _losses(heads(_pooled(model, x)), batch, cfg.box_weight)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             torch.nn.utils.clip_grad_norm_(params, 2.0)
             optimizer.step()
             scheduler.step()
