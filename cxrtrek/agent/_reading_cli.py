@@ -24,8 +24,21 @@ EXIT_OK, EXIT_FAILED = 0, 1
 
 
 def load_backend(spec: str, study: Study | None) -> VLMBackend:
-    """``scripted-oracle`` (the study's reference answers) or ``inprocess:PATH`` (a saved
-    CXRTrekNet folder; ``inprocess:tiny``/``inprocess:demo``: a random-weight preset)."""
+    """``scripted-oracle`` (the study's reference answers), ``inprocess:PATH`` (a saved
+    CXRTrekNet folder; ``inprocess:tiny``/``inprocess:demo``: a random-weight preset) or
+    ``http:URL[,URL...]`` (an OpenAI-compatible server such as ``cxrtrek serve``; several URLs
+    are replicas; the token comes from ``$CXRTREK_SERVER_TOKEN``)."""
+    if spec.startswith(("http:", "https:")):
+        import os
+
+        from cxrtrek.agent.http import HTTPBackend
+
+        target = spec[len("http:"):] if spec.startswith("http:") and not spec.startswith(
+            "http://") else spec
+        urls = [u.strip() for u in target.split(",") if u.strip()]
+        if not urls:
+            raise ConfigError(f"backend {spec!r}: expected http:URL[,URL...]")
+        return HTTPBackend(urls, token=os.environ.get("CXRTREK_SERVER_TOKEN") or None)
     if spec == "scripted-oracle":
         if study is None or not study.questions:
             raise ConfigError("the scripted-oracle backend answers a dataset-mode study's "
@@ -45,7 +58,8 @@ def load_backend(spec: str, study: Study | None) -> VLMBackend:
             return InProcessBackend(*build_preset(target), model_id=f"{target}-random")
         raise ConfigError(f"inprocess backend: {target!r} is not a model folder (nor the "
                           "preset tiny or demo)")
-    raise ConfigError(f"unknown backend {spec!r}; expected scripted-oracle or inprocess:PATH")
+    raise ConfigError(f"unknown backend {spec!r}; expected scripted-oracle, inprocess:PATH or "
+                      "http:URL")
 
 
 def load_study_file(path: Path, *, image_root: Path | None,

@@ -288,7 +288,8 @@ def _add_read(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--trace-dir", type=Path, metavar="DIR",
                    help="where traces go (default: $CXRTREK_HOME/traces)")
     p.add_argument("--backend", default="scripted-oracle", metavar="BACKEND",
-                   help="scripted-oracle (default) or inprocess:PATH")
+                   help="scripted-oracle (default: the file's reference answers), "
+                        "inprocess:PATH or http:URL")
     p.add_argument("--mode", choices=("auto", "dataset", "clinical"), default="auto",
                    help="dataset: the file's questions; clinical: planned (default auto)")
     p.add_argument("--nondiagnostic", choices=("continue", "stop"), default="continue",

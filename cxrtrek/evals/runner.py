@@ -152,25 +152,9 @@ def missing_images(study: Study) -> list[str]:
 # --- backends --------------------------------------------------------------------------------
 
 
-def _http_backend(spec: str) -> VLMBackend:
-    import os
-
-    from cxrtrek.agent.http import HTTPBackend
-
-    target = spec[len("http:"):] if spec.startswith("http:") and not spec.startswith(
-        "http://") else spec
-    urls = [u.strip() for u in target.split(",") if u.strip()]
-    if not urls:
-        raise ConfigError(f"backend {spec!r}: expected http:URL[,URL...]")
-    token = os.environ.get("CXRTREK_SERVER_TOKEN") or None
-    return HTTPBackend(urls, token=token)
-
-
 def make_backend(spec: str) -> VLMBackend:
     """A shared model backend: ``inprocess:PATH`` or ``http:URL`` (``http://...`` too)."""
-    if spec.startswith(("http:", "https:")):
-        return _http_backend(spec)
-    if spec.startswith("inprocess:"):
+    if spec.startswith(("http:", "https:", "inprocess:")):
         from cxrtrek.agent._reading_cli import load_backend
 
         return load_backend(spec, None)

@@ -507,3 +507,29 @@ def test_server_killed_mid_reading_then_the_reading_resumes(
     assert ran == dict.fromkeys(range(1, 9), 1)
     models = {r.stage: r.model_id for r in records if isinstance(r, QuestionRecord)}
     assert models[3] == Path(server_process.model).name and models[4] == "back"
+
+
+def test_cli_read_through_the_server(server: BackgroundServer, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """`cxrtrek read --backend http:URL` reads a study through the server (token from env)."""
+    import json
+
+    from cxrtrek.data.phantoms import generate
+
+    data = generate(1, 11, tmp_path / "ph", size=128)
+    monkeypatch.setenv("CXRTREK_SERVER_TOKEN", TOKEN)
+    ok = 'cxrtrek_requests_total{code="200"}'
+    before = _metrics(server).get(ok, 0.0)
+    code = main(["read", str(data), "--backend", f"http:{server.base_url}", "--json",
+                 "--trace-dir", str(tmp_path / "traces"),
+                 "--checkpoint-db", str(tmp_path / "ck.sqlite")])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["status"] == "completed"
+    asked = sum(len(s["answers"]) for s in report["stages"])
+    assert asked > 0
+    assert _metrics(server).get(ok, 0.0) - before >= asked
+    monkeypatch.delenv("CXRTREK_SERVER_TOKEN")
+    assert main(["read", str(data), "--backend", f"http:{server.base_url}",
+                 "--checkpoint-db", str(tmp_path / "ck2.sqlite")]) != 0  # no token: refused
