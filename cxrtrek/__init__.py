@@ -7,8 +7,9 @@ need them.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from cxrtrek._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -83,14 +84,4 @@ if TYPE_CHECKING:
     from cxrtrek.stages import STAGES, StageSpec
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'cxrtrek' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports("cxrtrek", _EXPORTS, globals())

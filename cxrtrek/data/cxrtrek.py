@@ -25,6 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cxrtrek.errors import FormatError, MissingImageError
+from cxrtrek.parsing import option_label, parse_answer
 from cxrtrek.schema import (
     Answer,
     BBox,
@@ -260,27 +261,17 @@ def _reference_parse(item: CXRTrekItem) -> ParsedAnswer:
     """The structured truth of an item: from its lists when it has them, else its text."""
     base = base_qtype(item.qtype)
     if item.answer_list is not None and item.option_list is not None:
-        labels = [_label_of(a) for a in item.answer_list]
+        labels = [option_label(a)[0] for a in item.answer_list]
         return ChoiceParse(labels=labels, selected=list(item.answer_list))
     if base is QType.DETECTION and item.bbox_list is not None:
         return BoxesParse(boxes=[BBox(x1=b[0], y1=b[1], x2=b[2], y2=b[3], label=item.target)
                                  for b in item.bbox_list])
-    from cxrtrek.parsing import parse_answer
-
     parsed: ParsedAnswer = parse_answer(item.answer, qtype=item.qtype,
                                         task_type=item.task_type,
                                         options=item.option_list or ())
     if parsed.kind == "unparsed" and base is QType.CAPTIONING:
         return TextParse(text=item.answer)
     return parsed
-
-
-def _label_of(chosen: str) -> str:
-    """The label of an option string: ``A`` of ``A. Yes.``, ``1`` of ``1). No``, else ""."""
-    head = chosen.split(".", 1)[0].split(")", 1)[0].strip()
-    if head and len(head) <= 2 and (head.isdigit() or (head.isalpha() and head.isupper())):
-        return head
-    return ""
 
 
 def record_to_study(record: CXRTrekRecord, *, image_root: str | Path | None = None,

@@ -17,8 +17,9 @@ sacrebleu, rouge-score, matplotlib, Ray and transformers load when used.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from cxrtrek._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "EvalConfig": "cxrtrek.evals.runner",
@@ -61,14 +62,4 @@ if TYPE_CHECKING:
     from cxrtrek.evals.runner import EvalConfig, EvalOutcome, evaluate, run_eval
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'cxrtrek.evals' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports("cxrtrek.evals", _EXPORTS, globals())

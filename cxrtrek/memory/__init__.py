@@ -14,8 +14,9 @@ first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from cxrtrek._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "MemorySettings": "cxrtrek.memory.settings",
@@ -59,14 +60,4 @@ if TYPE_CHECKING:
     from cxrtrek.memory.store import ImageResolver, StageRetriever, VectorMemory, patient_key
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'cxrtrek.memory' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports("cxrtrek.memory", _EXPORTS, globals())
