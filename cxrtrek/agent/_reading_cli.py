@@ -13,53 +13,15 @@ from rich.live import Live
 from rich.table import Table
 
 from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent, RunReport
+from cxrtrek.agent.backends import load_backend
 from cxrtrek.agent.protocol import VLMBackend
-from cxrtrek.errors import ConfigError, FormatError
+from cxrtrek.errors import FormatError
 from cxrtrek.schema import StageResult, Study
 from cxrtrek.stages import STAGES
 
-__all__ = ["cmd_read", "cmd_replay", "load_backend", "load_study_file"]
+__all__ = ["cmd_read", "cmd_replay", "load_study_file"]
 
 EXIT_OK, EXIT_FAILED = 0, 1
-
-
-def load_backend(spec: str, study: Study | None) -> VLMBackend:
-    """``scripted-oracle`` (the study's reference answers), ``inprocess:PATH`` (a saved
-    CXRTrekNet folder; ``inprocess:tiny``/``inprocess:demo``: a random-weight preset) or
-    ``http:URL[,URL...]`` (an OpenAI-compatible server such as ``cxrtrek serve``; several URLs
-    are replicas; the token comes from ``$CXRTREK_SERVER_TOKEN``)."""
-    if spec.startswith(("http:", "https:")):
-        import os
-
-        from cxrtrek.agent.http import HTTPBackend
-
-        target = spec[len("http:"):] if spec.startswith("http:") and not spec.startswith(
-            "http://") else spec
-        urls = [u.strip() for u in target.split(",") if u.strip()]
-        if not urls:
-            raise ConfigError(f"backend {spec!r}: expected http:URL[,URL...]")
-        return HTTPBackend(urls, token=os.environ.get("CXRTREK_SERVER_TOKEN") or None)
-    if spec == "scripted-oracle":
-        if study is None or not study.questions:
-            raise ConfigError("the scripted-oracle backend answers a dataset-mode study's "
-                              "reference answers; this study has no questions")
-        from cxrtrek.agent.oracle import OracleBackend
-
-        return OracleBackend(study)
-    if spec.startswith("inprocess:"):
-        target = spec.split(":", 1)[1]
-        from cxrtrek.agent.inprocess import InProcessBackend
-
-        if Path(target).is_dir():
-            return InProcessBackend.load(target)
-        if target in ("tiny", "demo"):
-            from cxrtrek.model.build import build_preset
-
-            return InProcessBackend(*build_preset(target), model_id=f"{target}-random")
-        raise ConfigError(f"inprocess backend: {target!r} is not a model folder (nor the "
-                          "preset tiny or demo)")
-    raise ConfigError(f"unknown backend {spec!r}; expected scripted-oracle, inprocess:PATH or "
-                      "http:URL")
 
 
 def load_study_file(path: Path, *, image_root: Path | None,

@@ -11,6 +11,7 @@
     agent.resume(run_id)                      # a killed run, from its last completed stage
     agent.replay("traces/<run>.jsonl")        # re-execute (recorded outputs by default), diff
     agent.fork(run_id, stage=2, edits={...})  # re-run later stages from a corrected stage 2
+    agent.ask(run_id, "Is the effusion larger?")  # a follow-up, with the run as context
 
 Every run is checkpointed in SQLite after every transition (``durability="sync"``) and
 traced as JSONL (:mod:`cxrtrek.graph.trace`). The run's dependencies (backend, settings,
@@ -55,7 +56,7 @@ if TYPE_CHECKING:
     from cxrtrek.graph.replay import ForkResult, ReplayResult
     from cxrtrek.graph.trace import Tracer, TraceRecord
 
-__all__ = ["AgentSettings", "CXRTrekAgent", "RunReport", "StageEvent"]
+__all__ = ["AgentSettings", "CXRTrekAgent", "FollowUp", "RunReport", "StageEvent"]
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,23 @@ class StageEvent(BaseModel):
     report: RunReport | None = None
 
 
+class FollowUp(BaseModel):
+    """A follow-up question about a finished (or paused) reading, and the model's answer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: str
+    turn: int
+    question: str
+    answer: str
+    context: int
+    """How many earlier question-answer pairs were given as context."""
+    context_used: int | None = None
+    """How many of them the model saw (None: all)."""
+    model_id: str
+    latency_s: float
+
+
 def _config(run_id: str) -> RunnableConfig:
     return {"configurable": {"thread_id": run_id}}
 
@@ -134,6 +152,9 @@ class CXRTrekAgent:
                                          if self.settings.trace else MemoryTracer())
         self.graph: CompiledReadGraph = build_graph()
         self._memory_saver: InMemorySaver | None = None
+        self._image_cache: dict[str, bytes] = {}
+        """Bytes of images given as bytes, by SHA-256 (checkpoints keep only the hash), shared
+        by every run of this agent so that resume, fork and follow-ups find them."""
         if self.settings.checkpoint_path() == ":memory:":
             from langgraph.checkpoint.memory import InMemorySaver
 
@@ -146,7 +167,8 @@ class CXRTrekAgent:
         return RunContext(backend=backend or self.backend, settings=self.settings.run_settings(),
                           tracer=self.tracer, retriever=self.retriever,
                           prior_lookup=self.prior_lookup,
-                          memory=self.memory if isinstance(self.memory, RunMemory) else None)
+                          memory=self.memory if isinstance(self.memory, RunMemory) else None,
+                          image_bytes=self._image_cache)
 
     @asynccontextmanager
     async def _compiled(self) -> AsyncIterator[CompiledReadGraph]:
@@ -429,3 +451,58 @@ class CXRTrekAgent:
              new_run_id: str | None = None) -> ForkResult:
         """Blocking :meth:`afork`."""
         return asyncio.run(self.afork(run_id, stage, edits, new_run_id=new_run_id))
+
+    # --- follow-up questions -----------------------------------------------------------------
+
+    async def aask(self, run_id: str, question: str, *,
+                   max_new_tokens: int | None = None) -> FollowUp:
+        """Ask a follow-up question about a run: the model sees the run's images and every
+        answered stage's question-answer pairs (after review edits). Recorded in the trace
+        as a ``followup`` turn."""
+        import time
+
+        from cxrtrek.agent.protocol import ContextPair, VLMRequest
+        from cxrtrek.graph.nodes import images_for
+        from cxrtrek.graph.state import results_of
+        from cxrtrek.graph.trace import ContextRef, FollowupRecord
+
+        text = question.strip()
+        if not text:
+            raise DataError("expected a follow-up question, got an empty one")
+        async with self._compiled() as graph:
+            snap = await graph.aget_state(_config(run_id))
+        values = cast(ReadState, dict(snap.values))
+        if not values.get("study"):
+            raise DataError(f"no run {run_id!r} in the checkpoints at "
+                            f"{self.settings.checkpoint_path()}")
+        study = Study.model_validate(values["study"])
+        settings = RunSettings.model_validate(values.get("settings") or {})
+        pairs: list[tuple[str, ContextPair]] = []
+        for result in results_of(values).values():
+            texts = {q.id: q.text for q in result.questions}
+            pairs.extend((f"{result.stage}:{a.question_id}", ContextPair(
+                stage=result.stage, question=texts.get(a.question_id, ""), answer=a.text))
+                for a in result.answers)
+        turn = 1 + sum(1 for r in self.trace_records(run_id) if r.kind == "followup")
+        images = images_for(study, 8, self._image_cache)
+        request = VLMRequest(
+            request_id=f"{run_id}/followup/{turn}", stage=8, question=text, images=images,
+            context=[p for _, p in pairs], system=settings.resolved_system(),
+            max_new_tokens=max_new_tokens or settings.max_new_tokens,
+            decoding=settings.decoding)
+        t0 = time.perf_counter()
+        (response,) = await self.backend.generate([request])
+        latency = time.perf_counter() - t0
+        self.tracer.write([FollowupRecord(
+            run_id=run_id, turn=turn, question_id=f"followup-{turn}", question=text,
+            answer=response.text, context=[ContextRef(id=i) for i, _ in pairs],
+            context_used=response.context_used, images=[r.sha256 for r in images],
+            model_id=response.model_id, finish_reason=response.finish_reason,
+            latency_s=latency)])
+        return FollowUp(run_id=run_id, turn=turn, question=text, answer=response.text,
+                        context=len(pairs), context_used=response.context_used,
+                        model_id=response.model_id, latency_s=latency)
+
+    def ask(self, run_id: str, question: str, *, max_new_tokens: int | None = None) -> FollowUp:
+        """Blocking :meth:`aask`."""
+        return asyncio.run(self.aask(run_id, question, max_new_tokens=max_new_tokens))

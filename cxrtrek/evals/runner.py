@@ -155,7 +155,7 @@ def missing_images(study: Study) -> list[str]:
 def make_backend(spec: str) -> VLMBackend:
     """A shared model backend: ``inprocess:PATH`` or ``http:URL`` (``http://...`` too)."""
     if spec.startswith(("http:", "https:", "inprocess:")):
-        from cxrtrek.agent._reading_cli import load_backend
+        from cxrtrek.agent.backends import load_backend
 
         return load_backend(spec, None)
     raise ConfigError(f"unknown backend {spec!r}; expected scripted-oracle, inprocess:PATH or "

@@ -5,7 +5,8 @@
     START -> intake -> stage_1 -> stage_2 -> stage_3 -> stage_4 -> [stage_5] -> stage_6
           -> stage_7 -> stage_8 -> finalize -> END
                   (any stage may route to ``review`` first; stage 1 may route to
-                   ``finalize`` under the non-diagnostic ``stop`` policy)
+                   ``finalize`` under the non-diagnostic ``stop`` policy; stages left out
+                   of ``settings.stages`` are passed over)
 
 Input is narrow (:class:`ReadInput`: the study, optionally settings), the run state wider
 (:class:`ReadState`), the output the report (:class:`ReadOutput`). The run's dependencies
@@ -64,9 +65,9 @@ def build_graph(*, checkpointer: Checkpointer = None, name: str = GRAPH_NAME,
     builder.add_node("review", review)
     builder.add_node("finalize", finalize)
 
-    # edges: intake -> stage 1; each stage -> review | next stage | finalize
+    # edges: intake -> the first stage wanted; each stage -> review | next stage | finalize
     builder.add_edge(START, "intake")
-    builder.add_edge("intake", stage_node_name(STAGES[0].number))
+    builder.add_conditional_edges("intake", next_stage, _AFTER_REVIEW)
     for spec in STAGES:
         builder.add_conditional_edges(stage_node_name(spec.number), route_after_stage,
                                       _AFTER_STAGE)

@@ -66,6 +66,7 @@ __all__ = [
     "build_report",
     "edit_stage",
     "finalize",
+    "images_for",
     "intake",
     "judge_quality",
     "make_stage_node",
@@ -130,7 +131,7 @@ def _trace(runtime: Runtime[RunContext], records: Sequence[TraceRecord]) -> None
         runtime.context.tracer.write(records)
 
 
-def _images_for(study: Study, stage: int, cache: dict[str, bytes]) -> list[ImageRef]:
+def images_for(study: Study, stage: int, cache: dict[str, bytes]) -> list[ImageRef]:
     """CXRTrek's inputs: the first current image, and from stage 5 on every image of the
     study and its prior (when there is a prior)."""
     prior = list(study.prior.images) if study.prior is not None else []
@@ -279,7 +280,7 @@ def make_stage_node(spec: StageSpec) -> StageNode:
                                          status="skipped", reason=result.skipped,
                                          checkpoint_id=checkpoint)])
             return {**base, "results": {str(spec.number): result.model_dump(mode="json")}}
-        images = _images_for(study, spec.number, ctx.image_bytes)
+        images = images_for(study, spec.number, ctx.image_bytes)
         candidates = context_items(results, spec.number)
         retriever = ctx.retriever or (ctx.memory.retriever_for(run_id)
                                       if ctx.memory is not None else None)
@@ -449,6 +450,8 @@ def _why_not_run(spec: StageSpec, state: ReadState) -> str:
         return f"not run: the reading stopped ({state['stopped']})"
     if spec.needs_prior and not _has_prior(state):
         return "no prior study"
+    if state.get("settings") and not _settings(state).wants(spec.number):
+        return "not requested"
     return "not run"
 
 
@@ -500,8 +503,9 @@ def next_stage(state: ReadState) -> str:
     if state.get("stopped"):
         return "finalize"
     has_prior = _has_prior(state)
+    settings = _settings(state)
     for spec in STAGES:
-        if spec.number <= state.get("last_stage", 0):
+        if spec.number <= state.get("last_stage", 0) or not settings.wants(spec.number):
             continue
         if spec.needs_prior and not has_prior:
             continue

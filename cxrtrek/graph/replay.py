@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cxrtrek.graph.trace import (
     EndRecord,
+    FollowupRecord,
     QuestionRecord,
     ReviewRecord,
     RunRecord,
@@ -235,6 +236,10 @@ def playback(records: Sequence[TraceRecord]) -> str:
             if rec.impression:
                 lines.append(f"  impression: {rec.impression}")
             lines.extend(f"  limitation: {x}" for x in rec.limitations)
+    for rec in records:
+        if isinstance(rec, FollowupRecord):
+            lines.append(f"follow-up {rec.turn}: {rec.question}")
+            lines.append(f"  -> {rec.answer}  (context {len(rec.context)})")
     return "\n".join(lines)
 
 

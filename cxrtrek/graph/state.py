@@ -95,14 +95,23 @@ class RunSettings(BaseModel):
     """None uses :data:`cxrtrek.data.cxrtrek.DEFAULT_SYSTEM_PROMPT` (CXRTrek's own)."""
     max_findings: int = Field(default=6, ge=0)
     """Clinical mode: at most this many stage-2 findings are followed up in stages 3 and 5."""
+    stages: tuple[int, ...] | None = None
+    """The stages to run (None: all that apply). Stages left out are reported as not
+    requested; the stages run see the context of those that ran."""
 
-    @field_validator("review_after")
+    @field_validator("review_after", "stages")
     @classmethod
-    def _stages(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+    def _stages(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if value is None:
+            return None
         bad = [s for s in value if not 1 <= s <= 8]
         if bad:
-            raise ValueError(f"review_after takes stage numbers 1-8; got {bad}")
+            raise ValueError(f"expected stage numbers 1-8; got {bad}")
         return tuple(sorted(set(value)))
+
+    def wants(self, stage: int) -> bool:
+        """Whether ``stage`` is among the stages to run."""
+        return self.stages is None or stage in self.stages
 
     def resolved_system(self) -> str:
         """The system prompt sent with every request."""

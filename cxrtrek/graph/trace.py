@@ -10,7 +10,9 @@ the union :data:`TraceRecord` told apart by ``kind``:
   output with its parse status, latency, retries and the checkpoint the stage started from;
 * ``stage``: a stage's outcome (ran, skipped with the reason, failed with the error);
 * ``review``: a person's edit of an answer;
-* ``end``: the run's outcome.
+* ``end``: the run's outcome;
+* ``followup``: a question asked after the reading (``cxrtrek chat``, ``agent.ask``),
+  answered with the run's images and every stage's answers as context.
 
 Writes are idempotent per key (run, kind, stage, question): writing a key again replaces its
 line, so a resumed or re-executed stage never duplicates entries.
@@ -37,6 +39,7 @@ __all__ = [
     "TRACE_SCHEMA_VERSION",
     "ContextRef",
     "EndRecord",
+    "FollowupRecord",
     "JsonlTracer",
     "MemoryTracer",
     "QuestionRecord",
@@ -172,8 +175,27 @@ class EndRecord(BaseModel):
     created_at: str = Field(default_factory=_now)
 
 
+class FollowupRecord(BaseModel):
+    model_config = _BASE
+    kind: Literal["followup"] = "followup"
+    schema_version: int = TRACE_SCHEMA_VERSION
+    run_id: str
+    turn: int = Field(ge=1)
+    question_id: str
+    """``followup-<turn>``: the record's key."""
+    question: str
+    answer: str
+    context: list[ContextRef] = Field(default_factory=list)
+    context_used: int | None = None
+    images: list[str | None] = Field(default_factory=list)
+    model_id: str
+    finish_reason: str = "stop"
+    latency_s: float = 0.0
+    created_at: str = Field(default_factory=_now)
+
+
 TraceRecord = Annotated[
-    RunRecord | QuestionRecord | StageRecord | ReviewRecord | EndRecord,
+    RunRecord | QuestionRecord | StageRecord | ReviewRecord | EndRecord | FollowupRecord,
     Field(discriminator="kind"),
 ]
 _ADAPTER: TypeAdapter[TraceRecord] = TypeAdapter(TraceRecord)
