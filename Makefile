@@ -18,7 +18,7 @@ DEMO_STUDY ?= cxrtrek/data/studies/phantom_with_prior/phantoms.json
 
 run: $(STAMP)
 	$(VENV)/bin/cxrtrek inspect cxrtrek/data/examples
-	$(VENV)/bin/cxrtrek read $(DEMO_STUDY) --backend inprocess:$(DEMO_MODEL)
+	$(VENV)/bin/cxrtrek run $(DEMO_STUDY) --backend inprocess:$(DEMO_MODEL)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -25,3 +25,26 @@ def sample_path() -> Path:
     if not path.is_file():
         pytest.skip(f"shared CXRTrek sample not found at {path} (set CXRTREK_SHARED_DIR)")
     return path
+
+
+@pytest.fixture()
+def ct_dicom(tmp_path: Path) -> Path:
+    """A real DICOM file of modality CT (the bundled chest radiograph, relabelled): cxrtrek
+    refuses it as not a radiograph."""
+    import pydicom
+
+    from cxrtrek.data.images import EXAMPLES_DIR
+
+    ds = pydicom.dcmread(Path(EXAMPLES_DIR) / "phantom_chest_pa.dcm")
+    ds.Modality = "CT"
+    path = tmp_path / "ct_slice.dcm"
+    ds.save_as(path)
+    return path
+
+
+@pytest.fixture()
+def not_an_image(tmp_path: Path) -> Path:
+    """A text file named like an image."""
+    path = tmp_path / "notes.png"
+    path.write_text("Patient notes, not an image.\n", encoding="utf-8")
+    return path

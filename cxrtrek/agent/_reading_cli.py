@@ -1,27 +1,35 @@
-"""The handlers of ``cxrtrek read`` and ``cxrtrek replay`` (loaded only when they run)."""
+"""The handlers of ``cxrtrek run``, ``resume`` and ``replay`` (loaded only when they run)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from rich.console import Console, Group
-from rich.live import Live
-from rich.table import Table
+from rich.console import Console
+from rich.markup import escape
 
-from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent, RunReport
+from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent, RunReport, StageEvent
 from cxrtrek.agent.backends import load_backend
 from cxrtrek.agent.protocol import VLMBackend
-from cxrtrek.errors import FormatError
+from cxrtrek.errors import ConfigError, FormatError
 from cxrtrek.schema import StageResult, Study
 from cxrtrek.stages import STAGES
 
-__all__ = ["cmd_read", "cmd_replay", "load_study_file"]
+__all__ = [
+    "cmd_replay",
+    "cmd_resume",
+    "cmd_run",
+    "load_study_file",
+    "print_report",
+    "print_stage",
+]
 
 EXIT_OK, EXIT_FAILED = 0, 1
+
+_STUDY_FILE_SUFFIXES = {".json", ".jsonl"}
+_TITLES = {spec.number: spec.title for spec in STAGES}
 
 
 def load_study_file(path: Path, *, image_root: Path | None,
@@ -40,49 +48,53 @@ def load_study_file(path: Path, *, image_root: Path | None,
         raise
 
 
-def _settings(args: argparse.Namespace) -> AgentSettings:
-    review = tuple(int(x) for x in args.review_after.split(",") if x.strip()) \
-        if args.review_after else ()
-    fields: dict[str, object] = {"context": args.context, "review_after": review,
-                                 "nondiagnostic": args.nondiagnostic, "mode": args.mode}
-    if args.trace_dir:
-        fields["trace_dir"] = str(args.trace_dir)
-    if args.checkpoint_db:
-        fields["checkpoint_db"] = str(args.checkpoint_db)
-    if args.max_new_tokens:
-        fields["max_new_tokens"] = args.max_new_tokens
-    return AgentSettings.model_validate(fields)
+def _studies(paths: Sequence[Path], prior: Sequence[Path], indication: str | None,
+             image_root: Path | None, allow_missing_images: bool) -> list[Study]:
+    """A CXRTrek file's studies, or one study of image files; all checked before any run."""
+    from cxrtrek.data.intake import study_from_images
+
+    if len(paths) == 1 and paths[0].suffix.lower() in _STUDY_FILE_SUFFIXES:
+        if prior or indication:
+            raise ConfigError("--prior and --indication go with image files; a CXRTrek file "
+                              "carries its own")
+        return load_study_file(paths[0], image_root=image_root,
+                               allow_missing_images=allow_missing_images)
+    return [study_from_images(list(paths), prior=list(prior), indication=indication)]
 
 
-def _stage_table(study: Study, done: dict[int, StageResult], note: str) -> Table:
-    table = Table(title=f"study {study.study_id}  {note}", expand=True)
-    table.add_column("stage", no_wrap=True)
-    table.add_column("status", no_wrap=True)
-    table.add_column("answers", overflow="fold", ratio=1)
-    for spec in STAGES:
-        r = done.get(spec.number)
-        if r is None:
-            table.add_row(f"{spec.number} {spec.title}", "[dim]...[/dim]", "")
-        elif r.skipped:
-            table.add_row(f"{spec.number} {spec.title}", "[yellow]skipped[/yellow]", r.skipped)
-        else:
-            first = r.answers[0].text if r.answers else ""
-            more = f"  (+{len(r.answers) - 1} more)" if len(r.answers) > 1 else ""
-            table.add_row(f"{spec.number} {spec.title}", f"[green]{len(r.answers)} answered"
-                          "[/green]", first[:160] + more)
-    return table
+# --- printing ------------------------------------------------------------------------------------
 
 
-def _print_report(console: Console, report: RunReport, trace: Path | None) -> None:
+def print_stage(console: Console, result: StageResult, elapsed_s: float | None, *,
+                answers: bool = True) -> None:
+    """One completed stage: title, status and time, then each question and answer."""
+    title = f"{result.stage} {_TITLES.get(result.stage, result.name)}"
+    if result.skipped:
+        console.print(f"[bold]{escape(title)}[/bold]  [yellow]skipped[/yellow]: "
+                      f"{escape(result.skipped)}")
+        return
+    timing = f"  {elapsed_s:.2f} s" if elapsed_s is not None else ""
+    console.print(f"[bold]{escape(title)}[/bold]  [green]{len(result.answers)} answered"
+                  f"[/green]{timing}")
+    if not answers:
+        return
+    texts = {q.id: q.text for q in result.questions}
+    for answer in result.answers:
+        question = texts.get(answer.question_id, answer.question_id)
+        console.print(f"  [cyan]Q[/cyan] {escape(question)}\n  [cyan]A[/cyan] "
+                      f"{escape(answer.text)}")
+
+
+def print_report(console: Console, report: RunReport, trace: Path | None) -> None:
     console.print()
-    console.print(f"[bold]run {report.run_id}[/bold]: {report.status}")
+    console.print(f"[bold]run {escape(report.run_id or '')}[/bold]: {report.status}")
     for label, text in (("Findings", report.findings), ("Impression", report.impression)):
         if text:
-            console.print(f"[bold]{label}:[/bold] {text}")
+            console.print(f"[bold]{label}:[/bold] {escape(text)}")
     for limitation in report.limitations:
-        console.print(f"[yellow]Limitation:[/yellow] {limitation}")
+        console.print(f"[yellow]Limitation:[/yellow] {escape(limitation)}")
     if trace is not None:
-        console.print(f"[dim]trace: {trace}[/dim]")
+        console.print(f"[dim]trace: {escape(str(trace))}[/dim]")
 
 
 def _ask_review(console: Console, report: RunReport) -> dict[str, str]:
@@ -95,79 +107,174 @@ def _ask_review(console: Console, report: RunReport) -> dict[str, str]:
     edits: dict[str, str] = {}
     for answer in review.get("answers", []):
         qid = answer["question_id"]
-        console.print(f"[cyan]{qid}[/cyan] {texts.get(qid, '')}\n  -> {answer['text']}")
+        console.print(f"[cyan]{escape(qid)}[/cyan] {escape(texts.get(qid, ''))}\n  -> "
+                      f"{escape(answer['text'])}")
         line = sys.stdin.readline()
         if line.strip():
             edits[qid] = line.strip()
     return edits
 
 
-def cmd_read(args: argparse.Namespace) -> int:
-    console = Console()
-    studies = load_study_file(args.study, image_root=args.image_root,
-                              allow_missing_images=args.allow_missing_images)
-    settings = _settings(args)
+def _follow(console: Console, events: Iterable[StageEvent]) -> RunReport:
+    """Print stage events as they come; the final report (or pending review)."""
+    report: RunReport | None = None
+    for event in events:
+        if event.kind == "stage" and event.result is not None:
+            print_stage(console, event.result, event.elapsed_s)
+        report = event.report or report
+    if report is None:  # pragma: no cover - a stream always ends with the outcome
+        raise RuntimeError("the run ended without an outcome")
+    return report
+
+
+def _until_done(agent: CXRTrekAgent, console: Console, report: RunReport, *,
+                approve: bool = False) -> RunReport:
+    """Answer review pauses (from stdin, or approving with ``approve``) until the run ends."""
+    while report.status == "awaiting_review" and report.run_id is not None:
+        edits = {} if approve else _ask_review(console, report)
+        report = _follow(console, agent.stream_resume(report.run_id, {"edits": edits}))
+    return report
+
+
+def _trace_file(agent: CXRTrekAgent, report: RunReport) -> Path | None:
+    if not agent.settings.trace or report.run_id is None:
+        return None
+    return agent.settings.trace_path() / f"{report.run_id}.jsonl"
+
+
+def _finish(agent: CXRTrekAgent, console: Console, report: RunReport, json_out: bool) -> None:
+    if json_out:
+        sys.stdout.write(report.model_dump_json() + "\n")
+        sys.stdout.flush()
+    else:
+        print_report(console, report, _trace_file(agent, report))
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+
+def cmd_run(paths: Sequence[Path], *, prior: Sequence[Path], indication: str | None,
+            backend: str, settings: AgentSettings, json_out: bool,
+            image_root: Path | None = None, allow_missing_images: bool = False) -> int:
+    """``cxrtrek run``: read each study, printing stages as they complete, then the report."""
+    console = Console(stderr=json_out, highlight=False, soft_wrap=True)
+    studies = _studies(paths, prior, indication, image_root, allow_missing_images)
+    shared: VLMBackend | None = None
     reports: list[RunReport] = []
     for study in studies:
-        agent = CXRTrekAgent(load_backend(args.backend, study), settings=settings)
-        done: dict[int, StageResult] = {}
-        report: RunReport | None = None
-        with Live(_stage_table(study, done, "reading"), console=console,
-                  transient=args.json, refresh_per_second=8) as live:
-            for event in agent.stream(study):
-                if event.result is not None and event.stage is not None:
-                    done[event.stage] = event.result
-                report = event.report or report
-                live.update(Group(_stage_table(study, done, "reading")))
-        assert report is not None
-        while report.status == "awaiting_review":
-            assert report.run_id is not None
-            report = agent.review(report.run_id, edits=_ask_review(console, report))
-        trace = agent.settings.trace_path() / f"{report.run_id}.jsonl" \
-            if agent.settings.trace else None
-        if args.json:
-            sys.stdout.write(report.model_dump_json() + "\n")
-        else:
-            _print_report(console, report, trace)
+        if backend == "scripted-oracle":
+            model = load_backend(backend, study)
+        else:  # one model for all the studies
+            shared = shared or load_backend(backend, study)
+            model = shared
+        agent = CXRTrekAgent(model, settings=settings)
+        run_id = agent.new_run_id(study)
+        console.print(f"[bold]study {escape(study.study_id)}[/bold]  run {escape(run_id)}  "
+                      f"model {escape(model.model_id)}"
+                      + ("  (with a prior study)" if study.has_prior else ""))
+        report = _follow(console, agent.stream(study, run_id=run_id))
+        report = _until_done(agent, console, report)
+        _finish(agent, console, report, json_out)
         reports.append(report)
-    return EXIT_OK if all(r.status in ("completed", "stopped") for r in reports) else EXIT_FAILED
+    done = all(r.status in ("completed", "stopped") for r in reports)
+    return EXIT_OK if done else EXIT_FAILED
 
 
-def cmd_replay(args: argparse.Namespace) -> int:
-    from cxrtrek.graph.replay import attribute_errors, playback
-    from cxrtrek.graph.trace import read_trace
-
-    console = Console()
-    records = read_trace(args.trace)
-    console.print(playback(records), markup=False, highlight=False)
-    study = None
-    if args.study is not None:
-        studies = load_study_file(args.study, image_root=args.image_root,
-                                  allow_missing_images=args.allow_missing_images)
-        head = next((r for r in records if r.kind == "run"), None)
-        wanted = getattr(head, "study_id", None)
-        study = next((s for s in studies if s.study_id == wanted), studies[0])
-        if study.references:
-            console.print(attribute_errors(records, study.references).render(),
-                          markup=False, highlight=False)
-    if args.against is None:
+def cmd_resume(run_id: str, *, backend: str, settings: AgentSettings, approve: bool,
+               json_out: bool) -> int:
+    """``cxrtrek resume``: continue an interrupted or paused run."""
+    console = Console(stderr=json_out, highlight=False, soft_wrap=True)
+    agent = CXRTrekAgent(load_backend(backend, None) if backend != "scripted-oracle"
+                         else _oracle_for(run_id, settings), settings=settings)
+    before = agent.report(run_id)
+    if before.status in ("completed", "stopped"):
+        console.print(f"run {escape(run_id)} is already {before.status}; nothing to resume")
+        _finish(agent, console, before, json_out)
         return EXIT_OK
-    settings = AgentSettings.model_validate(
-        {k: v for k, v in (("checkpoint_db", args.checkpoint_db and str(args.checkpoint_db)),
-                           ("trace_dir", str(args.trace.parent))) if v})
-    backend = None if args.against == "recorded" else load_backend(args.against, study)
-    placeholder = backend or _recorded(records)
-    agent = CXRTrekAgent(placeholder, settings=settings)
-    result = agent.replay(records, against=backend, study=study)
-    console.print(result.diff.render(), markup=False, highlight=False)
-    if args.json:
-        sys.stdout.write(json.dumps({"first_divergent_stage":
-                                     result.diff.first_divergent_stage,
-                                     "replay_run_id": result.replay_run_id}) + "\n")
-    return EXIT_OK if result.diff.first_divergent_stage is None else EXIT_FAILED
+    if before.status == "awaiting_review":
+        report = _until_done(agent, console, before, approve=approve)
+    else:
+        console.print(f"resuming run {escape(run_id)}")
+        report = _until_done(agent, console, _follow(console, agent.stream_resume(run_id)),
+                             approve=approve)
+    _finish(agent, console, report, json_out)
+    return EXIT_OK if report.status in ("completed", "stopped") else EXIT_FAILED
+
+
+def _oracle_for(run_id: str, settings: AgentSettings) -> VLMBackend:
+    """The scripted oracle of a dataset-mode run's own study (from its checkpoint)."""
+    from cxrtrek.agent.scripted import ScriptedBackend
+
+    probe = CXRTrekAgent(ScriptedBackend(default=""), settings=settings)
+    study = probe.study_of(run_id)
+    return load_backend("scripted-oracle", study)
+
+
+def _parse_edits(edits: Sequence[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in edits:
+        qid, sep, text = item.partition("=")
+        if not sep or not qid.strip() or not text.strip():
+            raise ConfigError(f"--edit: expected QUESTION_ID=TEXT, got {item!r}")
+        out[qid.strip()] = text.strip()
+    return out
+
+
+def cmd_replay(trace: Path, *, against: str | None, fork: int | None, edits: Sequence[str],
+               study: Path | None, image_root: Path | None, allow_missing_images: bool,
+               settings: AgentSettings, json_out: bool) -> int:
+    """``cxrtrek replay``: play back; re-execute and diff (--against); fork (--fork)."""
+    from cxrtrek.graph.replay import attribute_errors, playback
+    from cxrtrek.graph.trace import RunRecord, read_trace
+
+    console = Console(highlight=False, soft_wrap=True)
+    if fork is None and edits:
+        raise ConfigError("--edit goes with --fork STAGE")
+    changes = _parse_edits(edits)
+    if fork is not None and not changes:
+        raise ConfigError("--fork needs at least one --edit QUESTION_ID=TEXT")
+    records = read_trace(trace)
+    head = next((r for r in records if isinstance(r, RunRecord)), None)
+    console.print(playback(records), markup=False)
+    chosen: Study | None = None
+    if study is not None:
+        studies = load_study_file(study, image_root=image_root,
+                                  allow_missing_images=allow_missing_images)
+        wanted = head.study_id if head is not None else None
+        chosen = next((s for s in studies if s.study_id == wanted), studies[0])
+        if chosen.references:
+            console.print(attribute_errors(records, chosen.references).render(), markup=False)
+    if fork is not None:
+        if head is None:
+            raise ConfigError(f"{trace}: the trace has no run record; cannot fork it")
+        backend = _backend_for(against or "demo", chosen, records)
+        result = CXRTrekAgent(backend, settings=settings).fork(head.run_id, fork, changes)
+        console.print(result.diff.render(), markup=False)
+        _emit(json_out, {"run_id": result.run_id, "forked_from": result.forked_from,
+                         "changed_stages": result.diff.changed_stages})
+        return EXIT_OK
+    if against is None:
+        return EXIT_OK
+    replay_backend = None if against == "recorded" else _backend_for(against, chosen, records)
+    agent = CXRTrekAgent(replay_backend or _recorded(records), settings=settings)
+    outcome = agent.replay(records, against=replay_backend, study=chosen)
+    console.print(outcome.diff.render(), markup=False)
+    _emit(json_out, {"first_divergent_stage": outcome.diff.first_divergent_stage,
+                     "replay_run_id": outcome.replay_run_id})
+    return EXIT_OK if outcome.diff.first_divergent_stage is None else EXIT_FAILED
+
+
+def _backend_for(spec: str, study: Study | None, records: Sequence[object]) -> VLMBackend:
+    return _recorded(records) if spec == "recorded" else load_backend(spec, study)
+
+
+def _emit(json_out: bool, payload: dict[str, object]) -> None:
+    if json_out:
+        sys.stdout.write(json.dumps(payload) + "\n")
 
 
 def _recorded(records: Sequence[object]) -> VLMBackend:
     from cxrtrek.agent.recorded import RecordedBackend
 
     return RecordedBackend(records)
+

@@ -8,6 +8,7 @@
     if report.status == "awaiting_review":    # paused after stage 2 for a person
         report = agent.review(report.run_id, edits={"s2-findings": "Small left effusion."})
     for event in agent.stream(study): ...     # stage events as stages complete
+    agent.stream_resume(run_id, {"edits": {}})  # the same, continuing a paused run
     agent.resume(run_id)                      # a killed run, from its last completed stage
     agent.replay("traces/<run>.jsonl")        # re-execute (recorded outputs by default), diff
     agent.fork(run_id, stage=2, edits={...})  # re-run later stages from a corrected stage 2
@@ -47,6 +48,7 @@ from cxrtrek.schema import Report, StageResult, Study
 
 if TYPE_CHECKING:
     from langchain_core.runnables import RunnableConfig
+    from langchain_core.tools import StructuredTool
     from langgraph.checkpoint.memory import InMemorySaver
 
     from cxrtrek.agent.protocol import VLMBackend
@@ -108,6 +110,8 @@ class StageEvent(BaseModel):
     stage: int | None = None
     result: StageResult | None = None
     report: RunReport | None = None
+    elapsed_s: float | None = None
+    """Wall time since the previous event (the stage's own time, for a stage event)."""
 
 
 class FollowUp(BaseModel):
@@ -129,6 +133,24 @@ class FollowUp(BaseModel):
 
 def _config(run_id: str) -> RunnableConfig:
     return {"configurable": {"thread_id": run_id}}
+
+
+def _blocking(events: AsyncGenerator[StageEvent, None]) -> Iterator[StageEvent]:
+    """An async generator iterated from sync code (one event loop for the whole stream)."""
+    with asyncio.Runner() as runner:
+
+        async def step() -> StageEvent:
+            return await anext(events)
+
+        try:
+            while True:
+                try:
+                    event = runner.run(step())
+                except StopAsyncIteration:
+                    return
+                yield event
+        finally:
+            runner.run(events.aclose())
 
 
 class CXRTrekAgent:
@@ -238,6 +260,31 @@ class CXRTrekAgent:
         """Blocking :meth:`arun`."""
         return asyncio.run(self.arun(study, run_id=run_id, settings=settings))
 
+    async def _events(self, graph: CompiledReadGraph, payload: Any, run_id: str,
+                      ctx: RunContext) -> AsyncGenerator[StageEvent, None]:
+        """Run the graph on ``payload`` (inputs, a resume command or None); stage events as
+        the stages complete, then the report (or the pending review)."""
+        import time
+
+        last = time.perf_counter()
+        async for chunk in graph.astream(payload, _config(run_id), context=ctx,
+                                         stream_mode="updates", durability="sync"):
+            for node, update in chunk.items():
+                if not node.startswith("stage_") or not isinstance(update, dict):
+                    continue
+                for key, value in (update.get("results") or {}).items():
+                    now = time.perf_counter()
+                    yield StageEvent(run_id=run_id, kind="stage", stage=int(key),
+                                     result=StageResult.model_validate(value),
+                                     elapsed_s=now - last)
+                    last = now
+        report = await self._outcome(graph, run_id)
+        kind: Literal["review", "report"] = ("review" if report.status == "awaiting_review"
+                                             else "report")
+        yield StageEvent(run_id=run_id, kind=kind,
+                         stage=report.review["stage"] if report.review else None, report=report,
+                         elapsed_s=time.perf_counter() - last)
+
     async def astream(self, study: Study, *, run_id: str | None = None,
                       settings: RunSettings | None = None) -> AsyncGenerator[StageEvent, None]:
         """Stage events as the stages complete, then the report (or the pending review)."""
@@ -245,68 +292,63 @@ class CXRTrekAgent:
         ctx = self.context()
         inputs = self._inputs(study, settings, ctx)
         async with self._compiled() as graph:
-            async for chunk in graph.astream(inputs, _config(run_id),
-                                             context=ctx, stream_mode="updates",
-                                             durability="sync"):
-                for node, update in chunk.items():
-                    if not node.startswith("stage_") or not isinstance(update, dict):
-                        continue
-                    for key, value in (update.get("results") or {}).items():
-                        yield StageEvent(run_id=run_id, kind="stage", stage=int(key),
-                                         result=StageResult.model_validate(value))
-            report = await self._outcome(graph, run_id)
-        kind: Literal["review", "report"] = ("review" if report.status == "awaiting_review"
-                                             else "report")
-        yield StageEvent(run_id=run_id, kind=kind,
-                         stage=report.review["stage"] if report.review else None, report=report)
+            async for event in self._events(graph, inputs, run_id, ctx):
+                yield event
+
+    async def astream_resume(self, run_id: str,
+                             decision: ReviewDecision | dict[str, Any] | None = None,
+                             ) -> AsyncGenerator[StageEvent, None]:
+        """:meth:`aresume` as :meth:`astream` does it: stage events, then the outcome."""
+        ctx = self.context()
+        async with self._compiled() as graph:
+            payload = await self._resume_payload(graph, run_id, decision)
+            async for event in self._events(graph, payload, run_id, ctx):
+                yield event
 
     def stream(self, study: Study, *, run_id: str | None = None,
                settings: RunSettings | None = None) -> Iterator[StageEvent]:
         """Blocking :meth:`astream`."""
-        with asyncio.Runner() as runner:
-            events = self.astream(study, run_id=run_id, settings=settings)
+        return _blocking(self.astream(study, run_id=run_id, settings=settings))
 
-            async def step() -> StageEvent:
-                return await anext(events)
+    def stream_resume(self, run_id: str, decision: ReviewDecision | dict[str, Any] | None = None,
+                      ) -> Iterator[StageEvent]:
+        """Blocking :meth:`astream_resume`."""
+        return _blocking(self.astream_resume(run_id, decision))
 
-            try:
-                while True:
-                    try:
-                        event = runner.run(step())
-                    except StopAsyncIteration:
-                        return
-                    yield event
-            finally:
-                runner.run(events.aclose())
-
-    async def _aresume(self, run_id: str, decision: ReviewDecision | dict[str, Any] | None,
-                       backend: VLMBackend | None) -> RunReport:
+    async def _resume_payload(self, graph: CompiledReadGraph, run_id: str,
+                              decision: ReviewDecision | dict[str, Any] | None) -> Any:
+        """What continues a run: a resume command past a review (the decision checked
+        first), or None (from the last checkpoint)."""
         from langgraph.types import Command
 
         from cxrtrek.graph.nodes import ReviewDecision, ReviewRequest
 
+        snap = await graph.aget_state(_config(run_id))
+        if not snap.values:
+            raise DataError(f"no run {run_id!r} in the checkpoints at "
+                            f"{self.settings.checkpoint_path()}")
+        if snap.interrupts:
+            chosen = ReviewDecision.model_validate(decision or {})
+            pending = ReviewRequest.model_validate(snap.interrupts[0].value)
+            unknown = sorted(set(chosen.edits) - {q.id for q in pending.questions})
+            if unknown:  # checked here: a resume value, once given, is kept by the run
+                raise DataError(f"stage {pending.stage}: no question {unknown[0]!r} to "
+                                f"edit; the stage asked {[q.id for q in pending.questions]}")
+            return Command(resume=chosen.model_dump(mode="json"))
+        if decision is not None:
+            raise DataError(f"run {run_id!r} is not waiting for a review; nothing to decide")
+        if snap.next:
+            log.info("run %s: resuming at %s", run_id, ", ".join(snap.next))
+        return None
+
+    async def _aresume(self, run_id: str, decision: ReviewDecision | dict[str, Any] | None,
+                       backend: VLMBackend | None) -> RunReport:
         ctx = self.context(backend)
-        config = _config(run_id)
         async with self._compiled() as graph:
-            snap = await graph.aget_state(config)
-            if not snap.values:
-                raise DataError(f"no run {run_id!r} in the checkpoints at "
-                                f"{self.settings.checkpoint_path()}")
-            if snap.interrupts:
-                chosen = ReviewDecision.model_validate(decision or {})
-                pending = ReviewRequest.model_validate(snap.interrupts[0].value)
-                unknown = sorted(set(chosen.edits) - {q.id for q in pending.questions})
-                if unknown:  # checked here: a resume value, once given, is kept by the run
-                    raise DataError(f"stage {pending.stage}: no question {unknown[0]!r} to "
-                                    f"edit; the stage asked {[q.id for q in pending.questions]}")
-                await graph.ainvoke(Command(resume=chosen.model_dump(mode="json")), config,
-                                    context=ctx, durability="sync")
-            elif decision is not None:
-                raise DataError(f"run {run_id!r} is not waiting for a review; nothing to "
-                                "decide")
-            elif snap.next:
-                log.info("run %s: resuming at %s", run_id, ", ".join(snap.next))
-                await graph.ainvoke(None, config, context=ctx, durability="sync")
+            payload = await self._resume_payload(graph, run_id, decision)
+            snap = await graph.aget_state(_config(run_id))
+            if payload is not None or snap.next:
+                await graph.ainvoke(payload, _config(run_id), context=ctx, durability="sync")
             return await self._outcome(graph, run_id)
 
     async def aresume(self, run_id: str,
@@ -335,6 +377,19 @@ class CXRTrekAgent:
 
     def report(self, run_id: str) -> RunReport:
         return asyncio.run(self.areport(run_id))
+
+    async def astudy_of(self, run_id: str) -> Study:
+        """The study a run reads, from its checkpoints."""
+        async with self._compiled() as graph:
+            snap = await graph.aget_state(_config(run_id))
+        if not snap.values.get("study"):
+            raise DataError(f"no run {run_id!r} in the checkpoints at "
+                            f"{self.settings.checkpoint_path()}")
+        return Study.model_validate(snap.values["study"])
+
+    def study_of(self, run_id: str) -> Study:
+        """Blocking :meth:`astudy_of`."""
+        return asyncio.run(self.astudy_of(run_id))
 
     def pending_review(self, run_id: str) -> ReviewRequest | None:
         """The review a paused run waits for, or None."""
@@ -506,3 +561,12 @@ class CXRTrekAgent:
     def ask(self, run_id: str, question: str, *, max_new_tokens: int | None = None) -> FollowUp:
         """Blocking :meth:`aask`."""
         return asyncio.run(self.aask(run_id, question, max_new_tokens=max_new_tokens))
+
+    # --- as a sub-agent ----------------------------------------------------------------------
+
+    def as_tool(self) -> StructuredTool:
+        """This agent as the LangChain tool ``interpret_chest_xray`` for a parent agent (see
+        :mod:`cxrtrek.agent.subagent`)."""
+        from cxrtrek.agent.subagent import make_tool
+
+        return make_tool(self)

@@ -1,9 +1,14 @@
-"""The ``cxrtrek`` command line.
+"""The ``cxrtrek`` command line (typer).
 
-Each command is an argparse sub-parser plus a handler. Parsers stay light (``cxrtrek --help``
-imports nothing heavy); a handler imports what it needs when it runs. To add a command: write
-``_add_<name>(subparsers)`` that sets ``handler=`` with ``set_defaults``, and list it in
-:data:`_COMMANDS`.
+Each command is a typer function here that imports its handler when it runs, so
+``cxrtrek --help`` imports nothing heavy. The handlers live next door: reading commands in
+:mod:`cxrtrek.agent._reading_cli`, the session in :mod:`cxrtrek.agent.chat`, the HTTP API in
+:mod:`cxrtrek.agent.api`, the MCP server in :mod:`cxrtrek.agent.mcp_server`, the rest in
+:mod:`cxrtrek.agent._commands` and :mod:`cxrtrek.evals._cli`.
+
+Exit codes: 0 done; 1 the command ran and some of its work failed (a file did not decode, a
+run did not complete, a replay diverged); 2 bad arguments or input (nothing was done); 130
+interrupted. An error prints one line; a traceback only with ``--debug``.
 """
 
 from __future__ import annotations
@@ -12,483 +17,586 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-__all__ = ["build_parser", "main"]
+import typer
+
+if TYPE_CHECKING:
+    from cxrtrek.agent.agent import AgentSettings
+
+__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "app", "main"]
 
 log = logging.getLogger("cxrtrek")
 
 EXIT_OK = 0
-EXIT_FAILED = 1  # the command ran and some of its work failed (e.g. a file did not decode)
-EXIT_USAGE = 2  # bad arguments or input: nothing was done
+EXIT_FAILED = 1
+EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
-_DOC_SUFFIXES = {".md", ".txt", ".json", ".jsonl", ".py", ".toml", ".yaml", ".yml"}
+
+@dataclass
+class _Globals:
+    debug: bool = False
 
 
-# --- inspect -----------------------------------------------------------------------------
-
-
-def _expand(paths: Sequence[str]) -> list[tuple[Path, str]]:
-    """Files to inspect: named files as given; folders walked (hidden and doc files skipped).
-
-    Returns (path, label) pairs; the label is the path relative to the folder walked.
-    """
-    out: list[tuple[Path, str]] = []
-    for raw in paths:
-        p = Path(raw)
-        if p.is_dir():
-            for child in sorted(p.rglob("*")):
-                rel = child.relative_to(p)
-                if (child.is_file() and not any(part.startswith(".") for part in rel.parts)
-                        and child.suffix.lower() not in _DOC_SUFFIXES):
-                    out.append((child, rel.as_posix()))
-        else:
-            out.append((p, str(p)))
-    return out
-
-
-def _short_syntax(name: str) -> str:
-    """A DICOM transfer syntax name, shortened for a table cell."""
-    for long, short in (("Image Compression", ""), ("Explicit VR Little Endian", "explicit LE"),
-                        ("Implicit VR Little Endian", "implicit LE"), ("  ", " ")):
-        name = name.replace(long, short)
-    return f"({name.strip()})"
-
-
-def _cmd_inspect(args: argparse.Namespace) -> int:
-    import json
-
-    from rich.console import Console
-    from rich.table import Table
-
-    from cxrtrek.data.images import DecodeLimits, decode_image
-    from cxrtrek.errors import CXRTrekError
-
-    console = Console()
-    files = _expand(args.paths)
-    if not files:
-        console.print("[red]error:[/red] no files to inspect under "
-                      + ", ".join(args.paths))
-        return EXIT_USAGE
-    defaults = DecodeLimits()
-    limits = DecodeLimits(
-        max_pixels=args.max_pixels if args.max_pixels else defaults.max_pixels,
-        allowed_modalities=defaults.allowed_modalities,
-        allowed_body_parts=None if args.any_body_part else defaults.allowed_body_parts,
-    )
-    rows: list[dict[str, Any]] = []
-    for path, label in files:
-        try:
-            img = decode_image(path, limits=limits)
-        except CXRTrekError as exc:
-            rows.append({"file": str(path), "label": label, "ok": False,
-                         "error": type(exc).__name__, "message": str(exc)})
-            continue
-        except OSError as exc:
-            rows.append({"file": str(path), "label": label, "ok": False, "error": "OSError",
-                         "message": f"{path}: {exc.strerror or exc}"})
-            continue
-        m = img.meta
-        rows.append({
-            "file": str(path), "label": label, "ok": True, "format": m.format, "width": m.width,
-            "height": m.height, "bit_depth": m.bit_depth, "mode": m.mode,
-            "view": m.view_position, "modality": m.modality, "body_part": m.body_part,
-            "transfer_syntax": m.transfer_syntax, "sha256": m.sha256,
-            "mean": round(float(img.pixels.mean()), 4),
-        })
-    failed = sum(not r["ok"] for r in rows)
-    if args.json:
-        for r in rows:
-            del r["label"]
-        sys.stdout.write(json.dumps(rows, indent=1) + "\n")
-        return EXIT_FAILED if failed else EXIT_OK
-
-    table = Table(title=f"cxrtrek inspect: {len(rows)} file(s), {failed} failed")
-    table.add_column("file", overflow="fold", ratio=2)
-    table.add_column("decoded", overflow="fold", ratio=3)
-    table.add_column("status", no_wrap=True)
-    for r in rows:
-        if r["ok"]:
-            fmt = r["format"] + (f" {_short_syntax(r['transfer_syntax'])}"
-                                 if r["transfer_syntax"] else "")
-            extra = " ".join(v for v in (r["view"], r["modality"], r["body_part"]) if v)
-            decoded = (f"{fmt}, {r['width']}x{r['height']}, {r['bit_depth']}-bit {r['mode']}"
-                       + (f", {extra}" if extra else "") + f"  [dim]{r['sha256'][:12]}[/dim]")
-            table.add_row(r["label"], decoded, "[green]ok[/green]")
-        else:
-            table.add_row(r["label"], f"[red]{r['error']}[/red]: {r['message']}",
-                          "[red]failed[/red]")
-    console.print(table)
-    return EXIT_FAILED if failed else EXIT_OK
-
-
-def _add_inspect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "inspect",
-        help="decode images (PNG, JPEG, DICOM) and show what was read",
-        description="Decode each image the way cxrtrek reads it and print a table: format, "
-                    "size, bit depth, colour mode, view, modality, body part and SHA-256, or "
-                    "the reason a file was refused. Folders are walked (hidden and text "
-                    "files skipped). Exits 1 if any file failed.",
-    )
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
-    p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
-    p.add_argument("--max-pixels", type=int, default=0, metavar="N",
-                   help="refuse images with more pixels than N (default: 50 million)")
-    p.add_argument("--any-body-part", action="store_true",
-                   help="do not refuse DICOMs whose body part is not the chest")
-    p.set_defaults(handler=_cmd_inspect)
-
-
-# --- train -------------------------------------------------------------------------------
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from cxrtrek.model.train import TrainConfig, train
-
-    if args.phase == "vision":
-        from cxrtrek.model.pretrain import VisionPretrainConfig, pretrain_vision
-
-        keys = ("model", "steps", "batch_size", "lr", "seed", "image_size", "max_minutes")
-        vcfg = VisionPretrainConfig(data=args.train_data, output_dir=args.output_dir,
-                                    **{k: getattr(args, k) for k in keys
-                                       if getattr(args, k) is not None})
-        sys.stdout.write(f"{pretrain_vision(vcfg)}\n")
-        return EXIT_OK
-    fields = ("model", "vision_path", "lm_path", "train_data", "eval_data", "image_root",
-              "steps", "batch_size", "grad_accum", "lr", "lm_mode", "train_vision",
-              "pack_questions", "dtype", "device", "seed", "eval_every", "checkpoint_every",
-              "cache_image_features", "caption_keep", "max_minutes")
-    cfg = TrainConfig(output_dir=args.output_dir, resume=not args.no_resume,
-                      **{k: getattr(args, k) for k in fields if getattr(args, k) is not None})
-    out = train(cfg)
-    sys.stdout.write(f"{out}\n")
-    return EXIT_OK
-
-
-def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train CXRTrekNet on CXRTrek-format data",
-        description="Train CXRTrekNet (LoRA on the LM and the projector by default) on a "
-                    "CXRTrek-format file with images. Checkpoints into OUTPUT_DIR and resumes "
-                    "from there; the finished folder loads with the in-process backend.",
-    )
-    p.add_argument("train_data", type=Path, help="CXRTrek-format training file")
-    p.add_argument("output_dir", type=Path, help="folder for checkpoints and the model")
-    p.add_argument("--eval-data", type=Path, help="CXRTrek-format evaluation file")
-    p.add_argument("--image-root", type=Path,
-                   help="folder the image paths are relative to (default: the data's folder)")
-    p.add_argument("--model", help="preset (tiny, demo) or a saved model folder (default tiny)")
-    p.add_argument("--vision-path", type=Path, help="pretrained vision model folder")
-    p.add_argument("--lm-path", type=Path, help="pretrained causal LM folder")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--grad-accum", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--lm-mode", choices=("lora", "full", "frozen"))
-    p.add_argument("--train-vision", action="store_true", default=None)
-    p.add_argument("--pack-questions", type=int, help="questions per training example")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"))
-    p.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: automatic)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--eval-every", type=int, metavar="N")
-    p.add_argument("--checkpoint-every", type=int, metavar="N")
-    p.add_argument("--no-resume", action="store_true",
-                   help="start over even if OUTPUT_DIR holds a checkpoint")
-    p.add_argument("--phase", choices=("lm", "vision"), default="lm",
-                   help="lm: projector and LM on Q&A (default); vision: supervised vision-"
-                        "encoder pretraining on a phantom dataset's truth.jsonl")
-    p.add_argument("--image-size", type=int, metavar="PX", help="vision phase: resolution")
-    p.add_argument("--cache-image-features", action="store_true", default=None,
-                   help="frozen vision tower: encode each image once")
-    p.add_argument("--caption-keep", type=float, metavar="P",
-                   help="fraction of free-text non-report answers to train on")
-    p.add_argument("--max-minutes", type=float, metavar="M", help="stop after M minutes")
-    p.set_defaults(handler=_cmd_train)
-
-
-# --- phantoms ----------------------------------------------------------------------------
-
-
-def _cmd_phantoms(args: argparse.Namespace) -> int:
-    from rich.progress import Progress
-
-    from cxrtrek.data.phantoms import generate
-
-    with Progress(transient=True) as progress:
-        task = progress.add_task("phantom studies", total=args.n)
-        path = generate(args.n, args.seed, args.out, size=args.size,
-                        prior_fraction=args.prior_fraction,
-                        progress=lambda k: progress.advance(task, k))
-    sys.stdout.write(f"{path}\n")
-    return EXIT_OK
-
-
-def _add_phantoms(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "phantoms",
-        help="generate synthetic chest radiographs with 8-stage questions",
-        description="Write N phantom studies (procedural radiographs with known findings, "
-                    "about 60%% with a prior study) to OUT: images/, phantoms.json in the "
-                    "CXRTrek format and truth.jsonl. The same seed gives the same bytes.",
-    )
-    p.add_argument("--n", type=int, required=True, help="number of studies")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--size", type=int, default=320, metavar="PX",
-                   help="image size in pixels, 128-512 (default 320)")
-    p.add_argument("--prior-fraction", type=float, default=0.6,
-                   help="share of patients with a prior study (default 0.6)")
-    p.set_defaults(handler=_cmd_phantoms)
-
-
-# --- read and replay -----------------------------------------------------------------------
-
-
-def _cmd_read(args: argparse.Namespace) -> int:
-    from cxrtrek.agent._reading_cli import cmd_read
-
-    return cmd_read(args)
-
-
-def _cmd_replay(args: argparse.Namespace) -> int:
-    from cxrtrek.agent._reading_cli import cmd_replay
-
-    return cmd_replay(args)
-
-
-def _study_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--image-root", type=Path, metavar="DIR",
-                   help="folder the image paths are relative to (default: the file's folder)")
-    p.add_argument("--allow-missing-images", action="store_true",
-                   help="read studies whose image files are absent (scripted backends only)")
-    p.add_argument("--checkpoint-db", type=Path, metavar="FILE",
-                   help="SQLite checkpoints (default: $CXRTREK_HOME/checkpoints.sqlite)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of the views")
-
-
-def _add_read(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "read",
-        help="read studies in the eight stages (live view, then the report)",
-        description="Read each study of a CXRTrek-format file (or one Study JSON) stage by "
-                    "stage, showing the stages as they complete, then the report. Runs are "
-                    "checkpointed (resumable) and traced as JSONL.",
-    )
-    p.add_argument("study", type=Path, metavar="STUDY.json", help="CXRTrek file or Study JSON")
-    _study_arguments(p)
-    p.add_argument("--context", choices=("full", "retrieved", "none"), default="full",
-                   help="earlier stages' answers given with each question (default full)")
-    p.add_argument("--review-after", metavar="2,3",
-                   help="pause after these stages for a person to approve or edit (stdin)")
-    p.add_argument("--trace-dir", type=Path, metavar="DIR",
-                   help="where traces go (default: $CXRTREK_HOME/traces)")
-    p.add_argument("--backend", default="scripted-oracle", metavar="BACKEND",
-                   help="scripted-oracle (default: the file's reference answers), "
-                        "inprocess:PATH or http:URL")
-    p.add_argument("--mode", choices=("auto", "dataset", "clinical"), default="auto",
-                   help="dataset: the file's questions; clinical: planned (default auto)")
-    p.add_argument("--nondiagnostic", choices=("continue", "stop"), default="continue",
-                   help="when stage 1 judges the study non-diagnostic (default continue)")
-    p.add_argument("--max-new-tokens", type=int, metavar="N")
-    p.set_defaults(handler=_cmd_read)
-
-
-def _add_replay(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "replay",
-        help="play a trace back; re-execute it and diff stage by stage",
-        description="Show a trace stage by stage. With --against, re-execute the run "
-                    "(recorded: the trace's own outputs; or a backend) and name the first "
-                    "stage that diverged (exit 1 when one did). With --study (dataset mode), "
-                    "also attribute errors to the first wrong stage.",
-    )
-    p.add_argument("trace", type=Path, metavar="TRACE.jsonl")
-    p.add_argument("--against", metavar="BACKEND",
-                   help="recorded, scripted-oracle or inprocess:PATH")
-    p.add_argument("--study", type=Path, metavar="FILE",
-                   help="the study (default: from the run's checkpoint)")
-    _study_arguments(p)
-    p.set_defaults(handler=_cmd_replay)
-
-
-# --- serve ----------------------------------------------------------------------------------
-
-
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from cxrtrek.model.server import ServerSettings, load_backend, serve
-
-    settings = ServerSettings.create(  # bad settings fail here, before the model loads
-        host=args.host, port=args.port, token=args.token or os.environ.get(
-            "CXRTREK_SERVER_TOKEN") or None, model_id=args.model_id,
-        max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-        max_queue=args.max_queue, max_request_bytes=args.max_request_bytes,
-        request_timeout_s=args.request_timeout_s, drain_timeout_s=args.drain_timeout_s,
-        cache_size=args.cache_size)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    backend = load_backend(args.model, device=args.device, dtype=args.dtype,
-                           max_batch_size=settings.max_batch_size,
-                           cache_size=settings.cache_size)
-    serve(backend, settings)
-    return EXIT_OK
-
-
-def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "serve",
-        help="serve CXRTrekNet over HTTP (OpenAI-compatible chat completions)",
-        description="Host CXRTrekNet behind POST /v1/chat/completions (OpenAI format, images "
-                    "as data: URLs), GET /v1/models, /health and /metrics. Concurrent "
-                    "requests are batched; vision features are cached by image SHA-256. "
-                    "Binds 127.0.0.1 unless told otherwise; any other address needs a token "
-                    "(--token or $CXRTREK_SERVER_TOKEN). SIGINT/SIGTERM drain and exit.",
-    )
-    p.add_argument("--model", default="tiny", metavar="PATH|tiny|demo",
-                   help="a saved model folder, or a preset with random weights (default tiny)")
-    p.add_argument("--device", default="auto", metavar="cuda|cpu|auto",
-                   help="e.g. cpu, cuda, cuda:1 (default auto: CUDA when available)")
-    p.add_argument("--dtype", default="auto", choices=("bfloat16", "float32", "auto"),
-                   help="default auto: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--token", help="bearer token required of clients "
-                                   "(default $CXRTREK_SERVER_TOKEN)")
-    p.add_argument("--model-id", help="the served model name (default from the model)")
-    p.add_argument("--max-batch-size", type=int, default=8, metavar="N")
-    p.add_argument("--max-wait-ms", type=float, default=10.0, metavar="MS",
-                   help="how long a batch waits to fill (default 10)")
-    p.add_argument("--max-queue", type=int, default=256, metavar="N",
-                   help="waiting requests beyond N get 429 (default 256)")
-    p.add_argument("--max-request-bytes", type=int, metavar="N",
-                   help="larger bodies get 413 (default 32 MiB)")
-    p.add_argument("--request-timeout-s", type=float, metavar="S",
-                   help="queue wait plus generation; then 504 (default 120)")
-    p.add_argument("--drain-timeout-s", type=float, metavar="S",
-                   help="on shutdown, time for requests in flight (default 30)")
-    p.add_argument("--cache-size", type=int, default=256, metavar="N",
-                   help="images in the vision-feature cache; 0 turns it off (default 256)")
-    p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
-    p.set_defaults(handler=_cmd_serve)
-
-
-# --- eval ----------------------------------------------------------------------------------
-
-
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from cxrtrek.evals._cli import cmd_eval
-
-    return cmd_eval(args)
-
-
-def _add_eval(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "eval",
-        help="evaluate a backend on CXRTrek-format data (per-stage metrics, ablation)",
-        usage="cxrtrek eval --data DATASET [options]\n       cxrtrek eval compare A B [--json]",
-        description="Read every study of a CXRTrek-format dataset (dataset mode) under each "
-                    "context policy and score the answers per stage and question type: "
-                    "accuracy, exact match and F1, detection IoU, BLEU-1/4, ROUGE-L and a "
-                    "CheXpert finding F1. Writes results.json, questions.jsonl and PNG plots "
-                    "to --out and prints the summary. 'cxrtrek eval compare A B' prints the "
-                    "per-stage deltas B - A of two results (folders or results.json files).",
-    )
-    p.add_argument("action", nargs="*", metavar="compare A B",
-                   help="compare two results instead of evaluating")
-    p.add_argument("--data", type=Path, metavar="DATASET", help="CXRTrek-format file")
-    p.add_argument("--image-root", type=Path, metavar="DIR",
-                   help="folder the image paths are relative to (default: the file's folder)")
-    p.add_argument("--backend", default="scripted-oracle", metavar="BACKEND",
-                   help="scripted-oracle (default), inprocess:PATH or http:URL")
-    p.add_argument("--context", default="full", metavar="full,retrieved,none",
-                   help="context policies, comma-separated; several run side by side "
-                        "(default full)")
-    p.add_argument("--out", type=Path, default=Path("eval-results"), metavar="DIR",
-                   help="output folder (default eval-results)")
-    p.add_argument("--allow-missing-images", action="store_true",
-                   help="skip (and count) studies whose images are missing; the oracle "
-                        "answers them anyway")
-    p.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="processes to shard the studies over (default 1)")
-    p.add_argument("--concurrency", type=int, default=4, metavar="N",
-                   help="readings in flight per process (default 4)")
-    p.add_argument("--limit", type=int, metavar="N", help="only the first N studies")
-    p.add_argument("--ray", metavar="ADDRESS|local",
-                   help="run the shards as Ray tasks: 'local' starts a local cluster with "
-                        "--workers CPUs; an address joins a running one")
-    p.add_argument("--bertscore-model", type=Path, metavar="PATH",
-                   help="local BERT-like model folder for BERTScore (default: skipped)")
-    p.add_argument("--memory", type=Path, metavar="DIR",
-                   help="chromadb folder for the agent's vector memory (retrieved context)")
-    p.add_argument("--max-new-tokens", type=int, metavar="N")
-    p.add_argument("--json", action="store_true",
-                   help="print the written files (eval) or the deltas (compare) as JSON")
-    p.set_defaults(handler=_cmd_eval)
-
-
-# --- the parser ----------------------------------------------------------------------------
-
-_COMMANDS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
-    _add_inspect,
-    _add_train,
-    _add_phantoms,
-    _add_read,
-    _add_replay,
-    _add_serve,
-    _add_eval,
+app = typer.Typer(
+    name="cxrtrek",
+    help="Machine-assisted chest X-ray reading in eight diagnostic stages.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from cxrtrek import __version__
+def _version(value: bool) -> None:
+    if value:
+        from cxrtrek import __version__
 
-    parser = argparse.ArgumentParser(
-        prog="cxrtrek",
-        description="Machine-assisted chest X-ray reading in eight diagnostic stages.",
-    )
-    parser.add_argument("--version", action="version", version=f"cxrtrek {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more log output (-vv for debug)")
-    parser.add_argument("--debug", action="store_true",
-                        help="show tracebacks of unexpected errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in _COMMANDS:
-        add(sub)
-    return parser
+        typer.echo(f"cxrtrek {__version__}")
+        raise typer.Exit(EXIT_OK)
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    verbose: Annotated[int, typer.Option("-v", "--verbose", count=True,
+                                         help="more log output (-vv for debug)")] = 0,
+    debug: Annotated[bool, typer.Option("--debug",
+                                        help="show tracebacks of unexpected errors")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="print the version and exit")] = False,
+) -> None:
+    if isinstance(ctx.obj, _Globals):
+        ctx.obj.debug = debug
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+# --- options shared by the reading commands ----------------------------------------------------
+
+_BACKEND_HELP = ("demo (the bundled checkpoint, in process), inprocess:PATH, "
+                 "http:URL (cxrtrek serve, vLLM; token from $CXRTREK_SERVER_TOKEN), scripted "
+                 "(fixed answers, no model) or scripted-oracle (a CXRTrek file's reference "
+                 "answers)")
+
+Backend = Annotated[str, typer.Option("--backend", metavar="SPEC", help=_BACKEND_HELP)]
+Home = Annotated[Path | None, typer.Option(
+    "--home", metavar="DIR",
+    help="where checkpoints, traces and uploads go (default $CXRTREK_HOME or ./.cxrtrek)")]
+CheckpointDb = Annotated[Path | None, typer.Option(
+    "--checkpoint-db", metavar="FILE", help="SQLite checkpoints (default HOME/checkpoints.sqlite)")]
+TraceDir = Annotated[Path | None, typer.Option(
+    "--trace-dir", metavar="DIR", help="where traces go (default HOME/traces)")]
+Context = Annotated[str, typer.Option(
+    "--context", metavar="full|retrieved|none",
+    help="earlier stages' answers given with each question")]
+Json = Annotated[bool, typer.Option("--json", help="print JSON for machines")]
+Prior = Annotated[list[Path] | None, typer.Option(
+    "--prior", metavar="PATH", help="an image (or folder) of the prior study; repeatable")]
+Indication = Annotated[str | None, typer.Option(
+    "--indication", metavar="TEXT", help="the clinical indication")]
+
+
+def _agent_settings(*, home: Path | None = None, checkpoint_db: Path | None = None,
+                    trace_dir: Path | None = None, **fields: Any) -> AgentSettings:
+    """AgentSettings from CLI values (None: the default); pydantic errors become one line."""
+    from pydantic import ValidationError
+
+    from cxrtrek.agent.agent import AgentSettings
+    from cxrtrek.errors import ConfigError
+
+    values = {k: v for k, v in fields.items() if v is not None}
+    for key, path in (("home", home), ("checkpoint_db", checkpoint_db),
+                      ("trace_dir", trace_dir)):
+        if path is not None:
+            values[key] = str(path)
+    try:
+        return AgentSettings.model_validate(values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"--{where.replace('_', '-')}: {first['msg']}") from None
+
+
+def _stage_list(value: str | None, option: str) -> tuple[int, ...] | None:
+    if value is None or not value.strip():
+        return None
+    from cxrtrek.errors import ConfigError
+
+    try:
+        return tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"{option}: expected stage numbers such as 1,2,8; got {value!r}")\
+            from None
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+@app.command("run")
+def run_cmd(
+    paths: Annotated[list[Path], typer.Argument(
+        metavar="PATH", show_default=False,
+        help="the current study: image files (PNG, JPEG, DICOM) or a folder of them; or one "
+             "CXRTrek-format file / Study JSON (its studies are read in turn)")],
+    prior: Prior = None,
+    indication: Indication = None,
+    backend: Backend = "demo",
+    context: Context = "full",
+    stages: Annotated[str | None, typer.Option(
+        "--stages", metavar="1,2,8", help="only these stages (default: all that apply)")] = None,
+    review_after: Annotated[str | None, typer.Option(
+        "--review-after", metavar="2,3",
+        help="pause after these stages for a person to approve or edit (stdin)")] = None,
+    mode: Annotated[str, typer.Option(
+        "--mode", metavar="auto|dataset|clinical",
+        help="dataset: a CXRTrek file's own questions; clinical: planned")] = "auto",
+    nondiagnostic: Annotated[str, typer.Option(
+        "--nondiagnostic", metavar="continue|stop",
+        help="when stage 1 judges the study non-diagnostic")] = "continue",
+    max_new_tokens: Annotated[int | None, typer.Option(
+        "--max-new-tokens", metavar="N")] = None,
+    image_root: Annotated[Path | None, typer.Option(
+        "--image-root", metavar="DIR",
+        help="CXRTrek files: the folder image paths are relative to")] = None,
+    allow_missing_images: Annotated[bool, typer.Option(
+        "--allow-missing-images",
+        help="CXRTrek files: read studies whose images are absent (scripted backends)")] = False,
+    home: Home = None,
+    checkpoint_db: CheckpointDb = None,
+    trace_dir: TraceDir = None,
+    json_out: Json = False,
+) -> int:
+    """Read a study in the eight stages: each stage printed as it completes, then the report.
+
+    Every image is decoded and checked before the run starts. Runs are checkpointed after
+    every stage (see `cxrtrek resume`) and traced as JSONL (see `cxrtrek replay`). With
+    --json, progress goes to stderr and one report per study (JSON) to stdout.
+    """
+    from cxrtrek.agent._reading_cli import cmd_run
+
+    settings = _agent_settings(home=home, checkpoint_db=checkpoint_db, trace_dir=trace_dir,
+                               context=context, mode=mode, nondiagnostic=nondiagnostic,
+                               max_new_tokens=max_new_tokens,
+                               stages=_stage_list(stages, "--stages"),
+                               review_after=_stage_list(review_after, "--review-after") or ())
+    return cmd_run(paths, prior=prior or [], indication=indication, backend=backend,
+                   settings=settings, json_out=json_out, image_root=image_root,
+                   allow_missing_images=allow_missing_images)
+
+
+@app.command("read", hidden=True)
+def read_cmd(
+    study: Annotated[Path, typer.Argument(metavar="STUDY.json")],
+    backend: Backend = "scripted-oracle",
+    context: Context = "full",
+    review_after: Annotated[str | None, typer.Option(
+        "--review-after", metavar="2,3")] = None,
+    mode: Annotated[str, typer.Option("--mode")] = "auto",
+    nondiagnostic: Annotated[str, typer.Option("--nondiagnostic")] = "continue",
+    max_new_tokens: Annotated[int | None, typer.Option(
+        "--max-new-tokens")] = None,
+    image_root: Annotated[Path | None, typer.Option("--image-root")] = None,
+    allow_missing_images: Annotated[bool, typer.Option("--allow-missing-images")] = False,
+    checkpoint_db: CheckpointDb = None,
+    trace_dir: TraceDir = None,
+    json_out: Json = False,
+) -> int:
+    """`cxrtrek run` on a CXRTrek-format file, answering from its references by default
+    (kept for scripts written against earlier versions)."""
+    from cxrtrek.agent._reading_cli import cmd_run
+
+    settings = _agent_settings(checkpoint_db=checkpoint_db, trace_dir=trace_dir,
+                               context=context, mode=mode, nondiagnostic=nondiagnostic,
+                               max_new_tokens=max_new_tokens,
+                               review_after=_stage_list(review_after, "--review-after") or ())
+    return cmd_run([study], prior=[], indication=None, backend=backend, settings=settings,
+                   json_out=json_out, image_root=image_root,
+                   allow_missing_images=allow_missing_images)
+
+
+@app.command("resume")
+def resume_cmd(
+    run_id: Annotated[str, typer.Argument(metavar="RUN_ID", show_default=False)],
+    backend: Backend = "demo",
+    approve: Annotated[bool, typer.Option(
+        "--approve", help="approve a pending review as is, without asking")] = False,
+    home: Home = None,
+    checkpoint_db: CheckpointDb = None,
+    trace_dir: TraceDir = None,
+    json_out: Json = False,
+) -> int:
+    """Continue a run: an interrupted one from its last completed stage, or one paused for
+    review (asks for each answer on stdin: Enter keeps it, text replaces it)."""
+    from cxrtrek.agent._reading_cli import cmd_resume
+
+    settings = _agent_settings(home=home, checkpoint_db=checkpoint_db, trace_dir=trace_dir)
+    return cmd_resume(run_id, backend=backend, settings=settings, approve=approve,
+                      json_out=json_out)
+
+
+@app.command("replay")
+def replay_cmd(
+    trace: Annotated[Path, typer.Argument(metavar="TRACE.jsonl", show_default=False,
+                                          help="a run's trace (HOME/traces/RUN_ID.jsonl)")],
+    against: Annotated[str | None, typer.Option(
+        "--against", metavar="SPEC",
+        help="re-execute the run: 'recorded' (the trace's own outputs) or a backend spec; "
+             "diffs stage by stage, exit 1 when a stage diverged")] = None,
+    fork: Annotated[int | None, typer.Option(
+        "--fork", metavar="STAGE",
+        help="fork the run after STAGE with --edit answers and re-run the later stages "
+             "(on --against, default demo); shows the diff")] = None,
+    edit: Annotated[list[str] | None, typer.Option(
+        "--edit", metavar="QUESTION_ID=TEXT", help="a corrected answer for --fork; "
+                                                  "repeatable")] = None,
+    study: Annotated[Path | None, typer.Option(
+        "--study", metavar="FILE",
+        help="the CXRTrek file the run read (dataset mode): also attribute errors to the "
+             "first wrong stage")] = None,
+    image_root: Annotated[Path | None, typer.Option("--image-root")] = None,
+    allow_missing_images: Annotated[bool, typer.Option("--allow-missing-images")] = False,
+    home: Home = None,
+    checkpoint_db: CheckpointDb = None,
+    json_out: Json = False,
+) -> int:
+    """Play a trace back stage by stage; re-execute it and diff; or fork it with an edit.
+
+    Replays and forks need the run's checkpoints (the same --home) unless --study is given.
+    """
+    from cxrtrek.agent._reading_cli import cmd_replay
+
+    settings = _agent_settings(home=home, checkpoint_db=checkpoint_db,
+                               trace_dir=trace.parent)
+    return cmd_replay(trace, against=against, fork=fork, edits=edit or [], study=study,
+                      image_root=image_root, allow_missing_images=allow_missing_images,
+                      settings=settings, json_out=json_out)
+
+
+@app.command("chat")
+def chat_cmd(
+    images: Annotated[list[Path], typer.Argument(
+        metavar="IMAGE", show_default=False,
+        help="the current study: image files (PNG, JPEG, DICOM) or a folder")],
+    prior: Prior = None,
+    indication: Indication = None,
+    backend: Backend = "demo",
+    review: Annotated[bool, typer.Option(
+        "--review", help="pause after each stage for approval or an edit")] = False,
+    context: Context = "full",
+    home: Home = None,
+) -> int:
+    """An interactive reading: live stages, then follow-up questions and commands.
+
+    At the prompt: a question is answered with the run's context (and traced); /stages,
+    /stage N, /edit N (correct an answer, fork, re-run downstream, show the diff),
+    /review on|off, /trace, /report, /save [PATH], /help, /quit.
+    """
+    from cxrtrek.agent.chat import cmd_chat
+
+    settings = _agent_settings(home=home, context=context)
+    return cmd_chat(images, prior or [], indication, backend, settings, review)
+
+
+# --- serving -------------------------------------------------------------------------------------
+
+
+@app.command("serve")
+def serve_cmd(
+    model: Annotated[str, typer.Option(
+        "--model", metavar="PATH|tiny|demo",
+        help="a saved model folder, or a preset with random weights")] = "tiny",
+    device: Annotated[str, typer.Option(
+        "--device", metavar="cuda|cpu|auto",
+        help="e.g. cpu, cuda, cuda:1 (auto: CUDA when available)")] = "auto",
+    dtype: Annotated[str, typer.Option(
+        "--dtype", metavar="bfloat16|float32|auto",
+        help="auto: bfloat16 on CUDA, float32 on CPU")] = "auto",
+    host: Annotated[str, typer.Option("--host", help="bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 8000,
+    token: Annotated[str | None, typer.Option(
+        "--token", help="bearer token required of clients (default $CXRTREK_SERVER_TOKEN)")
+    ] = None,
+    model_id: Annotated[str | None, typer.Option(
+        "--model-id", help="the served model name (default from the model)")] = None,
+    max_batch_size: Annotated[int, typer.Option("--max-batch-size", metavar="N")] = 8,
+    max_wait_ms: Annotated[float, typer.Option(
+        "--max-wait-ms", metavar="MS", help="how long a batch waits to fill")] = 10.0,
+    max_queue: Annotated[int, typer.Option(
+        "--max-queue", metavar="N", help="waiting requests beyond N get 429")] = 256,
+    max_request_bytes: Annotated[int | None, typer.Option(
+        "--max-request-bytes", metavar="N", help="larger bodies get 413 (default 32 MiB)")
+    ] = None,
+    request_timeout_s: Annotated[float | None, typer.Option(
+        "--request-timeout-s", metavar="S",
+        help="queue wait plus generation; then 504 (default 120)")] = None,
+    drain_timeout_s: Annotated[float | None, typer.Option(
+        "--drain-timeout-s", metavar="S",
+        help="on shutdown, time for requests in flight (default 30)")] = None,
+    cache_size: Annotated[int, typer.Option(
+        "--cache-size", metavar="N",
+        help="images in the vision-feature cache; 0 turns it off")] = 256,
+    threads: Annotated[int | None, typer.Option(
+        "--threads", metavar="N", help="torch CPU threads")] = None,
+) -> int:
+    """Serve CXRTrekNet over HTTP (OpenAI-compatible chat completions) on a GPU host.
+
+    POST /v1/chat/completions (images as data: URLs), GET /v1/models, /health, /metrics.
+    Concurrent requests are batched; vision features are cached by image SHA-256. Binds
+    127.0.0.1 unless told otherwise; any other address needs a token. SIGINT/SIGTERM drain.
+    """
+    from cxrtrek.agent._commands import cmd_serve
+
+    return cmd_serve(argparse.Namespace(**locals()))
+
+
+@app.command("api")
+def api_cmd(
+    backend: Backend = "demo",
+    host: Annotated[str, typer.Option("--host", help="bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 8080,
+    token: Annotated[str | None, typer.Option(
+        "--token", help="bearer token required of clients (default $CXRTREK_API_TOKEN); "
+                        "required off loopback")] = None,
+    context: Context = "full",
+    max_image_mb: Annotated[float, typer.Option(
+        "--max-image-mb", metavar="MB", help="largest image file accepted")] = 20.0,
+    max_concurrent_runs: Annotated[int, typer.Option(
+        "--max-concurrent-runs", metavar="N", help="readings at once; more wait")] = 2,
+    home: Home = None,
+) -> int:
+    """Serve readings over HTTP: POST a study (multipart images) to /v1/runs, follow its
+    stages as server-sent events, fetch the run, its report and its trace."""
+    from cxrtrek.agent.api import ApiSettings, serve_api
+
+    fields: dict[str, Any] = {
+        "host": host, "port": port, "backend": backend, "context": context,
+        "token": token or os.environ.get("CXRTREK_API_TOKEN") or None,
+        "max_image_bytes": int(max_image_mb * 1024 * 1024),
+        "max_concurrent_runs": max_concurrent_runs,
+        "home": str(home) if home is not None else None}
+    serve_api(ApiSettings.create(**fields))
+    return EXIT_OK
+
+
+@app.command("mcp")
+def mcp_cmd(
+    backend: Backend = "demo",
+    context: Context = "full",
+    home: Home = None,
+) -> int:
+    """Serve the interpret_chest_xray tool over MCP (stdio), for clinical assistants."""
+    from cxrtrek.agent.mcp_server import run_mcp_stdio
+
+    run_mcp_stdio(backend, _agent_settings(home=home, context=context))
+    return EXIT_OK
+
+
+# --- data, models, evaluation -------------------------------------------------------------------
+
+
+@app.command("inspect")
+def inspect_cmd(
+    paths: Annotated[list[Path], typer.Argument(metavar="PATH", show_default=False,
+                                                help="image files or folders")],
+    json_out: Json = False,
+    max_pixels: Annotated[int, typer.Option(
+        "--max-pixels", metavar="N",
+        help="refuse images with more pixels than N (0: the default, 50 million)")] = 0,
+    any_body_part: Annotated[bool, typer.Option(
+        "--any-body-part", help="do not refuse DICOMs whose body part is not the chest")
+    ] = False,
+) -> int:
+    """Decode images (PNG, JPEG, DICOM) the way cxrtrek reads them and show what was read.
+
+    A table of format, size, bit depth, colour mode, view, modality, body part and SHA-256,
+    or the reason a file was refused. Folders are walked (hidden and text files skipped).
+    Exits 1 if any file failed.
+    """
+    from cxrtrek.agent._commands import cmd_inspect
+
+    return cmd_inspect(argparse.Namespace(paths=[str(p) for p in paths], json=json_out,
+                                          max_pixels=max_pixels, any_body_part=any_body_part))
+
+
+@app.command("phantoms")
+def phantoms_cmd(
+    n: Annotated[int, typer.Option("--n", help="number of studies", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="output folder", show_default=False)],
+    seed: Annotated[int, typer.Option("--seed", help="random seed")] = 0,
+    size: Annotated[int, typer.Option("--size", metavar="PX",
+                                      help="image size in pixels, 128-512")] = 320,
+    prior_fraction: Annotated[float, typer.Option(
+        "--prior-fraction", help="share of patients with a prior study")] = 0.6,
+) -> int:
+    """Generate synthetic chest radiographs with 8-stage questions and known truth.
+
+    Writes images/, phantoms.json (CXRTrek format) and truth.jsonl to OUT. The same seed
+    gives the same bytes.
+    """
+    from cxrtrek.agent._commands import cmd_phantoms
+
+    return cmd_phantoms(argparse.Namespace(n=n, out=out, seed=seed, size=size,
+                                           prior_fraction=prior_fraction))
+
+
+@app.command("train")
+def train_cmd(
+    train_data: Annotated[Path, typer.Argument(help="CXRTrek-format training file "
+                                                    "(vision phase: truth.jsonl)",
+                                               show_default=False)],
+    output_dir: Annotated[Path, typer.Argument(help="folder for checkpoints and the model",
+                                               show_default=False)],
+    phase: Annotated[str, typer.Option(
+        "--phase", metavar="lm|vision",
+        help="lm: projector and LM on Q&A; vision: supervised vision-encoder pretraining on "
+             "a phantom dataset's truth.jsonl")] = "lm",
+    eval_data: Annotated[Path | None, typer.Option("--eval-data")] = None,
+    image_root: Annotated[Path | None, typer.Option("--image-root")] = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", help="preset (tiny, demo) or a saved model folder (default tiny)")] = None,
+    vision_path: Annotated[Path | None, typer.Option("--vision-path")] = None,
+    lm_path: Annotated[Path | None, typer.Option("--lm-path")] = None,
+    steps: Annotated[int | None, typer.Option("--steps")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
+    grad_accum: Annotated[int | None, typer.Option("--grad-accum")] = None,
+    lr: Annotated[float | None, typer.Option("--lr")] = None,
+    lm_mode: Annotated[str | None, typer.Option(
+        "--lm-mode", metavar="lora|full|frozen")] = None,
+    train_vision: Annotated[bool | None, typer.Option(
+        "--train-vision/--frozen-vision")] = None,
+    pack_questions: Annotated[int | None, typer.Option(
+        "--pack-questions", help="questions per training example")] = None,
+    dtype: Annotated[str | None, typer.Option(
+        "--dtype", metavar="float32|bfloat16")] = None,
+    device: Annotated[str | None, typer.Option("--device")] = None,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    eval_every: Annotated[int | None, typer.Option("--eval-every")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(
+        "--checkpoint-every")] = None,
+    no_resume: Annotated[bool, typer.Option(
+        "--no-resume", help="start over even if OUTPUT_DIR holds a checkpoint")] = False,
+    image_size: Annotated[int | None, typer.Option(
+        "--image-size", metavar="PX", help="vision phase: resolution")] = None,
+    cache_image_features: Annotated[bool | None, typer.Option(
+        "--cache-image-features", help="frozen vision tower: encode each image once")] = None,
+    caption_keep: Annotated[float | None, typer.Option(
+        "--caption-keep", metavar="P",
+        help="fraction of free-text non-report answers to train on")] = None,
+    max_minutes: Annotated[float | None, typer.Option(
+        "--max-minutes", metavar="M", help="stop after M minutes")] = None,
+) -> int:
+    """Train CXRTrekNet (LoRA on the LM and the projector by default) on CXRTrek-format data.
+
+    Checkpoints into OUTPUT_DIR and resumes from there; the finished folder loads with
+    --backend inprocess:OUTPUT_DIR.
+    """
+    from cxrtrek.agent._commands import cmd_train
+
+    return cmd_train(argparse.Namespace(**locals()))
+
+
+@app.command("eval")
+def eval_cmd(
+    action: Annotated[list[str] | None, typer.Argument(
+        metavar="[compare A B]", show_default=False,
+        help="compare two results instead of evaluating")] = None,
+    data: Annotated[Path | None, typer.Option(
+        "--data", metavar="DATASET", help="CXRTrek-format file")] = None,
+    image_root: Annotated[Path | None, typer.Option(
+        "--image-root", metavar="DIR")] = None,
+    backend: Annotated[str, typer.Option(
+        "--backend", metavar="SPEC",
+        help="scripted-oracle (default), demo, inprocess:PATH or http:URL")] = "scripted-oracle",
+    context: Annotated[str, typer.Option(
+        "--context", metavar="full,retrieved,none",
+        help="context policies, comma-separated; several run side by side")] = "full",
+    out: Annotated[Path, typer.Option("--out", metavar="DIR", help="output folder")] = Path(
+        "eval-results"),
+    allow_missing_images: Annotated[bool, typer.Option(
+        "--allow-missing-images",
+        help="skip (and count) studies whose images are missing; the oracle answers them")
+    ] = False,
+    workers: Annotated[int, typer.Option("--workers", metavar="N",
+                                         help="processes to shard the studies over")] = 1,
+    concurrency: Annotated[int, typer.Option("--concurrency", metavar="N",
+                                             help="readings in flight per process")] = 4,
+    limit: Annotated[int | None, typer.Option(
+        "--limit", metavar="N", help="only the first N studies")] = None,
+    ray: Annotated[str | None, typer.Option(
+        "--ray", metavar="ADDRESS|local",
+        help="run the shards as Ray tasks ('local' starts a local cluster)")] = None,
+    bertscore_model: Annotated[Path | None, typer.Option(
+        "--bertscore-model", metavar="PATH",
+        help="local BERT-like model folder for BERTScore (default: skipped)")] = None,
+    memory: Annotated[Path | None, typer.Option(
+        "--memory", metavar="DIR", help="chromadb folder for the agent's vector memory")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(
+        "--max-new-tokens", metavar="N")] = None,
+    json_out: Json = False,
+) -> int:
+    """Evaluate a backend on CXRTrek-format data (per-stage metrics, context ablation).
+
+    Scores every answer per stage and question type (accuracy, exact match and F1, IoU,
+    BLEU, ROUGE-L, CheXpert finding F1); writes results.json, questions.jsonl and plots to
+    --out. 'cxrtrek eval compare A B' prints the per-stage deltas B - A of two results.
+    """
+    from cxrtrek.evals._cli import cmd_eval
+
+    params = dict(locals())
+    params["action"] = action or []
+    params["json"] = params.pop("json_out")
+    return cmd_eval(argparse.Namespace(**params))
+
+
+# --- entry point ---------------------------------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return EXIT_USAGE
-    level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    from cxrtrek.errors import CXRTrekError
+    """Run the CLI; returns the exit code (never raises, except with --debug)."""
+    from typer.main import get_command
 
-    handler: Callable[[argparse.Namespace], int] = args.handler
+    args = list(sys.argv[1:] if argv is None else argv)
+    opts = _Globals(debug=bool(os.environ.get("CXRTREK_DEBUG")))
+    command = next((a for a in args if not a.startswith("-")), "cxrtrek")
     try:
-        return handler(args)
-    except CXRTrekError as exc:
-        sys.stderr.write(f"cxrtrek {args.command}: error: {exc}\n")
-        return EXIT_USAGE
+        result = get_command(app).main(args=args, prog_name="cxrtrek", standalone_mode=False,
+                                       obj=opts)
+    except typer.TyperException as exc:  # usage errors: click's own message, exit 2
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            sys.stderr.write(f"cxrtrek: error: {exc.format_message()}\n")
+        return int(getattr(exc, "exit_code", EXIT_USAGE))
+    except typer.Abort:
+        sys.stderr.write("interrupted\n")
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return EXIT_INTERRUPTED
     except Exception as exc:  # the last line of defence: no traceback unless asked for
-        if args.debug or os.environ.get("CXRTREK_DEBUG"):
-            raise
-        sys.stderr.write(f"cxrtrek {args.command}: internal error: {type(exc).__name__}: "
-                         f"{exc}\n(rerun with --debug for the traceback, and please report "
-                         "it)\n")
-        return EXIT_FAILED
+        return _report_error(exc, command, opts.debug)
+    return int(result) if isinstance(result, int) else EXIT_OK
+
+
+def _report_error(exc: Exception, command: str, debug: bool) -> int:
+    from cxrtrek.errors import CXRTrekError
+
+    if debug:
+        raise exc
+    if isinstance(exc, CXRTrekError):
+        sys.stderr.write(f"cxrtrek {command}: error: {exc}\n")
+        return EXIT_USAGE
+    sys.stderr.write(f"cxrtrek {command}: internal error: {type(exc).__name__}: {exc}\n"
+                     "(rerun with --debug for the traceback, and please report it)\n")
+    return EXIT_FAILED
 
 
 if __name__ == "__main__":  # pragma: no cover

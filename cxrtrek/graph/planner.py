@@ -98,7 +98,8 @@ def plan_questions(study: Study, stage: int, results: dict[int, StageResult], *,
     from cxrtrek.prompts.render import render_template
 
     findings = [f.name for f in _stage_findings(results)][:max_findings]
-    variables: dict[str, Any] = {"findings": findings, "indication": study.indication or ""}
+    variables: dict[str, Any] = {"findings": findings,
+                                 "indication": (study.indication or "").strip().rstrip(".")}
     planned: list[tuple[int, int, Question]] = []  # (finding index, template index, q)
     for t, tpl in enumerate(TEMPLATES.get(stage, ())):
         if tpl.per == "finding":

@@ -127,6 +127,9 @@ def load_pretrained(folder: str | Path, *, device: str | torch.device | None = N
     """Load a saved model folder on ``device`` (automatic when None) in ``dtype``."""
     folder = _local(folder, "CXRTrekNet")
     dev, dt = resolve_device(device, dtype)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar per load would clutter the CLI and its pipes
     model = CXRTrekNetForConditionalGeneration.from_pretrained(folder, dtype=dt)
     model = model.to(dev).train(False)
     return model, CXRTrekNetProcessor.from_pretrained(folder, model.config)

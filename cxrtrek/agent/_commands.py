@@ -1,0 +1,165 @@
+"""The handlers of ``cxrtrek inspect``, ``train``, ``phantoms`` and ``serve`` (loaded only when
+they run; :mod:`cxrtrek.agent.cli` declares the commands)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["cmd_inspect", "cmd_phantoms", "cmd_serve", "cmd_train"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+_DOC_SUFFIXES = {".md", ".txt", ".json", ".jsonl", ".py", ".toml", ".yaml", ".yml"}
+
+
+def _expand(paths: Sequence[str]) -> list[tuple[Path, str]]:
+    """Files to inspect: named files as given; folders walked (hidden and doc files skipped).
+
+    Returns (path, label) pairs; the label is the path relative to the folder walked.
+    """
+    out: list[tuple[Path, str]] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            for child in sorted(p.rglob("*")):
+                rel = child.relative_to(p)
+                if (child.is_file() and not any(part.startswith(".") for part in rel.parts)
+                        and child.suffix.lower() not in _DOC_SUFFIXES):
+                    out.append((child, rel.as_posix()))
+        else:
+            out.append((p, str(p)))
+    return out
+
+
+def _short_syntax(name: str) -> str:
+    """A DICOM transfer syntax name, shortened for a table cell."""
+    for long, short in (("Image Compression", ""), ("Explicit VR Little Endian", "explicit LE"),
+                        ("Implicit VR Little Endian", "implicit LE"), ("  ", " ")):
+        name = name.replace(long, short)
+    return f"({name.strip()})"
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from cxrtrek.data.images import DecodeLimits, decode_image
+    from cxrtrek.errors import CXRTrekError
+
+    console = Console()
+    files = _expand(args.paths)
+    if not files:
+        console.print("[red]error:[/red] no files to inspect under "
+                      + ", ".join(args.paths))
+        return EXIT_USAGE
+    defaults = DecodeLimits()
+    limits = DecodeLimits(
+        max_pixels=args.max_pixels if args.max_pixels else defaults.max_pixels,
+        allowed_modalities=defaults.allowed_modalities,
+        allowed_body_parts=None if args.any_body_part else defaults.allowed_body_parts,
+    )
+    rows: list[dict[str, Any]] = []
+    for path, label in files:
+        try:
+            img = decode_image(path, limits=limits)
+        except CXRTrekError as exc:
+            rows.append({"file": str(path), "label": label, "ok": False,
+                         "error": type(exc).__name__, "message": str(exc)})
+            continue
+        except OSError as exc:
+            rows.append({"file": str(path), "label": label, "ok": False, "error": "OSError",
+                         "message": f"{path}: {exc.strerror or exc}"})
+            continue
+        m = img.meta
+        rows.append({
+            "file": str(path), "label": label, "ok": True, "format": m.format, "width": m.width,
+            "height": m.height, "bit_depth": m.bit_depth, "mode": m.mode,
+            "view": m.view_position, "modality": m.modality, "body_part": m.body_part,
+            "transfer_syntax": m.transfer_syntax, "sha256": m.sha256,
+            "mean": round(float(img.pixels.mean()), 4),
+        })
+    failed = sum(not r["ok"] for r in rows)
+    if args.json:
+        for r in rows:
+            del r["label"]
+        sys.stdout.write(json.dumps(rows, indent=1) + "\n")
+        return EXIT_FAILED if failed else EXIT_OK
+
+    table = Table(title=f"cxrtrek inspect: {len(rows)} file(s), {failed} failed")
+    table.add_column("file", overflow="fold", ratio=2)
+    table.add_column("decoded", overflow="fold", ratio=3)
+    table.add_column("status", no_wrap=True)
+    for r in rows:
+        if r["ok"]:
+            fmt = r["format"] + (f" {_short_syntax(r['transfer_syntax'])}"
+                                 if r["transfer_syntax"] else "")
+            extra = " ".join(v for v in (r["view"], r["modality"], r["body_part"]) if v)
+            decoded = (f"{fmt}, {r['width']}x{r['height']}, {r['bit_depth']}-bit {r['mode']}"
+                       + (f", {extra}" if extra else "") + f"  [dim]{r['sha256'][:12]}[/dim]")
+            table.add_row(r["label"], decoded, "[green]ok[/green]")
+        else:
+            table.add_row(r["label"], f"[red]{r['error']}[/red]: {r['message']}",
+                          "[red]failed[/red]")
+    console.print(table)
+    return EXIT_FAILED if failed else EXIT_OK
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cxrtrek.model.train import TrainConfig, train
+
+    if args.phase == "vision":
+        from cxrtrek.model.pretrain import VisionPretrainConfig, pretrain_vision
+
+        keys = ("model", "steps", "batch_size", "lr", "seed", "image_size", "max_minutes")
+        vcfg = VisionPretrainConfig(data=args.train_data, output_dir=args.output_dir,
+                                    **{k: getattr(args, k) for k in keys
+                                       if getattr(args, k) is not None})
+        sys.stdout.write(f"{pretrain_vision(vcfg)}\n")
+        return EXIT_OK
+    fields = ("model", "vision_path", "lm_path", "train_data", "eval_data", "image_root",
+              "steps", "batch_size", "grad_accum", "lr", "lm_mode", "train_vision",
+              "pack_questions", "dtype", "device", "seed", "eval_every", "checkpoint_every",
+              "cache_image_features", "caption_keep", "max_minutes")
+    cfg = TrainConfig(output_dir=args.output_dir, resume=not args.no_resume,
+                      **{k: getattr(args, k) for k in fields if getattr(args, k) is not None})
+    out = train(cfg)
+    sys.stdout.write(f"{out}\n")
+    return EXIT_OK
+
+def cmd_phantoms(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from cxrtrek.data.phantoms import generate
+
+    with Progress(transient=True) as progress:
+        task = progress.add_task("phantom studies", total=args.n)
+        path = generate(args.n, args.seed, args.out, size=args.size,
+                        prior_fraction=args.prior_fraction,
+                        progress=lambda k: progress.advance(task, k))
+    sys.stdout.write(f"{path}\n")
+    return EXIT_OK
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cxrtrek.model.server import ServerSettings, load_backend, serve
+
+    settings = ServerSettings.create(  # bad settings fail here, before the model loads
+        host=args.host, port=args.port, token=args.token or os.environ.get(
+            "CXRTREK_SERVER_TOKEN") or None, model_id=args.model_id,
+        max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue, max_request_bytes=args.max_request_bytes,
+        request_timeout_s=args.request_timeout_s, drain_timeout_s=args.drain_timeout_s,
+        cache_size=args.cache_size)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    backend = load_backend(args.model, device=args.device, dtype=args.dtype,
+                           max_batch_size=settings.max_batch_size,
+                           cache_size=settings.cache_size)
+    serve(backend, settings)
+    return EXIT_OK
