@@ -129,7 +129,7 @@ def load_pretrained(folder: str | Path, *, device: str | torch.device | None = N
     dev, dt = resolve_device(device, dtype)
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # a bar per load would clutter the CLI and its pipes
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # no bar in pipes
     model = CXRTrekNetForConditionalGeneration.from_pretrained(folder, dtype=dt)
     model = model.to(dev).train(False)
     return model, CXRTrekNetProcessor.from_pretrained(folder, model.config)

@@ -170,7 +170,8 @@ def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
 def test_light_imports() -> None:
     import subprocess
 
-    code = ("import sys, cxrtrek.evals, cxrtrek.agent.cli as c, typer.main as t; t.get_command(c.app); "
+    code = ("import sys, cxrtrek.evals, cxrtrek.agent.cli as c, typer.main as t; "
+            "t.get_command(c.app); "
             "heavy = [m for m in ('torch', 'matplotlib', 'sacrebleu', 'rouge_score', 'ray', "
             "'transformers', 'langgraph') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
