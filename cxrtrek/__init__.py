@@ -18,6 +18,9 @@ _EXPORTS: dict[str, str] = {
     "AgentSettings": "cxrtrek.agent.agent",
     "CXRTrekAgent": "cxrtrek.agent.agent",
     "RunReport": "cxrtrek.agent.agent",
+    "FollowUp": "cxrtrek.agent.agent",
+    "load_backend": "cxrtrek.agent.backends",
+    "study_from_images": "cxrtrek.data.intake",
     "Answer": "cxrtrek.schema",
     "BBox": "cxrtrek.schema",
     "Finding": "cxrtrek.schema",
@@ -46,6 +49,7 @@ __all__ = [
     "CXRTrekAgent",
     "CXRTrekError",
     "Finding",
+    "FollowUp",
     "ImageRef",
     "ImageRole",
     "QType",
@@ -57,16 +61,20 @@ __all__ = [
     "Study",
     "__version__",
     "decode_image",
+    "load_backend",
     "load_studies",
     "parse_answer",
     "read_records",
+    "study_from_images",
     "write_records",
 ]
 
 if TYPE_CHECKING:
-    from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent, RunReport
+    from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent, FollowUp, RunReport
+    from cxrtrek.agent.backends import load_backend
     from cxrtrek.data.cxrtrek import load_studies, read_records, write_records
     from cxrtrek.data.images import decode_image
+    from cxrtrek.data.intake import study_from_images
     from cxrtrek.errors import CXRTrekError
     from cxrtrek.parsing import parse_answer
     from cxrtrek.schema import (

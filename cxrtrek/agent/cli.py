@@ -367,19 +367,30 @@ def api_cmd(
     context: Context = "full",
     max_image_mb: Annotated[float, typer.Option(
         "--max-image-mb", metavar="MB", help="largest image file accepted")] = 20.0,
+    max_request_mb: Annotated[float, typer.Option(
+        "--max-request-mb", metavar="MB", help="largest request body accepted")] = 64.0,
+    max_images: Annotated[int, typer.Option(
+        "--max-images", metavar="N", help="images per study (current, and prior)")] = 8,
     max_concurrent_runs: Annotated[int, typer.Option(
         "--max-concurrent-runs", metavar="N", help="readings at once; more wait")] = 2,
     home: Home = None,
 ) -> int:
     """Serve readings over HTTP: POST a study (multipart images) to /v1/runs, follow its
-    stages as server-sent events, fetch the run, its report and its trace."""
+    stages as server-sent events, fetch the run, its report and its trace.
+
+    Every /v1 route needs the bearer token when one is set (always off loopback). Bad
+    uploads (not an image, a CT DICOM, too large, too many) get a 4xx and leave nothing
+    behind. SIGINT/SIGTERM end the event streams, let runs in flight finish for a while, and
+    leave the rest resumable.
+    """
     from cxrtrek.agent.api import ApiSettings, serve_api
 
+    mib = 1024 * 1024
     fields: dict[str, Any] = {
         "host": host, "port": port, "backend": backend, "context": context,
         "token": token or os.environ.get("CXRTREK_API_TOKEN") or None,
-        "max_image_bytes": int(max_image_mb * 1024 * 1024),
-        "max_concurrent_runs": max_concurrent_runs,
+        "max_image_bytes": int(max_image_mb * mib), "max_request_bytes": int(max_request_mb * mib),
+        "max_images": max_images, "max_concurrent_runs": max_concurrent_runs,
         "home": str(home) if home is not None else None}
     serve_api(ApiSettings.create(**fields))
     return EXIT_OK

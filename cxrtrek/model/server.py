@@ -100,6 +100,34 @@ DEFAULT_MAX_TOKENS = 128
 _LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
 
 
+# --- shared with the agent's HTTP API (cxrtrek.agent.api) ------------------------------------
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` is a loopback address (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def bearer_problem(authorization: str | None, token: str | None) -> tuple[str, str] | None:
+    """What is wrong with an ``Authorization`` header where ``token`` is required: None when
+    it carries ``Bearer <token>`` (or no token is required), else ``(code, message)`` with
+    code ``missing_token`` or ``invalid_token``. The token is compared in constant time."""
+    if token is None:
+        return None
+    if not authorization:
+        return "missing_token", "missing bearer token: send 'Authorization: Bearer <token>'"
+    scheme, _, given = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(),
+                                                                 token.encode()):
+        return "invalid_token", "invalid bearer token"
+    return None
+
+
 # --- settings --------------------------------------------------------------------------------
 
 
@@ -146,12 +174,7 @@ class ServerSettings(BaseModel):
 
     def is_loopback(self) -> bool:
         """Whether ``host`` is a loopback address (127.0.0.0/8, ::1, localhost)."""
-        if self.host.lower() in _LOOPBACK_NAMES:
-            return True
-        try:
-            return ipaddress.ip_address(self.host.strip("[]")).is_loopback
-        except ValueError:
-            return False
+        return is_loopback_host(self.host)
 
     def check_bind(self) -> None:
         """Refuse a non-loopback bind address without a token."""
@@ -638,18 +661,11 @@ def create_app(backend_or_model: BackendOrModel,
                   redoc_url=None, openapi_url=None)
 
     def authorize(request: Request) -> None:
-        if token is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if not header:
-            raise APIError(401, "missing bearer token: send 'Authorization: Bearer <token>'",
-                           "authentication_error", "missing_token",
+        problem = bearer_problem(request.headers.get("authorization"), token)
+        if problem is not None:
+            code, message = problem
+            raise APIError(401, message, "authentication_error", code,
                            {"WWW-Authenticate": "Bearer"})
-        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(),
-                                                                     token.encode()):
-            raise APIError(401, "invalid bearer token", "authentication_error",
-                           "invalid_token", {"WWW-Authenticate": "Bearer"})
 
     async def read_body(request: Request) -> bytes:
         limit = settings.max_request_bytes
