@@ -1,0 +1,687 @@
+"""``cxrtrek chat``: read a study stage by stage, then talk about it at a prompt.
+
+::
+
+    cxrtrek chat IMAGE... [--prior IMAGE...] [--indication TEXT] [--backend SPEC]
+                 [--home DIR] [--review] [--context full|retrieved|none]
+
+The images are checked first (a bad one: one error line, exit code 2, no run). The reading
+then prints each stage's questions and answers as the stage completes, with its time, and the
+report. At the prompt (``cxrtrek> ``) a plain line is a follow-up question, answered with the
+run's images and answers as context and recorded in the run's trace; commands start with
+``/`` (``/help`` lists them). ``/edit N`` forks the run after stage N with a corrected answer,
+re-runs the later stages and shows what changed; the fork becomes the current run. With
+``/review on`` (or ``--review``) readings pause after each stage for approval (Enter) or
+corrections. Ctrl-C cancels the line (a second one quits), Ctrl-D quits. Input history lives
+in ``<home>/chat_history``.
+
+:class:`ChatSession` holds the logic; it takes the agent, a rich console and an input
+function, so that it runs without a terminal. :func:`cmd_chat` is the command's handler.
+
+A note on reviews of ``/edit`` re-runs: a fork keeps the review settings of the run it comes
+from. When that run did not pause after every stage, the session shows and reviews the
+re-run's stages one at a time after the fork ran, and a correction forks again from that stage
+(so later stages see the correction), which is what a paused run would have done.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent, RunReport
+from cxrtrek.errors import CXRTrekError
+from cxrtrek.schema import Report, StageResult, Study
+from cxrtrek.stages import STAGES
+
+if TYPE_CHECKING:
+    from cxrtrek.agent.protocol import VLMBackend, VLMRequest, VLMResponse
+    from cxrtrek.graph.state import RunSettings
+
+__all__ = ["HISTORY_FILE", "HISTORY_LENGTH", "PROMPT", "ChatSession", "cmd_chat",
+           "report_markdown"]
+
+log = logging.getLogger(__name__)
+
+PROMPT = "cxrtrek> "
+HISTORY_FILE = "chat_history"
+"""The input history, under the cxrtrek home folder."""
+HISTORY_LENGTH = 1000
+"""At most this many lines of input history are kept."""
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+ALL_STAGES = tuple(spec.number for spec in STAGES)
+_TITLES = {spec.number: spec.title for spec in STAGES}
+_FORK_SUFFIX = re.compile(r"(-fork-[0-9a-f]{6})+$")
+
+InputFn = Callable[[str], str]
+"""Reads one line after showing a prompt (``input``); EOFError at the end of input."""
+
+
+class UsageError(CXRTrekError):
+    """A command typed at the prompt that the session cannot do as typed."""
+
+
+@dataclass(frozen=True)
+class _StageView:
+    """What the session shows of one stage: its answers in asking order, and its time."""
+
+    stage: int
+    title: str
+    items: tuple[tuple[str, str, str], ...]
+    """(question id, question, answer) in asking order."""
+    skipped: str | None = None
+    elapsed_s: float | None = None
+
+
+def _view(result: StageResult, elapsed_s: float | None) -> _StageView:
+    """The view of a stage's result."""
+    texts = {q.id: q.text for q in result.questions}
+    items = tuple((a.question_id, texts.get(a.question_id, ""), a.text) for a in result.answers)
+    return _StageView(result.stage, result.name, items, result.skipped, elapsed_s)
+
+
+def _seconds(value: float | None) -> str:
+    """A duration as shown ("-": unknown)."""
+    return "-" if value is None else f"{value:.2f} s"
+
+
+def _one_line(message: str) -> str:
+    """A message on one line (an error's own line breaks become spaces)."""
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
+def _fork_id(run_id: str) -> str:
+    """A new fork's run id: the original run's id and a fresh suffix (forks of forks stay
+    short; the trace's ``forked_from`` keeps the lineage)."""
+    return f"{_FORK_SUFFIX.sub('', run_id)}-fork-{uuid.uuid4().hex[:6]}"
+
+
+class _ProgressBackend:
+    """Passes generate calls on to a backend and reports each stage's answers as they come.
+
+    The agent's ``fork`` and ``review`` run the graph without stage events; a stage asks all
+    its questions in one generate call, so each call is one stage done."""
+
+    def __init__(self, inner: VLMBackend, on_stage: Callable[[str, _StageView], None]) -> None:
+        self.inner = inner
+        self.model_id = inner.model_id
+        self._on_stage = on_stage
+        self._last = time.perf_counter()
+
+    async def generate(self, requests: Sequence[VLMRequest]) -> list[VLMResponse]:
+        from cxrtrek.graph.nodes import split_request_id
+
+        responses = await self.inner.generate(requests)
+        now = time.perf_counter()
+        elapsed, self._last = now - self._last, now
+        try:
+            ids = [split_request_id(r.request_id) for r in requests]
+        except ValueError:  # not a stage's request (a follow-up): nothing to report
+            return responses
+        if ids:
+            run_id, stage, _ = ids[0]
+            items = tuple((qid, req.question, resp.text)
+                          for (_, _, qid), req, resp in zip(ids, requests, responses,
+                                                            strict=True))
+            self._on_stage(run_id, _StageView(stage, _TITLES.get(stage, ""), items,
+                                              elapsed_s=elapsed))
+        return responses
+
+
+@dataclass(frozen=True)
+class _Command:
+    """A ``/command``: its name, usage line, one-line summary (for /help) and handler."""
+
+    name: str
+    usage: str
+    summary: str
+    handler: Callable[[ChatSession, str], None]
+
+
+class ChatSession:
+    """A reading and the conversation about it: the prompt loop and every command.
+
+    ``agent`` reads and answers; ``console`` shows; ``input_fn`` reads a line after a prompt
+    (``input``, with readline in a terminal). ``review`` pauses readings after each stage.
+    ``save_dir``: where ``/save`` writes without a path (default: the current folder).
+    """
+
+    def __init__(self, agent: CXRTrekAgent, console: Console, input_fn: InputFn = input, *,
+                 review: bool = False, save_dir: Path | None = None) -> None:
+        self.agent = agent
+        self.console = console
+        self.input = input_fn
+        self.review = review
+        self.save_dir = save_dir
+        self.run_id: str | None = None
+        """The current run: the reading, or the latest fork of it."""
+        self._times: dict[tuple[str, int], float] = {}
+        self._reviewed: set[tuple[str, int]] = set()
+        self._interrupts = 0
+        self._quit = False
+
+    # --- the session ------------------------------------------------------------------------
+
+    def main(self, study: Study) -> int:
+        """Read ``study``, then run the prompt loop; the exit code."""
+        try:
+            self.start(study)
+        except CXRTrekError as exc:
+            self._say_error(f"error: {exc}")
+            return EXIT_FAILED
+        except KeyboardInterrupt:
+            self._say_error("interrupted")
+            return EXIT_INTERRUPTED
+        except Exception as exc:  # one line, no traceback
+            log.debug("internal error in the reading", exc_info=True)
+            self._say_error(f"internal error: {type(exc).__name__}: {exc}")
+            return EXIT_FAILED
+        self.loop()
+        return EXIT_OK
+
+    def start(self, study: Study) -> RunReport:
+        """Read the study with live stage progress, then show the report."""
+        prior = len(study.prior.images) if study.prior else 0
+        self.console.print(f"reading study {escape(study.study_id)}: {len(study.images)} "
+                           f"image(s), {prior} prior image(s), model "
+                           f"{escape(self.agent.backend.model_id)}")
+        report: RunReport | None = None
+        for event in self.agent.stream(study, settings=self._first_settings()):
+            self.run_id = event.run_id
+            if event.kind == "stage" and event.result is not None:
+                self._stage_done(event.run_id, _view(event.result, event.elapsed_s))
+            report = event.report or report
+        if report is None or report.run_id is None:  # pragma: no cover - it always ends so
+            raise CXRTrekError("the reading ended without a report")
+        report = self._settle(report.run_id, report)
+        self._show_report(report)
+        self.console.print("Ask a follow-up question, or type /help for the commands.")
+        return report
+
+    def loop(self) -> None:
+        """Read lines until /quit, Ctrl-D or a second Ctrl-C in a row."""
+        while True:
+            try:
+                line = self.input(PROMPT)
+            except EOFError:
+                self.console.print()
+                return
+            except KeyboardInterrupt:
+                self._interrupts += 1
+                if self._interrupts > 1:
+                    self.console.print()
+                    return
+                self.console.print("\n(line cancelled; Ctrl-C again or Ctrl-D quits)")
+                continue
+            self._interrupts = 0
+            if not self.handle(line):
+                return
+
+    def handle(self, line: str) -> bool:
+        """Do what one line says; False when the session should end. Errors are shown as one
+        line and the session goes on."""
+        text = line.strip()
+        if not text:
+            return True
+        try:
+            if text.startswith("/"):
+                self._command(text)
+            else:
+                self._followup(text)
+        except CXRTrekError as exc:
+            self._say_error(f"error: {exc}")
+        except KeyboardInterrupt:
+            self._say_error("cancelled")
+        except Exception as exc:  # the session outlives any bug: one line, no traceback
+            log.debug("internal error in %r", text, exc_info=True)
+            self._say_error(f"internal error: {type(exc).__name__}: {exc}")
+        return not self._quit
+
+    def _command(self, text: str) -> None:
+        name, _, arg = text.partition(" ")
+        command = _COMMANDS.get(name.lower())
+        if command is None:
+            raise UsageError(f"unknown command {name!r}; /help lists the commands")
+        command.handler(self, arg.strip())
+
+    # --- follow-up questions ----------------------------------------------------------------
+
+    def _followup(self, question: str) -> None:
+        run_id = self._current()
+        try:
+            answer = self.agent.ask(run_id, question)
+        except (Exception, KeyboardInterrupt) as exc:
+            self._record_unanswered(run_id, question, exc)
+            raise
+        self.console.print(escape(answer.answer))
+        seen = answer.context if answer.context_used is None else answer.context_used
+        self.console.print(f"[dim](follow-up {answer.turn}, {seen} earlier answer(s) as "
+                           f"context, {_seconds(answer.latency_s)})[/dim]")
+
+    def _record_unanswered(self, run_id: str, question: str, exc: BaseException) -> None:
+        """Keep a question the model did not answer in the trace (an empty answer whose
+        finish reason says why), so that nothing typed is lost."""
+        from cxrtrek.graph.trace import FollowupRecord
+
+        reason = "cancelled" if isinstance(exc, KeyboardInterrupt) else "error"
+        try:
+            turn = 1 + sum(1 for r in self.agent.trace_records(run_id) if r.kind == "followup")
+            self.agent.tracer.write([FollowupRecord(
+                run_id=run_id, turn=turn, question_id=f"followup-{turn}", question=question,
+                answer="", model_id=self.agent.backend.model_id, finish_reason=reason)])
+        except (CXRTrekError, OSError) as err:
+            self._say_error(f"the question could not be kept in the trace: {err}")
+
+    # --- commands -------------------------------------------------------------------------
+
+    def cmd_help(self, arg: str) -> None:
+        """List the commands."""
+        table = Table(show_header=False, box=None, padding=(0, 2))
+        table.add_column(no_wrap=True)
+        table.add_column()
+        table.add_row("any other line", "a follow-up question about the current run")
+        for command in _COMMANDS.values():
+            if command.summary:
+                table.add_row(escape(command.usage), escape(command.summary))
+        self.console.print(table)
+
+    def cmd_quit(self, arg: str) -> None:
+        """End the session."""
+        self._quit = True
+
+    def cmd_stages(self, arg: str) -> None:
+        """A table of the current run's stages: status, questions, time."""
+        run_id = self._current()
+        report = self.agent.report(run_id)
+        table = Table(title=f"run {escape(run_id)} ({report.status})")
+        for column in ("stage", "status", "questions", "time"):
+            table.add_column(column, no_wrap=column != "status")
+        times = self._stage_times(run_id)
+        for result in report.stages:
+            status = f"skipped: {result.skipped}" if result.skipped else "answered"
+            table.add_row(f"{result.stage} {escape(result.name)}", escape(status),
+                          str(len(result.questions)), _seconds(times.get(result.stage)))
+        self.console.print(table)
+
+    def cmd_stage(self, arg: str) -> None:
+        """One stage's questions and answers."""
+        run_id = self._current()
+        stage = _stage_number(arg, "/stage N")
+        result = self._result(run_id, stage)
+        self._show_stage(_view(result, self._stage_times(run_id).get(stage)))
+
+    def cmd_edit(self, arg: str) -> None:
+        """Correct an answer of stage N and re-run the later stages as a fork."""
+        run_id = self._current()
+        stage = _stage_number(arg, "/edit N")
+        result = self._result(run_id, stage)
+        if not result.answers:
+            raise UsageError(f"stage {stage} has no answers to edit "
+                             f"({result.skipped or 'not run'})")
+        self._show_stage(_view(result, self._stage_times(run_id).get(stage)))
+        choice = self._ask("question to correct (number or id)> ")
+        question_id = self._pick(result, choice) if choice else None
+        if question_id is None:
+            self.console.print("edit cancelled")
+            return
+        text = self._ask("corrected answer> ")
+        if not text:
+            self.console.print("edit cancelled (no answer given)")
+            return
+        self._rerun(run_id, stage, {question_id: text})
+
+    def cmd_review(self, arg: str) -> None:
+        """Turn the pause after each stage on or off for later readings."""
+        if arg.lower() not in ("on", "off", ""):
+            raise UsageError(f"usage: /review on|off (got {arg!r})")
+        if arg:
+            self.review = arg.lower() == "on"
+        state = "on: readings pause after each stage" if self.review else "off"
+        self.console.print(f"review is {state}")
+
+    def cmd_trace(self, arg: str) -> None:
+        """Where the current run's trace is, and its playback."""
+        from cxrtrek.graph.replay import playback
+        from cxrtrek.graph.trace import trace_path
+
+        run_id = self._current()
+        if self.agent.settings.trace:
+            path = trace_path(self.agent.settings.trace_path(), run_id)
+            self.console.print(f"trace: {path}", markup=False, highlight=False, soft_wrap=True)
+        else:
+            self.console.print("trace: kept in memory (tracing to files is off)")
+        self.console.print(playback(self.agent.trace_records(run_id)), markup=False,
+                           highlight=False)
+
+    def cmd_report(self, arg: str) -> None:
+        """The current run's report."""
+        self._show_report(self.agent.report(self._current()))
+
+    def cmd_save(self, arg: str) -> None:
+        """Write the report as Markdown and JSON."""
+        run_id = self._current()
+        markdown_path = self._save_path(arg, run_id)
+        report = self.agent.report(run_id)
+        json_path = markdown_path.with_suffix(".json")
+        try:
+            markdown_path.parent.mkdir(parents=True, exist_ok=True)
+            markdown_path.write_text(report_markdown(
+                report, model_id=self.agent.backend.model_id), encoding="utf-8")
+            json_path.write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"/save: cannot write {exc.filename or markdown_path}: "
+                             f"{exc.strerror or exc}") from exc
+        self.console.print(f"saved the report to {markdown_path} and {json_path}",
+                           markup=False, highlight=False, soft_wrap=True)
+
+    # --- readings, reviews and forks --------------------------------------------------------
+
+    def _first_settings(self) -> RunSettings:
+        """The first reading's settings: the agent's, pausing after every stage on review."""
+        settings = self.agent.settings.run_settings()
+        return settings.model_copy(update={"review_after": ALL_STAGES if self.review else ()})
+
+    def _stage_done(self, run_id: str, view: _StageView) -> None:
+        """A stage completed: keep its time; show it unless a review will show it."""
+        if view.elapsed_s is not None:
+            self._times[(run_id, view.stage)] = view.elapsed_s
+        if not self.review:
+            self._show_stage(view)
+
+    @contextmanager
+    def _progress(self) -> Iterator[None]:
+        """Report stages that the agent runs without stage events (forks, resumed reviews)."""
+        inner = self.agent.backend
+        self.agent.backend = _ProgressBackend(inner, self._stage_done)
+        try:
+            yield
+        finally:
+            self.agent.backend = inner
+
+    def _settle(self, run_id: str, report: RunReport) -> RunReport:
+        """Take a run past its review pauses: ask a person when review is on, else approve."""
+        from cxrtrek.graph.nodes import ReviewRequest
+
+        while report.status == "awaiting_review" and report.review is not None:
+            request = ReviewRequest.model_validate(report.review)
+            result = next((r for r in report.stages if r.stage == request.stage),
+                          StageResult(stage=request.stage, name=request.name,
+                                      questions=request.questions, answers=request.answers))
+            edits = self._review_stage(run_id, result) if self.review else {}
+            with self._progress():
+                report = self.agent.review(run_id, edits)
+        return report
+
+    def _review_stage(self, run_id: str, result: StageResult) -> dict[str, str]:
+        """Show a stage and ask for approval (Enter) or corrections; the corrections."""
+        self._reviewed.add((run_id, result.stage))
+        self._show_stage(_view(result, self._times.get((run_id, result.stage))))
+        if not result.answers:
+            return {}
+        self.console.print(f"review of stage {result.stage}: Enter approves it; or type the "
+                           "number or id of an answer to correct")
+        edits: dict[str, str] = {}
+        while True:
+            choice = self._ask("review> ")
+            if not choice:
+                return edits
+            question_id = self._pick(result, choice)
+            if question_id is None:
+                continue
+            text = self._ask("corrected answer> ")
+            if text:
+                edits[question_id] = text
+                self.console.print(f"{escape(question_id)} corrected; Enter approves the stage")
+
+    def _rerun(self, run_id: str, stage: int, edits: dict[str, str]) -> None:
+        """Fork ``run_id`` after ``stage`` with ``edits``, re-run the later stages, show the
+        diff; the fork becomes the current run."""
+        from cxrtrek.graph.replay import answers_from_report, diff_answers
+
+        before = self.agent.report(run_id)
+        then = ("; each is shown for review once they have run" if self.review else "")
+        self.console.print(f"forking run {escape(run_id)} after stage {stage}; re-running the "
+                           f"later stages{then}")
+        current = self._fork(run_id, stage, edits)
+        if self.review:
+            current = self._review_fork(current, stage)
+        after = self.agent.report(current)
+        diff = diff_answers(answers_from_report(before), answers_from_report(after),
+                            before_name=run_id, after_name=current)
+        self.console.print(diff.render(), markup=False, highlight=False)
+        self.run_id = current
+        self.console.print(f"current run: {escape(current)}")
+
+    def _fork(self, run_id: str, stage: int, edits: dict[str, str]) -> str:
+        """One fork (with progress, and its own review pauses settled); its run id."""
+        source = self._fork_source(run_id, stage)
+        fork_id = _fork_id(run_id)
+        for (rid, number), seconds in list(self._times.items()):
+            if rid == source and number <= stage:
+                self._times[(fork_id, number)] = seconds
+        with self._progress():
+            self.agent.fork(source, stage, edits, new_run_id=fork_id)
+        self._settle(fork_id, self.agent.report(fork_id))
+        return fork_id
+
+    def _fork_source(self, run_id: str, stage: int) -> str:
+        """The run to fork after ``stage``: ``run_id``, unless it is a fork made after a later
+        stage (its checkpoints start there); then the nearest ancestor that ran ``stage``,
+        whose stages up to ``stage`` are the same as ``run_id``'s."""
+        from cxrtrek.graph.trace import RunRecord
+
+        while True:
+            head = next((r for r in self.agent.trace_records(run_id)
+                         if isinstance(r, RunRecord)), None)
+            origin = head.forked_from if head is not None else None
+            if not origin or stage >= int(origin["stage"]):
+                return run_id
+            run_id = str(origin["run_id"])
+
+    def _review_fork(self, run_id: str, after: int) -> str:
+        """Review a fork's stages after ``after`` one at a time (those its own pauses did not
+        review); a correction forks again from that stage. The final run id."""
+        done = after
+        while True:
+            report = self.agent.report(run_id)
+            result = next((r for r in report.stages if r.stage > done and r.answers
+                           and (run_id, r.stage) not in self._reviewed), None)
+            if result is None:
+                return run_id
+            edits = self._review_stage(run_id, result)
+            if edits:
+                run_id = self._fork(run_id, result.stage, edits)
+            done = result.stage
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _current(self) -> str:
+        """The current run's id."""
+        if self.run_id is None:
+            raise UsageError("no reading yet")
+        return self.run_id
+
+    def _result(self, run_id: str, stage: int) -> StageResult:
+        """One stage's result in a run's report."""
+        report = self.agent.report(run_id)
+        found = next((r for r in report.stages if r.stage == stage), None)
+        if found is None:
+            raise UsageError(f"run {run_id} has no stage {stage}")
+        return found
+
+    def _stage_times(self, run_id: str) -> dict[int, float]:
+        """Each stage's time as this session saw it, else as the trace has it."""
+        from cxrtrek.graph.trace import StageRecord
+
+        times = {r.stage: r.latency_s for r in self.agent.trace_records(run_id)
+                 if isinstance(r, StageRecord) and r.status != "skipped"}
+        times.update({stage: s for (rid, stage), s in self._times.items() if rid == run_id})
+        return times
+
+    def _ask(self, prompt: str) -> str:
+        """A line typed in answer to ``prompt``, stripped ("" at the end of input)."""
+        try:
+            return self.input(prompt).strip()
+        except EOFError:
+            self.console.print()
+            return ""
+
+    def _pick(self, result: StageResult, choice: str) -> str | None:
+        """The question id a choice names (its number in the stage, or its id)."""
+        ids = [a.question_id for a in result.answers]
+        if choice.isdigit() and 1 <= int(choice) <= len(ids):
+            return ids[int(choice) - 1]
+        if choice in ids:
+            return choice
+        self._say_error(f"no question {choice!r} in stage {result.stage}; expected a number "
+                        f"1-{len(ids)} or one of {', '.join(ids)}")
+        return None
+
+    def _save_path(self, arg: str, run_id: str) -> Path:
+        """Where /save writes the Markdown: PATH, a folder's ``<run id>.md``, or the
+        default folder's."""
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", run_id)
+        if not arg:
+            return (self.save_dir or Path.cwd()) / f"{safe}.md"
+        path = Path(arg).expanduser()
+        if path.is_dir() or arg.endswith(("/", "\\")):
+            return path / f"{safe}.md"
+        if path.suffix.lower() == ".json":
+            raise UsageError(f"/save {arg}: expected a Markdown path (the JSON is written "
+                             "next to it)")
+        return path if path.suffix else path.with_suffix(".md")
+
+    # --- output -----------------------------------------------------------------------------
+
+    def _show_stage(self, view: _StageView) -> None:
+        """A stage's numbered questions and answers, with its time."""
+        head = f"[bold]stage {view.stage} {escape(view.title)}[/bold]"
+        if view.skipped:
+            self.console.print(f"{head}: skipped ({escape(view.skipped)})")
+            return
+        self.console.print(f"{head}  [dim]({_seconds(view.elapsed_s)})[/dim]")
+        for n, (qid, question, answer) in enumerate(view.items, start=1):
+            self.console.print(f"  {n}. [cyan]\\[{escape(qid)}][/cyan] {escape(question)}")
+            self.console.print(f"     -> {escape(answer)}")
+
+    def _show_report(self, report: Report) -> None:
+        """The report sections and limitations of a run."""
+        status = getattr(report, "status", "completed")
+        self.console.print()
+        self.console.print(f"[bold]report[/bold] of run {escape(report.run_id or '')} "
+                           f"({status})")
+        for label, text in (("Findings", report.findings), ("Impression", report.impression)):
+            if text:
+                self.console.print(f"[bold]{label}:[/bold] {escape(text)}")
+        for limitation in report.limitations:
+            self.console.print(f"[yellow]Limitation:[/yellow] {escape(limitation)}")
+
+    def _say_error(self, message: str) -> None:
+        """One line about something that went wrong."""
+        self.console.print(_one_line(message), markup=False, highlight=False, style="red")
+
+
+_COMMANDS: dict[str, _Command] = {c.name: c for c in (
+    _Command("/stages", "/stages", "the stages of the current run: status, questions, time",
+             ChatSession.cmd_stages),
+    _Command("/stage", "/stage N", "stage N's questions and answers", ChatSession.cmd_stage),
+    _Command("/edit", "/edit N", "correct an answer of stage N and re-run the later stages "
+             "(a fork, which becomes the current run)", ChatSession.cmd_edit),
+    _Command("/review", "/review on|off", "pause later readings after each stage for "
+             "approval or corrections", ChatSession.cmd_review),
+    _Command("/trace", "/trace", "the trace file and its playback", ChatSession.cmd_trace),
+    _Command("/report", "/report", "the report of the current run", ChatSession.cmd_report),
+    _Command("/save", "/save [PATH]", "write the report as Markdown (and JSON next to it)",
+             ChatSession.cmd_save),
+    _Command("/help", "/help", "this list", ChatSession.cmd_help),
+    _Command("/quit", "/quit", "end the session (also /exit, Ctrl-D)", ChatSession.cmd_quit),
+    _Command("/exit", "/exit", "", ChatSession.cmd_quit),
+)}
+
+
+def _stage_number(arg: str, usage: str) -> int:
+    """The stage number an argument names; :class:`UsageError` otherwise."""
+    if not arg.isdigit() or not 1 <= int(arg) <= len(STAGES):
+        got = f" (got {arg!r})" if arg else ""
+        raise UsageError(f"usage: {usage}, with N a stage number 1-{len(STAGES)}{got}")
+    return int(arg)
+
+
+def report_markdown(report: Report, *, model_id: str | None = None) -> str:
+    """A report as Markdown: the sections, the limitations and every stage's answers."""
+    status = getattr(report, "status", "completed")
+    lines = [f"# Chest X-ray report: study {report.study_id}", "",
+             f"- run: `{report.run_id}` ({status})"]
+    if model_id:
+        lines.append(f"- model: `{model_id}`")
+    for label, text in (("Findings", report.findings), ("Impression", report.impression)):
+        lines += ["", f"## {label}", "", text or "(none)"]
+    if report.limitations:
+        lines += ["", "## Limitations", "", *(f"- {x}" for x in report.limitations)]
+    lines += ["", "## Stages"]
+    for result in report.stages:
+        lines += ["", f"### {result.stage}. {result.name}", ""]
+        if result.skipped:
+            lines.append(f"Skipped: {result.skipped}.")
+            continue
+        texts = {q.id: q.text for q in result.questions}
+        for answer in result.answers:
+            lines.append(f"- **{texts.get(answer.question_id, answer.question_id)}**  ")
+            lines.append(f"  {answer.text}")
+    return "\n".join(lines) + "\n"
+
+
+# --- the command -----------------------------------------------------------------------------
+
+
+@contextmanager
+def _line_input(history: Path) -> Iterator[InputFn]:
+    """``input`` with readline editing and a bounded history kept in ``history``."""
+    try:
+        import readline
+    except ImportError:  # pragma: no cover - platforms without readline
+        yield input
+        return
+    readline.set_history_length(HISTORY_LENGTH)
+    with suppress(OSError):  # no history yet
+        readline.read_history_file(history)
+    try:
+        yield input
+    finally:
+        try:
+            history.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(history)
+        except OSError as exc:
+            log.warning("could not write the input history %s: %s", history, exc)
+
+
+def cmd_chat(images: list[Path], prior: list[Path], indication: str | None, backend: str,
+             settings: AgentSettings, review: bool) -> int:
+    """Read a study of ``images`` and hold the session; the exit code (0 done, 1 the reading
+    failed, 2 bad images or backend, 130 interrupted)."""
+    from cxrtrek.agent.backends import load_backend
+    from cxrtrek.data.intake import study_from_images
+
+    try:
+        study = study_from_images(images, prior=prior, indication=indication)
+        vlm = load_backend(backend, study)
+    except CXRTrekError as exc:
+        sys.stderr.write(f"cxrtrek chat: error: {_one_line(str(exc))}\n")
+        return EXIT_USAGE
+    agent = CXRTrekAgent(vlm, settings=settings)
+    with _line_input(settings.home_dir() / HISTORY_FILE) as input_fn:
+        session = ChatSession(agent, Console(highlight=False), input_fn, review=review)
+        return session.main(study)

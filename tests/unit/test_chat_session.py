@@ -1,0 +1,313 @@
+"""The ``cxrtrek chat`` session without a terminal: a scripted input function, a recording
+console, the scripted backend and a temporary home."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent
+from cxrtrek.agent.backends import load_backend
+from cxrtrek.agent.chat import PROMPT, ChatSession, cmd_chat
+from cxrtrek.agent.scripted import ScriptedBackend
+from cxrtrek.data.images import example_images
+from cxrtrek.data.intake import study_from_images
+from cxrtrek.errors import BackendError
+from cxrtrek.graph.trace import FollowupRecord, ReviewRecord, RunRecord
+from cxrtrek.schema import Study
+
+Line = str | BaseException
+
+
+@pytest.fixture()
+def study() -> Study:
+    images = example_images()
+    png = next(p for p in images if p.name == "phantom_chest_pa.png")
+    jpg = next(p for p in images if p.suffix == ".jpg")
+    return study_from_images([png], prior=[jpg], indication="Cough.")
+
+
+@pytest.fixture()
+def agent(tmp_path: Path) -> CXRTrekAgent:
+    return CXRTrekAgent(load_backend("scripted"),
+                        settings=AgentSettings(home=str(tmp_path / "home")))
+
+
+class Transcript:
+    """A session fed scripted lines (an exception item is raised instead, as Ctrl-C would
+    be); the console's text is kept."""
+
+    def __init__(self, agent: CXRTrekAgent, lines: Sequence[Line], *, review: bool = False,
+                 save_dir: Path | None = None) -> None:
+        self.console = Console(file=io.StringIO(), width=200, record=True, color_system=None)
+        self.prompts: list[str] = []
+        self._feed = iter(lines)
+        self.session = ChatSession(agent, self.console, self._input, review=review,
+                                   save_dir=save_dir)
+
+    def _input(self, prompt: str) -> str:
+        self.prompts.append(prompt)
+        self.console.print(prompt, end="", markup=False)
+        try:
+            line = next(self._feed)
+        except StopIteration:
+            raise EOFError from None
+        if isinstance(line, BaseException):
+            raise line
+        self.console.print(line, markup=False)
+        return line
+
+    def run(self, study: Study) -> int:
+        return self.session.main(study)
+
+    @property
+    def text(self) -> str:
+        return self.console.export_text(clear=False)
+
+
+def _after_reading(text: str) -> str:
+    """The part of a transcript after the first prompt."""
+    return text.split(PROMPT, 1)[1]
+
+
+def test_reading_shows_each_stage_with_its_time_then_the_report(
+        agent: CXRTrekAgent, study: Study) -> None:
+    t = Transcript(agent, [])
+    assert t.run(study) == 0
+    head = t.text.split(PROMPT, 1)[0]
+    for n in range(1, 9):
+        assert f"stage {n} " in head
+    assert "stage 1 Quality and view  (" in head
+    assert "[s2-findings] What are the abnormal findings" in head
+    assert "-> Cardiomegaly and left pleural effusion." in head
+    assert "Impression: Mild cardiomegaly and a small left pleural effusion." in head
+    assert head.index("stage 8 Report") < head.index("report of run")
+    assert t.session.run_id is not None
+
+
+def test_followup_is_answered_and_recorded_in_the_trace(agent: CXRTrekAgent,
+                                                        study: Study) -> None:
+    t = Transcript(agent, ["Is there a pneumothorax?"])
+    assert t.run(study) == 0
+    assert "(follow-up 1, 16 earlier answer(s) as context" in t.text
+    run_id = t.session.run_id
+    assert run_id is not None
+    followups = [r for r in agent.trace_records(run_id) if isinstance(r, FollowupRecord)]
+    assert [(f.turn, f.question, f.answer) for f in followups] == [
+        (1, "Is there a pneumothorax?", "No.")]
+    assert (agent.settings.trace_path() / f"{run_id}.jsonl").is_file()
+
+
+def test_backend_error_in_a_followup_is_one_line_and_the_question_is_kept(
+        agent: CXRTrekAgent, study: Study) -> None:
+    backend = agent.backend
+    assert isinstance(backend, ScriptedBackend)
+    t = Transcript(agent, ["Is the heart enlarged?", "Is the heart enlarged now?"])
+    t.session.start(study)
+    backend.fail_next(BackendError("model server unreachable"))
+    t.session.loop()
+    assert "error: model server unreachable" in t.text
+    assert "Traceback" not in t.text
+    assert "(follow-up 2," in t.text
+    assert t.session.run_id is not None
+    followups = [r for r in agent.trace_records(t.session.run_id)
+                 if isinstance(r, FollowupRecord)]
+    assert [(f.turn, f.question, f.answer, f.finish_reason) for f in followups] == [
+        (1, "Is the heart enlarged?", "", "error"),
+        (2, "Is the heart enlarged now?", "No.", "stop")]
+
+
+def test_stages_table_and_one_stage(agent: CXRTrekAgent, study: Study) -> None:
+    t = Transcript(agent, ["/stages", "/stage 2"])
+    assert t.run(study) == 0
+    after = _after_reading(t.text)
+    table, stage = after.split(PROMPT)[0], after.split(PROMPT)[1]
+    for column in ("stage", "status", "questions", "time"):
+        assert column in table
+    assert "3 Attributes and localization" in table and "answered" in table
+    assert " s" in table  # times
+    assert stage.startswith("/stage 2\nstage 2 Findings identification")
+    assert "1. [s2-findings] What are the abnormal findings" in stage
+    assert "-> Cardiomegaly and left pleural effusion." in stage
+    assert "stage 3" not in stage
+
+
+def test_edit_forks_shows_the_diff_and_switches_the_current_run(
+        agent: CXRTrekAgent, study: Study) -> None:
+    t = Transcript(agent, ["/edit 2", "1", "No abnormality.", "/report"])
+    assert t.run(study) == 0
+    first = agent.trace_records(_reading_id(agent))[0]
+    assert isinstance(first, RunRecord)
+    fork_id = t.session.run_id
+    assert fork_id is not None and fork_id.startswith(f"{first.run_id}-fork-")
+    after = _after_reading(t.text)
+    assert "question to correct (number or id)> 1" in after
+    assert f"forking run {first.run_id} after stage 2" in after
+    assert "stage 4 Relationships among findings  (" in after  # progress of the re-run
+    assert f"{first.run_id} -> {fork_id}: first divergent stage: 2" in after
+    assert "- Cardiomegaly and left pleural effusion." in after
+    assert "+ No abnormality." in after
+    assert f"current run: {fork_id}" in after
+    assert f"report of run {fork_id} (completed)" in after
+    head = agent.trace_records(fork_id)[0]
+    assert isinstance(head, RunRecord) and head.forked_from is not None
+    assert head.forked_from["run_id"] == first.run_id and head.forked_from["stage"] == 2
+    edits = [r for r in agent.trace_records(fork_id) if isinstance(r, ReviewRecord)]
+    assert [(r.question_id, r.after) for r in edits] == [("s2-findings", "No abnormality.")]
+
+
+def test_edit_of_a_stage_before_the_fork_point_forks_from_the_ancestor(
+        agent: CXRTrekAgent, study: Study) -> None:
+    t = Transcript(agent, ["/edit 6", "1", "Likely to resolve.", "/edit 1", "2", "AP."])
+    assert t.run(study) == 0
+    reading, fork_id = _reading_id(agent), t.session.run_id
+    assert fork_id is not None
+    after = _after_reading(t.text)
+    assert "+ AP." in after and "- Likely to resolve." in after  # stage 6 re-ran
+    head = agent.trace_records(fork_id)[0]
+    assert isinstance(head, RunRecord) and head.forked_from is not None
+    assert (head.forked_from["run_id"], head.forked_from["stage"]) == (reading, 1)
+
+
+def test_edit_by_question_id_and_cancelled_edits(agent: CXRTrekAgent, study: Study) -> None:
+    t = Transcript(agent, ["/edit 1", "s1-view", "Antero-posterior view.",
+                           "/edit 2", "7", "/edit 2", "", "/edit 2", "1", ""])
+    assert t.run(study) == 0
+    after = _after_reading(t.text)
+    assert "+ Antero-posterior view." in after
+    assert "no question '7' in stage 2; expected a number 1-1 or one of s2-findings" in after
+    assert after.count("edit cancelled") == 3
+    assert len(list(agent.settings.trace_path().glob("*.jsonl"))) == 2  # reading, one fork
+
+
+def test_review_on_pauses_the_next_reading_after_each_stage(agent: CXRTrekAgent,
+                                                            study: Study) -> None:
+    t = Transcript(agent, ["/review on", "/edit 6", "1", "Likely to resolve.",
+                           "",                      # stage 7: approve
+                           "2", "Impression: No acute disease.", "",  # stage 8: correct
+                           "/review off", "/edit 7", "1", "Pneumonia."])
+    assert t.run(study) == 0
+    after = _after_reading(t.text)
+    assert "review is on" in after
+    review_7 = after.index("review of stage 7")
+    review_8 = after.index("review of stage 8")
+    assert after.index("stage 7 Diagnosis and advice  (") < review_7 < review_8
+    assert "s8-impression corrected" in after
+    # the final run of that /edit carries both corrections; later stages saw them
+    reviewed_id = after.split("current run: ")[1].split("\n")[0]
+    report = agent.report(reviewed_id)
+    answers = {a.question_id: a.text for s in report.stages for a in s.answers}
+    assert answers["s6-trend"] == "Likely to resolve."
+    assert answers["s8-impression"] == "Impression: No acute disease."
+    assert report.impression == "No acute disease."
+    # with review off again, the next /edit runs through without a pause
+    tail = after.split("review is off")[1]
+    assert "review of stage" not in tail
+    assert "+ Pneumonia." in tail
+    assert t.session.run_id != reviewed_id
+
+
+def test_review_flag_pauses_the_first_reading(agent: CXRTrekAgent, study: Study) -> None:
+    t = Transcript(agent, ["", "1", "No abnormality.", "", *[""] * 8], review=True)
+    assert t.run(study) == 0
+    text = t.text
+    assert text.index("review of stage 1") < text.index("stage 2 Findings identification")
+    assert "stage 3 Attributes and localization: skipped" in text
+    assert t.session.run_id is not None
+    report = agent.report(t.session.run_id)
+    assert report.status == "completed"
+    assert report.stages[1].answers[0].text == "No abnormality."
+    edits = [r for r in agent.trace_records(t.session.run_id) if isinstance(r, ReviewRecord)]
+    assert [(r.stage, r.question_id) for r in edits] == [(2, "s2-findings")]
+
+
+def test_save_writes_markdown_and_json(agent: CXRTrekAgent, study: Study,
+                                       tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("", encoding="utf-8")
+    t = Transcript(agent, ["/save", f"/save {out}/mine", f"/save {out}/x.json",
+                           f"/save {blocker}/inside/r.md"], save_dir=tmp_path)
+    assert t.run(study) == 0
+    run_id = t.session.run_id
+    assert run_id is not None
+    default_md = tmp_path / f"{run_id}.md"
+    for md in (default_md, out / "mine.md"):
+        assert md.is_file() and md.with_suffix(".json").is_file()
+        assert f"saved the report to {md} and {md.with_suffix('.json')}" in t.text
+    markdown = default_md.read_text(encoding="utf-8")
+    assert markdown.startswith(f"# Chest X-ray report: study {study.study_id}")
+    assert "## Impression\n\nImpression: Mild cardiomegaly" in markdown or \
+        "## Impression\n\nMild cardiomegaly" in markdown
+    assert "### 2. Findings identification" in markdown
+    saved = json.loads(default_md.with_suffix(".json").read_text(encoding="utf-8"))
+    assert saved["run_id"] == run_id and saved["status"] == "completed"
+    assert "expected a Markdown path" in t.text
+    assert f"error: /save: cannot write {blocker}/inside" in t.text
+
+
+def test_unknown_commands_and_bad_arguments_do_not_end_the_session(
+        agent: CXRTrekAgent, study: Study) -> None:
+    t = Transcript(agent, ["/frobnicate", "/stage", "/stage 9", "/stage two", "/edit",
+                           "/review maybe", "/trace", "/help", "/quit", "never read"])
+    assert t.run(study) == 0
+    after = _after_reading(t.text)
+    assert "error: unknown command '/frobnicate'; /help lists the commands" in after
+    assert "usage: /stage N, with N a stage number 1-8\n" in after
+    assert "usage: /stage N, with N a stage number 1-8 (got '9')" in after
+    assert "usage: /stage N, with N a stage number 1-8 (got 'two')" in after
+    assert "usage: /edit N" in after
+    assert "usage: /review on|off (got 'maybe')" in after
+    assert f"trace: {agent.settings.trace_path()}" in after and "end: completed" in after
+    assert "/save [PATH]" in after
+    assert t.prompts.count(PROMPT) == 9  # /quit ended it
+    assert "Traceback" not in after
+
+
+def test_an_unexpected_error_is_one_line(agent: CXRTrekAgent, study: Study,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    t = Transcript(agent, ["/report", "/stages"])
+    t.session.start(study)
+
+    def broken(run_id: str) -> None:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(agent, "report", broken)
+    t.session.loop()
+    after = _after_reading(t.text)
+    assert after.count("internal error: RuntimeError: disk on fire") == 2
+
+
+def test_ctrl_c_cancels_the_line_and_a_second_one_quits(agent: CXRTrekAgent,
+                                                        study: Study) -> None:
+    t = Transcript(agent, [KeyboardInterrupt(), "/stage 1", KeyboardInterrupt(),
+                           KeyboardInterrupt(), "never read"])
+    assert t.run(study) == 0
+    assert "line cancelled; Ctrl-C again or Ctrl-D quits" in t.text
+    assert "stage 1 Quality and view" in _after_reading(t.text)
+    assert len(t.prompts) == 4
+
+
+def test_cmd_chat_refuses_a_bad_image_before_any_run(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "scan.png"
+    bad.write_text("these are notes, not an image\n", encoding="utf-8")
+    home = tmp_path / "home"
+    code = cmd_chat([bad], [], None, "scripted", AgentSettings(home=str(home)), False)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cxrtrek chat: error: ") and str(bad) in err
+    assert err.count("\n") == 1
+    assert not home.exists()
+
+
+def _reading_id(agent: CXRTrekAgent) -> str:
+    """The run id of the session's first reading (the traced run that is not a fork)."""
+    (found,) = [p.stem for p in agent.settings.trace_path().glob("*.jsonl")
+                if "-fork-" not in p.stem]
+    return found
