@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict
 
-from cxrtrek.errors import DataError
+from cxrtrek.errors import CXRTrekError, DataError
 from cxrtrek.graph.state import (
     PriorLookup,
     ReadInput,
@@ -453,49 +453,100 @@ class CXRTrekAgent:
         """Blocking :meth:`areplay`."""
         return asyncio.run(self.areplay(trace, against=against, study=study))
 
-    async def afork(self, run_id: str, stage: int, edits: dict[str, str], *,
-                    new_run_id: str | None = None) -> ForkResult:
-        """From the checkpoint after ``stage`` of ``run_id``, with ``edits`` (question id ->
-        corrected answer) applied, re-run the later stages as a new run; diff the reports."""
+    async def _fork_point(self, graph: CompiledReadGraph, run_id: str,
+                          stage: int) -> tuple[str, Any]:
+        """The run and checkpoint to fork ``run_id`` from after ``stage``: its own, or, for a
+        fork made after a later stage (its checkpoints start there), the nearest run it was
+        forked from that has one (their stages up to ``stage`` are the same)."""
+        from cxrtrek.graph.trace import RunRecord
+
+        source = run_id
+        for _ in range(64):  # a chain of forks; bounded
+            async for snap in graph.aget_state_history(_config(source)):
+                if (snap.values.get("last_stage") == stage and snap.next
+                        and "review" not in snap.next):
+                    return source, snap
+            head = next((r for r in self.trace_records(source) if isinstance(r, RunRecord)),
+                        None)
+            origin = head.forked_from if head is not None else None
+            if not origin or stage >= int(origin["stage"]):
+                break
+            source = str(origin["run_id"])
+        raise DataError(f"run {run_id!r} has no checkpoint after stage {stage} (the stage did "
+                        "not run, or awaits review)")
+
+    async def _start_fork(self, graph: CompiledReadGraph, run_id: str, stage: int,
+                          edits: dict[str, str], fork_id: str,
+                          settings: RunSettings | None) -> str | None:
+        """Write the fork's first checkpoint (the state after ``stage``, edited) and its trace
+        head; the checkpoint id it was forked from."""
         from cxrtrek.graph.nodes import edit_stage
-        from cxrtrek.graph.replay import ForkResult, answers_from_report, diff_answers
         from cxrtrek.graph.trace import QuestionRecord, RunRecord, StageRecord, hash_patient
 
-        fork_id = new_run_id or f"{run_id}-fork-{uuid.uuid4().hex[:6]}"
+        source, snap = await self._fork_point(graph, run_id, stage)
+        values: dict[str, Any] = dict(snap.values)
+        update, reviews = edit_stage(cast(ReadState, values), stage, edits, run_id=fork_id)
+        values["results"] = {**values["results"], **update.pop("results")}
+        values.update(update)
+        if settings is not None:
+            values["settings"] = settings.model_dump(mode="json")
+        checkpoint_id: str | None = snap.config["configurable"].get("checkpoint_id")
+        study = Study.model_validate(values["study"])
+        run_settings = RunSettings.model_validate(values["settings"])
+        copied = [r.model_copy(update={"run_id": fork_id})
+                  for r in self.trace_records(source)
+                  if isinstance(r, QuestionRecord | StageRecord) and r.stage <= stage]
+        self.tracer.write([RunRecord(
+            run_id=fork_id, study_id=study.study_id,
+            patient_hash=hash_patient(study.patient_id),
+            images=[r.sha256 for r in study.images],
+            prior_images=[r.sha256 for r in study.prior.images] if study.prior else [],
+            mode="dataset" if study.questions else "clinical",
+            settings=run_settings.model_dump(mode="json"), model_id=self.backend.model_id,
+            forked_from={"run_id": run_id, "stage": stage, "checkpoint_id": checkpoint_id},
+        ), *copied, *reviews])
+        await graph.aupdate_state(_config(fork_id), values, as_node="review")
+        return checkpoint_id
+
+    @staticmethod
+    def new_fork_id(run_id: str) -> str:
+        return f"{run_id}-fork-{uuid.uuid4().hex[:6]}"
+
+    async def astream_fork(self, run_id: str, stage: int, edits: dict[str, str], *,
+                           new_run_id: str | None = None, settings: RunSettings | None = None,
+                           ) -> AsyncGenerator[StageEvent, None]:
+        """:meth:`afork` as :meth:`astream` does it: the re-run stages' events as they
+        complete, then the fork's outcome (its report, or the review it paused for)."""
+        fork_id = new_run_id or self.new_fork_id(run_id)
+        ctx = self.context()
+        async with self._compiled() as graph:
+            await self._start_fork(graph, run_id, stage, edits, fork_id, settings)
+            async for event in self._events(graph, None, fork_id, ctx):
+                yield event
+
+    def stream_fork(self, run_id: str, stage: int, edits: dict[str, str], *,
+                    new_run_id: str | None = None,
+                    settings: RunSettings | None = None) -> Iterator[StageEvent]:
+        """Blocking :meth:`astream_fork`."""
+        return _blocking(self.astream_fork(run_id, stage, edits, new_run_id=new_run_id,
+                                           settings=settings))
+
+    async def afork(self, run_id: str, stage: int, edits: dict[str, str], *,
+                    new_run_id: str | None = None,
+                    settings: RunSettings | None = None) -> ForkResult:
+        """From the checkpoint after ``stage`` of ``run_id``, with ``edits`` (question id ->
+        corrected answer) applied, re-run the later stages as a new run; diff the reports.
+
+        ``settings`` replaces the run's settings for the fork (e.g. other review pauses)."""
+        from cxrtrek.graph.replay import ForkResult, answers_from_report, diff_answers
+
+        fork_id = new_run_id or self.new_fork_id(run_id)
         ctx = self.context()
         async with self._compiled() as graph:
             before = await self._outcome(graph, run_id)
-            snap = None
-            async for s in graph.aget_state_history(_config(run_id)):
-                if s.values.get("last_stage") == stage and s.next and "review" not in s.next:
-                    snap = s
-                    break
-            if snap is None:
-                raise DataError(f"run {run_id!r} has no checkpoint after stage {stage} "
-                                "(the stage did not run, or awaits review)")
-            values: dict[str, Any] = dict(snap.values)
-            update, reviews = edit_stage(cast(ReadState, values), stage, edits,
-                                         run_id=fork_id)
-            values["results"] = {**values["results"], **update.pop("results")}
-            values.update(update)
-            checkpoint_id = snap.config["configurable"].get("checkpoint_id")
-            study = Study.model_validate(values["study"])
-            settings = RunSettings.model_validate(values["settings"])
-            copied = [r.model_copy(update={"run_id": fork_id})
-                      for r in self.trace_records(run_id)
-                      if isinstance(r, QuestionRecord | StageRecord) and r.stage <= stage]
-            self.tracer.write([RunRecord(
-                run_id=fork_id, study_id=study.study_id,
-                patient_hash=hash_patient(study.patient_id),
-                images=[r.sha256 for r in study.images],
-                prior_images=[r.sha256 for r in study.prior.images] if study.prior else [],
-                mode="dataset" if study.questions else "clinical",
-                settings=settings.model_dump(mode="json"), model_id=self.backend.model_id,
-                forked_from={"run_id": run_id, "stage": stage, "checkpoint_id": checkpoint_id},
-            ), *copied, *reviews])
-            fork_config = _config(fork_id)
-            await graph.aupdate_state(fork_config, values, as_node="review")
-            await graph.ainvoke(None, fork_config, context=ctx, durability="sync")
+            checkpoint_id = await self._start_fork(graph, run_id, stage, edits, fork_id,
+                                                   settings)
+            await graph.ainvoke(None, _config(fork_id), context=ctx, durability="sync")
             after = await self._outcome(graph, fork_id)
         diff = diff_answers(answers_from_report(before), answers_from_report(after),
                             before_name=run_id, after_name=fork_id)
@@ -503,9 +554,10 @@ class CXRTrekAgent:
                           checkpoint_id=checkpoint_id, edits=edits, report=after, diff=diff)
 
     def fork(self, run_id: str, stage: int, edits: dict[str, str], *,
-             new_run_id: str | None = None) -> ForkResult:
+             new_run_id: str | None = None, settings: RunSettings | None = None) -> ForkResult:
         """Blocking :meth:`afork`."""
-        return asyncio.run(self.afork(run_id, stage, edits, new_run_id=new_run_id))
+        return asyncio.run(self.afork(run_id, stage, edits, new_run_id=new_run_id,
+                                      settings=settings))
 
     # --- follow-up questions -----------------------------------------------------------------
 
@@ -545,15 +597,25 @@ class CXRTrekAgent:
             context=[p for _, p in pairs], system=settings.resolved_system(),
             max_new_tokens=max_new_tokens or settings.max_new_tokens,
             decoding=settings.decoding)
-        t0 = time.perf_counter()
-        (response,) = await self.backend.generate([request])
-        latency = time.perf_counter() - t0
-        self.tracer.write([FollowupRecord(
+        record = FollowupRecord(
             run_id=run_id, turn=turn, question_id=f"followup-{turn}", question=text,
-            answer=response.text, context=[ContextRef(id=i) for i, _ in pairs],
-            context_used=response.context_used, images=[r.sha256 for r in images],
-            model_id=response.model_id, finish_reason=response.finish_reason,
-            latency_s=latency)])
+            answer="", context=[ContextRef(id=i) for i, _ in pairs],
+            images=[r.sha256 for r in images], model_id=self.backend.model_id)
+        t0 = time.perf_counter()
+        try:
+            (response,) = await self.backend.generate([request])
+        except (CXRTrekError, asyncio.CancelledError) as exc:  # the question stays traced
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            self.tracer.write([record.model_copy(update={
+                "finish_reason": "cancelled" if cancelled else "error",
+                "error": None if cancelled else str(exc),
+                "latency_s": time.perf_counter() - t0})])
+            raise
+        latency = time.perf_counter() - t0
+        self.tracer.write([record.model_copy(update={
+            "answer": response.text, "context_used": response.context_used,
+            "model_id": response.model_id, "finish_reason": response.finish_reason,
+            "latency_s": latency})])
         return FollowUp(run_id=run_id, turn=turn, question=text, answer=response.text,
                         context=len(pairs), context_used=response.context_used,
                         model_id=response.model_id, latency_s=latency)

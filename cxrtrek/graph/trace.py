@@ -190,6 +190,8 @@ class FollowupRecord(BaseModel):
     images: list[str | None] = Field(default_factory=list)
     model_id: str
     finish_reason: str = "stop"
+    """``stop`` or ``length``; ``error`` (see ``error``) or ``cancelled`` when no answer came."""
+    error: str | None = None
     latency_s: float = 0.0
     created_at: str = Field(default_factory=_now)
 
