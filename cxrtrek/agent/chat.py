@@ -10,18 +10,13 @@ then prints each stage's questions and answers as the stage completes, with its 
 report. At the prompt (``cxrtrek> ``) a plain line is a follow-up question, answered with the
 run's images and answers as context and recorded in the run's trace; commands start with
 ``/`` (``/help`` lists them). ``/edit N`` forks the run after stage N with a corrected answer,
-re-runs the later stages and shows what changed; the fork becomes the current run. With
-``/review on`` (or ``--review``) readings pause after each stage for approval (Enter) or
-corrections. Ctrl-C cancels the line (a second one quits), Ctrl-D quits. Input history lives
-in ``<home>/chat_history``.
+re-runs the later stages (printed as they complete) and shows what changed; the fork becomes
+the current run. With ``/review on`` (or ``--review``) readings and re-runs pause after each
+stage for approval (Enter) or corrections, which the later stages then see. Ctrl-C cancels the
+line (a second one quits), Ctrl-D quits. Input history lives in ``<home>/chat_history``.
 
 :class:`ChatSession` holds the logic; it takes the agent, a rich console and an input
 function, so that it runs without a terminal. :func:`cmd_chat` is the command's handler.
-
-A note on reviews of ``/edit`` re-runs: a fork keeps the review settings of the run it comes
-from. When that run did not pause after every stage, the session shows and reviews the
-re-run's stages one at a time after the fork ran, and a correction forks again from that stage
-(so later stages see the correction), which is what a paused run would have done.
 """
 
 from __future__ import annotations
@@ -29,9 +24,8 @@ from __future__ import annotations
 import logging
 import re
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,13 +35,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent, RunReport
+from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent, RunReport, StageEvent
 from cxrtrek.errors import CXRTrekError
 from cxrtrek.schema import Report, StageResult, Study
 from cxrtrek.stages import STAGES
 
 if TYPE_CHECKING:
-    from cxrtrek.agent.protocol import VLMBackend, VLMRequest, VLMResponse
     from cxrtrek.graph.state import RunSettings
 
 __all__ = ["HISTORY_FILE", "HISTORY_LENGTH", "PROMPT", "ChatSession", "cmd_chat",
@@ -63,7 +56,6 @@ HISTORY_LENGTH = 1000
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 ALL_STAGES = tuple(spec.number for spec in STAGES)
-_TITLES = {spec.number: spec.title for spec in STAGES}
 _FORK_SUFFIX = re.compile(r"(-fork-[0-9a-f]{6})+$")
 
 InputFn = Callable[[str], str]
@@ -109,38 +101,6 @@ def _fork_id(run_id: str) -> str:
     return f"{_FORK_SUFFIX.sub('', run_id)}-fork-{uuid.uuid4().hex[:6]}"
 
 
-class _ProgressBackend:
-    """Passes generate calls on to a backend and reports each stage's answers as they come.
-
-    The agent's ``fork`` and ``review`` run the graph without stage events; a stage asks all
-    its questions in one generate call, so each call is one stage done."""
-
-    def __init__(self, inner: VLMBackend, on_stage: Callable[[str, _StageView], None]) -> None:
-        self.inner = inner
-        self.model_id = inner.model_id
-        self._on_stage = on_stage
-        self._last = time.perf_counter()
-
-    async def generate(self, requests: Sequence[VLMRequest]) -> list[VLMResponse]:
-        from cxrtrek.graph.nodes import split_request_id
-
-        responses = await self.inner.generate(requests)
-        now = time.perf_counter()
-        elapsed, self._last = now - self._last, now
-        try:
-            ids = [split_request_id(r.request_id) for r in requests]
-        except ValueError:  # not a stage's request (a follow-up): nothing to report
-            return responses
-        if ids:
-            run_id, stage, _ = ids[0]
-            items = tuple((qid, req.question, resp.text)
-                          for (_, _, qid), req, resp in zip(ids, requests, responses,
-                                                            strict=True))
-            self._on_stage(run_id, _StageView(stage, _TITLES.get(stage, ""), items,
-                                              elapsed_s=elapsed))
-        return responses
-
-
 @dataclass(frozen=True)
 class _Command:
     """A ``/command``: its name, usage line, one-line summary (for /help) and handler."""
@@ -155,7 +115,8 @@ class ChatSession:
     """A reading and the conversation about it: the prompt loop and every command.
 
     ``agent`` reads and answers; ``console`` shows; ``input_fn`` reads a line after a prompt
-    (``input``, with readline in a terminal). ``review`` pauses readings after each stage.
+    (``input``, with readline in a terminal). ``review`` pauses readings and re-runs after
+each stage.
     ``save_dir``: where ``/save`` writes without a path (default: the current folder).
     """
 
@@ -169,7 +130,6 @@ class ChatSession:
         self.run_id: str | None = None
         """The current run: the reading, or the latest fork of it."""
         self._times: dict[tuple[str, int], float] = {}
-        self._reviewed: set[tuple[str, int]] = set()
         self._interrupts = 0
         self._quit = False
 
@@ -198,15 +158,8 @@ class ChatSession:
         self.console.print(f"reading study {escape(study.study_id)}: {len(study.images)} "
                            f"image(s), {prior} prior image(s), model "
                            f"{escape(self.agent.backend.model_id)}")
-        report: RunReport | None = None
-        for event in self.agent.stream(study, settings=self._first_settings()):
-            self.run_id = event.run_id
-            if event.kind == "stage" and event.result is not None:
-                self._stage_done(event.run_id, _view(event.result, event.elapsed_s))
-            report = event.report or report
-        if report is None or report.run_id is None:  # pragma: no cover - it always ends so
-            raise CXRTrekError("the reading ended without a report")
-        report = self._settle(report.run_id, report)
+        report = self._play(self.agent.stream(study, settings=self._settings()))
+        self.run_id = report.run_id
         self._show_report(report)
         self.console.print("Ask a follow-up question, or type /help for the commands.")
         return report
@@ -260,30 +213,13 @@ class ChatSession:
     # --- follow-up questions ----------------------------------------------------------------
 
     def _followup(self, question: str) -> None:
-        run_id = self._current()
-        try:
-            answer = self.agent.ask(run_id, question)
-        except (Exception, KeyboardInterrupt) as exc:
-            self._record_unanswered(run_id, question, exc)
-            raise
+        # a question the model did not answer (an error, Ctrl-C) is kept in the trace by the
+        # agent, with an empty answer and the finish reason "error" or "cancelled"
+        answer = self.agent.ask(self._current(), question)
         self.console.print(escape(answer.answer))
         seen = answer.context if answer.context_used is None else answer.context_used
         self.console.print(f"[dim](follow-up {answer.turn}, {seen} earlier answer(s) as "
                            f"context, {_seconds(answer.latency_s)})[/dim]")
-
-    def _record_unanswered(self, run_id: str, question: str, exc: BaseException) -> None:
-        """Keep a question the model did not answer in the trace (an empty answer whose
-        finish reason says why), so that nothing typed is lost."""
-        from cxrtrek.graph.trace import FollowupRecord
-
-        reason = "cancelled" if isinstance(exc, KeyboardInterrupt) else "error"
-        try:
-            turn = 1 + sum(1 for r in self.agent.trace_records(run_id) if r.kind == "followup")
-            self.agent.tracer.write([FollowupRecord(
-                run_id=run_id, turn=turn, question_id=f"followup-{turn}", question=question,
-                answer="", model_id=self.agent.backend.model_id, finish_reason=reason)])
-        except (CXRTrekError, OSError) as err:
-            self._say_error(f"the question could not be kept in the trace: {err}")
 
     # --- commands -------------------------------------------------------------------------
 
@@ -389,46 +325,35 @@ class ChatSession:
 
     # --- readings, reviews and forks --------------------------------------------------------
 
-    def _first_settings(self) -> RunSettings:
-        """The first reading's settings: the agent's, pausing after every stage on review."""
+    def _settings(self) -> RunSettings:
+        """The settings of the session's readings and re-runs: the agent's, pausing after
+        every stage when review is on."""
         settings = self.agent.settings.run_settings()
         return settings.model_copy(update={"review_after": ALL_STAGES if self.review else ()})
 
-    def _stage_done(self, run_id: str, view: _StageView) -> None:
-        """A stage completed: keep its time; show it unless a review will show it."""
-        if view.elapsed_s is not None:
-            self._times[(run_id, view.stage)] = view.elapsed_s
-        if not self.review:
-            self._show_stage(view)
+    def _play(self, events: Iterator[StageEvent]) -> RunReport:
+        """Show a run's stages as they complete (skipped ones too) and take it past its
+        review pauses, asking a person at each; the run's final report."""
+        while True:
+            outcome: RunReport | None = None
+            for event in events:
+                if event.kind == "stage" and event.result is not None:
+                    view = _view(event.result, event.elapsed_s)
+                    if view.elapsed_s is not None:
+                        self._times[(event.run_id, view.stage)] = view.elapsed_s
+                    self._show_stage(view)
+                outcome = event.report or outcome
+            if outcome is None or outcome.run_id is None:  # pragma: no cover - streams end so
+                raise CXRTrekError("the run ended without a report")
+            if outcome.status != "awaiting_review" or outcome.review is None:
+                return outcome
+            stage = int(outcome.review["stage"])
+            result = next(r for r in outcome.stages if r.stage == stage)
+            edits = self._review_stage(result)
+            events = self.agent.stream_resume(outcome.run_id, {"edits": edits})
 
-    @contextmanager
-    def _progress(self) -> Iterator[None]:
-        """Report stages that the agent runs without stage events (forks, resumed reviews)."""
-        inner = self.agent.backend
-        self.agent.backend = _ProgressBackend(inner, self._stage_done)
-        try:
-            yield
-        finally:
-            self.agent.backend = inner
-
-    def _settle(self, run_id: str, report: RunReport) -> RunReport:
-        """Take a run past its review pauses: ask a person when review is on, else approve."""
-        from cxrtrek.graph.nodes import ReviewRequest
-
-        while report.status == "awaiting_review" and report.review is not None:
-            request = ReviewRequest.model_validate(report.review)
-            result = next((r for r in report.stages if r.stage == request.stage),
-                          StageResult(stage=request.stage, name=request.name,
-                                      questions=request.questions, answers=request.answers))
-            edits = self._review_stage(run_id, result) if self.review else {}
-            with self._progress():
-                report = self.agent.review(run_id, edits)
-        return report
-
-    def _review_stage(self, run_id: str, result: StageResult) -> dict[str, str]:
-        """Show a stage and ask for approval (Enter) or corrections; the corrections."""
-        self._reviewed.add((run_id, result.stage))
-        self._show_stage(_view(result, self._times.get((run_id, result.stage))))
+    def _review_stage(self, result: StageResult) -> dict[str, str]:
+        """Ask for approval (Enter) or corrections of a stage just shown; the corrections."""
         if not result.answers:
             return {}
         self.console.print(f"review of stage {result.stage}: Enter approves it; or type the "
@@ -447,64 +372,22 @@ class ChatSession:
                 self.console.print(f"{escape(question_id)} corrected; Enter approves the stage")
 
     def _rerun(self, run_id: str, stage: int, edits: dict[str, str]) -> None:
-        """Fork ``run_id`` after ``stage`` with ``edits``, re-run the later stages, show the
-        diff; the fork becomes the current run."""
+        """Fork ``run_id`` after ``stage`` with ``edits``, re-run the later stages (pausing
+        for review when it is on), show the diff; the fork becomes the current run."""
         from cxrtrek.graph.replay import answers_from_report, diff_answers
 
         before = self.agent.report(run_id)
-        then = ("; each is shown for review once they have run" if self.review else "")
+        then = "; each pauses for review" if self.review else ""
         self.console.print(f"forking run {escape(run_id)} after stage {stage}; re-running the "
                            f"later stages{then}")
-        current = self._fork(run_id, stage, edits)
-        if self.review:
-            current = self._review_fork(current, stage)
-        after = self.agent.report(current)
-        diff = diff_answers(answers_from_report(before), answers_from_report(after),
-                            before_name=run_id, after_name=current)
-        self.console.print(diff.render(), markup=False, highlight=False)
-        self.run_id = current
-        self.console.print(f"current run: {escape(current)}")
-
-    def _fork(self, run_id: str, stage: int, edits: dict[str, str]) -> str:
-        """One fork (with progress, and its own review pauses settled); its run id."""
-        source = self._fork_source(run_id, stage)
         fork_id = _fork_id(run_id)
-        for (rid, number), seconds in list(self._times.items()):
-            if rid == source and number <= stage:
-                self._times[(fork_id, number)] = seconds
-        with self._progress():
-            self.agent.fork(source, stage, edits, new_run_id=fork_id)
-        self._settle(fork_id, self.agent.report(fork_id))
-        return fork_id
-
-    def _fork_source(self, run_id: str, stage: int) -> str:
-        """The run to fork after ``stage``: ``run_id``, unless it is a fork made after a later
-        stage (its checkpoints start there); then the nearest ancestor that ran ``stage``,
-        whose stages up to ``stage`` are the same as ``run_id``'s."""
-        from cxrtrek.graph.trace import RunRecord
-
-        while True:
-            head = next((r for r in self.agent.trace_records(run_id)
-                         if isinstance(r, RunRecord)), None)
-            origin = head.forked_from if head is not None else None
-            if not origin or stage >= int(origin["stage"]):
-                return run_id
-            run_id = str(origin["run_id"])
-
-    def _review_fork(self, run_id: str, after: int) -> str:
-        """Review a fork's stages after ``after`` one at a time (those its own pauses did not
-        review); a correction forks again from that stage. The final run id."""
-        done = after
-        while True:
-            report = self.agent.report(run_id)
-            result = next((r for r in report.stages if r.stage > done and r.answers
-                           and (run_id, r.stage) not in self._reviewed), None)
-            if result is None:
-                return run_id
-            edits = self._review_stage(run_id, result)
-            if edits:
-                run_id = self._fork(run_id, result.stage, edits)
-            done = result.stage
+        after = self._play(self.agent.stream_fork(run_id, stage, edits, new_run_id=fork_id,
+                                                  settings=self._settings()))
+        diff = diff_answers(answers_from_report(before), answers_from_report(after),
+                            before_name=run_id, after_name=fork_id)
+        self.console.print(diff.render(), markup=False, highlight=False)
+        self.run_id = fork_id
+        self.console.print(f"current run: {escape(fork_id)}")
 
     # --- helpers ----------------------------------------------------------------------------
 
@@ -600,8 +483,8 @@ _COMMANDS: dict[str, _Command] = {c.name: c for c in (
     _Command("/stage", "/stage N", "stage N's questions and answers", ChatSession.cmd_stage),
     _Command("/edit", "/edit N", "correct an answer of stage N and re-run the later stages "
              "(a fork, which becomes the current run)", ChatSession.cmd_edit),
-    _Command("/review", "/review on|off", "pause later readings after each stage for "
-             "approval or corrections", ChatSession.cmd_review),
+    _Command("/review", "/review on|off", "pause later readings and re-runs after each "
+             "stage for approval or corrections", ChatSession.cmd_review),
     _Command("/trace", "/trace", "the trace file and its playback", ChatSession.cmd_trace),
     _Command("/report", "/report", "the report of the current run", ChatSession.cmd_report),
     _Command("/save", "/save [PATH]", "write the report as Markdown (and JSON next to it)",

@@ -85,6 +85,7 @@ def test_a_session_typed_at_a_terminal(tmp_path: Path) -> None:
         child.sendline("1")
         child.expect_exact("corrected answer> ")
         child.sendline("No abnormality.")
+        child.expect_exact("stage 3 Attributes and localization: skipped")  # live, as it ran
         child.expect_exact("stage 4 Relationships among findings  (")
         child.expect_exact("first divergent stage: 2")
         child.expect_exact("+ No abnormality.")
@@ -99,6 +100,7 @@ def test_a_session_typed_at_a_terminal(tmp_path: Path) -> None:
         child.sendline("s7-diagnosis")
         child.expect_exact("corrected answer> ")
         child.sendline("Heart failure; start diuretics.")
+        child.expect_exact("stage 8 Report  (")
         child.expect_exact("review of stage 8")
         child.expect_exact("review> ")
         child.sendline("")

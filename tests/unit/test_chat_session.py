@@ -3,8 +3,10 @@ console, the scripted backend and a temporary home."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from rich.console import Console
 from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent
 from cxrtrek.agent.backends import load_backend
 from cxrtrek.agent.chat import PROMPT, ChatSession, cmd_chat
+from cxrtrek.agent.protocol import VLMRequest, VLMResponse
 from cxrtrek.agent.scripted import ScriptedBackend
 from cxrtrek.data.images import example_images
 from cxrtrek.data.intake import study_from_images
@@ -120,6 +123,33 @@ def test_backend_error_in_a_followup_is_one_line_and_the_question_is_kept(
     assert [(f.turn, f.question, f.answer, f.finish_reason) for f in followups] == [
         (1, "Is the heart enlarged?", "", "error"),
         (2, "Is the heart enlarged now?", "No.", "stop")]
+    assert followups[0].error is not None and "model server unreachable" in followups[0].error
+
+
+def test_ctrl_c_during_a_followup_cancels_it_and_the_question_is_kept(
+        agent: CXRTrekAgent, study: Study, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = agent.backend
+    answer = backend.generate
+
+    async def interrupted(requests: Sequence[VLMRequest]) -> list[VLMResponse]:
+        monkeypatch.setattr(backend, "generate", answer)  # only this once
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C while the model works on the question
+        await asyncio.sleep(30)
+        raise AssertionError("not cancelled")
+
+    t = Transcript(agent, ["Is the heart enlarged?", "Is the heart enlarged now?"])
+    t.session.start(study)
+    monkeypatch.setattr(backend, "generate", interrupted)
+    t.session.loop()
+    after = _after_reading(t.text)
+    assert "Is the heart enlarged?\ncancelled\n" in after
+    assert "(follow-up 2," in after and "Traceback" not in after
+    assert t.session.run_id is not None
+    followups = [r for r in agent.trace_records(t.session.run_id)
+                 if isinstance(r, FollowupRecord)]
+    assert [(f.turn, f.question, f.answer, f.finish_reason) for f in followups] == [
+        (1, "Is the heart enlarged?", "", "cancelled"),
+        (2, "Is the heart enlarged now?", "No.", "stop")]
 
 
 def test_stages_table_and_one_stage(agent: CXRTrekAgent, study: Study) -> None:
@@ -149,6 +179,8 @@ def test_edit_forks_shows_the_diff_and_switches_the_current_run(
     assert "question to correct (number or id)> 1" in after
     assert f"forking run {first.run_id} after stage 2" in after
     assert "stage 4 Relationships among findings  (" in after  # progress of the re-run
+    assert "stage 3 Attributes and localization: skipped" in after  # skipped ones too
+    assert after.index("stage 3 Attributes") < after.index("stage 4 Relationships")
     assert f"{first.run_id} -> {fork_id}: first divergent stage: 2" in after
     assert "- Cardiomegaly and left pleural effusion." in after
     assert "+ No abnormality." in after
@@ -166,12 +198,16 @@ def test_edit_of_a_stage_before_the_fork_point_forks_from_the_ancestor(
     t = Transcript(agent, ["/edit 6", "1", "Likely to resolve.", "/edit 1", "2", "AP."])
     assert t.run(study) == 0
     reading, fork_id = _reading_id(agent), t.session.run_id
-    assert fork_id is not None
+    assert fork_id is not None and fork_id.startswith(f"{reading}-fork-")
     after = _after_reading(t.text)
+    first_fork = after.split("current run: ")[1].split("\n")[0]
+    assert f"forking run {first_fork} after stage 1" in after
     assert "+ AP." in after and "- Likely to resolve." in after  # stage 6 re-ran
     head = agent.trace_records(fork_id)[0]
     assert isinstance(head, RunRecord) and head.forked_from is not None
-    assert (head.forked_from["run_id"], head.forked_from["stage"]) == (reading, 1)
+    # the lineage names the run edited; its stage 1 came from the reading's checkpoints
+    assert (head.forked_from["run_id"], head.forked_from["stage"]) == (first_fork, 1)
+    assert agent.report(fork_id).status == "completed"
 
 
 def test_edit_by_question_id_and_cancelled_edits(agent: CXRTrekAgent, study: Study) -> None:
@@ -197,6 +233,7 @@ def test_review_on_pauses_the_next_reading_after_each_stage(agent: CXRTrekAgent,
     review_7 = after.index("review of stage 7")
     review_8 = after.index("review of stage 8")
     assert after.index("stage 7 Diagnosis and advice  (") < review_7 < review_8
+    assert review_7 < after.index("stage 8 Report  (") < review_8  # paused before stage 8
     assert "s8-impression corrected" in after
     # the final run of that /edit carries both corrections; later stages saw them
     reviewed_id = after.split("current run: ")[1].split("\n")[0]
@@ -205,11 +242,18 @@ def test_review_on_pauses_the_next_reading_after_each_stage(agent: CXRTrekAgent,
     assert answers["s6-trend"] == "Likely to resolve."
     assert answers["s8-impression"] == "Impression: No acute disease."
     assert report.impression == "No acute disease."
+    head = agent.trace_records(reviewed_id)[0]  # one fork, paused; not a fork per correction
+    assert isinstance(head, RunRecord) and head.forked_from is not None
+    assert (head.forked_from["run_id"], head.forked_from["stage"]) == (_reading_id(agent), 6)
+    reviews = [(r.stage, r.question_id) for r in agent.trace_records(reviewed_id)
+               if isinstance(r, ReviewRecord)]
+    assert reviews == [(6, "s6-trend"), (8, "s8-impression")]
     # with review off again, the next /edit runs through without a pause
     tail = after.split("review is off")[1]
     assert "review of stage" not in tail
     assert "+ Pneumonia." in tail
     assert t.session.run_id != reviewed_id
+    assert len(list(agent.settings.trace_path().glob("*.jsonl"))) == 3  # reading, two forks
 
 
 def test_review_flag_pauses_the_first_reading(agent: CXRTrekAgent, study: Study) -> None:
