@@ -6,12 +6,21 @@
 
 For each mode (embedded ``PersistentClient``; ``chroma run`` server on loopback, started and
 stopped here) and each size, fills the stage-memory collection with synthetic items (random
-unit vectors of dim 384, so building 100k items is fast; 100 items per run) and times:
+unit vectors of dim 384, so building 100k items is fast; 100 items per run) and times each
+query kind twice, side by side: ``old``, :class:`VectorMemory` with ``run_index_ttl_s=0`` and
+``query_cache_size=0`` (every recall reads the run by ``where`` and embeds its text), and
+``new``, the defaults (the run index, checked by id; the query-embedding LRU):
 
-* ``recall, precomputed``: :meth:`VectorMemory.recall` of one run's top 4 (``where`` run id)
-  with a precomputed query embedding;
-* ``recall, with embedding``: the same from the query text (all-MiniLM-L6-v2 on CPU);
-* ``knn, precomputed``: top 4 of the whole collection (HNSW, no filter).
+* ``recall, precomputed``: :meth:`VectorMemory.recall` of one run's top 4 with a precomputed
+  query embedding, cycling over 16 runs already recalled once (a reader at work on a few runs);
+* ``recall, text, distinct``: the same from a query text never asked before (all-MiniLM-L6-v2
+  on CPU; the LRU cannot help);
+* ``recall, text, repeated``: the same from one of six query texts (the LRU's case);
+* ``recall, first of a run``: a run this memory never recalled (``new`` reads it by ``where``
+  into its index: the cost of the old path, once per run);
+* ``chroma query(where)``: chromadb's own filtered vector search of one run (reference, old
+  column only, at most 30 queries);
+* ``knn, precomputed``: top 4 of the whole collection (HNSW, no filter; no old/new).
 
 Also the text embedder's load time and throughput. ``--compare-embedders`` measures the ways
 to run all-MiniLM-L6-v2 (each in a fresh process): this package's torch BERT, ``transformers``
@@ -121,34 +130,66 @@ def fill(memory: Any, target: int, rng: np.random.Generator) -> float:
     return time.perf_counter() - t0
 
 
-def time_queries(memory: Any, col: Any, size: int, rng: np.random.Generator,
-                 n: int) -> list[tuple[str, float, float]]:
-    """(query kind, p50 ms, p95 ms) of the three query kinds on a filled collection."""
+ACTIVE_RUNS = 16
+
+Cell = tuple[float, float] | None
+"""(p50 ms, p95 ms) of one path, None when not measured."""
+
+
+def time_queries(new: Any, old: Any, col: Any, size: int, rng: np.random.Generator,
+                 n: int) -> list[tuple[str, Cell, Cell]]:
+    """(query kind, old path, new path) on a filled collection."""
     n_runs = max(1, size // 100)
     qv = rng.standard_normal((64, 384)).astype(np.float32)
     qv /= np.linalg.norm(qv, axis=1, keepdims=True)
-    counter = iter(range(10**9))
+    active = [f"run-{int(i):05d}" for i in rng.choice(n_runs, min(ACTIVE_RUNS, n_runs),
+                                                       replace=False)]
+    cold = [f"run-{i:05d}" for i in range(n_runs) if f"run-{i:05d}" not in set(active)]
+    rng.shuffle(cold)
+    for run in active:  # the reader's runs: recalled once (new: into the run index)
+        new.recall(run, qv[0].tolist(), k=4)
+    fresh = iter(range(10**9))
 
-    def recall_vec() -> None:
-        i = next(counter)
-        memory.recall(f"run-{i % n_runs:05d}", qv[i % 64].tolist(), k=4)
+    def cell(fn: Callable[[int], Any], count: int = n, warmup: int = 5) -> Cell:
+        counter = iter(range(10**9))
+        t = _time(lambda: fn(next(counter)), count, warmup)
+        return _pct(t, 50), _pct(t, 95)
 
-    def recall_text() -> None:
-        i = next(counter)
-        memory.recall(f"run-{i % n_runs:05d}", QUERIES[i % len(QUERIES)], k=4)
+    def vec(memory: Any) -> Callable[[int], Any]:
+        return lambda i: memory.recall(active[i % len(active)], qv[i % 64].tolist(), k=4)
 
-    def knn() -> None:
-        i = next(counter)
-        col.query(query_embeddings=[qv[i % 64].tolist()], n_results=4,
-                  include=["metadatas", "distances"])
+    def distinct(memory: Any) -> Callable[[int], Any]:
+        return lambda i: memory.recall(
+            active[i % len(active)], f"{QUERIES[i % len(QUERIES)]} (query {next(fresh)})", k=4)
 
-    out = []
-    for name, fn in (("recall, precomputed", recall_vec),
-                     ("recall, with embedding", recall_text),
-                     ("knn, precomputed", knn)):
-        t = _time(fn, n)
-        out.append((name, _pct(t, 50), _pct(t, 95)))
+    def repeated(memory: Any) -> Callable[[int], Any]:
+        return lambda i: memory.recall(active[i % len(active)], QUERIES[i % len(QUERIES)], k=4)
+
+    out: list[tuple[str, Cell, Cell]] = []
+    for name, make in (("recall, precomputed", vec), ("recall, text, distinct", distinct),
+                       ("recall, text, repeated", repeated)):
+        out.append((name, cell(make(old)), cell(make(new))))
+    # first recall of a run: each timed call on a run neither memory has recalled
+    half = len(cold) // 2
+    n_cold = max(1, min(n, half - 5))
+    old_runs, new_runs = cold[:half], cold[half:]
+    out.append(("recall, first of a run",
+                cell(lambda i: old.recall(old_runs[i], qv[i % 64].tolist(), k=4), n_cold)
+                if half > 5 else None,
+                cell(lambda i: new.recall(new_runs[i], qv[i % 64].tolist(), k=4), n_cold)
+                if half > 5 else None))
+    out.append(("chroma query(where)", cell(lambda i: col.query(
+        query_embeddings=[qv[i % 64].tolist()], n_results=4,
+        where={"run_id": active[i % len(active)]}, include=["metadatas", "distances"]),
+        min(n, 30), 2), None))
+    knn = cell(lambda i: col.query(query_embeddings=[qv[i % 64].tolist()], n_results=4,
+                                   include=["metadatas", "distances"]))
+    out.append(("knn, precomputed", knn, knn))
     return out
+
+
+def _cells(*cells: Cell) -> list[str]:
+    return [x for c in cells for x in ((f"{c[0]:.2f}", f"{c[1]:.2f}") if c else ("-", "-"))]
 
 
 def bench_memory(args: argparse.Namespace, embedder: Any) -> list[tuple[str, ...]]:
@@ -167,12 +208,16 @@ def bench_memory(args: argparse.Namespace, embedder: Any) -> list[tuple[str, ...
                 server = None
                 settings = MemorySettings(path=str(root / "embedded-db"))
             try:
-                memory = VectorMemory(settings, embedder=embedder)
-                col = memory._collection("stage_memory")
                 for size in args.sizes:
+                    # fresh memories per size: nothing indexed, nothing cached
+                    memory = VectorMemory(settings, embedder=embedder)
+                    old = VectorMemory(settings, embedder=embedder, client=memory.client,
+                                       run_index_ttl_s=0, query_cache_size=0)
+                    col = memory._collection("stage_memory")
                     build_s = fill(memory, size, rng)
-                    for name, p50, p95 in time_queries(memory, col, size, rng, args.queries):
-                        rows.append((mode, f"{size:,}", name, f"{p50:.2f}", f"{p95:.2f}",
+                    for name, was, now in time_queries(memory, old, col, size, rng,
+                                                       args.queries):
+                        rows.append((mode, f"{size:,}", name, *_cells(was, now),
                                      f"{build_s:.1f}"))
                         print(" | ".join(rows[-1]), flush=True)
             finally:
@@ -278,7 +323,8 @@ def main() -> None:
           f"(batch 64, {args.threads} thread(s))")
     single = _time(lambda: embedder.embed([QUERIES[0]]), 50)
     print(f"one query embedding: p50 {_pct(single, 50):.2f} ms, p95 {_pct(single, 95):.2f} ms")
-    print("\nmode | items | query | p50 ms | p95 ms | fill s")
+    print("\nold: where read + embedding per recall; new: run index + query LRU")
+    print("mode | items | query | old p50 ms | old p95 ms | new p50 ms | new p95 ms | fill s")
     bench_memory(args, embedder)
     if args.compare_embedders:
         compare_embedders(args.threads)

@@ -3,9 +3,14 @@
 * **stage memory** (``<prefix>_stage_memory``): every answered question of every run, id
   ``<run>/<stage>/<question id>``, embedded as question + answer. :meth:`VectorMemory.recall`
   searches one run; :meth:`VectorMemory.retriever_for` is the graph's ``ContextRetriever``
-  for one run (only the candidates the graph offers). Both fetch the run's items with a
-  ``where`` on the run id and rank them by cosine in-process: a run holds tens of items, and
-  chromadb's filtered vector search costs time in proportion to the whole collection;
+  for one run (only the candidates the graph offers). Both rank the run's items by cosine
+  in-process: a run holds tens of items, while chromadb's filtered reads (``where``) cost time
+  in proportion to the whole collection. ``recall`` keeps an index of each run it read (ids,
+  metadata, embeddings; see "The run index" below), so a repeated recall of a run reads
+  chromadb only by id;
+* **run tokens** (``<prefix>_run_tokens``): one item per run, id ``<run id>``, whose document
+  is a random token replaced by every stage-memory write through :class:`VectorMemory`
+  (any process, any client) and deleted with the run: the cheap check of the run index;
 * **patient history** (``<prefix>_patient_history``): each completed study's report, image
   SHA-256s and date, id ``<patient key>/<study id>``; :meth:`VectorMemory.find_prior` is the
   graph's prior lookup for stage 5;
@@ -19,15 +24,47 @@ and re-runs never duplicate; unchanged stage answers are not even re-embedded. E
 only as a one-way key (the trace's :func:`~cxrtrek.graph.trace.hash_patient`); image paths
 only when :attr:`MemorySettings.store_image_paths` says so.
 
-The client connects on first use; the text model loads on first embedding.
+The client connects on first use; the text model loads on first embedding. Query texts'
+embeddings are kept in a small LRU (``query_cache_size``): the graph and the tools ask the
+same question templates again and again.
+
+The run index
+-------------
+
+The first :meth:`VectorMemory.recall` of a run in a :class:`VectorMemory` reads the run with
+one ``where`` on its run id (the plain path) and keeps its ids, metadata and embeddings; a
+later recall of the run checks the index with two reads by id (the run's token; the ids, to
+see deletions) and ranks the kept embeddings. Results are those of the plain path on the same
+data: the same items, order and scores (cosines in float64, rounded to 6 places). What a
+recall sees:
+
+* every write and erasure made through any :class:`VectorMemory`, in this process or another
+  one, on this client or another one sharing the database, before the recall started: such a
+  write replaces the run's token, an erasure deletes it, and a token that differs from the
+  index's makes the recall re-read the run by ``where``. This object's own writes update its
+  index in place (no re-read) when the token showed no other write since the index was read;
+* items deleted around :class:`VectorMemory` (a raw chromadb client): at once (the id check);
+* items added or changed around :class:`VectorMemory`, and a write whose token update failed
+  or raced another client's write to the *same run* in the same milliseconds: once the
+  index is older than ``run_index_ttl_s`` (default 60 s), when the run is read by ``where``
+  again. ``run_index_ttl_s=0`` turns the index off (every recall reads by ``where``).
+
+An embedded chromadb (``PersistentClient``) keeps its vector index in its process: a second
+process writing the same folder is not supported by chromadb (reads of embeddings it wrote
+fail with ``Error finding id`` in both paths alike); share a memory between processes through
+a ``chroma run`` server.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
+import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -53,6 +90,11 @@ ImageResolver = Callable[[str], ImageRef | None]
 Where = dict[str, Any]
 
 STAGE, PATIENT, CASES = "stage_memory", "patient_history", "case_library"
+TOKENS = "run_tokens"
+
+MAX_INDEXED_RUNS = 256
+"""Runs whose index a :class:`VectorMemory` keeps (least recently recalled dropped first;
+about 1.6 kB per item with all-MiniLM-L6-v2)."""
 
 
 def patient_key(patient_id: str | None) -> str | None:
@@ -111,13 +153,94 @@ def _date_key(value: str | None) -> int | None:
 
 
 def _cosines(query: Sequence[float], vectors: Any) -> list[float]:
-    """Cosine of ``query`` with each row of ``vectors``."""
+    """Cosine of ``query`` with each row of ``vectors`` (the stored float32 values, computed
+    in float64: a row's score does not depend on which other rows are ranked with it)."""
     import numpy as np
 
-    q = np.asarray(query, dtype=np.float32)
-    m = np.asarray(vectors, dtype=np.float32).reshape(-1, q.shape[0])
+    q = np.asarray(query, dtype=np.float32).astype(np.float64)
+    m = np.asarray(vectors, dtype=np.float32).astype(np.float64).reshape(-1, q.shape[0])
     norms = np.linalg.norm(m, axis=1) * (float(np.linalg.norm(q)) or 1.0)
     return [float(x) for x in (m @ q) / np.where(norms > 0, norms, 1.0)]
+
+
+def _rank(vector: Sequence[float], ids: Sequence[str], metas: Sequence[Mapping[str, Any]],
+          embeddings: Any, k: int) -> list[StageHit]:
+    """The ``k`` stage items closest to ``vector``, best first (ties by id)."""
+    if not ids:
+        return []
+    scores = _cosines(vector, embeddings)
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], ids[i]))[:k]
+    hits: list[StageHit] = []
+    for i in order:
+        meta = metas[i]
+        hits.append(StageHit(
+            id=ids[i], run_id=str(meta["run_id"]), stage=int(meta["stage"]),
+            question_id=str(meta["question_id"]), study_id=meta.get("study_id"),
+            task_type=meta.get("task_type"), qtype=meta.get("qtype"),
+            question=str(meta.get("question", "")), answer=str(meta.get("answer", "")),
+            score=round(scores[i], 6)))
+    return hits
+
+
+def _selector(stages: Sequence[int] | None, before_stage: int | None,
+              context_ids: Sequence[str] | None) -> Callable[[Mapping[str, Any]], bool]:
+    """The in-process twin of recall's ``where`` (run id aside): ``stage $in``, ``stage
+    $lt`` and ``context_id $in``; an item without the key never matches, as in chromadb."""
+    wanted = {int(s) for s in stages} if stages else None
+    below = int(before_stage) if before_stage is not None else None
+    cids = set(context_ids) if context_ids else None
+
+    def select(meta: Mapping[str, Any]) -> bool:
+        stage = meta.get("stage")
+        if not isinstance(stage, int) or isinstance(stage, bool):
+            stage = None
+        if wanted is not None and (stage is None or stage not in wanted):
+            return False
+        if below is not None and (stage is None or stage >= below):
+            return False
+        return cids is None or meta.get("context_id") in cids
+
+    return select
+
+
+@dataclass(frozen=True)
+class _RunIndex:
+    """What a :class:`VectorMemory` knows of one run's stage items (a snapshot; replaced,
+    never changed). ``token``: the run's token when read (None: the run has none);
+    ``read_at``: when the run was last read by ``where`` (monotonic seconds)."""
+
+    token: str | None
+    read_at: float
+    ids: tuple[str, ...]
+    metas: tuple[Mapping[str, Any], ...]
+    vectors: Any
+    """float32 array, one row per id."""
+
+    def updated(self, token: str, ids: Sequence[str], metas: Sequence[Mapping[str, Any]],
+                vectors: Any) -> _RunIndex:
+        """This index after this memory upserted ``ids`` (as read back; token: the one it
+        wrote)."""
+        import numpy as np
+
+        rows = {rid: i for i, rid in enumerate(self.ids)}
+        all_ids, all_metas = list(self.ids), list(self.metas)
+        new = np.asarray(vectors, dtype=np.float32).reshape(len(ids), -1)
+        if len(self.ids) and new.shape[1] != self.vectors.shape[1]:
+            raise DataError(f"embedding dim {new.shape[1]} differs from the stored "
+                            f"{self.vectors.shape[1]}")
+        table = [self.vectors[i] for i in range(len(self.ids))]
+        for rid, meta, vec in zip(ids, metas, new, strict=True):
+            at = rows.get(rid)
+            if at is None:
+                rows[rid] = len(all_ids)
+                all_ids.append(rid)
+                all_metas.append(meta)
+                table.append(vec)
+            else:
+                all_metas[at] = meta
+                table[at] = vec
+        return replace(self, token=token, ids=tuple(all_ids), metas=tuple(all_metas),
+                       vectors=np.stack(table) if table else new)
 
 
 def _split_context_id(context_id: str) -> tuple[int, str]:
@@ -132,9 +255,9 @@ class StageRetriever:
 
     ``retrieve`` ranks the candidates the graph offers (the run's earlier answered pairs) by
     the cosine of their stage-memory embedding to the question: one read of the candidates'
-    ids (``where`` run id) and one query embedding. Candidates missing from the memory, or
-    whose answer changed (a review edit, a fork), are upserted first, so the ranking always
-    reflects the state of the run.
+    ids and one query embedding (kept for repeated questions). Candidates missing from the
+    memory, or whose answer changed (a review edit, a fork), are upserted first, so the
+    ranking always reflects the state of the run.
     """
 
     def __init__(self, memory: VectorMemory, run_id: str, study_id: str | None = None) -> None:
@@ -153,7 +276,7 @@ class StageRetriever:
         vectors = self.memory.sync_pairs(self.run_id, [
             (c.stage, _split_context_id(c.id)[1], c.question, c.answer, {}) for c in candidates
         ], study_id=self.study_id)
-        query_vector = self.memory.embedder.embed([query])[0]
+        query_vector = self.memory.embed_query(query)
         order = [c for c in candidates if c.id in vectors]
         scores = _cosines(query_vector, [vectors[c.id] for c in order])
         ranked = sorted(range(len(order)), key=lambda i: -scores[i])[:k]
@@ -168,21 +291,37 @@ class VectorMemory:
     written, and is searched by precomputed embeddings only); ``image_resolver`` locates a
     prior study's images by SHA-256 when patient history holds no path; ``client`` is an
     already made chromadb client (tests), otherwise made from ``settings`` on first use.
+    ``run_index_ttl_s``: how long a run's index is used before the run is read by ``where``
+    again (it bounds how late items written around :class:`VectorMemory` are seen; 0: no
+    index, ``math.inf``: no expiry); ``query_cache_size``: query texts whose embeddings are
+    kept (0: none). See the module's "The run index".
     """
 
     def __init__(self, settings: MemorySettings | None = None, *,
                  embedder: TextEmbedder | None = None,
                  image_encoder: ImageEncoder | None = None,
-                 image_resolver: ImageResolver | None = None, client: Any = None) -> None:
+                 image_resolver: ImageResolver | None = None, client: Any = None,
+                 run_index_ttl_s: float = 60.0, query_cache_size: int = 256) -> None:
+        if not run_index_ttl_s >= 0 or query_cache_size < 0:
+            raise ConfigError("expected run_index_ttl_s >= 0 and query_cache_size >= 0; got "
+                              f"{run_index_ttl_s!r}, {query_cache_size!r}")
         self.settings = settings or MemorySettings()
         self.embedder: TextEmbedder = embedder or MiniLMEmbedder()
         self.image_encoder = image_encoder
         self.image_resolver = image_resolver
+        self.run_index_ttl_s = float(run_index_ttl_s)
+        self.query_cache_size = int(query_cache_size)
         self._client = client
         self._collections: dict[str, Any] = {}
         self._lock = threading.RLock()
+        self._index_lock = threading.Lock()
+        self._runs: OrderedDict[str, _RunIndex] = OrderedDict()
+        self._queries: OrderedDict[str, tuple[float, ...]] = OrderedDict()
+        self._queries_embedder: TextEmbedder | None = None
         self.writes = 0
         """Stage-memory items (re-)embedded and written by this object so far."""
+        self.index_reads = 0
+        """Runs read by ``where`` into the run index so far (first recalls and re-reads)."""
 
     def __repr__(self) -> str:
         return f"VectorMemory({self.settings.describe()}, embedder={self.embedder.model_id!r})"
@@ -220,7 +359,10 @@ class VectorMemory:
             if found is not None:
                 return found
             client = self.client
-            if kind == CASES:
+            configuration: dict[str, Any] | None = {"hnsw": {"space": "cosine"}}
+            if kind == TOKENS:  # no vectors to speak of: one constant 1-d vector per run
+                space_id, ef, configuration = None, None, None
+            elif kind == CASES:
                 if self.image_encoder is None:
                     space_id, ef = None, None
                 else:
@@ -236,8 +378,7 @@ class VectorMemory:
 
             def open_it() -> Any:
                 return client.get_or_create_collection(
-                    name, embedding_function=ef, metadata=meta,
-                    configuration={"hnsw": {"space": "cosine"}})
+                    name, embedding_function=ef, metadata=meta, configuration=configuration)
 
             col = self._call(f"opening collection {name}", open_it)
             stored = (col.metadata or {}).get("cxrtrek_embedder")
@@ -272,10 +413,12 @@ class VectorMemory:
         col = self._collection(STAGE)
         ids = [self.stage_id(run_id, s, q) for s, q, _, _, _ in pairs]
         docs = [_pair_text(question, answer) for _, _, question, answer, _ in pairs]
+        # by id alone (a ``where`` would cost more), the run id checked here
         stored = self._call("reading stage memory", lambda: col.get(
-            ids=ids, where={"run_id": run_id}, include=["documents", "embeddings"]))
-        have = {rid: (doc, emb) for rid, doc, emb in zip(
-            stored["ids"], stored["documents"], stored["embeddings"], strict=True)}
+            ids=ids, include=["documents", "embeddings", "metadatas"]))
+        have = {rid: (doc, emb) for rid, doc, emb, meta in zip(
+            stored["ids"], stored["documents"], stored["embeddings"], stored["metadatas"],
+            strict=True) if (meta or {}).get("run_id") == run_id}
         vectors: dict[str, list[float]] = {}
         todo: list[int] = []
         for i, (rid, doc) in enumerate(zip(ids, docs, strict=True)):
@@ -295,9 +438,25 @@ class VectorMemory:
                 "context_id": f"{stage}:{qid}", "study_id": study_id, "patient": key,
                 "question": question, "answer": answer}))
         new = self.embedder.embed([docs[i] for i in todo])
+        # the run's index stays valid through this write only if no other write happened
+        # since it was read (the run's token unchanged); otherwise it is dropped
+        known = self._indexed(run_id)
+        if known is not None and self._read_token(run_id) != known.token:
+            known = None
+        self._drop_index(run_id)
         self._call("writing stage memory", lambda: col.upsert(
             ids=[ids[i] for i in todo], documents=[docs[i] for i in todo],
             embeddings=new, metadatas=metas))
+        token = self._write_token(run_id)
+        if known is not None:  # read back what was written: chromadb merges metadata
+            written = [ids[i] for i in todo]
+            back = self._call("reading stage memory", lambda: col.get(
+                ids=written, include=["metadatas", "embeddings"]))
+            if sorted(back["ids"]) == sorted(written) and all(
+                    (m or {}).get("run_id") == run_id for m in back["metadatas"]):
+                self._keep_index(run_id, known.updated(
+                    token, back["ids"], back["metadatas"], back["embeddings"]),
+                    only_if_absent=True)
         for i, vec in zip(todo, new, strict=True):
             vectors[f"{pairs[i][0]}:{pairs[i][1]}"] = vec
         self.writes += len(todo)
@@ -324,6 +483,20 @@ class VectorMemory:
         ``before_stage``, or only some context ids (``<stage>:<question id>``)."""
         if k < 1:
             raise ConfigError(f"k must be at least 1; got {k}")
+        vector = self._query_vector(query)
+        if self.run_index_ttl_s > 0:
+            index = self._run_index(run_id)
+            select = _selector(stages, before_stage, context_ids)
+            rows = [i for i, meta in enumerate(index.metas) if select(meta)]
+            return _rank(vector, [index.ids[i] for i in rows],
+                         [index.metas[i] for i in rows], index.vectors[rows], k)
+        return self._recall_where(run_id, vector, k=k, stages=stages,
+                                  before_stage=before_stage, context_ids=context_ids)
+
+    def _recall_where(self, run_id: str, vector: Sequence[float], *, k: int,
+                      stages: Sequence[int] | None, before_stage: int | None,
+                      context_ids: Sequence[str] | None) -> list[StageHit]:
+        """recall without the run index: one ``where`` read of the run's matching items."""
         col = self._collection(STAGE)
         where = _where(
             run_id=run_id,
@@ -333,34 +506,121 @@ class VectorMemory:
             clause = {"stage": {"$lt": int(before_stage)}}
             where = {"$and": [*(where["$and"] if where and "$and" in where
                                 else [where] if where else []), clause]}
-        vector = self._query_vector(query)
         # A run holds tens of items: fetch them by the run's ``where`` and rank them here.
         # (chromadb's filtered HNSW search costs O(collection); this costs O(run).)
         got = self._call("reading stage memory", lambda: col.get(
             where=where, include=["metadatas", "embeddings"]))
-        if not got["ids"]:
-            return []
-        scores = _cosines(vector, got["embeddings"])
-        order = sorted(range(len(scores)), key=lambda i: (-scores[i], got["ids"][i]))[:k]
-        hits: list[StageHit] = []
-        for i in order:
-            meta = got["metadatas"][i]
-            hits.append(StageHit(
-                id=got["ids"][i], run_id=str(meta["run_id"]), stage=int(meta["stage"]),
-                question_id=str(meta["question_id"]), study_id=meta.get("study_id"),
-                task_type=meta.get("task_type"), qtype=meta.get("qtype"),
-                question=str(meta.get("question", "")), answer=str(meta.get("answer", "")),
-                score=round(scores[i], 6)))
-        return hits
+        return _rank(vector, got["ids"], got["metadatas"], got["embeddings"], k)
 
     def retriever_for(self, run_id: str) -> StageRetriever:
         """The graph's context retriever for run ``run_id``."""
         return StageRetriever(self, run_id)
 
+    def embed_query(self, text: str) -> list[float]:
+        """The embedding of a query text; the last ``query_cache_size`` texts' are kept."""
+        if self.query_cache_size == 0:
+            return self.embedder.embed([text])[0]
+        with self._index_lock:
+            if self._queries_embedder is not self.embedder:  # embedder swapped: start over
+                self._queries.clear()
+                self._queries_embedder = self.embedder
+            found = self._queries.get(text)
+            if found is not None:
+                self._queries.move_to_end(text)
+                return list(found)
+            embedder = self.embedder
+        vector = embedder.embed([text])[0]
+        with self._index_lock:
+            if self._queries_embedder is embedder:
+                self._queries[text] = tuple(float(x) for x in vector)
+                while len(self._queries) > self.query_cache_size:
+                    self._queries.popitem(last=False)
+        return vector
+
     def _query_vector(self, query: str | Sequence[float]) -> list[float]:
         if isinstance(query, str):
-            return self.embedder.embed([query])[0]
+            return self.embed_query(query)
         return [float(x) for x in query]
+
+    # --- the run index (see the module's docstring) ----------------------------------------
+
+    def _read_token(self, run_id: str) -> str | None:
+        """The run's current token (None: the run has none)."""
+        col = self._collection(TOKENS)
+        got = self._call("reading the run's token",
+                         lambda: col.get(ids=[run_id], include=["documents"]))
+        docs = got["documents"] or []
+        return str(docs[0]) if got["ids"] and docs and docs[0] is not None else None
+
+    def _write_token(self, run_id: str) -> str:
+        """Replace the run's token (after a write to its stage items); the new token."""
+        token = uuid.uuid4().hex
+        col = self._collection(TOKENS)
+        self._call("writing the run's token", lambda: col.upsert(
+            ids=[run_id], documents=[token], embeddings=[[1.0]],
+            metadatas=[{"run_id": run_id}]))
+        return token
+
+    def _indexed(self, run_id: str, *, touch: bool = False) -> _RunIndex | None:
+        with self._index_lock:
+            found = self._runs.get(run_id)
+            if found is not None and touch:
+                self._runs.move_to_end(run_id)
+            return found
+
+    def _keep_index(self, run_id: str, index: _RunIndex, *, only_if_absent: bool = False) -> None:
+        if self.run_index_ttl_s <= 0:
+            return
+        with self._index_lock:
+            if only_if_absent and run_id in self._runs:
+                return
+            self._runs[run_id] = index
+            self._runs.move_to_end(run_id)
+            while len(self._runs) > MAX_INDEXED_RUNS:
+                self._runs.popitem(last=False)
+
+    def _drop_index(self, run_id: str | None = None) -> None:
+        """Forget one run's index (None: every run's)."""
+        with self._index_lock:
+            if run_id is None:
+                self._runs.clear()
+            else:
+                self._runs.pop(run_id, None)
+
+    def _read_run(self, run_id: str, token: str | None) -> _RunIndex:
+        """Read the run by ``where`` into a new index; ``token`` must have been read before
+        (so a write that ends after this read changes the token again)."""
+        import numpy as np
+
+        col = self._collection(STAGE)
+        read_at = time.monotonic()
+        got = self._call("reading stage memory", lambda: col.get(
+            where={"run_id": run_id}, include=["metadatas", "embeddings"]))
+        ids = tuple(str(x) for x in got["ids"])
+        vectors = (np.asarray(got["embeddings"], dtype=np.float32).reshape(len(ids), -1)
+                   if ids else np.zeros((0, self.embedder.dim), dtype=np.float32))
+        index = _RunIndex(token=token, read_at=read_at, ids=ids,
+                          metas=tuple(got["metadatas"]), vectors=vectors)
+        self._keep_index(run_id, index)
+        self.index_reads += 1
+        return index
+
+    def _run_index(self, run_id: str) -> _RunIndex:
+        """The run's index, checked: kept if fresh (token unchanged, every id still there,
+        younger than ``run_index_ttl_s``), else read again by ``where``."""
+        index = self._indexed(run_id, touch=True)
+        token = self._read_token(run_id)
+        if index is None or index.token != token or (
+                math.isfinite(self.run_index_ttl_s)
+                and time.monotonic() - index.read_at > self.run_index_ttl_s):
+            return self._read_run(run_id, token)
+        if index.ids:
+            col = self._collection(STAGE)
+            present = self._call("checking stage memory",
+                                 lambda: col.get(ids=list(index.ids), include=[]))
+            if len(present["ids"]) != len(index.ids):  # deleted around VectorMemory
+                return self._read_run(run_id, token)
+        return index
 
     # --- patient history -------------------------------------------------------------------
 
@@ -555,10 +815,19 @@ class VectorMemory:
                 total += len(ids)
         return total
 
+    def _delete_tokens(self, where: Where) -> None:
+        """Delete runs' tokens (readers elsewhere then read those runs again) and this
+        object's run index."""
+        self._drop_index()
+        col = self._collection(TOKENS)
+        self._call("deleting run tokens", lambda: col.delete(where=where))
+        self._drop_index()
+
     def forget_run(self, run_id: str) -> int:
         """Delete everything a run wrote (its answers; its study in patient history and the
         case library). Returns the number of items deleted."""
         n = self._delete({"run_id": run_id})
+        self._delete_tokens({"run_id": run_id})
         log.info("memory: forgot run %s (%d items)", run_id, n)
         return n
 
@@ -580,5 +849,8 @@ class VectorMemory:
         n = self._delete({"patient": key})
         if runs:  # items of the patient's runs written without the key (by the retriever)
             n += self._delete({"run_id": {"$in": sorted(runs)}})
+            self._delete_tokens({"run_id": {"$in": sorted(runs)}})
+        else:
+            self._drop_index()
         log.info("memory: forgot a patient (%d items)", n)
         return n
