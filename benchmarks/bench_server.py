@@ -2,7 +2,8 @@
 one question at a time without the vision cache, same model, same answers.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_server.py \\
-        [--preset demo] [--studies 8] [--concurrency 4] [--max-new-tokens 32] [--threads 1]
+        [--model PATH|tiny|demo] [--studies 8] [--concurrency 4] [--max-new-tokens 32] \\
+        [--threads 1]
 
 Writes phantom studies (CXRTrek format, questions in all eight stages, a prior for about 60%)
 to a temporary folder, then for each configuration starts ``cxrtrek serve`` in a subprocess
@@ -10,12 +11,13 @@ on 127.0.0.1 and reads every study through :class:`~cxrtrek.agent.agent.CXRTrekA
 :class:`~cxrtrek.agent.http.HTTPBackend`, ``--concurrency`` readings at a time:
 
 - ``batched+cache``: ``--max-batch-size B --max-wait-ms W --cache-size 256``;
-- ``one-at-a-time``: ``--max-batch-size 1 --cache-size 0`` (each question decodes and encodes
-  its images again).
+- ``one-at-a-time``: ``--max-batch-size 1 --cache-size 0 --prefix-cache 0`` (each question
+  encodes its images and its whole prompt again).
 
-The preset has random weights (timing does not depend on training); its answers are
-gibberish, but greedy, so both configurations must give the same answers: the benchmark
-checks that and exits 1 if they differ. Prints readings per minute, questions per second and
+The model is the bundled demo checkpoint unless ``--model`` names another folder or a preset
+(random weights: gibberish answers that run to the token limit). Decoding is greedy, so both
+configurations must give the same answers: the benchmark checks that and exits 1 if they
+differ. Prints readings per minute, questions per second and
 the p50/p95 request latency seen by the client. ``--threads`` sets the server's torch threads
 (the client uses none); set it explicitly on a shared machine.
 """
@@ -88,7 +90,7 @@ def _free_port() -> int:
 
 def _start_server(args: argparse.Namespace, port: int, extra: list[str],
                   logfile: Path) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "cxrtrek.agent.cli", "serve", "--model", args.preset,
+    cmd = [sys.executable, "-m", "cxrtrek.agent.cli", "serve", "--model", args.model,
            "--device", "cpu", "--port", str(port), "--threads", str(args.threads), *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1"}
@@ -152,7 +154,9 @@ def _run(name: str, args: argparse.Namespace, studies: list[Study], extra: list[
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--preset", default="demo", help="tiny or demo (random weights)")
+    parser.add_argument("--model", default="cxrtrek/model/checkpoints/demo",
+                        help="a model folder (default: the bundled demo checkpoint) or a "
+                             "preset with random weights (tiny, demo)")
     parser.add_argument("--studies", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=4, help="readings at a time")
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -171,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     configs = {
         "batched+cache": ["--max-batch-size", str(args.max_batch_size), "--max-wait-ms",
                           str(args.max_wait_ms), "--cache-size", "256"],
-        "one-at-a-time": ["--max-batch-size", "1", "--max-wait-ms", "0", "--cache-size", "0"],
+        "one-at-a-time": ["--max-batch-size", "1", "--max-wait-ms", "0", "--cache-size", "0",
+                          "--prefix-cache", "0"],
     }
     if args.only:
         configs = {k: v for k, v in configs.items()
@@ -182,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         n_questions = sum(len(s.questions) for s in studies)
         results = [_run(name, args, studies, extra, tmp) for name, extra in configs.items()]
     header = (f"{args.studies} phantom studies ({n_questions} questions, {args.size} px), "
-              f"preset {args.preset} (random weights), server torch threads {args.threads}, "
+              f"model {args.model}, server torch threads {args.threads}, "
               f"{args.concurrency} readings at a time, {args.max_new_tokens} new tokens max, "
               f"context {args.context}\n"
               f"{'config':<15} {'reads/min':>9} {'wall s':>8} {'q/s':>8} {'p50 ms':>9} "

@@ -160,6 +160,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     backend = load_backend(args.model, device=args.device, dtype=args.dtype,
                            max_batch_size=settings.max_batch_size,
-                           cache_size=settings.cache_size)
+                           cache_size=settings.cache_size,
+                           prefix_cache_size=args.prefix_cache)
     serve(backend, settings)
     return EXIT_OK

@@ -342,6 +342,10 @@ def serve_cmd(
     cache_size: Annotated[int, typer.Option(
         "--cache-size", metavar="N",
         help="images in the vision-feature cache; 0 turns it off")] = 256,
+    prefix_cache: Annotated[int, typer.Option(
+        "--prefix-cache", metavar="N",
+        help="processed prompt prefixes kept (a reading's earlier stages); 0 turns it off")
+    ] = 16,
     threads: Annotated[int | None, typer.Option(
         "--threads", metavar="N", help="torch CPU threads")] = None,
 ) -> int:

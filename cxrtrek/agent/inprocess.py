@@ -33,7 +33,7 @@ from cxrtrek.schema import ImageRef
 if TYPE_CHECKING:
     import torch
 
-    from cxrtrek.model.modeling import CXRTrekNetForConditionalGeneration
+    from cxrtrek.model.modeling import CXRTrekNetForConditionalGeneration, Prefilled
     from cxrtrek.model.processing import CXRTrekNetProcessor, Encoded
 
 __all__ = ["InProcessBackend"]
@@ -55,11 +55,15 @@ class InProcessBackend:
     def __init__(self, model: CXRTrekNetForConditionalGeneration,
                  processor: CXRTrekNetProcessor, *, model_id: str | None = None,
                  max_batch_size: int = 8, cache_size: int = 256,
-                 share_prefix: bool = True) -> None:
+                 share_prefix: bool = True, prefix_cache_size: int = 16) -> None:
         if max_batch_size < 1:
             raise DataError(f"max_batch_size must be at least 1; got {max_batch_size}")
         if cache_size < 0:
             raise DataError(f"cache_size must be 0 (no cache) or more; got {cache_size}")
+        if prefix_cache_size < 0:
+            raise DataError("prefix_cache_size must be 0 (no cache) or more; got "
+                            f"{prefix_cache_size}")
+        from cxrtrek.model.modeling import PrefixCache
         self.model = model.train(False)
         self.processor = processor
         self.model_id = model_id or (str(model.config.name_or_path) or "cxrtrek-net")
@@ -68,6 +72,10 @@ class InProcessBackend:
         self.share_prefix = share_prefix
         self.prefix_batches = 0
         """Batches answered through a shared prefix (see :meth:`_shared_prefix`)."""
+        self.prefix_cache: PrefixCache | None = (
+            PrefixCache(prefix_cache_size) if share_prefix and prefix_cache_size else None)
+        """Prompt prefixes (system, images, earlier stages) kept processed across calls: a
+        reading's next stage processes only its new turns and questions."""
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
         self.cache_hits = 0
@@ -76,18 +84,21 @@ class InProcessBackend:
     @classmethod
     def load(cls, folder: str | Path, *, device: str | None = None, dtype: str | None = None,
              model_id: str | None = None, max_batch_size: int = 8,
-             cache_size: int = 256, share_prefix: bool = True) -> InProcessBackend:
+             cache_size: int = 256, share_prefix: bool = True,
+             prefix_cache_size: int = 16) -> InProcessBackend:
         """Load a saved CXRTrekNet folder (device and dtype automatic unless given)."""
         from cxrtrek.model.build import load_pretrained
 
         model, processor = load_pretrained(folder, device=device, dtype=dtype)
         return cls(model, processor, model_id=model_id or Path(folder).name,
                    max_batch_size=max_batch_size, cache_size=cache_size,
-                   share_prefix=share_prefix)
+                   share_prefix=share_prefix, prefix_cache_size=prefix_cache_size)
 
     def clear_cache(self) -> None:
         with self._lock:
             self._cache.clear()
+            if self.prefix_cache is not None:
+                self.prefix_cache.clear()
 
     # --- the protocol -----------------------------------------------------------------------
 
@@ -100,7 +111,8 @@ class InProcessBackend:
         """The blocking form of :meth:`generate` (thread-safe).
 
         A request whose context does not fit the model's window loses its oldest context
-        pairs first (the response's ``context_used`` says how many were kept).
+        pairs first, a stage's pairs together (the response's ``context_used`` says how many
+        were kept).
         """
         fitted = [self._encode(r) for r in requests]  # validate everything before any work
         # Batches are made of requests about the same images (in first-seen order), so that
@@ -108,23 +120,27 @@ class InProcessBackend:
         groups: dict[tuple[str, ...], list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(tuple(ref.digest() for ref in r.images), []).append(i)
-        out: list[VLMResponse | None] = [None] * len(requests)
+        # Parts of at most max_batch_size requests about the same images; parts packed into
+        # decode batches of at most max_batch_size rows (prefilled apart, decoded together).
+        parts = [members[k:k + self.max_batch_size] for members in groups.values()
+                 for k in range(0, len(members), self.max_batch_size)]
+        batches: list[list[list[int]]] = []
+        for part in parts:
+            if batches and sum(map(len, batches[-1])) + len(part) <= self.max_batch_size:
+                batches[-1].append(part)
+            else:
+                batches.append([part])
+        out: dict[int, VLMResponse] = {}
         with self._lock:
             # every distinct image of the call is encoded once, in one pass
             feats, hits = self._image_embeds(requests)
             offsets = [0]
             for r in requests:
                 offsets.append(offsets[-1] + len(r.images))
-            for members in groups.values():
-                for start in range(0, len(members), self.max_batch_size):
-                    chunk = members[start:start + self.max_batch_size]
-                    answers = self._run_batch(
-                        [requests[i] for i in chunk], [fitted[i] for i in chunk],
-                        [feats[offsets[i]:offsets[i + 1]] for i in chunk],
-                        [hits[i] for i in chunk])
-                    for i, answer in zip(chunk, answers, strict=True):
-                        out[i] = answer
-        return [r for r in out if r is not None]
+            per_request = [feats[offsets[i]:offsets[i + 1]] for i in range(len(requests))]
+            for batch in batches:
+                out.update(self._run_batch(batch, requests, fitted, per_request, hits))
+        return [out[i] for i in range(len(requests))]
 
     # --- internals --------------------------------------------------------------------------
 
@@ -148,7 +164,11 @@ class InProcessBackend:
                 context=turns, system=request.system)
             if not turns or len(enc) + reserve <= limit:
                 break
-            turns = turns[1:]  # the oldest context pair goes first
+            # the oldest stage's pairs go first, together: prompts of later stages then keep
+            # starting alike, so their processed prefix is reused (see PrefixCache)
+            oldest = turns[0].stage
+            while turns and turns[0].stage == oldest:
+                turns = turns[1:]
         if len(enc) >= limit:
             raise DataError(f"request {rid!r}: the prompt is {len(enc)} tokens (with "
                             f"{len(request.images)} images and no context left); the model "
@@ -201,13 +221,26 @@ class InProcessBackend:
                        encoded: Sequence[Encoded]) -> int:
         """The length of the prompt prefix all requests share, when it is worth sharing:
         the same images, every image token inside the prefix, and at least one token of each
-        prompt after it. 0 otherwise."""
-        if not self.share_prefix or len(requests) < 2:
+        prompt after it. 0 otherwise.
+
+        With the prefix cache, the prefix is the part before the questions (system, images,
+        earlier stages' turns) when the requests share it, even for one request: that is
+        what the reading's next stage starts with."""
+        if not self.share_prefix:
             return 0
         images = [ref.digest() for ref in requests[0].images]
         if any([ref.digest() for ref in r.images] != images for r in requests[1:]):
             return 0
         first = encoded[0].input_ids
+        image_id = self.model.config.image_token_id
+        if self.prefix_cache is not None:
+            cut = self.processor.context_prefix_length(first)
+            if (cut >= self._MIN_SHARED and image_id not in first[cut:]
+                    and all(self.processor.context_prefix_length(e.input_ids) == cut
+                            and e.input_ids[:cut] == first[:cut] for e in encoded[1:])):
+                return cut
+        if len(requests) < 2:
+            return 0
         shared = min(len(e) for e in encoded) - 1
         for e in encoded[1:]:
             ids = e.input_ids
@@ -215,52 +248,63 @@ class InProcessBackend:
             while n < shared and ids[n] == first[n]:
                 n += 1
             shared = n
-        image_id = self.model.config.image_token_id
         if any(image_id in e.input_ids[shared:] for e in encoded):
             return 0
         return shared if shared >= self._MIN_SHARED else 0
 
-    def _run_batch(self, requests: Sequence[VLMRequest], fitted: Sequence[_Fitted],
-                   image_feats: Sequence[torch.Tensor],
-                   hits: Sequence[int]) -> list[VLMResponse]:
+    def _prefill(self, requests: Sequence[VLMRequest], encoded: Sequence[Encoded],
+                 feats: torch.Tensor) -> Prefilled:
+        """Process the prompts of requests about the same images: through their shared
+        prefix (kept for later calls) when they have one, else as a padded batch."""
+        from cxrtrek.model.processing import collate
+
+        shared = self._shared_prefix(requests, encoded)
+        if shared:
+            self.prefix_batches += 1
+            return self.model.prefill_with_prefix(
+                encoded[0].input_ids[:shared], [e.input_ids[shared:] for e in encoded],
+                pad_id=self.processor.tokenizer.pad_id,
+                image_embeds=feats[:len(requests[0].images)], prefix_cache=self.prefix_cache,
+                image_key=tuple(ref.digest() for ref in requests[0].images))
+        batch = collate(encoded, self.processor.tokenizer.pad_id, side="left")
+        return self.model.prefill_batch(batch["input_ids"], batch["attention_mask"],
+                                        image_embeds=feats)
+
+    def _run_batch(self, parts: Sequence[Sequence[int]], requests: Sequence[VLMRequest],
+                   fitted: Sequence[_Fitted], image_feats: Sequence[torch.Tensor],
+                   hits: Sequence[int]) -> dict[int, VLMResponse]:
+        """Answer ``parts`` (request indices, each part about the same images): each part's
+        prompts processed apart, then all of them decoded as one batch."""
         import torch
 
         from cxrtrek.model.modeling import Decoding
-        from cxrtrek.model.processing import collate
 
         t0 = time.perf_counter()
-        encoded = [f.encoded for f in fitted]
-        feats = torch.cat(list(image_feats))
-        batch = collate(encoded, self.processor.tokenizer.pad_id, side="left")
-        decoding = [Decoding(temperature=r.decoding.temperature, top_p=r.decoding.top_p,
-                             seed=r.decoding.seed if r.decoding.seed is not None
-                             or r.decoding.greedy else secrets.randbits(63))
-                    for r in requests]
-        shared = self._shared_prefix(requests, encoded)
+        order = [i for part in parts for i in part]
         with torch.inference_mode():
-            if shared:
-                self.prefix_batches += 1
-                generated = self.model.generate_with_prefix(
-                    encoded[0].input_ids[:shared],
-                    [e.input_ids[shared:] for e in encoded],
-                    pad_id=self.processor.tokenizer.pad_id,
-                    image_embeds=feats[:len(requests[0].images)],
-                    max_new_tokens=[r.max_new_tokens for r in requests], decoding=decoding,
-                    stop_token_ids=self.processor.stop_token_ids)
-            else:
-                generated = self.model.generate_batch(
-                    batch["input_ids"], batch["attention_mask"], image_embeds=feats,
-                    max_new_tokens=[r.max_new_tokens for r in requests], decoding=decoding,
-                    stop_token_ids=self.processor.stop_token_ids)
+            prefilled = [self._prefill([requests[i] for i in part],
+                                       [fitted[i].encoded for i in part],
+                                       torch.cat([image_feats[i] for i in part]))
+                         for part in parts]
+            generated = self.model.decode_prefilled(
+                prefilled, max_new_tokens=[requests[i].max_new_tokens for i in order],
+                decoding=[Decoding(
+                    temperature=requests[i].decoding.temperature,
+                    top_p=requests[i].decoding.top_p,
+                    seed=requests[i].decoding.seed if requests[i].decoding.seed is not None
+                    or requests[i].decoding.greedy else secrets.randbits(63))
+                    for i in order],
+                stop_token_ids=self.processor.stop_token_ids)
         latency = time.perf_counter() - t0
-        log.debug("batch of %d answered in %.3f s", len(requests), latency)
-        return [
-            VLMResponse(
+        log.debug("batch of %d (%d parts) answered in %.3f s", len(order), len(parts), latency)
+        out: dict[int, VLMResponse] = {}
+        for i, g in zip(order, generated, strict=True):
+            r, f = requests[i], fitted[i]
+            out[i] = VLMResponse(
                 request_id=r.request_id, text=self.processor.decode(g.ids),
-                model_id=self.model_id, prompt_tokens=len(enc), completion_tokens=len(g.ids),
-                latency_s=latency,
+                model_id=self.model_id, prompt_tokens=len(f.encoded),
+                completion_tokens=len(g.ids), latency_s=latency,
                 finish_reason="stop" if g.finish_reason == "stop" else "length",
-                cache_hits=hit,
+                cache_hits=hits[i],
                 context_used=None if f.context_used == len(r.context) else f.context_used)
-            for r, enc, g, hit, f in zip(requests, encoded, generated, hits, fitted, strict=True)
-        ]
+        return out

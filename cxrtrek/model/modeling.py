@@ -9,7 +9,9 @@ study first, then priors, request after request).
 
 from __future__ import annotations
 
+import copy
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +36,7 @@ __all__ = [
     "CXRTrekNetForConditionalGeneration",
     "Decoding",
     "Generated",
+    "PrefixCache",
     "vision_hidden_size",
 ]
 
@@ -84,6 +87,103 @@ class Generated:
 
     ids: list[int]
     finish_reason: str  # "stop" or "length"
+
+
+@dataclass
+class Prefilled:
+    """Prompts processed, ready to decode: each row's last logits, the key/value cache, the
+    attention mask (left-padded), each row's last position and prompt length."""
+
+    logits: torch.Tensor
+    cache: DynamicCache
+    mask: torch.Tensor
+    last: torch.Tensor
+    lengths: list[int]
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+
+def _kv(cache: DynamicCache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One attention layer's keys and values ``[batch, heads, length, dim]``."""
+    keys = getattr(cache.layers[layer], "keys", None)
+    values = getattr(cache.layers[layer], "values", None)
+    if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
+        raise DataError(f"cache layer {layer} holds no keys and values to merge")
+    return keys, values
+
+
+def _merge(parts: Sequence[Prefilled]) -> Prefilled:
+    """Several prefilled batches as one: caches and masks left-padded to the longest."""
+    if len(parts) == 1:
+        return parts[0]
+    width = max(p.mask.shape[1] for p in parts)
+    merged = DynamicCache()
+    for layer in range(len(parts[0].cache.layers)):
+        keys, values = [], []
+        for p in parts:
+            k, v = _kv(p.cache, layer)
+            pad = width - k.shape[2]
+            keys.append(F.pad(k, (0, 0, pad, 0)) if pad else k)
+            values.append(F.pad(v, (0, 0, pad, 0)) if pad else v)
+        merged.update(torch.cat(keys), torch.cat(values), layer)
+    masks = [F.pad(p.mask, (width - p.mask.shape[1], 0)) for p in parts]
+    return Prefilled(logits=torch.cat([p.logits for p in parts]), cache=merged,
+                     mask=torch.cat(masks), last=torch.cat([p.last for p in parts]),
+                     lengths=[n for p in parts for n in p.lengths])
+
+
+class PrefixCache:
+    """Processed prompt prefixes kept across calls (LRU): the key/value cache of a prefix's
+    tokens, by its image hashes and token ids.
+
+    A reading's stages ask prompts that grow: system prompt, images, the earlier stages'
+    turns, then the question. The prefix before one stage's question is the start of the next
+    stage's prompt, so with it kept only the new turns and the question are processed. Entries
+    hold batch-1 caches; :meth:`longest` returns a copy, so callers may extend it.
+    """
+
+    def __init__(self, max_entries: int = 16) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple[tuple[str, ...], tuple[int, ...]], DynamicCache] = \
+            OrderedDict()
+        self.hits = 0
+        self.tokens_reused = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def longest(self, images: tuple[str, ...], ids: Sequence[int],
+                min_length: int = 1) -> tuple[int, DynamicCache | None]:
+        """The longest kept prefix of ``ids`` (same images): its length and a copy of its
+        cache; ``(0, None)`` when none of at least ``min_length`` tokens is kept."""
+        best: tuple[tuple[str, ...], tuple[int, ...]] | None = None
+        for key in self._entries:
+            kimages, kids = key
+            n = len(kids)
+            if (kimages == images and min_length <= n <= len(ids)
+                    and (best is None or n > len(best[1])) and tuple(ids[:n]) == kids):
+                best = key
+        if best is None:
+            return 0, None
+        self._entries.move_to_end(best)
+        self.hits += 1
+        self.tokens_reused += len(best[1])
+        return len(best[1]), copy.deepcopy(self._entries[best])
+
+    def put(self, images: tuple[str, ...], ids: Sequence[int], cache: DynamicCache) -> None:
+        """Keep a copy of ``cache`` (batch 1, exactly ``ids`` processed)."""
+        if self.max_entries <= 0:
+            return
+        key = (images, tuple(ids))
+        self._entries[key] = copy.deepcopy(cache)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
 class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-untyped-call]
@@ -239,7 +339,16 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
         Rows are independent: a row's output does not depend on the other rows (left padding
         and per-row position ids and random generators).
         """
-        batch = input_ids.shape[0]
+        return self.decode_prefilled(
+            [self.prefill_batch(input_ids, attention_mask, image_embeds=image_embeds,
+                                pixel_values=pixel_values)],
+            max_new_tokens=max_new_tokens, decoding=decoding, stop_token_ids=stop_token_ids)
+
+    @torch.no_grad()
+    def prefill_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                      image_embeds: torch.Tensor | None = None,
+                      pixel_values: torch.Tensor | None = None) -> Prefilled:
+        """Process a left-padded batch of prompts (see :meth:`generate_batch`)."""
         device = self.device
         input_ids = input_ids.to(device)
         mask = attention_mask.to(device)
@@ -248,9 +357,8 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
         out = self(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                    pixel_values=pixel_values, image_embeds=image_embeds, cache=cache,
                    use_cache=True, logits_to_keep=1)
-        lengths = [int(n) for n in mask.sum(-1).tolist()]
-        return self._decode(out, mask, positions[:, -1:], lengths, batch, max_new_tokens,
-                            decoding, stop_token_ids)
+        return Prefilled(out.logits[:, -1], out.cache, mask, positions[:, -1:],
+                         [int(n) for n in mask.sum(-1).tolist()])
 
     @torch.no_grad()
     def generate_with_prefix(
@@ -263,24 +371,59 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
         max_new_tokens: int | Sequence[int] = 64,
         decoding: Sequence[Decoding] | None = None,
         stop_token_ids: Sequence[int] | None = None,
+        prefix_cache: PrefixCache | None = None,
+        image_key: tuple[str, ...] = (),
     ) -> list[Generated]:
         """Decode prompts that share a prefix (``prefix_ids + suffixes[i]``): the prefix, with
         all the images (``image_embeds``), is processed once, its cache copied to every row,
         then the suffixes (no image tokens, at least one token each) and the decoding run
         batched. The questions of one stage share images, system prompt and earlier stages,
         so this saves most of the prompt work of a stage.
+
+        With ``prefix_cache`` (and the images' hashes as ``image_key``), the longest kept
+        start of the prefix is reused (only the rest is processed) and the prefix is kept for
+        later calls: an earlier stage's prefix is the start of the next stage's.
         """
+        return self.decode_prefilled(
+            [self.prefill_with_prefix(prefix_ids, suffixes, pad_id=pad_id,
+                                      image_embeds=image_embeds, prefix_cache=prefix_cache,
+                                      image_key=image_key)],
+            max_new_tokens=max_new_tokens, decoding=decoding, stop_token_ids=stop_token_ids)
+
+    @torch.no_grad()
+    def prefill_with_prefix(
+        self,
+        prefix_ids: Sequence[int],
+        suffixes: Sequence[Sequence[int]],
+        *,
+        pad_id: int,
+        image_embeds: torch.Tensor | None = None,
+        prefix_cache: PrefixCache | None = None,
+        image_key: tuple[str, ...] = (),
+    ) -> Prefilled:
+        """Process prompts that share a prefix (see :meth:`generate_with_prefix`)."""
         if not prefix_ids or any(not s for s in suffixes):
             raise DataError("a shared prefix and non-empty suffixes are required")
         if any(self.config.image_token_id in s for s in suffixes):
             raise DataError("image tokens must all lie in the shared prefix")
         batch, plen = len(suffixes), len(prefix_ids)
         device = self.device
-        prefix = torch.tensor([list(prefix_ids)], dtype=torch.long, device=device)
-        cache = DynamicCache(config=self.config.text)
-        self(input_ids=prefix, attention_mask=torch.ones_like(prefix),
-             position_ids=torch.arange(plen, device=device).unsqueeze(0),
-             image_embeds=image_embeds, cache=cache, use_cache=True, logits_to_keep=1)
+        done, cache = 0, None
+        if prefix_cache is not None:
+            last_image = max((i for i, t in enumerate(prefix_ids)
+                              if t == self.config.image_token_id), default=-1)
+            done, cache = prefix_cache.longest(image_key, prefix_ids, min_length=last_image + 1)
+        if cache is None:
+            done, cache = 0, DynamicCache(config=self.config.text)
+        if done < plen:  # the part not kept (everything, without a cache hit)
+            rest = torch.tensor([list(prefix_ids[done:])], dtype=torch.long, device=device)
+            self(input_ids=rest,
+                 attention_mask=torch.ones((1, plen), dtype=torch.long, device=device),
+                 position_ids=torch.arange(done, plen, device=device).unsqueeze(0),
+                 image_embeds=image_embeds if done == 0 else None, cache=cache,
+                 use_cache=True, logits_to_keep=1)
+            if prefix_cache is not None:
+                prefix_cache.put(image_key, prefix_ids, cache)
         cache.batch_repeat_interleave(batch)
         width = max(len(s) for s in suffixes)
         ids = torch.full((batch, width), pad_id, dtype=torch.long, device=device)
@@ -293,20 +436,24 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
                          dim=1)
         out = self.language_model(input_ids=ids, attention_mask=mask, position_ids=positions,
                                   cache=cache, use_cache=True, logits_to_keep=1)
-        lengths = [plen + len(s) for s in suffixes]
-        return self._decode(out, mask, positions[:, -1:], lengths, batch, max_new_tokens,
-                            decoding, stop_token_ids)
+        return Prefilled(out.logits[:, -1], out.cache, mask, positions[:, -1:],
+                         [plen + len(s) for s in suffixes])
 
-    def _decode(self, out: Any, mask: torch.Tensor, last: torch.Tensor, lengths: list[int],
-                batch: int, max_new_tokens: int | Sequence[int],
-                decoding: Sequence[Decoding] | None,
-                stop_token_ids: Sequence[int] | None) -> list[Generated]:
-        """The token-by-token loop after the prompt: ``out`` holds the prompt's last logits
-        and cache; each row may take ``context_length - lengths[row]`` new tokens at most."""
+    @torch.no_grad()
+    def decode_prefilled(self, parts: Sequence[Prefilled], *,
+                         max_new_tokens: int | Sequence[int] = 64,
+                         decoding: Sequence[Decoding] | None = None,
+                         stop_token_ids: Sequence[int] | None = None) -> list[Generated]:
+        """The token-by-token loop after the prompts, all ``parts`` (e.g. the questions of
+        several readings, prefilled apart) decoded as one batch, rows in order. Each row may
+        take ``context_length - its prompt length`` new tokens at most; finished rows leave
+        the batch, so a long answer does not keep the short ones computing."""
+        state = _merge(parts)
+        batch = state.rows
         limits = ([int(max_new_tokens)] * batch if isinstance(max_new_tokens, int)
                   else [int(m) for m in max_new_tokens])
         limits = [max(0, min(m, self.config.context_length - n))
-                  for m, n in zip(limits, lengths, strict=True)]
+                  for m, n in zip(limits, state.lengths, strict=True)]
         decoding = list(decoding) if decoding is not None else [Decoding()] * batch
         stops = set(stop_token_ids if stop_token_ids is not None
                     else (self.config.stop_token_ids or []))
@@ -316,24 +463,36 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
         ids: list[list[int]] = [[] for _ in range(batch)]
         reasons = ["length"] * batch
         done = [limits[i] == 0 for i in range(batch)]
-        for _ in range(max(limits, default=0)):
-            logits = out.logits[:, -1].float()
-            next_tokens = [self._choose(logits[i], decoding[i], gens[i]) for i in range(batch)]
-            for i, tok in enumerate(next_tokens):
-                if done[i]:
-                    continue
+        live = [i for i in range(batch) if not done[i]]  # rows still in the batch, in order
+        logits, cache, mask, last = state.logits, state.cache, state.mask, state.last
+        if len(live) < batch:
+            keep = torch.tensor(live, dtype=torch.long, device=device)
+            logits, mask, last = logits[keep], mask[keep], last[keep]
+            cache.batch_select_indices(keep)
+        while live:
+            scores = logits.float()
+            tokens = [self._choose(scores[j], decoding[i], gens[i]) for j, i in enumerate(live)]
+            for i, tok in zip(live, tokens, strict=True):
                 if tok in stops:
                     done[i], reasons[i] = True, "stop"
                 else:
                     ids[i].append(tok)
                     done[i] = len(ids[i]) >= limits[i]
-            if all(done):
+            keep_rows = [j for j, i in enumerate(live) if not done[i]]
+            if not keep_rows:
                 break
-            step = torch.tensor([[t] for t in next_tokens], device=device)
+            if len(keep_rows) < len(live):
+                keep = torch.tensor(keep_rows, dtype=torch.long, device=device)
+                mask, last = mask[keep], last[keep]
+                cache.batch_select_indices(keep)
+                tokens = [tokens[j] for j in keep_rows]
+                live = [live[j] for j in keep_rows]
+            step = torch.tensor([[t] for t in tokens], device=device)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             last = last + 1
             out = self.language_model(input_ids=step, attention_mask=mask, position_ids=last,
-                                      cache=out.cache, use_cache=True, logits_to_keep=1)
+                                      cache=cache, use_cache=True, logits_to_keep=1)
+            logits, cache = out.logits[:, -1], out.cache
         return [Generated(ids[i], reasons[i]) for i in range(batch)]
 
     @staticmethod

@@ -17,7 +17,7 @@ import torch
 from cxrtrek.errors import DataError
 from cxrtrek.model.configuration import CXRTrekNetConfig
 from cxrtrek.model.images import ImageLike, ImageProcessor
-from cxrtrek.model.tokenizer import CXRTrekTokenizer
+from cxrtrek.model.tokenizer import STAGE_TOKENS, CXRTrekTokenizer
 from cxrtrek.prompts.render import ContextTurn, render_chat, render_training_text
 
 __all__ = ["IGNORE_INDEX", "CXRTrekNetProcessor", "Encoded", "collate"]
@@ -48,6 +48,7 @@ class CXRTrekNetProcessor:
         self.context_length = config.context_length
         self.system_prompt = config.system_prompt
         self.stop_token_ids = list(config.stop_token_ids or [tokenizer.end_id, tokenizer.eos_id])
+        self.stage_token_ids = frozenset(tokenizer.token_id(t) for t in STAGE_TOKENS)
         self.images = ImageProcessor(size=config.image_size, mean=config.image_mean,
                                      std=config.image_std, channels=config.image_channels)
 
@@ -94,6 +95,15 @@ class CXRTrekNetProcessor:
 
     def pixel_values(self, images: Sequence[ImageLike]) -> torch.Tensor:
         return self.images(images)
+
+    def context_prefix_length(self, ids: Sequence[int]) -> int:
+        """Where a prompt's question starts: the index of its last stage marker. What comes
+        before (system prompt, images, earlier stages' turns) is the start of the next
+        stage's prompt too, so it is the part worth keeping processed (0: no marker)."""
+        for i in range(len(ids) - 1, -1, -1):
+            if ids[i] in self.stage_token_ids:
+                return i
+        return 0
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids).strip()

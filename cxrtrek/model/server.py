@@ -787,7 +787,8 @@ def create_app(backend_or_model: BackendOrModel,
 
 
 def load_backend(model: str, *, device: str | None = None, dtype: str | None = None,
-                 max_batch_size: int = 8, cache_size: int = 256) -> VLMBackend:
+                 max_batch_size: int = 8, cache_size: int = 256,
+                 prefix_cache_size: int = 16) -> VLMBackend:
     """An in-process backend over a preset (``tiny``, ``demo``: random weights, seed 0) or a
     saved model folder. ``device``/``dtype`` None or ``auto``: CUDA with bf16 when available,
     else CPU with fp32."""
@@ -808,9 +809,10 @@ def load_backend(model: str, *, device: str | None = None, dtype: str | None = N
         net = torch.nn.Module.to(net, device_, dtype_).train(False)
         log.info("built preset %s (random weights) on %s in %s", model, device_, dtype_)
         return InProcessBackend(net, processor, model_id=f"cxrtrek-net-{model}",
-                                max_batch_size=max_batch_size, cache_size=cache_size)
+                                max_batch_size=max_batch_size, cache_size=cache_size,
+                                prefix_cache_size=prefix_cache_size)
     return InProcessBackend.load(model, device=dev, dtype=dt, max_batch_size=max_batch_size,
-                                 cache_size=cache_size)
+                                 cache_size=cache_size, prefix_cache_size=prefix_cache_size)
 
 
 def _uvicorn_config(app: FastAPI, settings: ServerSettings,

@@ -210,13 +210,80 @@ def test_backend_uses_the_shared_prefix_for_a_stage(trained: Path,
     requests = _stage_requests(images, 5)
     batched = asyncio.run(backend.generate(requests))
     assert backend.prefix_batches == 1
-    single = InProcessBackend.load(trained, device="cpu", max_batch_size=1, cache_size=0)
+    single = InProcessBackend.load(trained, device="cpu", max_batch_size=1, cache_size=0,
+                                   prefix_cache_size=0)
     alone = [asyncio.run(single.generate([r]))[0] for r in requests]
     assert single.prefix_batches == 0
     assert [r.text for r in batched] == [r.text for r in alone]
     assert sum(r.completion_tokens for r in batched) > 0  # real answers, not all empty
     assert [r.completion_tokens for r in batched] == [r.completion_tokens for r in alone]
-    # different images in one batch: no shared prefix
+    # different images in one batch: each request's own prefix (none shared between them)
     mixed = [requests[0], requests[1].model_copy(update={"images": images[1:3]})]
     asyncio.run(backend.generate(mixed))
-    assert backend.prefix_batches == 1
+    assert backend.prefix_batches == 3
+    no_cache = InProcessBackend.load(trained, device="cpu", prefix_cache_size=0)
+    asyncio.run(no_cache.generate(mixed))
+    assert no_cache.prefix_batches == 0  # without the cache, a lone request is a plain batch
+
+
+def _next_stage(requests: list[VLMRequest], answers: list[str]) -> list[VLMRequest]:
+    """The next stage's questions: the same context plus this stage's answers."""
+    context = [*requests[0].context,
+               *((r.stage, r.question, a) for r, a in zip(requests, answers, strict=True))]
+    return [VLMRequest(request_id=f"s4-{i}", stage=4, question=q, images=requests[0].images,
+                       context=context, max_new_tokens=12)
+            for i, q in enumerate(["How are the findings related?", "What else?"])]
+
+
+def test_prefix_cache_reuses_earlier_stages_with_the_same_answers(
+        trained: Path, images: list[ImageRef]) -> None:
+    cached = InProcessBackend.load(trained, device="cpu")
+    plain = InProcessBackend.load(trained, device="cpu", max_batch_size=1, cache_size=0,
+                                  prefix_cache_size=0)
+    stage3 = _stage_requests(images, 3)
+    first = asyncio.run(cached.generate(stage3))
+    assert cached.prefix_cache is not None and cached.prefix_cache.hits == 0
+    stage4 = _next_stage(stage3, [r.text for r in first])
+    second = asyncio.run(cached.generate(stage4))
+    # stage 4's prompts start with stage 3's prefix (system, images, stages 1-2)
+    assert cached.prefix_cache.hits == 1 and cached.prefix_cache.tokens_reused > 16
+    one_question = asyncio.run(cached.generate(stage4[:1]))  # one request: its prefix kept
+    assert cached.prefix_cache.hits == 2
+    alone = [asyncio.run(plain.generate([r]))[0] for r in [*stage3, *stage4]]
+    assert [r.text for r in [*first, *second]] == [r.text for r in alone]
+    assert one_question[0].text == second[0].text
+
+
+def test_readings_of_different_images_decode_together(
+        trained: Path, images: list[ImageRef]) -> None:
+    """A batch mixing readings: prefilled apart, decoded as one batch (finished rows leave
+    it), each answer what the request gets alone."""
+    backend = InProcessBackend.load(trained, device="cpu", max_batch_size=8)
+    a = _stage_requests(images, 3)
+    b = [r.model_copy(update={"request_id": f"b{i}", "images": images[2:3],
+                              "max_new_tokens": 3 + 5 * i})
+         for i, r in enumerate(_stage_requests(images, 2))]
+    mixed = [a[0], b[0], a[1], b[1], a[2]]
+    together = asyncio.run(backend.generate(mixed))
+    plain = InProcessBackend.load(trained, device="cpu", max_batch_size=1, cache_size=0,
+                                  prefix_cache_size=0)
+    alone = [asyncio.run(plain.generate([r]))[0] for r in mixed]
+    assert [r.request_id for r in together] == [r.request_id for r in mixed]
+    assert [r.text for r in together] == [r.text for r in alone]
+    assert [r.completion_tokens for r in together] == [r.completion_tokens for r in alone]
+    assert len({r.latency_s for r in together}) == 1  # one decode batch for all five
+
+
+def test_an_overflowing_context_loses_whole_stages(tiny: Tiny, images: list[ImageRef]) -> None:
+    """Oldest stage first, all its pairs together: the kept context starts at a stage, so the
+    next stages' prompts start alike (and reuse their processed prefix)."""
+    backend = InProcessBackend(*tiny)
+    pairs = [(1 + i // 6, f"Question {i} about the lungs and the heart?",
+              "The answer is a long sentence about effusion, atelectasis and the heart. " * 2)
+             for i in range(36)]  # stages 1-6, six pairs each
+    request = VLMRequest(request_id="long", stage=7, question="What next?", images=images[:1],
+                         context=pairs, max_new_tokens=8)
+    fitted = backend._encode(request)
+    assert 0 < fitted.context_used < len(pairs)
+    assert fitted.context_used % 6 == 0  # whole stages dropped
+    assert len(fitted.encoded) + 8 <= tiny[1].context_length
