@@ -1,13 +1,16 @@
 """The in-process VLM backend: CXRTrekNet in this process, on CPU or GPU.
 
-Requests are answered in batches (``max_batch_size``), left-padded, greedy unless a request
-asks to sample. When the requests of a batch share their images and the start of their prompt
-(the questions of one stage share the system prompt, the images and the earlier stages), the
-shared prefix is processed once and only the rest of each prompt and the decoding are batched
-(``share_prefix``). Each image's visual tokens are cached by the image's SHA-256 (LRU, at most
-``cache_size`` images), so a study's images are encoded once for all of its questions.
-Generation runs in a worker thread (``asyncio.to_thread``) behind a lock: concurrent callers
-are served one batch at a time and the event loop stays free.
+Greedy unless a request asks to sample. Each image's visual tokens are cached by the image's
+SHA-256 (LRU, at most ``cache_size`` images), so a study's images are encoded once for all of
+its questions. Prompts are processed ("prefilled") per group of requests about the same
+images: when they share the start of their prompt (the questions of one stage share the system
+prompt, the images and the earlier stages) that prefix is processed once (``share_prefix``),
+and kept across calls (``prefix_cache_size`` prefixes, LRU), so the next stage of a reading
+processes only its new turns and questions. Decoding is continuous batching: one loop, in a
+worker thread, decodes every admitted request one token at a time, at most ``max_batch_size``
+rows; requests of other calls (other readings) join between tokens as they arrive, and
+finished rows leave. A row's tokens do not depend on the other rows, so answers are those of
+the request alone. ``continuous=False`` answers each call on its own (``generate_sync``).
 
 Load a saved model folder with :meth:`InProcessBackend.load`; the constructor takes a model
 that is already built (it never loads weights itself).
@@ -20,9 +23,9 @@ import logging
 import secrets
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,7 +36,12 @@ from cxrtrek.schema import ImageRef
 if TYPE_CHECKING:
     import torch
 
-    from cxrtrek.model.modeling import CXRTrekNetForConditionalGeneration, Prefilled
+    from cxrtrek.model.modeling import (
+        CXRTrekNetForConditionalGeneration,
+        Decoding,
+        Generated,
+        Prefilled,
+    )
     from cxrtrek.model.processing import CXRTrekNetProcessor, Encoded
 
 __all__ = ["InProcessBackend"]
@@ -55,7 +63,8 @@ class InProcessBackend:
     def __init__(self, model: CXRTrekNetForConditionalGeneration,
                  processor: CXRTrekNetProcessor, *, model_id: str | None = None,
                  max_batch_size: int = 8, cache_size: int = 256,
-                 share_prefix: bool = True, prefix_cache_size: int = 16) -> None:
+                 share_prefix: bool = True, prefix_cache_size: int = 16,
+                 continuous: bool = True) -> None:
         if max_batch_size < 1:
             raise DataError(f"max_batch_size must be at least 1; got {max_batch_size}")
         if cache_size < 0:
@@ -78,6 +87,14 @@ class InProcessBackend:
         reading's next stage processes only its new turns and questions."""
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
+        self.continuous = continuous
+        """Concurrent :meth:`generate` calls decode in one batch (see :class:`_Engine`)."""
+        self._engine = _Engine(self)
+        self.decode_steps = 0
+        """Decoding steps run (one token for every row of the batch)."""
+        self.decode_row_steps = 0
+        """Rows summed over the steps: ``decode_row_steps / decode_steps`` is the mean batch."""
+        self.peak_rows = 0
         self.cache_hits = 0
         self.cache_misses = 0
 
@@ -85,14 +102,15 @@ class InProcessBackend:
     def load(cls, folder: str | Path, *, device: str | None = None, dtype: str | None = None,
              model_id: str | None = None, max_batch_size: int = 8,
              cache_size: int = 256, share_prefix: bool = True,
-             prefix_cache_size: int = 16) -> InProcessBackend:
+             prefix_cache_size: int = 16, continuous: bool = True) -> InProcessBackend:
         """Load a saved CXRTrekNet folder (device and dtype automatic unless given)."""
         from cxrtrek.model.build import load_pretrained
 
         model, processor = load_pretrained(folder, device=device, dtype=dtype)
         return cls(model, processor, model_id=model_id or Path(folder).name,
                    max_batch_size=max_batch_size, cache_size=cache_size,
-                   share_prefix=share_prefix, prefix_cache_size=prefix_cache_size)
+                   share_prefix=share_prefix, prefix_cache_size=prefix_cache_size,
+                   continuous=continuous)
 
     def clear_cache(self) -> None:
         with self._lock:
@@ -103,44 +121,40 @@ class InProcessBackend:
     # --- the protocol -----------------------------------------------------------------------
 
     async def generate(self, requests: Sequence[VLMRequest]) -> list[VLMResponse]:
+        """Answer ``requests``. With ``continuous`` (the default), the call joins the
+        backend's decode loop: requests of concurrent calls (e.g. several readings) decode in
+        one batch, joining it between tokens as they arrive."""
         if not requests:
             return []
-        return await asyncio.to_thread(self.generate_sync, requests)
+        if not self.continuous:
+            return await asyncio.to_thread(self.generate_sync, requests)
+        call = _Call(list(requests), [self._encode(r) for r in requests])  # validate first
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[VLMResponse]] = loop.create_future()
+        call.on_done = lambda result: loop.call_soon_threadsafe(_settle, future, result)
+        self._engine.submit(call)
+        try:
+            return await future
+        finally:
+            if call.outcome is None:
+                call.cancelled = True  # a caller that gave up: its rows leave the batch
 
     def generate_sync(self, requests: Sequence[VLMRequest]) -> list[VLMResponse]:
-        """The blocking form of :meth:`generate` (thread-safe).
+        """The blocking form of :meth:`generate`, this call's requests only (thread-safe).
 
         A request whose context does not fit the model's window loses its oldest context
         pairs first, a stage's pairs together (the response's ``context_used`` says how many
         were kept).
         """
-        fitted = [self._encode(r) for r in requests]  # validate everything before any work
-        # Batches are made of requests about the same images (in first-seen order), so that
-        # a batch can share its prompt prefix; responses go back in request order.
-        groups: dict[tuple[str, ...], list[int]] = {}
-        for i, r in enumerate(requests):
-            groups.setdefault(tuple(ref.digest() for ref in r.images), []).append(i)
-        # Parts of at most max_batch_size requests about the same images; parts packed into
-        # decode batches of at most max_batch_size rows (prefilled apart, decoded together).
-        parts = [members[k:k + self.max_batch_size] for members in groups.values()
-                 for k in range(0, len(members), self.max_batch_size)]
-        batches: list[list[list[int]]] = []
-        for part in parts:
-            if batches and sum(map(len, batches[-1])) + len(part) <= self.max_batch_size:
-                batches[-1].append(part)
-            else:
-                batches.append([part])
-        out: dict[int, VLMResponse] = {}
+        call = _Call(list(requests), [self._encode(r) for r in requests])
+        scheduler = _Scheduler(self)
+        scheduler.push(call)
         with self._lock:
-            # every distinct image of the call is encoded once, in one pass
-            feats, hits = self._image_embeds(requests)
-            offsets = [0]
-            for r in requests:
-                offsets.append(offsets[-1] + len(r.images))
-            per_request = [feats[offsets[i]:offsets[i + 1]] for i in range(len(requests))]
-            for batch in batches:
-                out.update(self._run_batch(batch, requests, fitted, per_request, hits))
-        return [out[i] for i in range(len(requests))]
+            scheduler.run_until_idle()
+        if isinstance(call.outcome, BaseException):
+            raise call.outcome
+        assert call.outcome is not None
+        return call.outcome
 
     # --- internals --------------------------------------------------------------------------
 
@@ -270,41 +284,186 @@ class InProcessBackend:
         return self.model.prefill_batch(batch["input_ids"], batch["attention_mask"],
                                         image_embeds=feats)
 
-    def _run_batch(self, parts: Sequence[Sequence[int]], requests: Sequence[VLMRequest],
-                   fitted: Sequence[_Fitted], image_feats: Sequence[torch.Tensor],
-                   hits: Sequence[int]) -> dict[int, VLMResponse]:
-        """Answer ``parts`` (request indices, each part about the same images): each part's
-        prompts processed apart, then all of them decoded as one batch."""
+    def _admit(self, call: _Call, indices: Sequence[int]) -> _Admitted:
+        """Prefill requests of one call about the same images, ready to join a batch."""
         import torch
 
         from cxrtrek.model.modeling import Decoding
 
-        t0 = time.perf_counter()
-        order = [i for part in parts for i in part]
+        if call.feats is None:  # every distinct image of the call encoded once, in one pass
+            feats, hits = self._image_embeds(call.requests)
+            offsets = [0]
+            for r in call.requests:
+                offsets.append(offsets[-1] + len(r.images))
+            call.feats = [feats[offsets[i]:offsets[i + 1]] for i in range(len(call.requests))]
+            call.hits = dict(enumerate(hits))
+        requests = [call.requests[i] for i in indices]
         with torch.inference_mode():
-            prefilled = [self._prefill([requests[i] for i in part],
-                                       [fitted[i].encoded for i in part],
-                                       torch.cat([image_feats[i] for i in part]))
-                         for part in parts]
-            generated = self.model.decode_prefilled(
-                prefilled, max_new_tokens=[requests[i].max_new_tokens for i in order],
-                decoding=[Decoding(
-                    temperature=requests[i].decoding.temperature,
-                    top_p=requests[i].decoding.top_p,
-                    seed=requests[i].decoding.seed if requests[i].decoding.seed is not None
-                    or requests[i].decoding.greedy else secrets.randbits(63))
-                    for i in order],
-                stop_token_ids=self.processor.stop_token_ids)
-        latency = time.perf_counter() - t0
-        log.debug("batch of %d (%d parts) answered in %.3f s", len(order), len(parts), latency)
-        out: dict[int, VLMResponse] = {}
-        for i, g in zip(order, generated, strict=True):
-            r, f = requests[i], fitted[i]
-            out[i] = VLMResponse(
-                request_id=r.request_id, text=self.processor.decode(g.ids),
-                model_id=self.model_id, prompt_tokens=len(f.encoded),
-                completion_tokens=len(g.ids), latency_s=latency,
-                finish_reason="stop" if g.finish_reason == "stop" else "length",
-                cache_hits=hits[i],
-                context_used=None if f.context_used == len(r.context) else f.context_used)
-        return out
+            prefilled = self._prefill(requests, [call.fitted[i].encoded for i in indices],
+                                      torch.cat([call.feats[i] for i in indices]))
+        return (prefilled, [(call, i) for i in indices], [r.max_new_tokens for r in requests],
+                [Decoding(temperature=r.decoding.temperature, top_p=r.decoding.top_p,
+                          seed=r.decoding.seed if r.decoding.seed is not None
+                          or r.decoding.greedy else secrets.randbits(63))
+                 for r in requests])
+
+    def _respond(self, call: _Call, index: int, generated: Generated) -> None:
+        r, f = call.requests[index], call.fitted[index]
+        call.responses[index] = VLMResponse(
+            request_id=r.request_id, text=self.processor.decode(generated.ids),
+            model_id=self.model_id, prompt_tokens=len(f.encoded),
+            completion_tokens=len(generated.ids), latency_s=time.perf_counter() - call.started,
+            finish_reason="stop" if generated.finish_reason == "stop" else "length",
+            cache_hits=call.hits.get(index, 0),
+            context_used=None if f.context_used == len(r.context) else f.context_used)
+
+
+_Admitted = tuple["Prefilled", list[tuple["_Call", int]], list[int], list["Decoding"]]
+"""Prefilled rows ready to join a batch: the rows, their tags, token budgets, decoding."""
+
+
+def _settle(future: asyncio.Future[list[VLMResponse]],
+            result: list[VLMResponse] | BaseException) -> None:
+    if future.done():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
+
+
+@dataclass(eq=False)
+class _Call:
+    """One :meth:`InProcessBackend.generate` call on its way through the decode loop."""
+
+    requests: list[VLMRequest]
+    fitted: list[_Fitted]
+    started: float = field(default_factory=time.perf_counter)
+    responses: dict[int, VLMResponse] = field(default_factory=dict)
+    hits: dict[int, int] = field(default_factory=dict)
+    feats: list[torch.Tensor] | None = None
+    """Each request's visual tokens, once the call's images are encoded."""
+    outcome: list[VLMResponse] | BaseException | None = None
+    on_done: Callable[[list[VLMResponse] | BaseException], object] | None = None
+    cancelled: bool = False
+
+    def finish(self, outcome: list[VLMResponse] | BaseException) -> None:
+        if self.outcome is None:
+            self.outcome = outcome
+            if self.on_done is not None:
+                self.on_done(outcome)
+
+
+class _Scheduler:
+    """Parts of calls (requests about the same images, at most ``max_batch_size``) admitted
+    into one :class:`~cxrtrek.model.modeling.DecodeBatch` while it has room, one token at a
+    time for all rows; finished rows answer their calls. Run under the backend's lock."""
+
+    def __init__(self, backend: InProcessBackend) -> None:
+        from cxrtrek.model.modeling import DecodeBatch
+
+        self.backend = backend
+        self.batch = DecodeBatch(backend.model, backend.processor.stop_token_ids)
+        self.pending: deque[tuple[_Call, list[int]]] = deque()
+
+    def push(self, call: _Call) -> None:
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, r in enumerate(call.requests):
+            groups.setdefault(tuple(ref.digest() for ref in r.images), []).append(i)
+        size = self.backend.max_batch_size
+        for members in groups.values():
+            for k in range(0, len(members), size):
+                self.pending.append((call, members[k:k + size]))
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.pending or self.batch.rows)
+
+    def step(self) -> None:
+        """Admit what fits, drop rows of calls that ended, decode one token."""
+        import torch
+
+        size = self.backend.max_batch_size
+        admitted: list[_Admitted] = []
+        rows = self.batch.rows
+        while self.pending and (not rows or rows + len(self.pending[0][1]) <= size):
+            call, indices = self.pending.popleft()
+            if call.outcome is not None or call.cancelled:
+                continue
+            try:
+                admitted.append(self.backend._admit(call, indices))
+            except Exception as exc:  # this call's input or prefill failed: only it ends
+                self._fail(call, exc)
+                continue
+            rows += len(indices)
+        admitted = [a for a in admitted if a[1][0][0].outcome is None]
+        if admitted:
+            self.batch.add_many(admitted)  # one merge for all that joined
+        ended = {tag for tag in self.batch.tags() if tag[0].outcome is not None
+                 or tag[0].cancelled}
+        if ended:
+            self.batch.drop(ended)
+        rows = self.batch.rows
+        backend = self.backend
+        backend.decode_steps += 1 if rows else 0
+        backend.decode_row_steps += rows
+        backend.peak_rows = max(backend.peak_rows, rows)
+        try:
+            with torch.inference_mode():
+                finished = self.batch.step()
+        except Exception as exc:  # the batch is lost: every call in it fails
+            for call in {tag[0] for tag in self.batch.tags()}:
+                self._fail(call, exc)
+            self.batch.drop(set(self.batch.tags()))
+            return
+        for (call, index), generated in finished.items():
+            self.backend._respond(call, index, generated)
+            if len(call.responses) == len(call.requests):
+                call.finish([call.responses[i] for i in range(len(call.requests))])
+
+    def _fail(self, call: _Call, exc: BaseException) -> None:
+        log.info("generation failed for %d request(s): %s: %s", len(call.requests),
+                 type(exc).__name__, exc)
+        call.finish(exc)
+        self.pending = deque(p for p in self.pending if p[0] is not call)
+        self.batch.drop({tag for tag in self.batch.tags() if tag[0] is call})
+
+    def run_until_idle(self) -> None:
+        while self.busy:
+            self.step()
+
+
+class _Engine:
+    """The continuous decode loop of a backend, in a worker thread started on demand (it
+    ends after ``idle_s`` without work). Calls submitted while others decode join them."""
+
+    def __init__(self, backend: InProcessBackend, idle_s: float = 2.0) -> None:
+        self.backend = backend
+        self.idle_s = idle_s
+        self._cv = threading.Condition()
+        self._inbox: deque[_Call] = deque()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, call: _Call) -> None:
+        with self._cv:
+            self._inbox.append(call)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="cxrtrek-decode",
+                                                daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def _loop(self) -> None:
+        scheduler = _Scheduler(self.backend)
+        while True:
+            with self._cv:
+                if not scheduler.busy and not self._inbox:
+                    self._cv.wait(self.idle_s)
+                    if not self._inbox:
+                        self._thread = None  # idle: the next submit starts a new thread
+                        return
+                while self._inbox:
+                    scheduler.push(self._inbox.popleft())
+            with self.backend._lock:
+                scheduler.step()
+

@@ -34,6 +34,7 @@ from cxrtrek.model.configuration import CXRTrekNetConfig
 
 __all__ = [
     "CXRTrekNetForConditionalGeneration",
+    "DecodeBatch",
     "Decoding",
     "Generated",
     "PrefixCache",
@@ -141,7 +142,8 @@ class PrefixCache:
     A reading's stages ask prompts that grow: system prompt, images, the earlier stages'
     turns, then the question. The prefix before one stage's question is the start of the next
     stage's prompt, so with it kept only the new turns and the question are processed. Entries
-    hold batch-1 caches; :meth:`longest` returns a copy, so callers may extend it.
+    hold batch-1 caches; :meth:`longest` returns a copy, so callers may extend it. A prefix
+    that extends a kept one replaces it, so a reading holds about one entry.
     """
 
     def __init__(self, max_entries: int = 16) -> None:
@@ -177,6 +179,9 @@ class PrefixCache:
         if self.max_entries <= 0:
             return
         key = (images, tuple(ids))
+        for old in [k for k in self._entries if k[0] == images and len(k[1]) < len(ids)
+                    and key[1][:len(k[1])] == k[1]]:
+            del self._entries[old]  # superseded: a reading's next stage extends the new one
         self._entries[key] = copy.deepcopy(cache)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
@@ -184,6 +189,116 @@ class PrefixCache:
 
     def clear(self) -> None:
         self._entries.clear()
+
+
+@dataclass
+class _Row:
+    tag: Any
+    limit: int
+    decoding: Decoding
+    gen: torch.Generator
+    ids: list[int]
+    reason: str = "length"
+
+
+class DecodeBatch:
+    """Rows decoding together, one token per :meth:`step`; prefilled rows may join between
+    steps (:meth:`add`) and finished ones leave. A row's tokens do not depend on the other
+    rows (its own cache, mask, positions and random generator), so rows of requests that
+    arrived apart decode as one batch: continuous batching."""
+
+    def __init__(self, model: CXRTrekNetForConditionalGeneration,
+                 stop_token_ids: Sequence[int] | None = None) -> None:
+        self.model = model
+        self.stops = set(stop_token_ids if stop_token_ids is not None
+                         else (model.config.stop_token_ids or []))
+        self.state: Prefilled | None = None
+        self._rows: list[_Row] = []
+
+    @property
+    def rows(self) -> int:
+        return len(self._rows)
+
+    def tags(self) -> list[Any]:
+        return [r.tag for r in self._rows]
+
+    def add(self, part: Prefilled, tags: Sequence[Any], *,
+            max_new_tokens: int | Sequence[int] = 64,
+            decoding: Sequence[Decoding] | None = None) -> None:
+        """Let prefilled rows join (``tags`` name them in :meth:`step`'s results)."""
+        self.add_many([(part, tags, max_new_tokens, decoding)])
+
+    def add_many(self, parts: Sequence[tuple[Prefilled, Sequence[Any], int | Sequence[int],
+                                             Sequence[Decoding] | None]]) -> None:
+        """:meth:`add` for several parts at once (the batch is merged once)."""
+        for part, tags, max_new_tokens, decoding in parts:
+            n = part.rows
+            limits = ([int(max_new_tokens)] * n if isinstance(max_new_tokens, int)
+                      else [int(m) for m in max_new_tokens])
+            limits = [max(0, min(m, self.model.config.context_length - length))
+                      for m, length in zip(limits, part.lengths, strict=True)]
+            chosen = list(decoding) if decoding is not None else [Decoding()] * n
+            self._rows.extend(
+                _Row(tag, limit, d, torch.Generator().manual_seed(
+                    d.seed if d.seed is not None else 0), [])
+                for tag, limit, d in zip(tags, limits, chosen, strict=True))
+        new = [p[0] for p in parts]
+        if new:
+            self.state = _merge(new if self.state is None else [self.state, *new])
+
+    def drop(self, tags: set[Any]) -> None:
+        """Take rows out without an answer (e.g. their caller gave up)."""
+        keep = [j for j, r in enumerate(self._rows) if r.tag not in tags]
+        self._keep(keep)
+
+    def _keep(self, keep: list[int]) -> None:
+        if len(keep) == len(self._rows):
+            return
+        self._rows = [self._rows[j] for j in keep]
+        if not keep:
+            self.state = None
+            return
+        assert self.state is not None
+        index = torch.tensor(keep, dtype=torch.long, device=self.model.device)
+        st = self.state
+        st.cache.batch_select_indices(index)
+        self.state = Prefilled(st.logits[index], st.cache, st.mask[index], st.last[index],
+                               [st.lengths[j] for j in keep])
+
+    def step(self) -> dict[Any, Generated]:
+        """Choose every row's next token; the rows that finished (by tag), out of the batch;
+        the others advance one token."""
+        if self.state is None:
+            return {}
+        scores = self.state.logits.float()
+        finished: dict[Any, Generated] = {}
+        tokens: list[int] = []
+        for j, row in enumerate(self._rows):
+            if row.limit == 0:
+                finished[row.tag] = Generated(row.ids, row.reason)
+                tokens.append(0)
+                continue
+            tok = self.model._choose(scores[j], row.decoding, row.gen)
+            tokens.append(tok)
+            if tok in self.stops:
+                row.reason = "stop"
+                finished[row.tag] = Generated(row.ids, row.reason)
+            else:
+                row.ids.append(tok)
+                if len(row.ids) >= row.limit:
+                    finished[row.tag] = Generated(row.ids, row.reason)
+        keep = [j for j, r in enumerate(self._rows) if r.tag not in finished]
+        self._keep(keep)
+        if self.state is None:
+            return finished
+        st = self.state
+        step = torch.tensor([[tokens[j]] for j in keep], device=self.model.device)
+        mask = torch.cat([st.mask, torch.ones_like(st.mask[:, :1])], dim=1)
+        last = st.last + 1
+        out = self.model.language_model(input_ids=step, attention_mask=mask, position_ids=last,
+                                        cache=st.cache, use_cache=True, logits_to_keep=1)
+        self.state = Prefilled(out.logits[:, -1], out.cache, mask, last, st.lengths)
+        return finished
 
 
 class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-untyped-call]
@@ -449,51 +564,13 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
         take ``context_length - its prompt length`` new tokens at most; finished rows leave
         the batch, so a long answer does not keep the short ones computing."""
         state = _merge(parts)
-        batch = state.rows
-        limits = ([int(max_new_tokens)] * batch if isinstance(max_new_tokens, int)
-                  else [int(m) for m in max_new_tokens])
-        limits = [max(0, min(m, self.config.context_length - n))
-                  for m, n in zip(limits, state.lengths, strict=True)]
-        decoding = list(decoding) if decoding is not None else [Decoding()] * batch
-        stops = set(stop_token_ids if stop_token_ids is not None
-                    else (self.config.stop_token_ids or []))
-        gens = [torch.Generator().manual_seed(d.seed if d.seed is not None else 0)
-                for d in decoding]
-        device = self.device
-        ids: list[list[int]] = [[] for _ in range(batch)]
-        reasons = ["length"] * batch
-        done = [limits[i] == 0 for i in range(batch)]
-        live = [i for i in range(batch) if not done[i]]  # rows still in the batch, in order
-        logits, cache, mask, last = state.logits, state.cache, state.mask, state.last
-        if len(live) < batch:
-            keep = torch.tensor(live, dtype=torch.long, device=device)
-            logits, mask, last = logits[keep], mask[keep], last[keep]
-            cache.batch_select_indices(keep)
-        while live:
-            scores = logits.float()
-            tokens = [self._choose(scores[j], decoding[i], gens[i]) for j, i in enumerate(live)]
-            for i, tok in zip(live, tokens, strict=True):
-                if tok in stops:
-                    done[i], reasons[i] = True, "stop"
-                else:
-                    ids[i].append(tok)
-                    done[i] = len(ids[i]) >= limits[i]
-            keep_rows = [j for j, i in enumerate(live) if not done[i]]
-            if not keep_rows:
-                break
-            if len(keep_rows) < len(live):
-                keep = torch.tensor(keep_rows, dtype=torch.long, device=device)
-                mask, last = mask[keep], last[keep]
-                cache.batch_select_indices(keep)
-                tokens = [tokens[j] for j in keep_rows]
-                live = [live[j] for j in keep_rows]
-            step = torch.tensor([[t] for t in tokens], device=device)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            last = last + 1
-            out = self.language_model(input_ids=step, attention_mask=mask, position_ids=last,
-                                      cache=cache, use_cache=True, logits_to_keep=1)
-            logits, cache = out.logits[:, -1], out.cache
-        return [Generated(ids[i], reasons[i]) for i in range(batch)]
+        batch = DecodeBatch(self, stop_token_ids)
+        batch.add(state, list(range(state.rows)), max_new_tokens=max_new_tokens,
+                  decoding=decoding)
+        out: dict[Any, Generated] = {}
+        while batch.rows:
+            out.update(batch.step())
+        return [out[i] for i in range(state.rows)]
 
     @staticmethod
     def _choose(logits: torch.Tensor, decoding: Decoding, gen: torch.Generator) -> int:

@@ -490,7 +490,11 @@ class _Job:
 class Batcher:
     """Gathers queued requests into batches and answers each batch with one backend call.
 
-    Bound to the event loop that calls :meth:`start`; one batch runs at a time.
+    Bound to the event loop that calls :meth:`start`. One batch runs at a time, unless the
+    backend decodes continuously (``backend.continuous``, the in-process backend): then a
+    batch is handed over as soon as it is gathered, to join the rows already decoding, with
+    at most ``max_batch_size`` requests handed over and unanswered at a time (the rest wait in
+    the queue, which stays bounded).
     """
 
     def __init__(self, backend: VLMBackend, *, max_batch_size: int, max_wait_s: float,
@@ -505,6 +509,10 @@ class Batcher:
         self._idle: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self.closing = False
+        self.continuous = bool(getattr(backend, "continuous", False))
+        self._inflight = 0
+        self._room: asyncio.Event | None = None
+        self._running: set[asyncio.Task[None]] = set()
 
     @property
     def depth(self) -> int:
@@ -513,6 +521,7 @@ class Batcher:
     def start(self) -> None:
         self._queue = asyncio.Queue(self.max_queue)
         self._arrived, self._idle = asyncio.Event(), asyncio.Event()
+        self._room = asyncio.Event()
         self._idle.set()
         self._task = asyncio.get_running_loop().create_task(self._work(), name="batcher")
 
@@ -533,33 +542,60 @@ class Batcher:
         self._arrived.set()
         return job
 
-    async def _gather(self, queue: asyncio.Queue[_Job], arrived: asyncio.Event) -> list[_Job]:
+    async def _gather(self, queue: asyncio.Queue[_Job], arrived: asyncio.Event,
+                      size: int) -> list[_Job]:
         batch = [await queue.get()]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait_s
-        while len(batch) < self.max_batch_size:
-            while not queue.empty() and len(batch) < self.max_batch_size:
+        while len(batch) < size:
+            while not queue.empty() and len(batch) < size:
                 batch.append(queue.get_nowait())
             remaining = deadline - loop.time()
-            if len(batch) >= self.max_batch_size or remaining <= 0:
+            if len(batch) >= size or remaining <= 0:
                 break
             arrived.clear()
             try:
                 await asyncio.wait_for(arrived.wait(), remaining)
             except TimeoutError:
-                while not queue.empty() and len(batch) < self.max_batch_size:
+                while not queue.empty() and len(batch) < size:
                     batch.append(queue.get_nowait())
                 break
         return batch
 
     async def _work(self) -> None:
         assert self._queue is not None and self._arrived is not None and self._idle is not None
+        assert self._room is not None
         while True:
-            batch = await self._gather(self._queue, self._arrived)
+            while self._inflight >= self.max_batch_size:  # continuous: wait for room
+                self._room.clear()
+                await self._room.wait()
+            batch = await self._gather(self._queue, self._arrived,
+                                       self.max_batch_size - self._inflight)
             live = [job for job in batch if not job.future.done()]  # skip timed-out jobs
-            if live:
+            if live and self.continuous:
+                self._inflight += len(live)
+                task = asyncio.get_running_loop().create_task(self._handed_over(live))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+            elif live:
                 await self._run(live)
-            if self._queue.empty():
+            if self._queue.empty() and not self._inflight:
+                self._idle.set()
+
+    async def _handed_over(self, jobs: list[_Job]) -> None:
+        try:
+            await self._run(jobs)
+        except asyncio.CancelledError:
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(TransientError("the server shut down before "
+                                                            "answering"))
+            raise
+        finally:
+            self._inflight -= len(jobs)
+            assert self._room is not None and self._idle is not None
+            self._room.set()
+            if self._queue is not None and self._queue.empty() and not self._inflight:
                 self._idle.set()
 
     async def _run(self, jobs: list[_Job]) -> None:
@@ -607,6 +643,10 @@ class Batcher:
             self._task.cancel()
             with suppress(asyncio.CancelledError):
                 await self._task
+        for task in list(self._running):  # past the drain time: give up on them
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
         while self._queue is not None and not self._queue.empty():
             job = self._queue.get_nowait()
             if not job.future.done():

@@ -271,7 +271,7 @@ def test_readings_of_different_images_decode_together(
     assert [r.request_id for r in together] == [r.request_id for r in mixed]
     assert [r.text for r in together] == [r.text for r in alone]
     assert [r.completion_tokens for r in together] == [r.completion_tokens for r in alone]
-    assert len({r.latency_s for r in together}) == 1  # one decode batch for all five
+    assert backend.peak_rows == 5  # one decode batch for all five
 
 
 def test_an_overflowing_context_loses_whole_stages(tiny: Tiny, images: list[ImageRef]) -> None:
@@ -287,3 +287,29 @@ def test_an_overflowing_context_loses_whole_stages(tiny: Tiny, images: list[Imag
     assert 0 < fitted.context_used < len(pairs)
     assert fitted.context_used % 6 == 0  # whole stages dropped
     assert len(fitted.encoded) + 8 <= tiny[1].context_length
+
+
+def test_concurrent_calls_join_one_decode_batch(trained: Path, images: list[ImageRef]) -> None:
+    """Continuous batching: calls made while another decodes join its batch between tokens;
+    each answer is what the request gets alone."""
+    backend = InProcessBackend.load(trained, device="cpu", max_batch_size=8)
+    a = [r.model_copy(update={"max_new_tokens": 48}) for r in _stage_requests(images, 3)]
+    b = [r.model_copy(update={"request_id": f"b{i}", "images": images[2:3]})
+         for i, r in enumerate(_stage_requests(images, 3))]
+
+    async def both() -> tuple[list[VLMResponse], list[VLMResponse]]:
+        first = asyncio.create_task(backend.generate(a))
+        for _ in range(2000):  # bounded: until the first call decodes
+            if backend.decode_steps:
+                break
+            await asyncio.sleep(0.001)
+        second = await backend.generate(b)
+        return await first, second
+
+    got_a, got_b = asyncio.run(both())
+    plain = InProcessBackend.load(trained, device="cpu", max_batch_size=1, cache_size=0,
+                                  prefix_cache_size=0, continuous=False)
+    alone = [plain.generate_sync([r])[0] for r in [*a, *b]]
+    assert [r.text for r in [*got_a, *got_b]] == [r.text for r in alone]
+    assert backend.peak_rows > 3  # rows of both calls decoded together
+    assert backend.decode_row_steps > backend.decode_steps
