@@ -64,6 +64,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -318,6 +319,7 @@ class VectorMemory:
         self._runs: OrderedDict[str, _RunIndex] = OrderedDict()
         self._queries: OrderedDict[str, tuple[float, ...]] = OrderedDict()
         self._queries_embedder: TextEmbedder | None = None
+        self._pool: ThreadPoolExecutor | None = None
         self.writes = 0
         """Stage-memory items (re-)embedded and written by this object so far."""
         self.index_reads = 0
@@ -483,15 +485,37 @@ class VectorMemory:
         ``before_stage``, or only some context ids (``<stage>:<question id>``)."""
         if k < 1:
             raise ConfigError(f"k must be at least 1; got {k}")
-        vector = self._query_vector(query)
         if self.run_index_ttl_s > 0:
-            index = self._run_index(run_id)
+            index, vector = self._index_and_vector(run_id, query)
             select = _selector(stages, before_stage, context_ids)
             rows = [i for i, meta in enumerate(index.metas) if select(meta)]
             return _rank(vector, [index.ids[i] for i in rows],
                          [index.metas[i] for i in rows], index.vectors[rows], k)
+        vector = self._query_vector(query)
         return self._recall_where(run_id, vector, k=k, stages=stages,
                                   before_stage=before_stage, context_ids=context_ids)
+
+    def _index_and_vector(self, run_id: str,
+                          query: str | Sequence[float]) -> tuple[_RunIndex, list[float]]:
+        """The run's index and the query's vector; a text not embedded yet is embedded while
+        the index is checked (chromadb reads wait on I/O or run outside the GIL, as does the
+        embedder's torch work), so a recall costs about the larger of the two, not the sum."""
+        if not isinstance(query, str) or self._cached_query(query) is not None:
+            return self._run_index(run_id), self._query_vector(query)
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1,
+                                                thread_name_prefix="cxrtrek-memory")
+            pool = self._pool
+        checked = pool.submit(self._run_index, run_id)
+        vector = self.embed_query(query)
+        return checked.result(), vector
+
+    def _cached_query(self, text: str) -> tuple[float, ...] | None:
+        with self._index_lock:
+            if self.query_cache_size == 0 or self._queries_embedder is not self.embedder:
+                return None
+            return self._queries.get(text)
 
     def _recall_where(self, run_id: str, vector: Sequence[float], *, k: int,
                       stages: Sequence[int] | None, before_stage: int | None,
