@@ -58,10 +58,12 @@ def main() -> None:
                            max_new_tokens=args.max_new_tokens)
                 for i in range(args.questions)]
 
+    # prefix_cache_size=0 throughout: this measures sharing within one call (a stage); kept
+    # prefixes across calls would make the repeats reuse the whole prefix
     configs = {
-        "shared prefix": dict(share_prefix=True),
-        "plain batch": dict(share_prefix=False),
-        "one at a time": dict(max_batch_size=1, cache_size=0),
+        "shared prefix": dict(share_prefix=True, prefix_cache_size=0),
+        "plain batch": dict(share_prefix=False, prefix_cache_size=0),
+        "one at a time": dict(max_batch_size=1, cache_size=0, prefix_cache_size=0),
     }
     times: dict[str, float] = {}
     answers: dict[str, list[str]] = {}
