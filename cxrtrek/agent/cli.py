@@ -355,9 +355,10 @@ def serve_cmd(
     Concurrent requests are batched; vision features are cached by image SHA-256. Binds
     127.0.0.1 unless told otherwise; any other address needs a token. SIGINT/SIGTERM drain.
     """
+    params = dict(locals())  # the options, before anything else is bound here
     from cxrtrek.agent._commands import cmd_serve
 
-    return cmd_serve(argparse.Namespace(**locals()))
+    return cmd_serve(argparse.Namespace(**params))
 
 
 @app.command("api")
@@ -512,9 +513,10 @@ def train_cmd(
     Checkpoints into OUTPUT_DIR and resumes from there; the finished folder loads with
     --backend inprocess:OUTPUT_DIR.
     """
+    params = dict(locals())  # the options, before anything else is bound here
     from cxrtrek.agent._commands import cmd_train
 
-    return cmd_train(argparse.Namespace(**locals()))
+    return cmd_train(argparse.Namespace(**params))
 
 
 @app.command("eval")
@@ -562,9 +564,9 @@ def eval_cmd(
     BLEU, ROUGE-L, CheXpert finding F1); writes results.json, questions.jsonl and plots to
     --out. 'cxrtrek eval compare A B' prints the per-stage deltas B - A of two results.
     """
+    params = dict(locals())  # the options, before anything else is bound here
     from cxrtrek.evals._cli import cmd_eval
 
-    params = dict(locals())
     params["action"] = action or []
     params["json"] = params.pop("json_out")
     return cmd_eval(argparse.Namespace(**params))
