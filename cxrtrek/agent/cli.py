@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
@@ -93,7 +93,7 @@ CheckpointDb = Annotated[Path | None, typer.Option(
     "--checkpoint-db", metavar="FILE", help="SQLite checkpoints (default HOME/checkpoints.sqlite)")]
 TraceDir = Annotated[Path | None, typer.Option(
     "--trace-dir", metavar="DIR", help="where traces go (default HOME/traces)")]
-Context = Annotated[str, typer.Option(
+Context = Annotated[Literal["full", "retrieved", "none"], typer.Option(
     "--context", metavar="full|retrieved|none",
     help="earlier stages' answers given with each question")]
 Json = Annotated[bool, typer.Option("--json", help="print JSON for machines")]
@@ -154,10 +154,10 @@ def run_cmd(
     review_after: Annotated[str | None, typer.Option(
         "--review-after", metavar="2,3",
         help="pause after these stages for a person to approve or edit (stdin)")] = None,
-    mode: Annotated[str, typer.Option(
+    mode: Annotated[Literal["auto", "dataset", "clinical"], typer.Option(
         "--mode", metavar="auto|dataset|clinical",
         help="dataset: a CXRTrek file's own questions; clinical: planned")] = "auto",
-    nondiagnostic: Annotated[str, typer.Option(
+    nondiagnostic: Annotated[Literal["continue", "stop"], typer.Option(
         "--nondiagnostic", metavar="continue|stop",
         help="when stage 1 judges the study non-diagnostic")] = "continue",
     max_new_tokens: Annotated[int | None, typer.Option(
@@ -198,8 +198,9 @@ def read_cmd(
     context: Context = "full",
     review_after: Annotated[str | None, typer.Option(
         "--review-after", metavar="2,3")] = None,
-    mode: Annotated[str, typer.Option("--mode")] = "auto",
-    nondiagnostic: Annotated[str, typer.Option("--nondiagnostic")] = "continue",
+    mode: Annotated[Literal["auto", "dataset", "clinical"], typer.Option("--mode")] = "auto",
+    nondiagnostic: Annotated[Literal["continue", "stop"],
+                             typer.Option("--nondiagnostic")] = "continue",
     max_new_tokens: Annotated[int | None, typer.Option(
         "--max-new-tokens")] = None,
     image_root: Annotated[Path | None, typer.Option("--image-root")] = None,
@@ -315,7 +316,7 @@ def serve_cmd(
     device: Annotated[str, typer.Option(
         "--device", metavar="cuda|cpu|auto",
         help="e.g. cpu, cuda, cuda:1 (auto: CUDA when available)")] = "auto",
-    dtype: Annotated[str, typer.Option(
+    dtype: Annotated[Literal["bfloat16", "float32", "auto"], typer.Option(
         "--dtype", metavar="bfloat16|float32|auto",
         help="auto: bfloat16 on CUDA, float32 on CPU")] = "auto",
     host: Annotated[str, typer.Option("--host", help="bind address")] = "127.0.0.1",
@@ -469,7 +470,7 @@ def train_cmd(
                                                show_default=False)],
     output_dir: Annotated[Path, typer.Argument(help="folder for checkpoints and the model",
                                                show_default=False)],
-    phase: Annotated[str, typer.Option(
+    phase: Annotated[Literal["lm", "vision"], typer.Option(
         "--phase", metavar="lm|vision",
         help="lm: projector and LM on Q&A; vision: supervised vision-encoder pretraining on "
              "a phantom dataset's truth.jsonl")] = "lm",
@@ -483,13 +484,13 @@ def train_cmd(
     batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
     grad_accum: Annotated[int | None, typer.Option("--grad-accum")] = None,
     lr: Annotated[float | None, typer.Option("--lr")] = None,
-    lm_mode: Annotated[str | None, typer.Option(
+    lm_mode: Annotated[Literal["lora", "full", "frozen"] | None, typer.Option(
         "--lm-mode", metavar="lora|full|frozen")] = None,
     train_vision: Annotated[bool | None, typer.Option(
         "--train-vision/--frozen-vision")] = None,
     pack_questions: Annotated[int | None, typer.Option(
         "--pack-questions", help="questions per training example")] = None,
-    dtype: Annotated[str | None, typer.Option(
+    dtype: Annotated[Literal["float32", "bfloat16"] | None, typer.Option(
         "--dtype", metavar="float32|bfloat16")] = None,
     device: Annotated[str | None, typer.Option("--device")] = None,
     seed: Annotated[int | None, typer.Option("--seed")] = None,
@@ -610,6 +611,14 @@ def _report_error(exc: Exception, command: str, debug: bool) -> int:
         raise exc
     if isinstance(exc, CXRTrekError):
         sys.stderr.write(f"cxrtrek {command}: error: {exc}\n")
+        return EXIT_USAGE
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):  # an option value the settings refuse
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]).replace("_", "-")
+        sys.stderr.write(f"cxrtrek {command}: error: --{where}: {first['msg']} (got "
+                         f"{first.get('input')!r})\n")
         return EXIT_USAGE
     sys.stderr.write(f"cxrtrek {command}: internal error: {type(exc).__name__}: {exc}\n"
                      "(rerun with --debug for the traceback, and please report it)\n")

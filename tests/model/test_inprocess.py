@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from cxrtrek.agent.inprocess import InProcessBackend
-from cxrtrek.agent.protocol import VLMBackend, VLMRequest
+from cxrtrek.agent.protocol import VLMBackend, VLMRequest, VLMResponse
 from cxrtrek.errors import DataError
 from cxrtrek.model.build import build_preset, save_pretrained
 from cxrtrek.model.modeling import CXRTrekNetForConditionalGeneration

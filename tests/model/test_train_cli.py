@@ -1,0 +1,30 @@
+"""``cxrtrek train`` through the command line: options reach the trainer, the folder loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cxrtrek.agent.cli import EXIT_OK, EXIT_USAGE, main
+
+
+def test_train_two_steps_then_read_with_the_result(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["phantoms", "--n", "2", "--seed", "3", "--out", str(tmp_path / "data"),
+                 "--size", "128"]) == EXIT_OK
+    data = tmp_path / "data" / "phantoms.json"
+    out = tmp_path / "model"
+    assert main(["train", str(data), str(out), "--model", "tiny", "--steps", "2",
+                 "--batch-size", "1", "--seed", "1", "--eval-every", "0"]) == EXIT_OK
+    assert (out / "config.json").is_file()
+    capsys.readouterr()
+    assert main(["run", str(data), "--backend", f"inprocess:{out}", "--stages", "1",
+                 "--max-new-tokens", "4", "--home", str(tmp_path / "home"),
+                 "--json"]) == EXIT_OK
+    assert '"status":"completed"' in capsys.readouterr().out
+    assert main(["train", str(data), str(out), "--lm-mode", "sideways"]) == EXIT_USAGE
+    assert "'sideways' is not one of 'lora', 'full', 'frozen'" in capsys.readouterr().err
+    assert main(["train", str(data), str(out), "--steps", "0"]) == EXIT_USAGE  # the config's
+    err = capsys.readouterr().err
+    assert err.startswith("cxrtrek train: error: --steps: ") and "Traceback" not in err
