@@ -586,12 +586,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = get_command(app).main(args=args, prog_name="cxrtrek", standalone_mode=False,
                                        obj=opts)
-    except typer.TyperException as exc:  # usage errors: click's own message, exit 2
-        show = getattr(exc, "show", None)
-        if callable(show):
-            show()
+    except typer.TyperException as exc:  # usage errors: one line, exit 2
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare command: its help
+            sys.stderr.write(exc.format_message() + "\n")
         else:
-            sys.stderr.write(f"cxrtrek: error: {exc.format_message()}\n")
+            known = {c.name for c in app.registered_commands}
+            where = f"cxrtrek {command}" if command in known else "cxrtrek"
+            sys.stderr.write(f"{where}: error: {exc.format_message()} (see {where} --help)\n")
         return int(getattr(exc, "exit_code", EXIT_USAGE))
     except typer.Abort:
         sys.stderr.write("interrupted\n")

@@ -86,6 +86,11 @@ def test_bad_option_values_are_usage_errors(tmp_path: Path,
     assert main(["run", str(PNG), "--stages", "1,9", "--home", str(tmp_path)]) == EXIT_USAGE
     assert "--stages" in capsys.readouterr().err
     assert main(["run", str(PNG), "--context", "sideways"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("cxrtrek run: error: Invalid value for '--context'")
+    assert len(err.strip().splitlines()) == 1  # usage errors are one line too
+    assert main(["no-such-command"]) == EXIT_USAGE
+    assert "(see cxrtrek --help)" in capsys.readouterr().err
     assert main(["run", str(PNG), "--backend", "gpt-9"]) == EXIT_USAGE
     assert "unknown backend 'gpt-9'" in capsys.readouterr().err
     assert main(["run"]) == EXIT_USAGE
