@@ -301,7 +301,7 @@ class CXRTrekAgent:
         """:meth:`aresume` as :meth:`astream` does it: stage events, then the outcome."""
         ctx = self.context()
         async with self._compiled() as graph:
-            payload = await self._resume_payload(graph, run_id, decision)
+            payload, _ = await self._resume_payload(graph, run_id, decision)
             async for event in self._events(graph, payload, run_id, ctx):
                 yield event
 
@@ -316,9 +316,10 @@ class CXRTrekAgent:
         return _blocking(self.astream_resume(run_id, decision))
 
     async def _resume_payload(self, graph: CompiledReadGraph, run_id: str,
-                              decision: ReviewDecision | dict[str, Any] | None) -> Any:
+                              decision: ReviewDecision | dict[str, Any] | None,
+                              ) -> tuple[Any, bool]:
         """What continues a run: a resume command past a review (the decision checked
-        first), or None (from the last checkpoint)."""
+        first), or None (from the last checkpoint); and whether anything is left to run."""
         from langgraph.types import Command
 
         from cxrtrek.graph.nodes import ReviewDecision, ReviewRequest
@@ -334,20 +335,19 @@ class CXRTrekAgent:
             if unknown:  # checked here: a resume value, once given, is kept by the run
                 raise DataError(f"stage {pending.stage}: no question {unknown[0]!r} to "
                                 f"edit; the stage asked {[q.id for q in pending.questions]}")
-            return Command(resume=chosen.model_dump(mode="json"))
+            return Command(resume=chosen.model_dump(mode="json")), True
         if decision is not None:
             raise DataError(f"run {run_id!r} is not waiting for a review; nothing to decide")
         if snap.next:
             log.info("run %s: resuming at %s", run_id, ", ".join(snap.next))
-        return None
+        return None, bool(snap.next)
 
     async def _aresume(self, run_id: str, decision: ReviewDecision | dict[str, Any] | None,
                        backend: VLMBackend | None) -> RunReport:
         ctx = self.context(backend)
         async with self._compiled() as graph:
-            payload = await self._resume_payload(graph, run_id, decision)
-            snap = await graph.aget_state(_config(run_id))
-            if payload is not None or snap.next:
+            payload, pending = await self._resume_payload(graph, run_id, decision)
+            if pending:
                 await graph.ainvoke(payload, _config(run_id), context=ctx, durability="sync")
             return await self._outcome(graph, run_id)
 

@@ -4,20 +4,11 @@ index gives the same results as the plain ``where`` path and chromadb's filtered
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import httpx
-import pytest
-
 from cxrtrek.memory import HashEmbedder, MemorySettings, VectorMemory
-
-CHROMA = Path(sys.executable).with_name("chroma")
 
 QUESTIONS = [
     (1, "view", "What is the view of this X-ray?", "PA view."),
@@ -40,48 +31,6 @@ else:
     pairs = [(s, q, t, a, {}) for s, q, t, a in json.loads(action)]
     m.sync_pairs(run, pairs, study_id="s1")
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MemorySettings]:
-    """``chroma run`` on a free port; waits (bounded) for its heartbeat; stopped at the end."""
-    if not CHROMA.is_file():
-        pytest.skip(f"no chroma script next to {sys.executable}")
-    path, port = tmp_path_factory.mktemp("chroma"), _free_port()
-    log = (path / "server.log").open("wb")
-    proc = subprocess.Popen([str(CHROMA), "run", "--path", str(path / "db"), "--host",
-                             "127.0.0.1", "--port", str(port)], stdout=log,
-                            stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30.0
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"chroma run exited with {proc.returncode}: "
-                            f"{(path / 'server.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/api/v2/heartbeat",
-                             timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("chroma run did not answer its heartbeat within 30 s")
-            time.sleep(0.2)
-        yield MemorySettings(mode="server", host="127.0.0.1", port=port)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
 
 
 def _other_process(settings: MemorySettings, run: str, action: Any) -> str:
@@ -115,22 +64,21 @@ def _check(memory: VectorMemory, run: str) -> None:
 
 
 def test_another_process_writes_and_erases_a_run_this_one_has_indexed(
-        server: MemorySettings) -> None:
-    memory = VectorMemory(MemorySettings(mode="server", host=server.host, port=server.port,
-                                         prefix="runindex"), embedder=HashEmbedder())
+        chroma_server: MemorySettings) -> None:
+    settings = MemorySettings(mode="server", host=chroma_server.host, port=chroma_server.port,
+                              prefix="runindex")
+    memory = VectorMemory(settings, embedder=HashEmbedder())
     memory.sync_pairs("r", [(s, q, t, a, {}) for s, q, t, a in QUESTIONS[:3]])
     assert len(memory.recall("r", "view", k=20)) == 3  # the run is indexed here
     reads = memory.index_reads
     assert len(memory.recall("r", "view", k=20)) == 3 and memory.index_reads == reads
 
-    other = MemorySettings(mode="server", host=server.host, port=server.port,
-                           prefix="runindex")
-    _other_process(other, "r", [list(x) for x in QUESTIONS[3:]])  # new items
-    _other_process(other, "r", [[2, "eff", "Is there a pleural effusion?", "No."]])  # an edit
+    _other_process(settings, "r", [list(x) for x in QUESTIONS[3:]])  # new items
+    _other_process(settings, "r", [[2, "eff", "Is there a pleural effusion?", "No."]])  # an edit
     hits = memory.recall("r", "effusion", k=20)
     assert len(hits) == len(QUESTIONS) and {h.id: h.answer for h in hits}["r/2/eff"] == "No."
     _check(memory, "r")
 
-    assert _other_process(other, "r", "forget") == str(len(QUESTIONS))
+    assert _other_process(settings, "r", "forget") == str(len(QUESTIONS))
     assert memory.recall("r", "view", k=20) == []
     _check(memory, "r")

@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from cxrtrek.errors import TransientError
@@ -17,49 +11,7 @@ from cxrtrek.graph.context import ContextItem
 from cxrtrek.memory import HashEmbedder, MemorySettings, VectorMemory
 from cxrtrek.schema import Answer, ImageRef, Question, Report, StageResult, Study, TextParse
 
-CHROMA = Path(sys.executable).with_name("chroma")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def chroma_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MemorySettings]:
-    """``chroma run`` on a free port; waits (bounded) for its heartbeat; stopped at the end."""
-    if not CHROMA.is_file():
-        pytest.skip(f"no chroma script next to {sys.executable}")
-    path, port = tmp_path_factory.mktemp("chroma"), _free_port()
-    log = (path / "server.log").open("wb")
-    proc = subprocess.Popen([str(CHROMA), "run", "--path", str(path / "db"), "--host",
-                             "127.0.0.1", "--port", str(port)], stdout=log,
-                            stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30.0
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"chroma run exited with {proc.returncode}: "
-                            f"{(path / 'server.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/api/v2/heartbeat",
-                             timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("chroma run did not answer its heartbeat within 30 s")
-            time.sleep(0.2)
-        yield MemorySettings(mode="server", host="127.0.0.1", port=port)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
+from .conftest import free_port
 
 
 def _stage2() -> StageResult:
@@ -108,7 +60,7 @@ def test_server_mode_collections_idempotency_and_erasure(chroma_server: MemorySe
 
 
 def test_server_gone_is_a_transient_error(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     memory = VectorMemory(MemorySettings(mode="server", port=port), embedder=HashEmbedder())
     with pytest.raises(TransientError, match=f"127.0.0.1:{port}"):
         memory.counts()

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from .conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
@@ -27,13 +28,6 @@ def _blocks() -> list[tuple[str, str]]:
 
 
 BLOCKS = _blocks()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture()
@@ -69,7 +63,7 @@ def test_readme_example_runs_as_written(index: int, workdir: Path) -> None:
         command = [sys.executable, "-c", body]
     else:
         if "cxrtrek api " in body:
-            body = body.replace("8080", str(_free_port()))
+            body = body.replace("8080", str(free_port()))
         if "cxrtrek chat " in body:
             stdin = "/stages\n/quit\n"
         command = ["bash", "-euo", "pipefail", "-c", body]
