@@ -27,6 +27,7 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers.activations import ACT2FN
+from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from cxrtrek.errors import ConfigError, DataError
@@ -115,24 +116,127 @@ def _kv(cache: DynamicCache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     return keys, values
 
 
-def _merge(parts: Sequence[Prefilled]) -> Prefilled:
-    """Several prefilled batches as one: caches and masks left-padded to the longest."""
-    if len(parts) == 1:
-        return parts[0]
-    width = max(p.mask.shape[1] for p in parts)
-    merged = DynamicCache()
-    for layer in range(len(parts[0].cache.layers)):
-        keys, values = [], []
+class _SlabLayer(DynamicLayer):  # type: ignore[no-untyped-call]
+    """One attention layer of a :class:`_KVSlab`: appending a token writes it in place (a
+    :class:`~transformers.DynamicLayer` concatenates, copying the whole cache each token)."""
+
+    def __init__(self, slab: _KVSlab, index: int) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.slab, self.index = slab, index
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        s, n = self.slab, key_states.shape[-2]
+        if s.end + n > s.columns:
+            raise DataError(f"the decode batch has room for {s.columns - s.end} more "
+                            f"token(s), not {n}")
+        kb, vb = s.k[self.index], s.v[self.index]
+        kb[:s.rows, :, s.end:s.end + n] = key_states
+        vb[:s.rows, :, s.end:s.end + n] = value_states
+        self.keys = kb[:s.rows, :, s.start:s.end + n]
+        self.values = vb[:s.rows, :, s.start:s.end + n]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.slab.end - self.slab.start
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+
+class _KVSlab:
+    """The keys and values of a decode batch's rows, every layer, in preallocated buffers
+    ``[row capacity, kv heads, columns, head dim]``. Rows are right-aligned: every row's next
+    token goes to column ``end``, and columns ``start:end`` are the batch's width (a row's
+    unused columns on the left are masked out). Rows join by copying their own keys and
+    values in, leave by moving the last rows into their places, and decoding writes one
+    column a step; the whole batch is copied only when a buffer runs out of room."""
+
+    ROOM = 128
+    """Columns kept free on the right: decoding steps between two compactions."""
+
+    def __init__(self, layers: int) -> None:
+        self.layers = layers
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.rows = self.start = self.end = 0
+        self.cache = DynamicCache()
+        self.cache.layers = [_SlabLayer(self, i) for i in range(layers)]
+
+    @property
+    def columns(self) -> int:
+        return self.k[0].shape[2] if self.k else 0
+
+    @property
+    def width(self) -> int:
+        return self.end - self.start
+
+    def _reserve(self, rows: int, width: int, like: torch.Tensor) -> None:
+        """Room for ``rows`` rows and ``width`` columns ending at ``end``, and for one more
+        column after ``end``; ``width`` is at least the current width."""
+        capacity = self.k[0].shape[0] if self.k else 0
+        if rows <= capacity and width <= self.end < self.columns:
+            return  # the rows stay where they are
+        cap_rows = capacity if rows <= capacity else max(rows, 2 * capacity, 4)
+        old = self.width
+        heads, dim = like.shape[1], like.shape[3]
+        k, v = [], []
+        for layer in range(self.layers):
+            nk = like.new_zeros((cap_rows, heads, width + self.ROOM, dim))
+            nv = like.new_zeros((cap_rows, heads, width + self.ROOM, dim))
+            if self.rows and old:
+                nk[:self.rows, :, width - old:width] = \
+                    self.k[layer][:self.rows, :, self.start:self.end]
+                nv[:self.rows, :, width - old:width] = \
+                    self.v[layer][:self.rows, :, self.start:self.end]
+            k.append(nk)
+            v.append(nv)
+        self.k, self.v = k, v
+        self.start, self.end = width - old, width
+
+    def compact(self, like: torch.Tensor) -> None:
+        """Make room for the next column (a copy of the batch when the buffers are full)."""
+        self._reserve(self.rows, self.width, like)
+
+    def join(self, parts: Sequence[Prefilled], width: int) -> None:
+        """Copy the rows of ``parts`` in (each part's cache as wide as its mask), the batch
+        ``width`` columns wide afterwards (at least as wide as before and as every part)."""
+        like = _kv(parts[0].cache, 0)[0]
+        self._reserve(self.rows + sum(p.rows for p in parts), width, like)
+        self.start = self.end - width
         for p in parts:
-            k, v = _kv(p.cache, layer)
-            pad = width - k.shape[2]
-            keys.append(F.pad(k, (0, 0, pad, 0)) if pad else k)
-            values.append(F.pad(v, (0, 0, pad, 0)) if pad else v)
-        merged.update(torch.cat(keys), torch.cat(values), layer)
-    masks = [F.pad(p.mask, (width - p.mask.shape[1], 0)) for p in parts]
-    return Prefilled(logits=torch.cat([p.logits for p in parts]), cache=merged,
-                     mask=torch.cat(masks), last=torch.cat([p.last for p in parts]),
-                     lengths=[n for p in parts for n in p.lengths])
+            w, r = p.mask.shape[1], self.rows
+            for layer in range(self.layers):
+                keys, values = _kv(p.cache, layer)
+                self.k[layer][r:r + p.rows, :, self.end - w:self.end] = keys
+                self.v[layer][r:r + p.rows, :, self.end - w:self.end] = values
+            self.rows += p.rows
+
+    def keep(self, keep: Sequence[int]) -> list[int]:
+        """Keep rows ``keep`` (ascending): the rows that leave are filled from the last ones.
+        Returns the old index of each row in its new order."""
+        order = list(range(self.rows))
+        kept = set(keep)
+        holes = [j for j in range(len(keep)) if j not in kept]
+        movers = [j for j in range(len(keep), self.rows) if j in kept]
+        if holes:
+            dst = torch.tensor(holes, device=self.k[0].device)
+            src = torch.tensor(movers, device=self.k[0].device)
+            for layer in range(self.layers):
+                self.k[layer][dst] = self.k[layer][src]
+                self.v[layer][dst] = self.v[layer][src]
+            for d, m in zip(holes, movers, strict=True):
+                order[d] = m
+        self.rows = len(keep)
+        return order[:self.rows]
+
+    def trim(self, columns: int) -> None:
+        """Forget the first ``columns`` columns (masked out in every row)."""
+        self.start += columns
+
+    def advance(self) -> None:
+        self.end += 1
 
 
 class PrefixCache:
@@ -214,6 +318,7 @@ class DecodeBatch:
                          else (model.config.stop_token_ids or []))
         self.state: Prefilled | None = None
         self._rows: list[_Row] = []
+        self._slab: _KVSlab | None = None
 
     @property
     def rows(self) -> int:
@@ -243,27 +348,46 @@ class DecodeBatch:
                     d.seed if d.seed is not None else 0), [])
                 for tag, limit, d in zip(tags, limits, chosen, strict=True))
         new = [p[0] for p in parts]
-        if new:
-            self.state = _merge(new if self.state is None else [self.state, *new])
+        if not new:
+            return
+        st = self.state
+        width = max([p.mask.shape[1] for p in new] + ([st.mask.shape[1]] if st else []))
+        if self._slab is None:
+            self._slab = _KVSlab(len(new[0].cache.layers))
+        self._slab.join(new, width)
+        old = [st] if st is not None else []
+        self.state = Prefilled(
+            logits=torch.cat([p.logits for p in (*old, *new)]), cache=self._slab.cache,
+            mask=torch.cat([F.pad(p.mask, (width - p.mask.shape[1], 0)) for p in (*old, *new)]),
+            last=torch.cat([p.last for p in (*old, *new)]),
+            lengths=[n for p in (*old, *new) for n in p.lengths])
 
     def drop(self, tags: set[Any]) -> None:
         """Take rows out without an answer (e.g. their caller gave up)."""
         keep = [j for j, r in enumerate(self._rows) if r.tag not in tags]
         self._keep(keep)
 
-    def _keep(self, keep: list[int]) -> None:
+    def _keep(self, keep: list[int]) -> list[int]:
+        """Keep rows ``keep`` (ascending); the rest leave. Rows may change places: returns
+        the old index of each row in its new order."""
         if len(keep) == len(self._rows):
-            return
-        self._rows = [self._rows[j] for j in keep]
+            return keep
         if not keep:
-            self.state = None
-            return
-        assert self.state is not None
-        index = torch.tensor(keep, dtype=torch.long, device=self.model.device)
+            self._rows, self.state, self._slab = [], None, None
+            return []
+        assert self.state is not None and self._slab is not None
+        order = self._slab.keep(keep)
+        self._rows = [self._rows[j] for j in order]
+        index = torch.tensor(order, dtype=torch.long, device=self.model.device)
         st = self.state
-        st.cache.batch_select_indices(index)
-        self.state = Prefilled(st.logits[index], st.cache, st.mask[index], st.last[index],
-                               [st.lengths[j] for j in keep])
+        mask = st.mask[index]
+        lead = int(mask.any(0).int().argmax())  # columns no row uses any more
+        if lead:
+            mask = mask[:, lead:]
+            self._slab.trim(lead)
+        self.state = Prefilled(st.logits[index], st.cache, mask, st.last[index],
+                               [st.lengths[j] for j in order])
+        return order
 
     def step(self) -> dict[Any, Generated]:
         """Choose every row's next token; the rows that finished (by tag), out of the batch;
@@ -287,17 +411,19 @@ class DecodeBatch:
                 row.ids.append(tok)
                 if len(row.ids) >= row.limit:
                     finished[row.tag] = Generated(row.ids, row.reason)
-        keep = [j for j, r in enumerate(self._rows) if r.tag not in finished]
-        self._keep(keep)
-        if self.state is None:
+        order = self._keep([j for j, r in enumerate(self._rows) if r.tag not in finished])
+        if self.state is None or self._slab is None:
             return finished
-        st = self.state
-        step = torch.tensor([[tokens[j]] for j in keep], device=self.model.device)
+        st, slab = self.state, self._slab
+        if slab.end >= slab.columns:
+            slab.compact(slab.k[0])
+        step = torch.tensor([[tokens[j]] for j in order], device=self.model.device)
         mask = torch.cat([st.mask, torch.ones_like(st.mask[:, :1])], dim=1)
         last = st.last + 1
         out = self.model.language_model(input_ids=step, attention_mask=mask, position_ids=last,
                                         cache=st.cache, use_cache=True, logits_to_keep=1)
-        self.state = Prefilled(out.logits[:, -1], out.cache, mask, last, st.lengths)
+        slab.advance()
+        self.state = Prefilled(out.logits[:, -1], st.cache, mask, last, st.lengths)
         return finished
 
 
@@ -563,14 +689,24 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
         several readings, prefilled apart) decoded as one batch, rows in order. Each row may
         take ``context_length - its prompt length`` new tokens at most; finished rows leave
         the batch, so a long answer does not keep the short ones computing."""
-        state = _merge(parts)
+        n = sum(p.rows for p in parts)
+        limits = ([int(max_new_tokens)] * n if isinstance(max_new_tokens, int)
+                  else [int(m) for m in max_new_tokens])
+        chosen = list(decoding) if decoding is not None else [Decoding()] * n
+        if len(limits) != n or len(chosen) != n:
+            raise DataError(f"{n} prompts but {len(limits)} token limits and {len(chosen)} "
+                            "decoding settings")
         batch = DecodeBatch(self, stop_token_ids)
-        batch.add(state, list(range(state.rows)), max_new_tokens=max_new_tokens,
-                  decoding=decoding)
+        entries, k = [], 0
+        for p in parts:
+            entries.append((p, range(k, k + p.rows), limits[k:k + p.rows],
+                            chosen[k:k + p.rows]))
+            k += p.rows
+        batch.add_many(entries)
         out: dict[Any, Generated] = {}
         while batch.rows:
             out.update(batch.step())
-        return [out[i] for i in range(state.rows)]
+        return [out[i] for i in range(n)]
 
     @staticmethod
     def _choose(logits: torch.Tensor, decoding: Decoding, gen: torch.Generator) -> int:

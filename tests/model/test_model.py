@@ -17,7 +17,13 @@ from cxrtrek.model.build import (
     resolve_device,
     save_pretrained,
 )
-from cxrtrek.model.modeling import CXRTrekNetForConditionalGeneration
+from cxrtrek.model.modeling import (
+    CXRTrekNetForConditionalGeneration,
+    DecodeBatch,
+    Generated,
+    Prefilled,
+    _KVSlab,
+)
 from cxrtrek.model.processing import IGNORE_INDEX, CXRTrekNetProcessor, collate
 from cxrtrek.prompts.render import ContextTurn
 
@@ -167,3 +173,44 @@ def test_resolve_device_defaults_and_overrides() -> None:
     assert resolve_device("cpu", "bfloat16") == (torch.device("cpu"), torch.bfloat16)
     with pytest.raises(ConfigError, match="unknown dtype"):
         resolve_device("cpu", "float33")
+
+
+def _prefilled(tiny: Tiny, question: str, n_images: int, seed: int) -> Prefilled:
+    model, proc = tiny
+    enc = proc.encode_prompt(stage=2, question=question, n_images=n_images)
+    b = collate([enc], proc.tokenizer.pad_id)
+    rng = np.random.default_rng(seed)
+    px = proc.pixel_values([rng.random((32, 32)) for _ in range(n_images)])
+    return model.prefill_batch(b["input_ids"], b["attention_mask"], pixel_values=px)
+
+
+def test_continuous_batch_rows_join_and_leave_with_the_answers_they_get_alone(
+        tiny: Tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows join between steps (shorter and longer prompts than the batch's), leave at
+    different times, change places and survive compactions (3 free columns only): each row
+    gets the tokens it gets decoded alone, and the batch never grows wider than the rows in
+    it need."""
+    model, _ = tiny
+    monkeypatch.setattr(_KVSlab, "ROOM", 3)
+    questions = [("Effusion?", 1, 9), ("Where is the nodule? " * 4, 2, 4),
+                 ("View?", 1, 14), ("Is the heart enlarged? " * 2, 1, 6),
+                 ("Compare with the prior study in detail. " * 3, 2, 11)]
+    alone = [model.decode_prefilled([_prefilled(tiny, q, n, i)], max_new_tokens=limit)[0]
+             for i, (q, n, limit) in enumerate(questions)]
+    batch = DecodeBatch(model)
+    joins = {0: [0, 1], 2: [2], 3: [3], 7: [4]}  # step -> rows that join before it
+    got: dict[int, Generated] = {}
+    widest = 0
+    for step in range(40):
+        for i in joins.get(step, []):
+            q, n, limit = questions[i]
+            batch.add(_prefilled(tiny, q, n, i), [i], max_new_tokens=limit)
+        got.update(batch.step())
+        if batch.state is not None:
+            need = max(length + len(r.ids) for length, r in
+                       zip(batch.state.lengths, batch._rows, strict=True))
+            widest = max(widest, batch.state.mask.shape[1] - need)
+        if not batch.rows and step > max(joins):
+            break
+    assert [got[i] for i in range(len(questions))] == alone
+    assert widest <= 1  # leading columns no row uses are given up
