@@ -19,7 +19,8 @@ The model is the bundled demo checkpoint unless ``--model`` names another folder
 configurations must give the same answers: the benchmark checks that and exits 1 if they
 differ. Prints readings per minute, questions per second and
 the p50/p95 request latency seen by the client. ``--threads`` sets the server's torch threads
-(the client uses none); set it explicitly on a shared machine.
+(the client uses none); set it explicitly on a shared machine. ``BENCH_SERVER_LOG=FILE``
+appends the servers' logs to FILE (they are otherwise dropped with the temporary folder).
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def _start_server(args: argparse.Namespace, port: int, extra: list[str],
            "--device", "cpu", "--port", str(port), "--threads", str(args.threads), *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1"}
+    logfile = Path(os.environ.get("BENCH_SERVER_LOG", logfile))
     with logfile.open("ab") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180

@@ -397,29 +397,40 @@ class _Scheduler:
                 continue
             rows += len(indices)
         admitted = [a for a in admitted if a[1][0][0].outcome is None]
-        if admitted:
-            self.batch.add_many(admitted)  # one merge for all that joined
-        ended = {tag for tag in self.batch.tags() if tag[0].outcome is not None
-                 or tag[0].cancelled}
-        if ended:
-            self.batch.drop(ended)
-        rows = self.batch.rows
         backend = self.backend
-        backend.decode_steps += 1 if rows else 0
-        backend.decode_row_steps += rows
-        backend.peak_rows = max(backend.peak_rows, rows)
         try:
             with torch.inference_mode():
+                if admitted:
+                    self.batch.add_many(admitted)  # one merge for all that joined
+                ended = {tag for tag in self.batch.tags() if tag[0].outcome is not None
+                         or tag[0].cancelled}
+                if ended:
+                    self.batch.drop(ended)
+                rows = self.batch.rows
+                backend.decode_steps += 1 if rows else 0
+                backend.decode_row_steps += rows
+                backend.peak_rows = max(backend.peak_rows, rows)
                 finished = self.batch.step()
-        except Exception as exc:  # the batch is lost: every call in it fails
-            for call in {tag[0] for tag in self.batch.tags()}:
-                self._fail(call, exc)
-            self.batch.drop(set(self.batch.tags()))
+        except Exception as exc:  # the batch is lost: every call in it, or joining it, fails
+            self.fail_all(exc, pending=False, also=[t[0] for a in admitted for t in a[1]])
             return
         for (call, index), generated in finished.items():
             self.backend._respond(call, index, generated)
             if len(call.responses) == len(call.requests):
                 call.finish([call.responses[i] for i in range(len(call.requests))])
+
+    def fail_all(self, exc: BaseException, *, pending: bool = True,
+                 also: Sequence[_Call] = ()) -> None:
+        """End every call in the batch (and the pending ones, and ``also``) with ``exc``;
+        the batch starts afresh (a failed one may be half updated)."""
+        from cxrtrek.model.modeling import DecodeBatch
+
+        calls = {tag[0] for tag in self.batch.tags()} | set(also)
+        if pending:
+            calls |= {call for call, _ in self.pending}
+        self.batch = DecodeBatch(self.backend.model, self.backend.processor.stop_token_ids)
+        for call in calls:
+            self._fail(call, exc)
 
     def _fail(self, call: _Call, exc: BaseException) -> None:
         log.info("generation failed for %d request(s): %s: %s", len(call.requests),
@@ -465,5 +476,9 @@ class _Engine:
                 while self._inbox:
                     scheduler.push(self._inbox.popleft())
             with self.backend._lock:
-                scheduler.step()
+                try:
+                    scheduler.step()
+                except Exception as exc:  # never leave callers waiting on a dead loop
+                    log.exception("the decode loop failed; its calls end with the error")
+                    scheduler.fail_all(exc)
 

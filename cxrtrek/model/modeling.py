@@ -333,6 +333,7 @@ class DecodeBatch:
         """Let prefilled rows join (``tags`` name them in :meth:`step`'s results)."""
         self.add_many([(part, tags, max_new_tokens, decoding)])
 
+    @torch.inference_mode()
     def add_many(self, parts: Sequence[tuple[Prefilled, Sequence[Any], int | Sequence[int],
                                              Sequence[Decoding] | None]]) -> None:
         """:meth:`add` for several parts at once (the batch is merged once)."""
@@ -367,6 +368,7 @@ class DecodeBatch:
         keep = [j for j, r in enumerate(self._rows) if r.tag not in tags]
         self._keep(keep)
 
+    @torch.inference_mode()
     def _keep(self, keep: list[int]) -> list[int]:
         """Keep rows ``keep`` (ascending); the rest leave. Rows may change places: returns
         the old index of each row in its new order."""
@@ -389,6 +391,7 @@ class DecodeBatch:
                                [st.lengths[j] for j in order])
         return order
 
+    @torch.inference_mode()
     def step(self) -> dict[Any, Generated]:
         """Choose every row's next token; the rows that finished (by tag), out of the batch;
         the others advance one token."""

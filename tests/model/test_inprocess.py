@@ -13,7 +13,7 @@ from cxrtrek.agent.inprocess import InProcessBackend
 from cxrtrek.agent.protocol import VLMBackend, VLMRequest, VLMResponse
 from cxrtrek.errors import DataError
 from cxrtrek.model.build import build_preset, save_pretrained
-from cxrtrek.model.modeling import CXRTrekNetForConditionalGeneration
+from cxrtrek.model.modeling import CXRTrekNetForConditionalGeneration, DecodeBatch, _KVSlab
 from cxrtrek.model.processing import CXRTrekNetProcessor
 from cxrtrek.schema import ImageRef
 
@@ -313,3 +313,50 @@ def test_concurrent_calls_join_one_decode_batch(trained: Path, images: list[Imag
     assert [r.text for r in [*got_a, *got_b]] == [r.text for r in alone]
     assert backend.peak_rows > 3  # rows of both calls decoded together
     assert backend.decode_row_steps > backend.decode_steps
+
+
+def test_concurrent_calls_survive_compactions_of_the_decode_batch(
+        trained: Path, images: list[ImageRef], monkeypatch: pytest.MonkeyPatch) -> None:
+    """With 2 free columns, the decode batch's buffers are reallocated every other token
+    while calls keep joining (the server's pattern): answers are still those of each request
+    alone."""
+    monkeypatch.setattr(_KVSlab, "ROOM", 2)
+    backend = InProcessBackend.load(trained, device="cpu", max_batch_size=8)
+    calls = [[r.model_copy(update={"request_id": f"{k}-{i}", "images": images[k:k + 1],
+                                   "max_new_tokens": 30 + 5 * k})
+              for i, r in enumerate(_stage_requests(images, 2))] for k in range(3)]
+
+    async def staggered() -> list[list[VLMResponse]]:
+        tasks = []
+        for call in calls:
+            tasks.append(asyncio.create_task(backend.generate(call)))
+            start = backend.decode_steps
+            for _ in range(2000):  # bounded: until this call decodes
+                if backend.decode_steps > start or tasks[-1].done():
+                    break
+                await asyncio.sleep(0.001)
+        return list(await asyncio.wait_for(asyncio.gather(*tasks), 120))
+
+    got = [r for call in asyncio.run(staggered()) for r in call]
+    plain = InProcessBackend.load(trained, device="cpu", max_batch_size=1, cache_size=0,
+                                  prefix_cache_size=0, continuous=False)
+    alone = [plain.generate_sync([r])[0] for call in calls for r in call]
+    assert [r.text for r in got] == [r.text for r in alone]
+    assert backend.peak_rows > 2
+
+
+def test_a_failing_decode_loop_ends_its_calls_with_the_error(
+        tiny: Tiny, images: list[ImageRef], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error inside the decode loop (here: joining the batch) reaches the callers at once;
+    the loop goes on serving later calls."""
+    backend = InProcessBackend(*tiny, model_id="tiny")
+
+    def broken(*_: object, **__: object) -> None:
+        raise RuntimeError("joining failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(DecodeBatch, "add_many", broken)
+        with pytest.raises(RuntimeError, match="joining failed"):
+            asyncio.run(asyncio.wait_for(backend.generate(_requests(images)), 60))
+    out = asyncio.run(asyncio.wait_for(backend.generate(_requests(images)), 60))
+    assert [r.request_id for r in out] == ["a", "b", "c"]
