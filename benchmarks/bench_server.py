@@ -92,7 +92,7 @@ def _free_port() -> int:
 def _start_server(args: argparse.Namespace, port: int, extra: list[str],
                   logfile: Path) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "cxrtrek.agent.cli", "serve", "--model", args.model,
-           "--device", "cpu", "--port", str(port), "--threads", str(args.threads), *extra]
+           "--device", "cpu", "--port", str(port), *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1"}
     logfile = Path(os.environ.get("BENCH_SERVER_LOG", logfile))
@@ -168,17 +168,24 @@ def main(argv: list[str] | None = None) -> int:
                         default="retrieved", help="earlier answers given (default retrieved, "
                         "top 4: full context outgrows the demo's 1024 tokens by stage 6)")
     parser.add_argument("--size", type=int, default=512, help="phantom image size (px)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of the server")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the batched server (it also processes prompts "
+                             "and decodes in two threads at once)")
+    parser.add_argument("--single-threads", type=int, default=None,
+                        help="torch threads of the one-at-a-time server (default: --threads); "
+                             "2 gives it the two cores the batched server's threads use")
     parser.add_argument("--only", choices=("batched", "single"),
                         help="run one configuration only (no equality check)")
     args = parser.parse_args(argv)
+    single_threads = args.threads if args.single_threads is None else args.single_threads
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     configs = {
         "batched+cache": ["--max-batch-size", str(args.max_batch_size), "--max-wait-ms",
-                          str(args.max_wait_ms), "--cache-size", "256"],
+                          str(args.max_wait_ms), "--cache-size", "256",
+                          "--threads", str(args.threads)],
         "one-at-a-time": ["--max-batch-size", "1", "--max-wait-ms", "0", "--cache-size", "0",
-                          "--prefix-cache", "0"],
+                          "--prefix-cache", "0", "--threads", str(single_threads)],
     }
     if args.only:
         configs = {k: v for k, v in configs.items()
@@ -189,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         n_questions = sum(len(s.questions) for s in studies)
         results = [_run(name, args, studies, extra, tmp) for name, extra in configs.items()]
     header = (f"{args.studies} phantom studies ({n_questions} questions, {args.size} px), "
-              f"model {args.model}, server torch threads {args.threads}, "
+              f"model {args.model}, server torch threads {args.threads} (batched) and "
+              f"{single_threads} (one at a time), "
               f"{args.concurrency} readings at a time, {args.max_new_tokens} new tokens max, "
               f"context {args.context}\n"
               f"{'config':<15} {'reads/min':>9} {'wall s':>8} {'q/s':>8} {'p50 ms':>9} "

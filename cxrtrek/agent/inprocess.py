@@ -9,8 +9,10 @@ and kept across calls (``prefix_cache_size`` prefixes, LRU), so the next stage o
 processes only its new turns and questions. Decoding is continuous batching: one loop, in a
 worker thread, decodes every admitted request one token at a time, at most ``max_batch_size``
 rows; requests of other calls (other readings) join between tokens as they arrive, and
-finished rows leave. A row's tokens do not depend on the other rows, so answers are those of
-the request alone. ``continuous=False`` answers each call on its own (``generate_sync``).
+finished rows leave. Prompts are processed in a second worker thread at the same time, so
+the next requests are ready when rows free up (two cores busy with one torch thread each).
+A row's tokens do not depend on the other rows, so answers are those of the request alone.
+``continuous=False`` answers each call on its own (``generate_sync``).
 
 Load a saved model folder with :meth:`InProcessBackend.load`; the constructor takes a model
 that is already built (it never loads weights itself).
@@ -87,6 +89,9 @@ class InProcessBackend:
         reading's next stage processes only its new turns and questions."""
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
+        """Held while decoding (the decode batch)."""
+        self._prefill_lock = threading.Lock()
+        """Held while prompts are processed (the image and prefix caches)."""
         self.continuous = continuous
         """Concurrent :meth:`generate` calls decode in one batch (see :class:`_Engine`)."""
         self._engine = _Engine(self)
@@ -113,7 +118,7 @@ class InProcessBackend:
                    continuous=continuous)
 
     def clear_cache(self) -> None:
-        with self._lock:
+        with self._prefill_lock:
             self._cache.clear()
             if self.prefix_cache is not None:
                 self.prefix_cache.clear()
@@ -148,9 +153,22 @@ class InProcessBackend:
         """
         call = _Call(list(requests), [self._encode(r) for r in requests])
         scheduler = _Scheduler(self)
-        scheduler.push(call)
-        with self._lock:
-            scheduler.run_until_idle()
+        pending = deque(_groups(call, self.max_batch_size))
+        with self._prefill_lock, self._lock:
+            while pending or scheduler.batch.rows:
+                joining: list[_Admitted] = []
+                rows = scheduler.batch.rows
+                while pending and (not rows or rows + len(pending[0][1]) <= self.max_batch_size):
+                    part, indices = pending.popleft()
+                    if not _live(part):
+                        continue
+                    try:
+                        joining.append(self._admit(part, indices))
+                    except Exception as exc:  # the call's input or prefill failed
+                        _fail(part, exc)
+                        continue
+                    rows += len(indices)
+                scheduler.step(joining)
         if isinstance(call.outcome, BaseException):
             raise call.outcome
         assert call.outcome is not None
@@ -354,56 +372,49 @@ class _Call:
                 self.on_done(outcome)
 
 
+def _groups(call: _Call, size: int) -> list[tuple[_Call, list[int]]]:
+    """A call's requests in parts to prefill: same images, at most ``size`` each."""
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for i, r in enumerate(call.requests):
+        groups.setdefault(tuple(ref.digest() for ref in r.images), []).append(i)
+    return [(call, members[k:k + size]) for members in groups.values()
+            for k in range(0, len(members), size)]
+
+
+def _fail(call: _Call, exc: BaseException) -> None:
+    """End ``call`` with ``exc``; its rows leave the batch and its other parts are skipped."""
+    log.info("generation failed for %d request(s): %s: %s", len(call.requests),
+             type(exc).__name__, exc)
+    call.finish(exc)
+
+
+def _live(call: _Call) -> bool:
+    return call.outcome is None and not call.cancelled
+
+
 class _Scheduler:
-    """Parts of calls (requests about the same images, at most ``max_batch_size``) admitted
-    into one :class:`~cxrtrek.model.modeling.DecodeBatch` while it has room, one token at a
-    time for all rows; finished rows answer their calls. Run under the backend's lock."""
+    """The decoding side: prefilled parts join one
+    :class:`~cxrtrek.model.modeling.DecodeBatch` (at most ``max_batch_size`` rows), which
+    decodes one token at a time for all rows; finished rows answer their calls, rows of
+    calls that ended leave. Run under the backend's ``_lock``."""
 
     def __init__(self, backend: InProcessBackend) -> None:
         from cxrtrek.model.modeling import DecodeBatch
 
         self.backend = backend
         self.batch = DecodeBatch(backend.model, backend.processor.stop_token_ids)
-        self.pending: deque[tuple[_Call, list[int]]] = deque()
 
-    def push(self, call: _Call) -> None:
-        groups: dict[tuple[str, ...], list[int]] = {}
-        for i, r in enumerate(call.requests):
-            groups.setdefault(tuple(ref.digest() for ref in r.images), []).append(i)
-        size = self.backend.max_batch_size
-        for members in groups.values():
-            for k in range(0, len(members), size):
-                self.pending.append((call, members[k:k + size]))
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.pending or self.batch.rows)
-
-    def step(self) -> None:
-        """Admit what fits, drop rows of calls that ended, decode one token."""
+    def step(self, joining: Sequence[_Admitted] = ()) -> None:
+        """Let ``joining`` in, drop rows of calls that ended, decode one token."""
         import torch
 
-        size = self.backend.max_batch_size
-        admitted: list[_Admitted] = []
-        rows = self.batch.rows
-        while self.pending and (not rows or rows + len(self.pending[0][1]) <= size):
-            call, indices = self.pending.popleft()
-            if call.outcome is not None or call.cancelled:
-                continue
-            try:
-                admitted.append(self.backend._admit(call, indices))
-            except Exception as exc:  # this call's input or prefill failed: only it ends
-                self._fail(call, exc)
-                continue
-            rows += len(indices)
-        admitted = [a for a in admitted if a[1][0][0].outcome is None]
+        joining = [a for a in joining if _live(a[1][0][0])]
         backend = self.backend
         try:
             with torch.inference_mode():
-                if admitted:
-                    self.batch.add_many(admitted)  # one merge for all that joined
-                ended = {tag for tag in self.batch.tags() if tag[0].outcome is not None
-                         or tag[0].cancelled}
+                if joining:
+                    self.batch.add_many(joining)  # one merge for all that joined
+                ended = {tag for tag in self.batch.tags() if not _live(tag[0])}
                 if ended:
                     self.batch.drop(ended)
                 rows = self.batch.rows
@@ -412,73 +423,113 @@ class _Scheduler:
                 backend.peak_rows = max(backend.peak_rows, rows)
                 finished = self.batch.step()
         except Exception as exc:  # the batch is lost: every call in it, or joining it, fails
-            self.fail_all(exc, pending=False, also=[t[0] for a in admitted for t in a[1]])
+            self.fail_all(exc, also=[t[0] for a in joining for t in a[1]])
             return
         for (call, index), generated in finished.items():
-            self.backend._respond(call, index, generated)
+            backend._respond(call, index, generated)
             if len(call.responses) == len(call.requests):
                 call.finish([call.responses[i] for i in range(len(call.requests))])
 
-    def fail_all(self, exc: BaseException, *, pending: bool = True,
-                 also: Sequence[_Call] = ()) -> None:
-        """End every call in the batch (and the pending ones, and ``also``) with ``exc``;
-        the batch starts afresh (a failed one may be half updated)."""
+    def fail_all(self, exc: BaseException, also: Sequence[_Call] = ()) -> None:
+        """End every call in the batch (and ``also``) with ``exc``; the batch starts afresh
+        (a failed one may be half updated)."""
         from cxrtrek.model.modeling import DecodeBatch
 
         calls = {tag[0] for tag in self.batch.tags()} | set(also)
-        if pending:
-            calls |= {call for call, _ in self.pending}
         self.batch = DecodeBatch(self.backend.model, self.backend.processor.stop_token_ids)
         for call in calls:
-            self._fail(call, exc)
-
-    def _fail(self, call: _Call, exc: BaseException) -> None:
-        log.info("generation failed for %d request(s): %s: %s", len(call.requests),
-                 type(exc).__name__, exc)
-        call.finish(exc)
-        self.pending = deque(p for p in self.pending if p[0] is not call)
-        self.batch.drop({tag for tag in self.batch.tags() if tag[0] is call})
-
-    def run_until_idle(self) -> None:
-        while self.busy:
-            self.step()
+            _fail(call, exc)
 
 
 class _Engine:
-    """The continuous decode loop of a backend, in a worker thread started on demand (it
-    ends after ``idle_s`` without work). Calls submitted while others decode join them."""
+    """The continuous loop of a backend: two worker threads, started on demand, each ending
+    after ``idle_s`` without work. The prefill thread processes the prompts of submitted
+    calls (a part at a time, at most ``max_batch_size`` rows ahead of the decoder); the
+    decode thread lets prefilled parts join its batch between tokens. The two run at once:
+    with one torch thread each they use two cores, so one reading's prompts are processed
+    while others' answers decode."""
 
     def __init__(self, backend: InProcessBackend, idle_s: float = 2.0) -> None:
         self.backend = backend
         self.idle_s = idle_s
         self._cv = threading.Condition()
-        self._inbox: deque[_Call] = deque()
-        self._thread: threading.Thread | None = None
+        self._pending: deque[tuple[_Call, list[int]]] = deque()
+        self._ready: deque[_Admitted] = deque()
+        self._ready_rows = 0
+        self._threads: dict[str, threading.Thread | None] = {"prefill": None, "decode": None}
 
     def submit(self, call: _Call) -> None:
         with self._cv:
-            self._inbox.append(call)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="cxrtrek-decode",
-                                                daemon=True)
-                self._thread.start()
-            self._cv.notify()
+            self._pending.extend(_groups(call, self.backend.max_batch_size))
+            self._start("prefill")
+            self._cv.notify_all()
 
-    def _loop(self) -> None:
-        scheduler = _Scheduler(self.backend)
+    def _start(self, name: str) -> None:
+        """Start the ``name`` thread unless it runs (call holding ``_cv``)."""
+        if self._threads[name] is None:
+            target = self._prefill_loop if name == "prefill" else self._decode_loop
+            thread = threading.Thread(target=target, name=f"cxrtrek-{name}", daemon=True)
+            self._threads[name] = thread
+            thread.start()
+
+    def _idle(self, name: str, work: Callable[[], bool], waiting: Callable[[], bool]) -> bool:
+        """Wait (holding ``_cv``) until ``work()``; True when nothing was ``waiting()`` for
+        ``idle_s`` instead (the thread then ends; the next submit starts a new one)."""
+        deadline = time.monotonic() + self.idle_s
+        while not work():
+            if waiting():
+                deadline = time.monotonic() + self.idle_s
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._threads[name] = None
+                return True
+            self._cv.wait(left)
+        return False
+
+    def _prefill_loop(self) -> None:
+        size = self.backend.max_batch_size
         while True:
             with self._cv:
-                if not scheduler.busy and not self._inbox:
-                    self._cv.wait(self.idle_s)
-                    if not self._inbox:
-                        self._thread = None  # idle: the next submit starts a new thread
-                        return
-                while self._inbox:
-                    scheduler.push(self._inbox.popleft())
+                if self._idle("prefill", lambda: bool(self._pending) and self._ready_rows < size,
+                              lambda: bool(self._pending)):
+                    return
+                call, indices = self._pending.popleft()
+            if not _live(call):
+                continue
+            try:
+                with self.backend._prefill_lock:
+                    admitted = self.backend._admit(call, indices)
+            except Exception as exc:  # this call's input or prefill failed: only it ends
+                _fail(call, exc)
+                continue
+            with self._cv:
+                self._ready.append(admitted)
+                self._ready_rows += len(indices)
+                self._start("decode")
+                self._cv.notify_all()
+
+    def _decode_loop(self) -> None:
+        scheduler = _Scheduler(self.backend)
+        size = self.backend.max_batch_size
+        while True:
+            with self._cv:
+                def work() -> bool:
+                    return bool(self._ready or scheduler.batch.rows)
+
+                if self._idle("decode", work, work):
+                    return
+                joining: list[_Admitted] = []
+                rows = scheduler.batch.rows
+                while self._ready and (not rows or rows + self._ready[0][0].rows <= size):
+                    part = self._ready.popleft()
+                    self._ready_rows -= part[0].rows
+                    joining.append(part)
+                    rows += part[0].rows
+                if joining:
+                    self._cv.notify_all()  # room ahead for the prefill thread
             with self.backend._lock:
                 try:
-                    scheduler.step()
+                    scheduler.step(joining)
                 except Exception as exc:  # never leave callers waiting on a dead loop
                     log.exception("the decode loop failed; its calls end with the error")
-                    scheduler.fail_all(exc)
-
+                    scheduler.fail_all(exc, also=[t[0] for a in joining for t in a[1]])

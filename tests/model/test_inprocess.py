@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import numpy as np
@@ -289,9 +290,23 @@ def test_an_overflowing_context_loses_whole_stages(tiny: Tiny, images: list[Imag
     assert len(fitted.encoded) + 8 <= tiny[1].context_length
 
 
-def test_concurrent_calls_join_one_decode_batch(trained: Path, images: list[ImageRef]) -> None:
+def _slow_decoder(monkeypatch: pytest.MonkeyPatch, seconds: float = 0.01) -> None:
+    """Decoding steps take at least ``seconds`` (a bigger model's pace): prompts processed
+    on the prefill thread are ready while earlier calls still decode."""
+    step = DecodeBatch.step
+
+    def slow(self: DecodeBatch) -> dict[object, object]:
+        time.sleep(seconds)
+        return step(self)
+
+    monkeypatch.setattr(DecodeBatch, "step", slow)
+
+
+def test_concurrent_calls_join_one_decode_batch(trained: Path, images: list[ImageRef],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Continuous batching: calls made while another decodes join its batch between tokens;
     each answer is what the request gets alone."""
+    _slow_decoder(monkeypatch)
     backend = InProcessBackend.load(trained, device="cpu", max_batch_size=8)
     a = [r.model_copy(update={"max_new_tokens": 48}) for r in _stage_requests(images, 3)]
     b = [r.model_copy(update={"request_id": f"b{i}", "images": images[2:3]})
@@ -321,6 +336,7 @@ def test_concurrent_calls_survive_compactions_of_the_decode_batch(
     while calls keep joining (the server's pattern): answers are still those of each request
     alone."""
     monkeypatch.setattr(_KVSlab, "ROOM", 2)
+    _slow_decoder(monkeypatch)
     backend = InProcessBackend.load(trained, device="cpu", max_batch_size=8)
     calls = [[r.model_copy(update={"request_id": f"{k}-{i}", "images": images[k:k + 1],
                                    "max_new_tokens": 30 + 5 * k})
