@@ -619,10 +619,12 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
         image_key: tuple[str, ...] = (),
     ) -> list[Generated]:
         """Decode prompts that share a prefix (``prefix_ids + suffixes[i]``): the prefix, with
-        all the images (``image_embeds``), is processed once, its cache copied to every row,
-        then the suffixes (no image tokens, at least one token each) and the decoding run
-        batched. The questions of one stage share images, system prompt and earlier stages,
-        so this saves most of the prompt work of a stage.
+        all the images (``image_embeds``), is processed once; the suffixes (no image tokens,
+        at least one token each) are processed together in one row without padding, each
+        seeing only the prefix and itself; then every row (the prefix's cache and its own
+        suffix's) decodes in one batch. The questions of one stage share images, system
+        prompt and earlier stages, so this saves most of the prompt work of a stage.
+        ``pad_id`` is not needed any more (kept for callers).
 
         With ``prefix_cache`` (and the images' hashes as ``image_key``), the longest kept
         start of the prefix is reused (only the rest is processed) and the prefix is kept for
@@ -668,20 +670,55 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
                  use_cache=True, logits_to_keep=1)
             if prefix_cache is not None:
                 prefix_cache.put(image_key, prefix_ids, cache)
-        cache.batch_repeat_interleave(batch)
-        width = max(len(s) for s in suffixes)
-        ids = torch.full((batch, width), pad_id, dtype=torch.long, device=device)
-        smask = torch.zeros((batch, width), dtype=torch.long, device=device)
-        for row, suffix in enumerate(suffixes):  # left-padded between prefix and suffix
-            ids[row, width - len(suffix):] = torch.tensor(list(suffix), dtype=torch.long)
-            smask[row, width - len(suffix):] = 1
-        positions = plen + (smask.cumsum(-1) - 1).clamp(min=0)
-        mask = torch.cat([torch.ones((batch, plen), dtype=torch.long, device=device), smask],
-                         dim=1)
-        out = self.language_model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                  cache=cache, use_cache=True, logits_to_keep=1)
-        return Prefilled(out.logits[:, -1], out.cache, mask, positions[:, -1:],
-                         [plen + len(s) for s in suffixes])
+        if batch == 1:
+            ids = torch.tensor([list(suffixes[0])], dtype=torch.long, device=device)
+            positions = torch.arange(plen, plen + ids.shape[1], device=device).unsqueeze(0)
+            mask = torch.ones((1, plen + ids.shape[1]), dtype=torch.long, device=device)
+            out = self.language_model(input_ids=ids, attention_mask=mask,
+                                      position_ids=positions, cache=cache, use_cache=True,
+                                      logits_to_keep=1)
+            return Prefilled(out.logits[:, -1], out.cache, mask, positions[:, -1:],
+                             [plen + ids.shape[1]])
+        return self._prefill_packed(plen, suffixes, cache)
+
+    def _prefill_packed(self, plen: int, suffixes: Sequence[Sequence[int]],
+                        cache: DynamicCache) -> Prefilled:
+        """The suffixes after a processed prefix (``cache``, one row), packed in one row
+        without padding: each suffix sees the prefix and itself only (a block-diagonal mask),
+        at the positions it would have alone. Then each row's cache is the prefix's followed
+        by its own suffix's (left-padded to the longest)."""
+        device = self.device
+        lengths = [len(s) for s in suffixes]
+        total = sum(lengths)
+        ends = torch.tensor(lengths, device=device).cumsum(0)
+        starts = ends - torch.tensor(lengths, device=device)
+        seg = torch.repeat_interleave(torch.arange(len(lengths), device=device),
+                                      torch.tensor(lengths, device=device))
+        offset = torch.arange(total, device=device) - starts[seg]
+        ids = torch.tensor([[t for s in suffixes for t in s]], dtype=torch.long, device=device)
+        allowed = torch.ones((total, plen + total), dtype=torch.bool, device=device)
+        allowed[:, plen:] = (seg[:, None] == seg[None, :]) & (offset[:, None] >= offset[None, :])
+        out = self.language_model(input_ids=ids, attention_mask=allowed[None, None],
+                                  position_ids=(plen + offset).unsqueeze(0), cache=cache,
+                                  use_cache=True, logits_to_keep=ends - 1)
+        width = plen + max(lengths)
+        rows = DynamicCache()
+        for layer in range(len(cache.layers)):
+            keys, values = _kv(cache, layer)
+            rk = keys.new_zeros((len(lengths), keys.shape[1], width, keys.shape[3]))
+            rv = values.new_zeros(rk.shape)
+            for i, (a, n) in enumerate(zip(starts.tolist(), lengths, strict=True)):
+                pad = width - plen - n
+                rk[i, :, pad:pad + plen] = keys[0, :, :plen]
+                rv[i, :, pad:pad + plen] = values[0, :, :plen]
+                rk[i, :, pad + plen:] = keys[0, :, plen + a:plen + a + n]
+                rv[i, :, pad + plen:] = values[0, :, plen + a:plen + a + n]
+            rows.update(rk, rv, layer)
+        mask = torch.zeros((len(lengths), width), dtype=torch.long, device=device)
+        for i, n in enumerate(lengths):
+            mask[i, width - plen - n:] = 1
+        return Prefilled(out.logits[0], rows, mask, (plen + ends - starts - 1).unsqueeze(1),
+                         [plen + n for n in lengths])
 
     @torch.no_grad()
     def decode_prefilled(self, parts: Sequence[Prefilled], *,
