@@ -2,12 +2,13 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_decode.py [--readings 8] [--threads 1]
 
-Part 1 times the language model of the demo checkpoint alone: prefill per token (one row, 600
-tokens) and one decoding step at 1 and 10 rows over 1000 tokens of context. Part 2 reads
-``--readings`` phantom studies concurrently through one in-process backend (continuous
-batching, prefix cache) with full context and 32 new tokens, and splits the backend's time
-into prefill, joining the batch, and decoding steps, with the prompt tokens processed and
-reused.
+Part 1 times the demo checkpoint's language model: prefill per token (one row, 600 tokens)
+and one step of the backends' decode batch at 1 and 10 rows over 1000 tokens of context. Part
+2 reads ``--readings`` phantom studies concurrently through one in-process backend
+(continuous batching, prefix cache, prompts processed on one thread while another decodes)
+with full context and 32 new tokens, and splits the backend's work into prefill, joining the
+batch and decoding steps (the two threads' sums exceed the wall time where they overlap),
+with the prompt tokens reused from kept prefixes.
 """
 
 from __future__ import annotations
@@ -39,10 +40,9 @@ def _timed(cls: Any, name: str, spent: Counter[str], calls: Counter[str]) -> Non
 
 
 def model_alone() -> None:
-    from transformers import DynamicCache
-
     from cxrtrek.agent.backends import demo_checkpoint
     from cxrtrek.model.build import load_pretrained
+    from cxrtrek.model.modeling import DecodeBatch
 
     model, _ = load_pretrained(demo_checkpoint(), device="cpu")
     lm = model.language_model
@@ -54,18 +54,15 @@ def model_alone() -> None:
         per_token = (time.perf_counter() - t0) / 600
         print(f"prefill: {per_token * 1000:.2f} ms a token (one row, 600 tokens)")
         steps: dict[int, float] = {}
-        for rows in (1, 10):
+        for rows in (1, 10):  # the decode batch the backends use (keys/values in place)
             ids = torch.randint(20, 1000, (rows, 1000))
-            cache = DynamicCache(config=model.config.text)
-            out = lm(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache,
-                     use_cache=True, logits_to_keep=1)
-            mask, last = torch.ones_like(ids), torch.full((rows, 1), 999)
+            batch = DecodeBatch(model, stop_token_ids=[])
+            batch.add(model.prefill_batch(ids, torch.ones_like(ids)), list(range(rows)),
+                      max_new_tokens=23)
+            batch.step()  # warm-up
             t0 = time.perf_counter()
             for _ in range(20):
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                last = last + 1
-                out = lm(input_ids=torch.ones((rows, 1), dtype=torch.long), attention_mask=mask,
-                         position_ids=last, cache=out.cache, use_cache=True, logits_to_keep=1)
+                batch.step()
             steps[rows] = (time.perf_counter() - t0) / 20
             print(f"decode step, {rows:2d} row(s), 1000 tokens of context: "
                   f"{steps[rows] * 1000:.1f} ms")
@@ -104,6 +101,9 @@ def readings(n: int) -> None:
     print(f"\n{n} readings at once ({questions} questions), in process: {wall:.1f} s")
     for name in ("_image_embeds", "_prefill", "add_many", "step"):
         print(f"  {name:<14} {spent[name]:6.2f} s  ({calls[name]} calls)")
+    work = sum(spent.values())
+    print(f"  {work:.1f} s of work in {wall:.1f} s: prompts are processed on one thread while "
+          "another decodes")
     mean_rows = backend.decode_row_steps / max(1, backend.decode_steps)
     print(f"  decoding: {backend.decode_steps} steps, {mean_rows:.1f} rows a step on average")
     if cache is not None:

@@ -348,7 +348,9 @@ def serve_cmd(
         help="processed prompt prefixes kept (a reading's earlier stages); 0 turns it off")
     ] = 16,
     threads: Annotated[int | None, typer.Option(
-        "--threads", metavar="N", help="torch CPU threads")] = None,
+        "--threads", metavar="N",
+        help="torch CPU threads of each operation (prompts and decoding run in two worker "
+             "threads at once, so 1 already keeps two cores busy)")] = None,
 ) -> int:
     """Serve CXRTrekNet over HTTP (OpenAI-compatible chat completions) on a GPU host.
 
