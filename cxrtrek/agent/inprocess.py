@@ -295,7 +295,6 @@ class InProcessBackend:
             self.prefix_batches += 1
             return self.model.prefill_with_prefix(
                 encoded[0].input_ids[:shared], [e.input_ids[shared:] for e in encoded],
-                pad_id=self.processor.tokenizer.pad_id,
                 image_embeds=feats[:len(requests[0].images)], prefix_cache=self.prefix_cache,
                 image_key=tuple(ref.digest() for ref in requests[0].images))
         batch = collate(encoded, self.processor.tokenizer.pad_id, side="left")

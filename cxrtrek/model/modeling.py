@@ -195,9 +195,9 @@ class _KVSlab:
         self.k, self.v = k, v
         self.start, self.end = width - old, width
 
-    def compact(self, like: torch.Tensor) -> None:
+    def compact(self) -> None:
         """Make room for the next column (a copy of the batch when the buffers are full)."""
-        self._reserve(self.rows, self.width, like)
+        self._reserve(self.rows, self.width, self.k[0])
 
     def join(self, parts: Sequence[Prefilled], width: int) -> None:
         """Copy the rows of ``parts`` in (each part's cache as wide as its mask), the batch
@@ -419,7 +419,7 @@ class DecodeBatch:
             return finished
         st, slab = self.state, self._slab
         if slab.end >= slab.columns:
-            slab.compact(slab.k[0])
+            slab.compact()
         step = torch.tensor([[tokens[j]] for j in order], device=self.model.device)
         mask = torch.cat([st.mask, torch.ones_like(st.mask[:, :1])], dim=1)
         last = st.last + 1
@@ -610,7 +610,6 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
         prefix_ids: Sequence[int],
         suffixes: Sequence[Sequence[int]],
         *,
-        pad_id: int,
         image_embeds: torch.Tensor | None = None,
         max_new_tokens: int | Sequence[int] = 64,
         decoding: Sequence[Decoding] | None = None,
@@ -624,16 +623,14 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
         seeing only the prefix and itself; then every row (the prefix's cache and its own
         suffix's) decodes in one batch. The questions of one stage share images, system
         prompt and earlier stages, so this saves most of the prompt work of a stage.
-        ``pad_id`` is not needed any more (kept for callers).
 
         With ``prefix_cache`` (and the images' hashes as ``image_key``), the longest kept
         start of the prefix is reused (only the rest is processed) and the prefix is kept for
         later calls: an earlier stage's prefix is the start of the next stage's.
         """
         return self.decode_prefilled(
-            [self.prefill_with_prefix(prefix_ids, suffixes, pad_id=pad_id,
-                                      image_embeds=image_embeds, prefix_cache=prefix_cache,
-                                      image_key=image_key)],
+            [self.prefill_with_prefix(prefix_ids, suffixes, image_embeds=image_embeds,
+                                      prefix_cache=prefix_cache, image_key=image_key)],
             max_new_tokens=max_new_tokens, decoding=decoding, stop_token_ids=stop_token_ids)
 
     @torch.no_grad()
@@ -642,7 +639,6 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
         prefix_ids: Sequence[int],
         suffixes: Sequence[Sequence[int]],
         *,
-        pad_id: int,
         image_embeds: torch.Tensor | None = None,
         prefix_cache: PrefixCache | None = None,
         image_key: tuple[str, ...] = (),

@@ -195,7 +195,7 @@ def test_shared_prefix_decoding_equals_full_prompts(tiny: Tiny, images: list[Ima
     with torch.inference_mode():
         via_prefix = model.generate_with_prefix(
             encoded[0].input_ids[:shared], [e.input_ids[shared:] for e in encoded],
-            pad_id=processor.tokenizer.pad_id, image_embeds=feats, max_new_tokens=budgets,
+            image_embeds=feats, max_new_tokens=budgets,
             stop_token_ids=[])
         one_by_one = [model.generate_batch(
             torch.tensor([e.input_ids]), torch.ones((1, len(e)), dtype=torch.long),
