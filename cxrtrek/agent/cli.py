@@ -510,6 +510,10 @@ def train_cmd(
         help="fraction of free-text non-report answers to train on")] = None,
     max_minutes: Annotated[float | None, typer.Option(
         "--max-minutes", metavar="M", help="stop after M minutes")] = None,
+    question_types: Annotated[str | None, typer.Option(
+        "--question-types", metavar="T,T",
+        help="train on these question types only (captioning, yes_no, single-choice, "
+             "multi-choice, detection), e.g. a first stage on short answers")] = None,
 ) -> int:
     """Train CXRTrekNet (LoRA on the LM and the projector by default) on CXRTrek-format data.
 

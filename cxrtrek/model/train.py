@@ -26,7 +26,7 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +41,7 @@ from cxrtrek.model.images import load_image
 from cxrtrek.model.modeling import CXRTrekNetForConditionalGeneration
 from cxrtrek.model.processing import CXRTrekNetProcessor, Encoded, collate
 from cxrtrek.prompts.render import ContextTurn
-from cxrtrek.schema import ImageRef, Study
+from cxrtrek.schema import ImageRef, QType, Study, base_qtype
 
 __all__ = ["LORA_TARGETS", "TrainConfig", "build_examples", "export_checkpoint", "train"]
 
@@ -90,6 +90,9 @@ class TrainConfig(BaseModel):
     """With a frozen vision tower: encode each image once, train on its cached features."""
     caption_keep: float = Field(default=1.0, ge=0, le=1)
     """Fraction of free-text (captioning, non-report) answers kept, chosen by seed."""
+    question_types: list[QType] | None = None
+    """Train on these question types only (e.g. the short, image-dependent ones: yes_no,
+    single-choice, multi-choice, detection); None: all."""
     max_minutes: float | None = Field(default=None, gt=0)
     """Stop after this many minutes (checkpoint and model are saved); None: run all steps."""
     resume: bool = True
@@ -105,8 +108,12 @@ class Example:
     encoded: Encoded
 
 
-def _kept(question: Any, keep: float, rng: random.Random) -> bool:
-    """Whether a question stays under ``caption_keep``: all but non-report free text do."""
+def _kept(question: Any, keep: float, rng: random.Random,
+          types: Collection[QType] | None = None) -> bool:
+    """Whether a question stays: one of ``types`` (when given), and under ``caption_keep``
+    (all but non-report free text do)."""
+    if types is not None and base_qtype(question.qtype) not in types:
+        return False
     if keep >= 1.0 or question.qtype != "captioning" or \
             str(question.task_type).startswith("Report_Generation"):
         return True
@@ -115,9 +122,11 @@ def _kept(question: Any, keep: float, rng: random.Random) -> bool:
 
 def build_examples(studies: Sequence[Study], processor: CXRTrekNetProcessor, *,
                    max_images: int, pack_questions: int, caption_keep: float = 1.0,
-                   seed: int = 0) -> list[Example]:
+                   seed: int = 0, question_types: Collection[QType] | None = None,
+                   ) -> list[Example]:
     """Packed examples: consecutive questions of a study that fit the context length
-    (free-text answers other than reports kept with probability ``caption_keep``)."""
+    (free-text answers other than reports kept with probability ``caption_keep``; only
+    ``question_types`` when given)."""
     out: list[Example] = []
     rng = random.Random(seed)
     for study in studies:
@@ -127,7 +136,7 @@ def build_examples(studies: Sequence[Study], processor: CXRTrekNetProcessor, *,
             raise DataError(f"study {study.study_id}: expected at least one image; got none")
         turns = [ContextTurn(q.stage, q.text, study.references[q.id].text)
                  for q in study.questions
-                 if q.id in study.references and _kept(q, caption_keep, rng)]
+                 if q.id in study.references and _kept(q, caption_keep, rng, question_types)]
         pack: list[ContextTurn] = []
         for turn in [*turns, None]:
             candidate = [*pack, turn] if turn is not None else pack
@@ -360,7 +369,7 @@ def _run(cfg: TrainConfig, model: CXRTrekNetForConditionalGeneration,
     evals = list(eval_studies) if eval_studies is not None else _load_data(cfg, cfg.eval_data)
     examples = build_examples(train_studies, processor, max_images=cfg.max_images,
                               pack_questions=cfg.pack_questions, caption_keep=cfg.caption_keep,
-                              seed=cfg.seed)
+                              seed=cfg.seed, question_types=cfg.question_types)
     eval_examples = build_examples(evals, processor, max_images=cfg.max_images,
                                    pack_questions=cfg.pack_questions)
     if not examples:

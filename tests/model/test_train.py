@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 
 from cxrtrek.errors import ConfigError, DataError
 from cxrtrek.model.build import build_preset, load_pretrained
-from cxrtrek.model.processing import CXRTrekNetProcessor, collate
+from cxrtrek.model.processing import IGNORE_INDEX, CXRTrekNetProcessor, collate
 from cxrtrek.model.train import TrainConfig, _prepare, build_examples, train
-from cxrtrek.schema import Study
+from cxrtrek.schema import QType, Study
 
 ConfigFactory = Callable[..., TrainConfig]
 
@@ -119,6 +119,18 @@ def test_full_lm_training_and_frozen_lm(tmp_path: Path, phantoms: list[Study],
         out = train(train_config(tmp_path / mode, steps=2, lm_mode=mode), studies=phantoms[:2])
         assert not (out / "adapter").exists()
         load_pretrained(out, device="cpu")
+
+
+def test_question_types_keep_only_those_answers(phantoms: list[Study]) -> None:
+    _, proc = build_preset("tiny")
+    kept = build_examples(phantoms[:4], proc, max_images=2, pack_questions=1,
+                          question_types=[QType.YES_NO, QType.DETECTION])
+    answers = {proc.tokenizer.decode([t for t, lab in zip(e.encoded.input_ids,
+                                                          e.encoded.labels or [], strict=True)
+                                      if lab != IGNORE_INDEX]) for e in kept}
+    expected = {s.references[q.id].text for s in phantoms[:4] for q in s.questions
+                if q.qtype in ("yes_no", "detection") and q.id in s.references}
+    assert kept and {a.removesuffix("<|end|>") for a in answers} == expected
 
 
 def test_packing_and_empty_data(phantoms: list[Study]) -> None:

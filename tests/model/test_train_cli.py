@@ -25,6 +25,9 @@ def test_train_two_steps_then_read_with_the_result(tmp_path: Path,
     assert '"status":"completed"' in capsys.readouterr().out
     assert main(["train", str(data), str(out), "--lm-mode", "sideways"]) == EXIT_USAGE
     assert "'sideways' is not one of 'lora', 'full', 'frozen'" in capsys.readouterr().err
+    assert main(["train", str(data), str(out), "--question-types", "yes_no,essay"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--question-types" in err and "'yes_no'" in err and "Traceback" not in err
     assert main(["train", str(data), str(out), "--steps", "0"]) == EXIT_USAGE  # the config's
     err = capsys.readouterr().err
     assert err.startswith("cxrtrek train: error: --steps: ") and "Traceback" not in err
