@@ -3,7 +3,7 @@ one question at a time without the vision cache, same model, same answers.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_server.py \\
         [--model PATH|tiny|demo] [--studies 8] [--concurrency 4] [--max-new-tokens 32] \\
-        [--threads 1]
+        [--max-batch-size 16] [--threads 1] [--single-threads N]
 
 Writes phantom studies (CXRTrek format, questions in all eight stages, a prior for about 60%)
 to a temporary folder, then for each configuration starts ``cxrtrek serve`` in a subprocess
