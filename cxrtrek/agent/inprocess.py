@@ -404,23 +404,21 @@ class _Scheduler:
         self.batch = DecodeBatch(backend.model, backend.processor.stop_token_ids)
 
     def step(self, joining: Sequence[_Admitted] = ()) -> None:
-        """Let ``joining`` in, drop rows of calls that ended, decode one token."""
-        import torch
-
+        """Let ``joining`` in, drop rows of calls that ended, decode one token (the batch's
+        updates run in inference mode)."""
         joining = [a for a in joining if _live(a[1][0][0])]
         backend = self.backend
         try:
-            with torch.inference_mode():
-                if joining:
-                    self.batch.add_many(joining)  # one merge for all that joined
-                ended = {tag for tag in self.batch.tags() if not _live(tag[0])}
-                if ended:
-                    self.batch.drop(ended)
-                rows = self.batch.rows
-                backend.decode_steps += 1 if rows else 0
-                backend.decode_row_steps += rows
-                backend.peak_rows = max(backend.peak_rows, rows)
-                finished = self.batch.step()
+            if joining:
+                self.batch.add_many(joining)  # one merge for all that joined
+            ended = {tag for tag in self.batch.tags() if not _live(tag[0])}
+            if ended:
+                self.batch.drop(ended)
+            rows = self.batch.rows
+            backend.decode_steps += 1 if rows else 0
+            backend.decode_row_steps += rows
+            backend.peak_rows = max(backend.peak_rows, rows)
+            finished = self.batch.step()
         except Exception as exc:  # the batch is lost: every call in it, or joining it, fails
             self.fail_all(exc, also=[t[0] for a in joining for t in a[1]])
             return

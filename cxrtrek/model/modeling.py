@@ -726,17 +726,19 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
         take ``context_length - its prompt length`` new tokens at most; finished rows leave
         the batch, so a long answer does not keep the short ones computing."""
         n = sum(p.rows for p in parts)
-        limits = ([int(max_new_tokens)] * n if isinstance(max_new_tokens, int)
-                  else [int(m) for m in max_new_tokens])
-        chosen = list(decoding) if decoding is not None else [Decoding()] * n
-        if len(limits) != n or len(chosen) != n:
-            raise DataError(f"{n} prompts but {len(limits)} token limits and {len(chosen)} "
+        n_limits = n if isinstance(max_new_tokens, int) else len(max_new_tokens)
+        n_chosen = n if decoding is None else len(decoding)
+        if n_limits != n or n_chosen != n:
+            raise DataError(f"{n} prompts but {n_limits} token limits and {n_chosen} "
                             "decoding settings")
         batch = DecodeBatch(self, stop_token_ids)
         entries, k = [], 0
-        for p in parts:
-            entries.append((p, range(k, k + p.rows), limits[k:k + p.rows],
-                            chosen[k:k + p.rows]))
+        for p in parts:  # add_many spreads a single limit and the default decoding
+            rows = slice(k, k + p.rows)
+            entries.append((p, range(k, k + p.rows),
+                            max_new_tokens if isinstance(max_new_tokens, int)
+                            else max_new_tokens[rows],
+                            None if decoding is None else decoding[rows]))
             k += p.rows
         batch.add_many(entries)
         out: dict[Any, Generated] = {}
