@@ -124,7 +124,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     fields = ("model", "vision_path", "lm_path", "train_data", "eval_data", "image_root",
               "steps", "batch_size", "grad_accum", "lr", "lm_mode", "train_vision",
               "pack_questions", "dtype", "device", "seed", "eval_every", "checkpoint_every",
-              "cache_image_features", "caption_keep", "max_minutes", "question_types")
+              "cache_image_features", "caption_keep", "max_minutes", "question_types",
+              "context_fraction", "images_by_stage")
     if args.question_types is not None:
         args.question_types = [t.strip() for t in args.question_types.split(",") if t.strip()]
     cfg = TrainConfig(output_dir=args.output_dir, resume=not args.no_resume,

@@ -514,6 +514,14 @@ def train_cmd(
         "--question-types", metavar="T,T",
         help="train on these question types only (captioning, yes_no, single-choice, "
              "multi-choice, detection), e.g. a first stage on short answers")] = None,
+    context_fraction: Annotated[float | None, typer.Option(
+        "--context-fraction", metavar="P",
+        help="fraction of packs whose answers see the earlier turns (default 1); the rest "
+             "answer each question from the images alone")] = None,
+    images_by_stage: Annotated[bool | None, typer.Option(
+        "--images-by-stage",
+        help="give each question the images inference gives it (the prior only from "
+             "stage 5)")] = None,
 ) -> int:
     """Train CXRTrekNet (LoRA on the LM and the projector by default) on CXRTrek-format data.
 

@@ -16,6 +16,9 @@ image:
   sentence with a negation mentions nothing) from the answer and the true report, micro F1 by
   finding type and by type with side/zone. Baseline: the constant mention set that scores best.
 
+Each question is asked alone (no earlier stages as context), with the images the stage graph
+gives its stage: the current image in stages 1-4, the current and the prior from stage 5 on.
+
 ``evaluate_phantoms(model_dir, data) -> PhantomEval``; ``benchmarks/eval_demo.py`` runs it.
 """
 
@@ -270,7 +273,8 @@ def build_requests(studies: Sequence[Study], truths: dict[str, dict[str, Any]], 
                                        images=images[:1], max_new_tokens=72))
             meta.append({"kind": "det", "target": target, "boxes": boxes})
         requests.append(VLMRequest(request_id=f"{s.study_id}/report", stage=8,
-                                   question=_REPORT_QUESTION, images=images[:1],
+                                   question=_REPORT_QUESTION,
+                                   images=images[:2 if s.prior is not None else 1],
                                    max_new_tokens=320))
         meta.append({"kind": "report", "true": _true_report(s)})
 

@@ -550,7 +550,8 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
             image_embeds = self.get_image_features(pixel_values)
         embeds = self.get_input_embeddings()(input_ids)
         embeds = self._merge_images(input_ids, embeds, image_embeds)
-        if position_ids is None and attention_mask is not None and cache is None:
+        if position_ids is None and attention_mask is not None and cache is None \
+                and attention_mask.dim() == 2:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self.language_model(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,

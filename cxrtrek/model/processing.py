@@ -20,17 +20,24 @@ from cxrtrek.model.images import ImageLike, ImageProcessor
 from cxrtrek.model.tokenizer import STAGE_TOKENS, CXRTrekTokenizer
 from cxrtrek.prompts.render import ContextTurn, render_chat, render_training_text
 
-__all__ = ["IGNORE_INDEX", "CXRTrekNetProcessor", "Encoded", "collate"]
+__all__ = ["IGNORE_INDEX", "CXRTrekNetProcessor", "Encoded", "apart_length", "collate",
+           "join_apart"]
 
 IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
 class Encoded:
-    """One sequence: token ids and (for training) labels, -100 where not supervised."""
+    """One sequence: token ids and (for training) labels, -100 where not supervised.
+
+    ``segments`` (optional) makes it a pack of turns that do not see each other: 0 marks the
+    shared start (system prompt and images), ``k`` the tokens of turn ``k``, which see the
+    start and themselves only, at the positions they would have alone (see :func:`collate`).
+    """
 
     input_ids: list[int]
     labels: list[int] | None = None
+    segments: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -93,6 +100,25 @@ class CXRTrekNetProcessor:
                 labels[i] = ids[i]
         return self._expand(ids, labels)
 
+    def split_turn(self, encoded: Encoded) -> tuple[Encoded, Encoded]:
+        """A one-turn training example cut at its stage marker: the start it shares with any
+        question on the same images (system prompt, images), and the turn itself."""
+        cut = next((i for i, t in enumerate(encoded.input_ids) if t in self.stage_token_ids),
+                   None)
+        if cut is None:
+            raise DataError("expected a stage marker in a training turn; found none")
+        labels = encoded.labels or [IGNORE_INDEX] * len(encoded)
+        return (Encoded(encoded.input_ids[:cut], labels[:cut]),
+                Encoded(encoded.input_ids[cut:], labels[cut:]))
+
+    def encode_apart(self, turns: Sequence[ContextTurn], *, n_images: int,
+                     system: str | None = None) -> Encoded:
+        """A packed example whose turns do not see each other: each question is answered
+        as if asked alone on these images (no earlier turns as context), the way a question
+        is asked with the ``none`` context policy. The shared start is encoded once."""
+        return join_apart([self.encode_training([t], n_images=n_images, system=system)
+                           for t in turns], self)
+
     def pixel_values(self, images: Sequence[ImageLike]) -> torch.Tensor:
         return self.images(images)
 
@@ -109,9 +135,65 @@ class CXRTrekNetProcessor:
         return self.tokenizer.decode(ids).strip()
 
 
+def join_apart(single_turns: Sequence[Encoded], processor: CXRTrekNetProcessor) -> Encoded:
+    """One-turn training examples on the same images joined into one pack of turns that do
+    not see each other (:attr:`Encoded.segments`); their shared start appears once."""
+    if not single_turns:
+        raise DataError("a training pack needs at least one turn; got none")
+    ids: list[int] = []
+    labels: list[int] = []
+    segments: list[int] = []
+    start: list[int] | None = None
+    for k, enc in enumerate(single_turns, 1):
+        head, turn = processor.split_turn(enc)
+        if start is None:
+            start = head.input_ids
+            ids.extend(head.input_ids)
+            labels.extend(head.labels or [])
+            segments.extend([0] * len(head))
+        elif head.input_ids != start:
+            raise DataError("turns packed apart must share their start (system prompt and "
+                            "images); these differ")
+        ids.extend(turn.input_ids)
+        labels.extend(turn.labels or [])
+        segments.extend([k] * len(turn))
+    return Encoded(ids, labels, segments)
+
+
+def apart_length(single_turns: Sequence[Encoded], processor: CXRTrekNetProcessor) -> int:
+    """The length :func:`join_apart` would give, without building it."""
+    if not single_turns:
+        return 0
+    start = len(processor.split_turn(single_turns[0])[0])
+    return start + sum(len(e) - start for e in single_turns)
+
+
+def _segment_mask(segments: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor,
+                                                                        torch.Tensor]:
+    """The (batch, 1, L, L) boolean attention mask and the position ids of rows whose
+    ``segments`` (batch, L) say which turn each token belongs to (0: the shared start)."""
+    width = segments.shape[1]
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    seg_q, seg_k = segments[:, :, None], segments[:, None, :]
+    allowed = causal & valid[:, None, :] & ((seg_k == 0) | (seg_k == seg_q))
+    allowed |= torch.eye(width, dtype=torch.bool)  # a padding row must see something
+    positions = torch.zeros_like(segments)
+    for row in range(segments.shape[0]):
+        seg = segments[row]
+        start = int((seg == 0).sum())
+        for k in sorted(set(seg.tolist()) - {-1}):
+            where = (seg == k).nonzero().flatten()
+            positions[row, where] = (start if k > 0 else 0) + torch.arange(len(where))
+    return allowed[:, None], positions
+
+
 def collate(items: Sequence[Encoded], pad_id: int,
             side: Literal["left", "right"] = "left") -> dict[str, torch.Tensor]:
-    """Pad to the longest item: ``input_ids``, ``attention_mask`` and (if any) ``labels``."""
+    """Pad to the longest item: ``input_ids``, ``attention_mask`` and (if any) ``labels``.
+
+    When an item packs turns apart (:attr:`Encoded.segments`), the batch instead carries a
+    (batch, 1, L, L) boolean ``attention_mask`` and ``position_ids``: each turn sees the
+    shared start and itself; an item without segments is one causal sequence."""
     if not items:
         raise DataError("cannot collate an empty batch")
     width = max(len(it) for it in items)
@@ -129,4 +211,12 @@ def collate(items: Sequence[Encoded], pad_id: int,
     out = {"input_ids": ids, "attention_mask": mask}
     if with_labels:
         out["labels"] = labels
+    if any(it.segments is not None for it in items):
+        segments = torch.full((len(items), width), -1, dtype=torch.long)
+        for row, it in enumerate(items):
+            n = len(it)
+            cols = slice(width - n, width) if side == "left" else slice(0, n)
+            segments[row, cols] = torch.tensor(it.segments if it.segments is not None
+                                               else [0] * n, dtype=torch.long)
+        out["attention_mask"], out["position_ids"] = _segment_mask(segments, mask.bool())
     return out

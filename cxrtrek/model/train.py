@@ -39,7 +39,13 @@ from cxrtrek.errors import ConfigError, DataError
 from cxrtrek.model.build import build_preset, from_parts, load_pretrained, save_pretrained
 from cxrtrek.model.images import load_image
 from cxrtrek.model.modeling import CXRTrekNetForConditionalGeneration
-from cxrtrek.model.processing import CXRTrekNetProcessor, Encoded, collate
+from cxrtrek.model.processing import (
+    CXRTrekNetProcessor,
+    Encoded,
+    apart_length,
+    collate,
+    join_apart,
+)
 from cxrtrek.prompts.render import ContextTurn
 from cxrtrek.schema import ImageRef, QType, Study, base_qtype
 
@@ -93,6 +99,13 @@ class TrainConfig(BaseModel):
     question_types: list[QType] | None = None
     """Train on these question types only (e.g. the short, image-dependent ones: yes_no,
     single-choice, multi-choice, detection); None: all."""
+    context_fraction: float = Field(default=1.0, ge=0, le=1)
+    """Fraction of packs (seeded) whose turns see the earlier turns of the pack as context, as
+    in the graph's ``full`` context; the others pack their turns apart, each answered from
+    the images and its own question alone."""
+    images_by_stage: bool = False
+    """Give each question the images inference gives it (stages 1-4: the current image;
+    from stage 5: current and prior); False: every question of a study sees all its images."""
     max_minutes: float | None = Field(default=None, gt=0)
     """Stop after this many minutes (checkpoint and model are saved); None: run all steps."""
     resume: bool = True
@@ -123,38 +136,87 @@ def _kept(question: Any, keep: float, rng: random.Random,
 def build_examples(studies: Sequence[Study], processor: CXRTrekNetProcessor, *,
                    max_images: int, pack_questions: int, caption_keep: float = 1.0,
                    seed: int = 0, question_types: Collection[QType] | None = None,
+                   context_fraction: float = 1.0, images_by_stage: bool = False,
                    ) -> list[Example]:
     """Packed examples: consecutive questions of a study that fit the context length
     (free-text answers other than reports kept with probability ``caption_keep``; only
-    ``question_types`` when given)."""
+    ``question_types`` when given).
+
+    A seeded ``context_fraction`` of the packs show each turn the earlier turns of the pack
+    as context; the others pack their turns apart (each answered as if asked alone on the
+    images). With ``images_by_stage``, each question gets the images inference gives it:
+    the current image in stages 1-4, the current and the prior from stage 5 on."""
     out: list[Example] = []
     rng = random.Random(seed)
     for study in studies:
-        images = (list(study.images) + (list(study.prior.images) if study.prior else []))
-        images = images[:max_images]
-        if not images:
+        current = list(study.images)
+        prior = list(study.prior.images) if study.prior else []
+        if not current + prior:
             raise DataError(f"study {study.study_id}: expected at least one image; got none")
         turns = [ContextTurn(q.stage, q.text, study.references[q.id].text)
                  for q in study.questions
                  if q.id in study.references and _kept(q, caption_keep, rng, question_types)]
-        pack: list[ContextTurn] = []
-        for turn in [*turns, None]:
-            candidate = [*pack, turn] if turn is not None else pack
-            fits = turn is not None and len(candidate) <= pack_questions and len(
-                processor.encode_training(candidate, n_images=len(images))
-            ) <= processor.context_length
-            if fits:
-                pack = candidate
+        if images_by_stage:
+            groups = [(current[:max_images], [t for t in turns if t.stage < 5]),
+                      ((current + prior)[:max_images], [t for t in turns if t.stage >= 5])]
+        else:
+            groups = [((current + prior)[:max_images], turns)]
+        for images, group in groups:
+            if not images or not group:
                 continue
-            if pack:
-                enc = processor.encode_training(pack, n_images=len(images))
-                out.append(Example(tuple(images), enc))
-            pack = [turn] if turn is not None else []
-            if pack and len(processor.encode_training(pack, n_images=len(images))) > \
-                    processor.context_length:
-                log.warning("study %s: a question does not fit the context length; skipped",
-                            study.study_id)
-                pack = []
+            apart = context_fraction < 1.0 and rng.random() >= context_fraction
+            pack = _packs_apart if apart else _packs_in_context
+            packs = pack(group, len(images), processor, pack_questions, study.study_id)
+            out.extend(Example(tuple(images), enc) for enc in packs)
+    return out
+
+
+def _too_long(study_id: str) -> None:
+    log.warning("study %s: a question does not fit the context length; skipped", study_id)
+
+
+def _packs_in_context(turns: Sequence[ContextTurn], n_images: int,
+                      processor: CXRTrekNetProcessor, pack_questions: int,
+                      study_id: str) -> list[Encoded]:
+    """Consecutive turns, each seeing the earlier ones of its pack."""
+    out: list[Encoded] = []
+    pack: list[ContextTurn] = []
+    for turn in [*turns, None]:
+        candidate = [*pack, turn] if turn is not None else pack
+        fits = turn is not None and len(candidate) <= pack_questions and len(
+            processor.encode_training(candidate, n_images=n_images)
+        ) <= processor.context_length
+        if fits:
+            pack = candidate
+            continue
+        if pack:
+            out.append(processor.encode_training(pack, n_images=n_images))
+        pack = [turn] if turn is not None else []
+        if pack and len(processor.encode_training(pack, n_images=n_images)) > \
+                processor.context_length:
+            _too_long(study_id)
+            pack = []
+    return out
+
+
+def _packs_apart(turns: Sequence[ContextTurn], n_images: int,
+                 processor: CXRTrekNetProcessor, pack_questions: int,
+                 study_id: str) -> list[Encoded]:
+    """Consecutive turns packed apart (each sees the images and itself only)."""
+    out: list[Encoded] = []
+    pack: list[Encoded] = []
+    for turn in turns:
+        enc = processor.encode_training([turn], n_images=n_images)
+        if len(enc) > processor.context_length:
+            _too_long(study_id)
+            continue
+        if pack and (len(pack) >= pack_questions or
+                     apart_length([*pack, enc], processor) > processor.context_length):
+            out.append(join_apart(pack, processor))
+            pack = []
+        pack.append(enc)
+    if pack:
+        out.append(join_apart(pack, processor))
     return out
 
 
@@ -369,9 +431,13 @@ def _run(cfg: TrainConfig, model: CXRTrekNetForConditionalGeneration,
     evals = list(eval_studies) if eval_studies is not None else _load_data(cfg, cfg.eval_data)
     examples = build_examples(train_studies, processor, max_images=cfg.max_images,
                               pack_questions=cfg.pack_questions, caption_keep=cfg.caption_keep,
-                              seed=cfg.seed, question_types=cfg.question_types)
+                              seed=cfg.seed, question_types=cfg.question_types,
+                              context_fraction=cfg.context_fraction,
+                              images_by_stage=cfg.images_by_stage)
     eval_examples = build_examples(evals, processor, max_images=cfg.max_images,
-                                   pack_questions=cfg.pack_questions)
+                                   pack_questions=cfg.pack_questions,
+                                   context_fraction=cfg.context_fraction,
+                                   images_by_stage=cfg.images_by_stage)
     if not examples:
         raise DataError("expected training studies with questions and reference answers; "
                         f"got {len(train_studies)} studies and no usable examples")

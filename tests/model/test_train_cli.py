@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,11 @@ def test_train_two_steps_then_read_with_the_result(tmp_path: Path,
     data = tmp_path / "data" / "phantoms.json"
     out = tmp_path / "model"
     assert main(["train", str(data), str(out), "--model", "tiny", "--steps", "2",
-                 "--batch-size", "1", "--seed", "1", "--eval-every", "0"]) == EXIT_OK
+                 "--batch-size", "1", "--seed", "1", "--eval-every", "0",
+                 "--context-fraction", "0.5", "--images-by-stage"]) == EXIT_OK
     assert (out / "config.json").is_file()
+    args = json.loads((out / "training_args.json").read_text())
+    assert args["context_fraction"] == 0.5 and args["images_by_stage"] is True
     capsys.readouterr()
     assert main(["run", str(data), "--backend", f"inprocess:{out}", "--stages", "1",
                  "--max-new-tokens", "4", "--home", str(tmp_path / "home"),
@@ -31,3 +35,6 @@ def test_train_two_steps_then_read_with_the_result(tmp_path: Path,
     assert main(["train", str(data), str(out), "--steps", "0"]) == EXIT_USAGE  # the config's
     err = capsys.readouterr().err
     assert err.startswith("cxrtrek train: error: --steps: ") and "Traceback" not in err
+    assert main(["train", str(data), str(out), "--context-fraction", "1.5"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("cxrtrek train: error: --context-fraction: ") and "Traceback" not in err
