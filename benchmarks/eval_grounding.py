@@ -3,8 +3,9 @@
 Run: ``.venv/bin/python benchmarks/eval_grounding.py --data demo-run/test [--model DIR]
 [--max-studies N]``. Prints, per question type, the mean answer loss per token with each
 study's own images and with another study's images, their gap and the fraction of answers
-that the own images predict better (see :mod:`cxrtrek.evals.grounding`). A gap near zero
-means the model answers from the text alone.
+that the own images predict better, then the visual tokens' norm beside the word embeddings'
+and the share of it that differs between images (see :mod:`cxrtrek.evals.grounding`). A gap
+near zero means the model answers from the text alone.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     started = time.monotonic()
-    rows = image_dependence(args.model, args.data, max_studies=args.max_studies)
-    sys.stdout.write(format_dependence(rows))
+    rows, stats = image_dependence(args.model, args.data, max_studies=args.max_studies)
+    sys.stdout.write(format_dependence(rows, stats))
     log.info("scored %d answers twice in %.0f s", sum(r.n for r in rows),
              time.monotonic() - started)
     return 0

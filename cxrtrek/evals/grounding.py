@@ -10,8 +10,11 @@ Each question is scored alone (no earlier stages), with the images the stage gra
 (the current image in stages 1-4, the current and the prior from stage 5 on). The "other"
 images of an item are those of the next study (in file order) with as many images.
 
-``image_dependence(model_dir, data) -> list[DependenceRow]``; ``benchmarks/eval_grounding.py``
-prints it.
+It also gives what the language model receives for an image: the norm of the visual tokens
+beside that of the word embeddings, and the share of it that differs between images.
+
+``image_dependence(model_dir, data) -> (rows, TokenStats)``; ``benchmarks/eval_grounding.py``
+prints them.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from cxrtrek.model.modeling import IGNORE_INDEX, CXRTrekNetForConditionalGenerat
 from cxrtrek.model.processing import CXRTrekNetProcessor
 from cxrtrek.schema import ImageRef, QType, Study
 
-__all__ = ["DependenceRow", "format_dependence", "image_dependence", "paired_losses"]
+__all__ = ["DependenceRow", "TokenStats", "format_dependence", "image_dependence",
+           "paired_losses", "visual_token_stats"]
 
 TYPES: tuple[QType, ...] = (QType.YES_NO, QType.SINGLE_CHOICE, QType.MULTI_CHOICE,
                             QType.DETECTION, QType.CAPTIONING)
@@ -98,10 +102,43 @@ def paired_losses(model: CXRTrekNetForConditionalGeneration, processor: CXRTrekN
     return own, other
 
 
+@dataclass(frozen=True)
+class TokenStats:
+    """What the language model receives for an image, against its word embeddings."""
+
+    images: int
+    visual_norm: float
+    """Mean norm of a visual token."""
+    word_norm: float
+    """Mean norm of a word embedding."""
+    between_images: float
+    """Spread of a visual token between images (per cell, the norm of its standard
+    deviation over the images) as a fraction of its norm: what differs between images."""
+
+
+def visual_token_stats(model: CXRTrekNetForConditionalGeneration,
+                       processor: CXRTrekNetProcessor, studies: Sequence[Study]) -> TokenStats:
+    """Visual-token statistics over the current images of ``studies``."""
+    from cxrtrek.model.train import _Features
+
+    refs = [s.images[0] for s in studies if s.images]
+    if len(refs) < 2:
+        raise DataError(f"token statistics need at least 2 images; got {len(refs)}")
+    with torch.no_grad():
+        tokens = model.project_image_features(_Features(processor, model)(refs))
+        words: torch.Tensor = model.get_input_embeddings().weight
+        word_norm = float(words.norm(dim=-1).mean())
+    norm = float(tokens.norm(dim=-1).mean())
+    spread = float(tokens.std(dim=0).norm(dim=-1).mean())
+    return TokenStats(len(refs), norm, word_norm, spread / norm)
+
+
 def image_dependence(model_dir: str | Path, data: str | Path, *,
                      max_studies: int | None = 60,
-                     qtypes: Sequence[QType] = TYPES) -> list[DependenceRow]:
-    """Own-image against other-image answer loss per question type on a CXRTrek dataset."""
+                     qtypes: Sequence[QType] = TYPES,
+                     ) -> tuple[list[DependenceRow], TokenStats]:
+    """Own-image against other-image answer loss per question type on a CXRTrek dataset,
+    and the visual-token statistics of its current images."""
     from cxrtrek.data.cxrtrek import load_studies
     from cxrtrek.model.build import load_pretrained
 
@@ -121,13 +158,17 @@ def image_dependence(model_dir: str | Path, data: str | Path, *,
         n = len(own)
         rows.append(DependenceRow(str(qtype), n, sum(own) / n, sum(other) / n,
                                   sum(a < b for a, b in zip(own, other, strict=True)) / n))
-    return rows
+    return rows, visual_token_stats(model, processor, studies)
 
 
-def format_dependence(rows: Sequence[DependenceRow]) -> str:
+def format_dependence(rows: Sequence[DependenceRow], stats: TokenStats | None = None) -> str:
     lines = ["| question type | n | loss, own images | loss, another study's | gap | "
              "own better |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.qtype} | {r.n} | {r.own:.4f} | {r.other:.4f} | {r.gap:+.4f} | "
                      f"{r.own_better:.2f} |")
+    if stats is not None:
+        lines += ["", f"Visual tokens of {stats.images} images: norm {stats.visual_norm:.2f} "
+                  f"(word embeddings {stats.word_norm:.2f}); spread between images "
+                  f"{stats.between_images:.2f} of the norm."]
     return "\n".join(lines) + "\n"

@@ -44,6 +44,11 @@ class CXRTrekNetConfig(PretrainedConfig):  # type: ignore[no-untyped-call]
     image_mean: float = 0.5
     image_std: float = 0.25
     projector_hidden_act: str = "gelu"
+    image_token_norm: bool = False
+    """Centre each image's visual tokens across its grid cells, then scale each to unit norm
+    (the ``demo`` preset does). Without it, a language model trained from random weights
+    kept a large part common to all cells, at many times the norm of a word embedding, and
+    did not learn to read what differs between images (see the demo model card)."""
     freeze_vision: bool = True
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     tie_word_embeddings: bool = True
@@ -95,6 +100,7 @@ def preset_config(name: Literal["tiny", "demo"] | str, *, vocab_size: int,
                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                            max_position_embeddings=512, tie_word_embeddings=True)
         image_size, grid = 32, 2
+        token_norm = False
     elif name == "demo":
         vision = ResNetConfig(num_channels=1, embedding_size=32, hidden_sizes=[32, 64, 128, 256],
                               depths=[1, 1, 2, 1], layer_type="basic")
@@ -102,10 +108,11 @@ def preset_config(name: Literal["tiny", "demo"] | str, *, vocab_size: int,
                            num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2,
                            max_position_embeddings=1024, tie_word_embeddings=True)
         image_size, grid = 160, 5
+        token_norm = True
     else:
         raise ConfigError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
     return CXRTrekNetConfig(
         vision_config=vision, text_config=text, image_size=image_size, image_grid=grid,
         image_token_id=image_token_id, pad_token_index=pad_token_index,
-        stop_token_ids=stop_token_ids, tie_word_embeddings=True,
+        stop_token_ids=stop_token_ids, tie_word_embeddings=True, image_token_norm=token_norm,
     )

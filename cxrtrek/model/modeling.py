@@ -507,9 +507,14 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
         return pooled
 
     def project_image_features(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Visual tokens from pooled features (see :meth:`get_pooled_features`)."""
+        """Visual tokens from pooled features (see :meth:`get_pooled_features`); with the
+        config's ``image_token_norm``, centred across each image's cells, then each scaled to
+        unit norm."""
         proj_dtype = self.projector.linear_1.weight.dtype
         out: torch.Tensor = self.projector(pooled.to(device=self.device, dtype=proj_dtype))
+        if getattr(self.config, "image_token_norm", False):
+            out = out - out.mean(dim=1, keepdim=True)
+            out = out / out.norm(dim=-1, keepdim=True).clamp(min=1e-6)
         return out
 
     def _merge_images(self, input_ids: torch.Tensor, embeds: torch.Tensor,

@@ -15,6 +15,7 @@ from cxrtrek.evals.grounding import (
     format_dependence,
     image_dependence,
     paired_losses,
+    visual_token_stats,
 )
 from cxrtrek.model.build import build_preset, save_pretrained
 from cxrtrek.schema import QType, Study
@@ -44,12 +45,33 @@ def test_rows_from_a_saved_model_and_their_table(studies: tuple[Path, list[Study
                                                  tmp_path: Path) -> None:
     model, proc = build_preset("tiny", seed=0)
     save_pretrained(model, proc, tmp_path / "m")
-    rows = image_dependence(tmp_path / "m", studies[0], qtypes=[QType.YES_NO, QType.DETECTION])
+    rows, stats = image_dependence(tmp_path / "m", studies[0],
+                                   qtypes=[QType.YES_NO, QType.DETECTION])
     assert [r.qtype for r in rows] == ["yes_no", "detection"]
     for r in rows:
         assert r.n > 0 and 0 <= r.own_better <= 1 and r.gap == pytest.approx(r.other - r.own)
-    table = format_dependence(rows)
-    assert table.count("\n") == 4 and "| yes_no |" in table
+    assert stats.images == 4 and stats.visual_norm > 0 and stats.word_norm > 0
+    assert 0 < stats.between_images < 2
+    table = format_dependence(rows, stats)
+    assert table.count("\n") == 6 and "| yes_no |" in table and "Visual tokens of 4" in table
     with pytest.raises(DataError, match="at least 2 studies"):
         image_dependence(tmp_path / "m", studies[0], max_studies=1)
     assert DependenceRow("x", 1, 1.0, 1.5, 1.0).gap == 0.5
+
+
+def test_token_stats_see_the_norm_and_what_differs(studies: tuple[Path, list[Study]]) -> None:
+    model, proc = build_preset("tiny", seed=0)
+    plain = visual_token_stats(model, proc, studies[1])
+    model.config.image_token_norm = True
+    normed = visual_token_stats(model, proc, studies[1])
+    assert normed.visual_norm == pytest.approx(1.0)
+    assert normed.word_norm == plain.word_norm
+    with torch.no_grad():  # the same tokens for every image: nothing differs between them
+        for p in model.projector.linear_2.parameters():
+            p.zero_()
+        model.projector.linear_2.bias.fill_(0.5)
+    model.config.image_token_norm = False
+    same = visual_token_stats(model, proc, studies[1])
+    assert same.between_images == pytest.approx(0.0, abs=1e-6) and same.visual_norm > 0
+    with pytest.raises(DataError, match="at least 2 images"):
+        visual_token_stats(model, proc, studies[1][:1])

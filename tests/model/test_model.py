@@ -56,6 +56,24 @@ def test_demo_preset_size() -> None:
     assert proc.images.size == 160 and proc.tokens_per_image == 25
 
 
+def test_image_token_norm_centres_then_scales_and_survives_a_round_trip(tmp_path: Path) -> None:
+    model, proc = build_preset("tiny", seed=0)
+    assert not model.config.image_token_norm  # the tiny preset keeps the plain projector
+    pixels = proc.pixel_values([np.random.default_rng(k).random((32, 32)) for k in range(3)])
+    plain = model.get_image_features(pixels)
+    assert plain.mean(dim=1).abs().max() > 1e-3
+    model.config.image_token_norm = True
+    normed = model.get_image_features(pixels)
+    torch.testing.assert_close(normed.norm(dim=-1), torch.ones(normed.shape[:2]))
+    centred = plain - plain.mean(dim=1, keepdim=True)  # centred first, then scaled
+    torch.testing.assert_close(normed, centred / centred.norm(dim=-1, keepdim=True))
+    save_pretrained(model, proc, tmp_path / "m")
+    again, _ = load_pretrained(tmp_path / "m", device="cpu")
+    assert again.config.image_token_norm
+    torch.testing.assert_close(again.get_image_features(pixels), normed)
+    assert build_preset("demo")[0].config.image_token_norm
+
+
 def test_unknown_preset() -> None:
     with pytest.raises(ConfigError, match="tiny, demo"):
         build_preset("huge")
