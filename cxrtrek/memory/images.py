@@ -1,8 +1,9 @@
 """Image embeddings for the case library, from CXRTrekNet's vision encoder.
 
 :class:`ImageEncoder` is the protocol the memory uses; :class:`CXRTrekImageEncoder` wraps a
-loaded CXRTrekNet and its processor: ``get_image_features`` (the vision tower's output, pooled
-to the image grid and projected), mean-pooled over the grid and L2-normalised. Tests pass the
+loaded CXRTrekNet and its processor: the vision tower's output, pooled to the image grid and
+projected (before the visual tokens' own normalisation, which centres the cells), mean-pooled
+over the grid and L2-normalised. Tests pass the
 tiny preset (``build_preset("tiny")``).
 """
 
@@ -63,7 +64,8 @@ class CXRTrekImageEncoder:
         with torch.inference_mode():
             for start in range(0, len(images), self.batch_size):
                 pixels = self.processor.pixel_values(list(images[start:start + self.batch_size]))
-                feats = self.model.get_image_features(pixels)  # (n, grid**2, hidden)
+                feats = self.model.project_image_features(  # (n, grid**2, hidden)
+                    self.model.get_pooled_features(pixels), token_norm=False)
                 pooled = feats.float().mean(dim=1)
                 out.extend(F.normalize(pooled, dim=-1).cpu().tolist())
         return out

@@ -506,13 +506,15 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
         pooled = pooled.flatten(2).transpose(1, 2)
         return pooled
 
-    def project_image_features(self, pooled: torch.Tensor) -> torch.Tensor:
+    def project_image_features(self, pooled: torch.Tensor, *,
+                               token_norm: bool = True) -> torch.Tensor:
         """Visual tokens from pooled features (see :meth:`get_pooled_features`); with the
         config's ``image_token_norm``, centred across each image's cells, then each scaled to
-        unit norm."""
+        unit norm (``token_norm=False``: the projector's output before that, e.g. for an
+        image embedding that averages the cells, which centring would cancel)."""
         proj_dtype = self.projector.linear_1.weight.dtype
         out: torch.Tensor = self.projector(pooled.to(device=self.device, dtype=proj_dtype))
-        if getattr(self.config, "image_token_norm", False):
+        if token_norm and getattr(self.config, "image_token_norm", False):
             out = out - out.mean(dim=1, keepdim=True)
             out = out / out.norm(dim=-1, keepdim=True).clamp(min=1e-6)
         return out

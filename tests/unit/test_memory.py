@@ -231,6 +231,21 @@ def tiny_encoder() -> object:
     return CXRTrekImageEncoder(model, processor)
 
 
+def test_image_embeddings_ignore_the_visual_tokens_own_normalisation() -> None:
+    """Centring the cells (``image_token_norm``) would cancel a mean over the grid; the case
+    library embeds the projector's output before it, so both settings embed alike."""
+    from cxrtrek.memory.images import CXRTrekImageEncoder
+    from cxrtrek.model.build import build_preset
+
+    model, processor = build_preset("tiny")
+    images = [_study(f"e{i}", patient=f"P{i}", seed=30 + i).images[0] for i in range(3)]
+    plain = CXRTrekImageEncoder(model, processor).embed_images(images)
+    model.config.image_token_norm = True
+    normed = CXRTrekImageEncoder(model, processor).embed_images(images)
+    assert np.allclose(plain, normed, atol=1e-6)
+    assert min(abs(float(np.dot(normed[0], normed[k]))) for k in (1, 2)) < 0.9999
+
+
 def test_case_library_finds_the_same_image_first(tmp_path: Path, tiny_encoder: object) -> None:
     memory = VectorMemory(MemorySettings(path=str(tmp_path / "mem")), embedder=HashEmbedder(),
                           image_encoder=tiny_encoder)  # type: ignore[arg-type]
