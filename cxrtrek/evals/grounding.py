@@ -126,8 +126,9 @@ def visual_token_stats(model: CXRTrekNetForConditionalGeneration,
         raise DataError(f"token statistics need at least 2 images; got {len(refs)}")
     with torch.no_grad():
         tokens = model.project_image_features(_Features(processor, model)(refs))
-        words: torch.Tensor = model.get_input_embeddings().weight
-        word_norm = float(words.norm(dim=-1).mean())
+        embedding = model.get_input_embeddings()
+        assert isinstance(embedding, torch.nn.Embedding)
+        word_norm = float(embedding.weight.norm(dim=-1).mean())
     norm = float(tokens.norm(dim=-1).mean())
     spread = float(tokens.std(dim=0).norm(dim=-1).mean())
     return TokenStats(len(refs), norm, word_norm, spread / norm)
