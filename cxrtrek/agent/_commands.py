@@ -115,12 +115,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.phase == "vision":
         from cxrtrek.model.pretrain import VisionPretrainConfig, pretrain_vision
 
-        keys = ("model", "steps", "batch_size", "lr", "seed", "image_size", "max_minutes")
+        keys = ("model", "steps", "batch_size", "lr", "seed", "image_size", "max_minutes",
+                "image_token_norm")
         vcfg = VisionPretrainConfig(data=args.train_data, output_dir=args.output_dir,
                                     **{k: getattr(args, k) for k in keys
                                        if getattr(args, k) is not None})
         sys.stdout.write(f"{pretrain_vision(vcfg)}\n")
         return EXIT_OK
+    if args.image_token_norm is not None:
+        from cxrtrek.errors import ConfigError
+
+        raise ConfigError("--image-token-norm sets the model built by --phase vision; phase 2 "
+                          "keeps the config of the model it starts from")
     fields = ("model", "vision_path", "lm_path", "train_data", "eval_data", "image_root",
               "steps", "batch_size", "grad_accum", "lr", "lm_mode", "train_vision",
               "pack_questions", "dtype", "device", "seed", "eval_every", "checkpoint_every",

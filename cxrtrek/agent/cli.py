@@ -503,6 +503,10 @@ def train_cmd(
         "--no-resume", help="start over even if OUTPUT_DIR holds a checkpoint")] = False,
     image_size: Annotated[int | None, typer.Option(
         "--image-size", metavar="PX", help="vision phase: resolution")] = None,
+    image_token_norm: Annotated[bool | None, typer.Option(
+        "--image-token-norm/--no-image-token-norm",
+        help="vision phase: normalised visual tokens in the saved model (default: the "
+             "preset's, on for demo)")] = None,
     cache_image_features: Annotated[bool | None, typer.Option(
         "--cache-image-features", help="frozen vision tower: encode each image once")] = None,
     caption_keep: Annotated[float | None, typer.Option(

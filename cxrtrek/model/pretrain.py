@@ -96,6 +96,9 @@ class VisionPretrainConfig(BaseModel):
     """A preset (tiny, demo) or a saved CXRTrekNet folder whose vision tower to train."""
     image_size: int | None = Field(default=None, ge=32)
     """Training (and from then on the model's) resolution; None: the model's own."""
+    image_token_norm: bool | None = None
+    """The saved model's ``image_token_norm`` (normalised visual tokens for phase 2); None:
+    the model's own (the ``demo`` preset's is on; checkpoints trained before it, off)."""
     steps: int = Field(default=1000, ge=1)
     batch_size: int = Field(default=32, ge=1)
     lr: float = Field(default=2e-3, gt=0)
@@ -327,6 +330,8 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> Path:
     if cfg.image_size is not None and cfg.image_size != model.config.image_size:
         model.config.image_size = cfg.image_size
         processor = type(processor)(processor.tokenizer, model.config)
+    if cfg.image_token_norm is not None:
+        model.config.image_token_norm = cfg.image_token_norm
     size = int(model.config.image_size)
     items = _truth_images(cfg.data)
     log.info("%d phantom images from %s; loading at %d px", len(items), cfg.data, size)

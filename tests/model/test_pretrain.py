@@ -86,9 +86,15 @@ def test_vision_phase_from_the_command_line(phantom_dir: Path, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", str(phantom_dir / "phantoms.json"), str(tmp_path / "v"),
                  "--phase", "vision", "--model", "tiny", "--steps", "2",
-                 "--batch-size", "2"]) == EXIT_OK
+                 "--batch-size", "2", "--image-token-norm"]) == EXIT_OK
     assert capsys.readouterr().out.strip().endswith("v")
     assert (tmp_path / "v" / "config.json").is_file()
+    assert json.loads((tmp_path / "v" / "config.json").read_text())["image_token_norm"] is True
+    assert main(["train", str(phantom_dir / "phantoms.json"), str(tmp_path / "x"),
+                 "--model", "tiny", "--no-image-token-norm"]) != EXIT_OK
+    err = capsys.readouterr().err
+    assert "--image-token-norm sets the model built by --phase vision" in err
+    assert "Traceback" not in err
     code = main(["train", str(tmp_path / "nowhere.json"), str(tmp_path / "w"),
                  "--phase", "vision", "--model", "tiny", "--steps", "1"])
     err = capsys.readouterr().err
