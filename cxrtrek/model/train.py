@@ -3,6 +3,9 @@
 - Examples pack several questions of one study (its images, then question-answer turns in
   file order, up to ``pack_questions`` and the model's context length); every answer is
   supervised, nothing else is. The layout is the inference chat format (``chat.jinja``).
+  Turns see the earlier turns of their pack, or (for ``1 - context_fraction`` of the packs)
+  only the images and themselves; ``images_by_stage`` gives each question the images the
+  stage graph gives it.
 - The LM is trained with LoRA (peft) by default, or fully, or not at all; the projector is
   always trained; the vision tower only with ``train_vision``.
 - Seeded and deterministic: the example order is a function of (seed, step), so a run resumed
