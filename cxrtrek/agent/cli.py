@@ -526,6 +526,10 @@ def train_cmd(
         "--images-by-stage",
         help="give each question the images inference gives it (the prior only from "
              "stage 5)")] = None,
+    describe: Annotated[str | None, typer.Option(
+        "--describe", metavar="off|add|only",
+        help="phantom data: add each image's short description from the truth as one more "
+             "example (add), or train on those alone (only), an alignment stage")] = None,
 ) -> int:
     """Train CXRTrekNet (LoRA on the LM and the projector by default) on CXRTrek-format data.
 

@@ -49,8 +49,10 @@ from cxrtrek.data.cxrtrek import (
     build_messages,
     write_records,
 )
+from cxrtrek.errors import DataError
 
 __all__ = [
+    "DESCRIBE_PROMPT",
     "RULES",
     "FiredRule",
     "PhantomDevice",
@@ -59,8 +61,10 @@ __all__ = [
     "PhantomTruth",
     "Rule",
     "apply_rules",
+    "describe_image",
     "generate",
     "make_study",
+    "truth_images",
 ]
 
 log = logging.getLogger(__name__)
@@ -1290,6 +1294,61 @@ _SUFFIX_YN = ("", " Respond with yes or no only.", " Please answer yes or no.")
 _SUFFIX_CHOICE = ("", " Without any explanation, just output your answer.",
                   " Answer the question directly, without any additional text.")
 _LABELS = "ABCDEFGH"
+
+
+DESCRIBE_PROMPT = "List every finding kind of this image, with its side, zone, grade and box."
+"""The question of an image description (:func:`describe_image`): a training turn only, never
+asked by the stage graph."""
+
+
+def _box_tag(b: Sequence[float]) -> str:
+    return f"<|box|>({b[0]}, {b[1]}), ({b[2]}, {b[3]})<|/box|>"
+
+
+def describe_image(t: PhantomTruth) -> str:
+    """A short canonical description of what one image shows, for aligning a language model
+    with the vision tower: the view, then every finding kind in a fixed order (``no`` when
+    absent; else side, zone, grade and, for focal kinds, boxes), each device (tip position
+    and box), and the heart's box. Boxes are written as in detection answers. Comparisons are
+    left out: one image says nothing about its prior."""
+    parts = [f"{t.view} view."]
+    for kind in SCALES:
+        f = t.finding(kind)
+        if f is None:
+            parts.append(f"{_CAP_NAMES[kind]}: no.")
+            continue
+        words = [w for w in (f.laterality, f.zone, _grade_word(f)) if w]
+        boxes = "" if kind in _SEVERITY_KINDS else "".join(" " + _box_tag(b) for b in f.boxes)
+        parts.append(f"{_CAP_NAMES[kind]}: {' '.join(words) or 'yes'}{boxes}.")
+    for kind in ("endotracheal_tube", "central_line"):
+        d = t.device(kind)
+        name = _cap(NAMES[kind])
+        parts.append(f"{name}: no." if d is None else f"{name}: tip {d.tip} {_box_tag(d.box)}.")
+    parts.append(f"Heart {_box_tag(t.heart_box)}.")
+    return " ".join(parts)
+
+
+def truth_images(data: Path) -> list[tuple[Path, PhantomTruth]]:
+    """(image path, truth) of every image of a phantom dataset (the folder written by
+    :func:`generate`, or its ``phantoms.json``), priors included, from its ``truth.jsonl``."""
+    folder = data.parent if data.is_file() else data
+    truth_file = folder / "truth.jsonl"
+    if not truth_file.is_file():
+        raise DataError(f"expected phantom truth at {truth_file} (written by `cxrtrek phantoms`)"
+                        "; found none")
+    out: list[tuple[Path, PhantomTruth]] = []
+    for line in truth_file.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        t: PhantomTruth | None = PhantomTruth.model_validate_json(line)
+        while t is not None:
+            path = folder / _image_path(t)
+            if path.is_file():
+                out.append((path, t))
+            t = t.prior
+    if not out:
+        raise DataError(f"no phantom images found under {folder / 'images'}")
+    return out
 
 
 def _det_answer(target: str, boxes: Sequence[Sequence[float]]) -> str:

@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from cxrtrek.errors import DataError
 from cxrtrek.model.build import build_preset, load_pretrained, save_pretrained
 from cxrtrek.model.modeling import CXRTrekNetForConditionalGeneration, vision_hidden_size
 
@@ -166,25 +165,10 @@ def image_targets(truth: dict[str, Any]) -> ImageTargets:
 
 
 def _truth_images(data: Path) -> list[tuple[Path, dict[str, Any]]]:
-    """(image path, truth) of every image of the dataset, priors included."""
-    folder = data.parent if data.is_file() else data
-    truth_file = folder / "truth.jsonl"
-    if not truth_file.is_file():
-        raise DataError(f"expected phantom truth at {truth_file} (written by `cxrtrek phantoms`)"
-                        "; found none")
-    out: list[tuple[Path, dict[str, Any]]] = []
-    for line in truth_file.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        t: dict[str, Any] | None = json.loads(line)
-        while t is not None:
-            path = folder / "images" / t["patient_id"] / t["study_id"] / "frontal.png"
-            if path.is_file():
-                out.append((path, t))
-            t = t.get("prior")
-    if not out:
-        raise DataError(f"no phantom images found under {folder / 'images'}")
-    return out
+    """(image path, truth as JSON) of every image of the dataset, priors included."""
+    from cxrtrek.data.phantoms import truth_images
+
+    return [(path, t.model_dump(mode="json")) for path, t in truth_images(data)]
 
 
 def _load_pixels(paths: Sequence[Path], size: int) -> torch.Tensor:

@@ -5,7 +5,8 @@
   supervised, nothing else is. The layout is the inference chat format (``chat.jinja``).
   Turns see the earlier turns of their pack, or (for ``1 - context_fraction`` of the packs)
   only the images and themselves; ``images_by_stage`` gives each question the images the
-  stage graph gives it.
+  stage graph gives it. ``describe`` adds (or trains on only) one short canonical description
+  per image of phantom data, an alignment task whose every answer token depends on the image.
 - The LM is trained with LoRA (peft) by default, or fully, or not at all; the projector is
   always trained; the vision tower only with ``train_vision``.
 - Seeded and deterministic: the example order is a function of (seed, step), so a run resumed
@@ -29,7 +30,7 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,8 @@ from cxrtrek.model.processing import (
 from cxrtrek.prompts.render import ContextTurn
 from cxrtrek.schema import ImageRef, QType, Study, base_qtype
 
-__all__ = ["LORA_TARGETS", "TrainConfig", "build_examples", "export_checkpoint", "train"]
+__all__ = ["LORA_TARGETS", "TrainConfig", "build_examples", "describe_examples",
+           "export_checkpoint", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +111,11 @@ class TrainConfig(BaseModel):
     images_by_stage: bool = False
     """Give each question the images inference gives it (stages 1-4: the current image;
     from stage 5: current and prior); False: every question of a study sees all its images."""
+    describe: Literal["off", "add", "only"] = "off"
+    """Image descriptions (phantom data only): ``add`` one more example per image, its
+    canonical description (:func:`cxrtrek.data.phantoms.describe_image`, from the truth
+    beside ``train_data``) as the answer to a fixed question; ``only`` trains on those alone,
+    an alignment stage before the Q&A."""
     max_minutes: float | None = Field(default=None, gt=0)
     """Stop after this many minutes (checkpoint and model are saved); None: run all steps."""
     resume: bool = True
@@ -171,6 +178,42 @@ def build_examples(studies: Sequence[Study], processor: CXRTrekNetProcessor, *,
             pack = _packs_apart if apart else _packs_in_context
             packs = pack(group, len(images), processor, pack_questions, study.study_id)
             out.extend(Example(tuple(images), enc) for enc in packs)
+    return out
+
+
+def _descriptions(cfg: TrainConfig) -> dict[Path, str]:
+    """Each image's canonical description, by resolved path, from the phantom truth beside
+    the training data."""
+    if cfg.train_data is None:
+        raise ConfigError("describe needs train_data: a phantom dataset with its truth.jsonl")
+    from cxrtrek.data.phantoms import describe_image, truth_images
+
+    return {path.resolve(): describe_image(t) for path, t in truth_images(cfg.train_data)}
+
+
+def describe_examples(studies: Sequence[Study], processor: CXRTrekNetProcessor,
+                      descriptions: Mapping[Path, str]) -> list[Example]:
+    """One example per distinct image of the studies (current and prior) that has a
+    description: the image alone, :data:`~cxrtrek.data.phantoms.DESCRIBE_PROMPT`, and the
+    description as the answer."""
+    from cxrtrek.data.phantoms import DESCRIBE_PROMPT
+
+    out: list[Example] = []
+    seen: set[str] = set()
+    for study in studies:
+        for ref in [*study.images, *(study.prior.images if study.prior else [])]:
+            text = descriptions.get(Path(ref.path).resolve()) if ref.path is not None else None
+            if text is None or ref.digest() in seen:
+                continue
+            seen.add(ref.digest())
+            enc = processor.encode_training([ContextTurn(2, DESCRIBE_PROMPT, text)], n_images=1)
+            if len(enc) > processor.context_length:
+                _too_long(study.study_id)
+                continue
+            out.append(Example((ref,), enc))
+    if not out:
+        raise DataError("describe: none of the training images has a description in the "
+                        "phantom truth beside the data")
     return out
 
 
@@ -432,15 +475,17 @@ def _run(cfg: TrainConfig, model: CXRTrekNetForConditionalGeneration,
     torch.nn.Module.to(model, device)
     train_studies = list(studies) if studies is not None else _load_data(cfg, cfg.train_data)
     evals = list(eval_studies) if eval_studies is not None else _load_data(cfg, cfg.eval_data)
-    examples = build_examples(train_studies, processor, max_images=cfg.max_images,
-                              pack_questions=cfg.pack_questions, caption_keep=cfg.caption_keep,
-                              seed=cfg.seed, question_types=cfg.question_types,
-                              context_fraction=cfg.context_fraction,
-                              images_by_stage=cfg.images_by_stage)
+    examples = [] if cfg.describe == "only" else build_examples(
+        train_studies, processor, max_images=cfg.max_images, pack_questions=cfg.pack_questions,
+        caption_keep=cfg.caption_keep, seed=cfg.seed, question_types=cfg.question_types,
+        context_fraction=cfg.context_fraction, images_by_stage=cfg.images_by_stage)
     eval_examples = build_examples(evals, processor, max_images=cfg.max_images,
                                    pack_questions=cfg.pack_questions,
                                    context_fraction=cfg.context_fraction,
                                    images_by_stage=cfg.images_by_stage)
+    if cfg.describe != "off":
+        described = describe_examples(train_studies, processor, _descriptions(cfg))
+        examples = described if cfg.describe == "only" else examples + described
     if not examples:
         raise DataError("expected training studies with questions and reference answers; "
                         f"got {len(train_studies)} studies and no usable examples")

@@ -38,3 +38,7 @@ def test_train_two_steps_then_read_with_the_result(tmp_path: Path,
     assert main(["train", str(data), str(out), "--context-fraction", "1.5"]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert err.startswith("cxrtrek train: error: --context-fraction: ") and "Traceback" not in err
+    assert main(["train", str(data), str(out), "--describe", "sometimes"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("cxrtrek train: error: --describe: ") and "'only'" in err
+    assert "Traceback" not in err

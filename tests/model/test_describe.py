@@ -1,0 +1,111 @@
+"""Image descriptions: a phantom image's canonical description, true to its truth, as an
+alignment task for the language model (``train --describe``)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cxrtrek.data.cxrtrek import load_studies
+from cxrtrek.data.phantoms import (
+    DESCRIBE_PROMPT,
+    NAMES,
+    SCALES,
+    describe_image,
+    generate,
+    truth_images,
+)
+from cxrtrek.errors import ConfigError, DataError
+from cxrtrek.model.processing import IGNORE_INDEX
+from cxrtrek.model.train import TrainConfig, describe_examples, train
+
+_BOX = r"<\|box\|>\(([\d.]+), ([\d.]+)\), \(([\d.]+), ([\d.]+)\)<\|/box\|>"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("described")
+    generate(8, 5, out, size=128, prior_fraction=1.0)
+    return out
+
+
+def _entry(text: str, name: str) -> str:
+    m = re.search(re.escape(name[:1].upper() + name[1:]) + r": ([^.]*(?:\.\d[^.]*)*)\.", text)
+    assert m is not None, f"{name} missing from {text!r}"
+    return m.group(1)
+
+
+def test_each_description_says_what_its_image_shows(dataset: Path) -> None:
+    items = truth_images(dataset)
+    assert len(items) == 16  # 8 studies, each with a prior
+    seen_present = 0
+    for _, t in items:
+        text = describe_image(t)
+        assert text.startswith(f"{t.view} view.")
+        for kind in SCALES:
+            entry = _entry(text, NAMES[kind])
+            f = t.finding(kind)
+            if f is None:
+                assert entry == "no"
+                continue
+            seen_present += 1
+            for word in (f.laterality, f.zone, f.size if kind not in ("cardiomegaly", "edema")
+                         else f.severity):
+                if word:
+                    assert word in entry
+            boxes = [[float(v) for v in b] for b in re.findall(_BOX, entry)]
+            expected = [] if kind in ("cardiomegaly", "edema") else f.boxes
+            assert boxes == [[float(v) for v in b] for b in expected]
+        for kind in ("endotracheal_tube", "central_line"):
+            entry = _entry(text, NAMES[kind])
+            d = t.device(kind)
+            assert entry == "no" if d is None else entry.startswith(f"tip {d.tip} ")
+        heart = re.search(r"Heart " + _BOX, text)
+        assert heart is not None
+        assert [float(v) for v in heart.groups()] == t.heart_box
+    assert seen_present > 0
+
+
+def test_describe_examples_one_per_image_answered_by_its_description(
+        dataset: Path, tiny: object) -> None:
+    _, processor = tiny  # type: ignore[misc]
+    studies = load_studies(dataset / "phantoms.json")
+    descriptions = {p.resolve(): describe_image(t) for p, t in truth_images(dataset)}
+    examples = describe_examples(studies, processor, descriptions)
+    assert len(examples) == 16
+    assert len({e.images[0].digest() for e in examples}) == 16
+    for e in examples:
+        assert len(e.images) == 1
+        labels = np.asarray(e.encoded.labels)
+        answer = processor.tokenizer.decode(
+            [int(i) for i in np.asarray(e.encoded.input_ids)[labels != IGNORE_INDEX]])
+        path = Path(str(e.images[0].path)).resolve()
+        assert answer.strip().startswith(descriptions[path])
+        assert DESCRIBE_PROMPT in processor.tokenizer.decode(
+            [int(i) for i in e.encoded.input_ids])
+    with pytest.raises(DataError, match="description"):
+        describe_examples(studies, processor, {})
+
+
+def test_training_on_descriptions_only_lowers_the_loss(tmp_path: Path, dataset: Path,
+                                                        train_config: object) -> None:
+    cfg = train_config(tmp_path / "run", lm_mode="full", steps=10,  # type: ignore[operator]
+                       describe="only", train_data=dataset / "phantoms.json")
+    assert isinstance(cfg, TrainConfig)
+    out = train(cfg)
+    state = json.loads((out / "trainer_state.json").read_text())
+    losses = [h["loss"] for h in state["history"]]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+
+
+def test_describe_needs_phantom_truth(tmp_path: Path, dataset: Path,
+                                      train_config: object) -> None:
+    cfg = train_config(tmp_path / "run", describe="add",  # type: ignore[operator]
+                       steps=1)
+    studies = load_studies(dataset / "phantoms.json")
+    with pytest.raises(ConfigError, match="train_data"):
+        train(cfg, studies=studies)
