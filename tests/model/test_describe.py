@@ -20,6 +20,7 @@ from cxrtrek.data.phantoms import (
     truth_images,
 )
 from cxrtrek.errors import ConfigError, DataError
+from cxrtrek.evals.describe import score_descriptions
 from cxrtrek.model.processing import IGNORE_INDEX
 from cxrtrek.model.train import TrainConfig, describe_examples, train
 
@@ -109,3 +110,22 @@ def test_describe_needs_phantom_truth(tmp_path: Path, dataset: Path,
     studies = load_studies(dataset / "phantoms.json")
     with pytest.raises(ConfigError, match="train_data"):
         train(cfg, studies=studies)
+
+
+def test_true_descriptions_score_perfectly_and_blank_ones_score_the_majority(
+        dataset: Path) -> None:
+    truths = [t for _, t in truth_images(dataset)]
+    perfect = score_descriptions(truths, [describe_image(t) for t in truths])
+    assert perfect.view == 1.0 and perfect.heart[0] == 1.0
+    assert all(acc == 1.0 for acc, _ in perfect.presence.values())
+    assert perfect.side[1] > 0 and perfect.side[0] == 1.0
+    nothing = "PA view. " + " ".join(f"{NAMES[k][:1].upper()}{NAMES[k][1:]}: no."
+                                     for k in SCALES)
+    blank = score_descriptions(truths, [nothing] * len(truths))
+    for kind, (acc, base) in blank.presence.items():
+        absent = sum(t.finding(kind) is None for t in truths) / len(truths)
+        assert acc == pytest.approx(absent) and base == pytest.approx(max(absent, 1 - absent))
+    assert blank.heart[0] == 0.0 and blank.side == (0.0, perfect.side[1])
+    assert score_descriptions(truths[:1], ["garbled"]).presence["effusion"][0] == 0.0
+    with pytest.raises(ValueError, match="one description per truth"):
+        score_descriptions(truths, [])

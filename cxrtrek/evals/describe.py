@@ -1,0 +1,131 @@
+"""How well a checkpoint describes phantom images (the alignment task of ``train --describe``).
+
+The model is asked :data:`~cxrtrek.data.phantoms.DESCRIBE_PROMPT` about each image alone and
+its greedy answer is read back entry by entry (:func:`parse_description`): whether each
+finding kind is present, its side when it is, and the heart's box. Each figure sits beside a
+baseline that needs no image: the majority answer for presence (computed on the images
+evaluated, so an upper bound for any constant answer) and the mean heart box.
+
+``evaluate_descriptions(model_dir, data) -> DescriptionScores``;
+``benchmarks/eval_describe.py`` prints it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cxrtrek.data.phantoms import DESCRIBE_PROMPT, NAMES, SCALES, PhantomTruth, truth_images
+
+__all__ = ["DescriptionScores", "evaluate_descriptions", "parse_description",
+           "score_descriptions"]
+
+_BOX = r"<\|box\|>\(([\d.]+), ([\d.]+)\), \(([\d.]+), ([\d.]+)\)<\|/box\|>"
+_SIDES = ("bilateral", "right", "left")
+
+
+@dataclass(frozen=True)
+class ParsedDescription:
+    view: str | None
+    entries: dict[str, str]
+    """Finding kind -> its entry's words (``no`` when absent); kinds not written are missing."""
+    heart_box: list[float] | None
+
+
+def parse_description(text: str) -> ParsedDescription:
+    """Read a description written in the form of
+    :func:`~cxrtrek.data.phantoms.describe_image` (missing parts stay missing)."""
+    view = re.match(r"\s*(PA|AP) view\.", text)
+    entries: dict[str, str] = {}
+    for kind in SCALES:
+        name = NAMES[kind][:1].upper() + NAMES[kind][1:]
+        m = re.search(re.escape(name) + r": ([^.<]*)", text)
+        if m is not None:
+            entries[kind] = m.group(1).strip()
+    heart = re.search(r"Heart " + _BOX, text)
+    return ParsedDescription(view.group(1) if view else None, entries,
+                             [float(v) for v in heart.groups()] if heart else None)
+
+
+def _iou(a: Sequence[float], b: Sequence[float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix * iy
+    return ix * iy / union if union > 0 else 0.0
+
+
+@dataclass
+class DescriptionScores:
+    n: int
+    presence: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Finding kind -> (model accuracy, majority baseline); an unwritten entry counts wrong."""
+    view: float = 0.0
+    side: tuple[float, int] = (0.0, 0)
+    """Side named correctly, over the present findings that have one (and how many)."""
+    heart: tuple[float, float] = (0.0, 0.0)
+    """Heart boxes at IoU >= 0.75: (model, mean box)."""
+    seconds: float = 0.0
+
+    def markdown(self) -> str:
+        lines = [f"Images described: {self.n}.", "",
+                 "| entry | model | baseline |", "|---|---|---|",
+                 f"| view | {self.view:.2f} | - |"]
+        for kind, (acc, base) in self.presence.items():
+            lines.append(f"| {kind} present | {acc:.2f} | {base:.2f} |")
+        lines.append(f"| side, when present (n={self.side[1]}) | {self.side[0]:.2f} | - |")
+        lines.append(f"| heart box @0.75 | {self.heart[0]:.2f} | {self.heart[1]:.2f} |")
+        return "\n".join(lines)
+
+
+def score_descriptions(truths: Sequence[PhantomTruth], texts: Sequence[str]) -> DescriptionScores:
+    """Score descriptions against the truths of their images."""
+    if len(truths) != len(texts) or not truths:
+        raise ValueError(f"expected one description per truth; got {len(texts)} for "
+                         f"{len(truths)}")
+    parsed = [parse_description(t) for t in texts]
+    out = DescriptionScores(n=len(truths))
+    for kind in SCALES:
+        truth = [t.finding(kind) is not None for t in truths]
+        said = [kind in p.entries and p.entries[kind] != "no" for p in parsed]
+        written = [kind in p.entries for p in parsed]
+        acc = sum(w and s == t for w, s, t in zip(written, said, truth, strict=True))
+        rate = sum(truth) / len(truth)
+        out.presence[kind] = (acc / len(truth), max(rate, 1 - rate))
+    out.view = sum(p.view == t.view for p, t in zip(parsed, truths, strict=True)) / len(truths)
+    sides = [(f.laterality, p.entries.get(f.kind, "")) for p, t in zip(parsed, truths, strict=True)
+             for f in t.findings if f.laterality]
+    right = sum(next((s for s in _SIDES if s in words), None) == side for side, words in sides)
+    out.side = (right / len(sides) if sides else 0.0, len(sides))
+    mean = [sum(t.heart_box[i] for t in truths) / len(truths) for i in range(4)]
+    model_hits = sum(p.heart_box is not None and _iou(p.heart_box, t.heart_box) >= 0.75
+                     for p, t in zip(parsed, truths, strict=True))
+    mean_hits = sum(_iou(mean, t.heart_box) >= 0.75 for t in truths)
+    out.heart = (model_hits / len(truths), mean_hits / len(truths))
+    return out
+
+
+def evaluate_descriptions(model_dir: str | Path, data: str | Path, *,
+                          max_images: int | None = 64, batch_size: int = 32) -> DescriptionScores:
+    """Describe the first ``max_images`` images of a phantom dataset (priors included, in the
+    order of its truth file) with greedy decoding, and score the descriptions."""
+    import time
+
+    from cxrtrek.agent.inprocess import InProcessBackend
+    from cxrtrek.agent.protocol import VLMRequest
+    from cxrtrek.schema import ImageRef
+
+    started = time.monotonic()
+    items = truth_images(Path(data))[:max_images]
+    backend = InProcessBackend.load(model_dir, device="cpu", dtype="float32",
+                                    max_batch_size=batch_size)
+    requests = [VLMRequest(request_id=str(i), stage=2, question=DESCRIBE_PROMPT,
+                           images=[ImageRef(path=str(path))], max_new_tokens=320)
+                for i, (path, _) in enumerate(items)]
+    texts: list[str] = []
+    for i in range(0, len(requests), batch_size):
+        texts += [r.text for r in backend.generate_sync(requests[i:i + batch_size])]
+    scores = score_descriptions([t for _, t in items], texts)
+    scores.seconds = time.monotonic() - started
+    return scores
