@@ -1352,7 +1352,7 @@ def truth_images(data: Path) -> list[tuple[Path, PhantomTruth]]:
 
 
 def _det_answer(target: str, boxes: Sequence[Sequence[float]]) -> str:
-    tags = " ".join(f"<|box|>({b[0]}, {b[1]}), ({b[2]}, {b[3]})<|/box|>" for b in boxes)
+    tags = " ".join(_box_tag(b) for b in boxes)
     return f"Bounding box of {target} is: <|ref|> {target} <|/ref|> {tags}."
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cxrtrek.data.phantoms import DESCRIBE_PROMPT, NAMES, SCALES, PhantomTruth, truth_images
+from cxrtrek.evals.phantom_eval import box_iou
 
 __all__ = ["DescriptionScores", "evaluate_descriptions", "parse_description",
            "score_descriptions"]
@@ -47,13 +48,6 @@ def parse_description(text: str) -> ParsedDescription:
     heart = re.search(r"Heart " + _BOX, text)
     return ParsedDescription(view.group(1) if view else None, entries,
                              [float(v) for v in heart.groups()] if heart else None)
-
-
-def _iou(a: Sequence[float], b: Sequence[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix * iy
-    return ix * iy / union if union > 0 else 0.0
 
 
 @dataclass
@@ -99,9 +93,9 @@ def score_descriptions(truths: Sequence[PhantomTruth], texts: Sequence[str]) -> 
     right = sum(next((s for s in _SIDES if s in words), None) == side for side, words in sides)
     out.side = (right / len(sides) if sides else 0.0, len(sides))
     mean = [sum(t.heart_box[i] for t in truths) / len(truths) for i in range(4)]
-    model_hits = sum(p.heart_box is not None and _iou(p.heart_box, t.heart_box) >= 0.75
+    model_hits = sum(p.heart_box is not None and box_iou(p.heart_box, t.heart_box) >= 0.75
                      for p, t in zip(parsed, truths, strict=True))
-    mean_hits = sum(_iou(mean, t.heart_box) >= 0.75 for t in truths)
+    mean_hits = sum(box_iou(mean, t.heart_box) >= 0.75 for t in truths)
     out.heart = (model_hits / len(truths), mean_hits / len(truths))
     return out
 

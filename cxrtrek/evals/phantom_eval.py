@@ -41,6 +41,7 @@ from cxrtrek.schema import BoxesParse, ChoiceParse, Question, Study, YesNoParse
 __all__ = [
     "LARGE_STRUCTURES",
     "PhantomEval",
+    "box_iou",
     "build_requests",
     "evaluate_phantoms",
     "format_markdown",
@@ -102,7 +103,8 @@ def report_mentions(text: str) -> tuple[set[str], set[str]]:
     return kinds, detailed
 
 
-def _iou(a: Sequence[float], b: Sequence[float]) -> float:
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two ``[x1, y1, x2, y2]`` boxes."""
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = ix * iy
@@ -334,8 +336,8 @@ def score(studies: Sequence[Study], requests: Sequence[Any], meta: Sequence[dict
                 if isinstance(parsed, BoxesParse) else []
             if not isinstance(parsed, BoxesParse):
                 unparsed["detection"] += 1
-            ok = all(any(_iou(p, t) >= thr for p in pred) for t in m["boxes"])
-            base = all(_iou(mean_box[m["target"]], t) >= thr for t in m["boxes"])
+            ok = all(any(box_iou(p, t) >= thr for p in pred) for t in m["boxes"])
+            base = all(box_iou(mean_box[m["target"]], t) >= thr for t in m["boxes"])
             group = "large structures (IoU>=0.75)" if thr == 0.75 else "focal (IoU>=0.5)"
             for name in (f"{m['target']} @{thr}", group):
                 det[name].add(ok, base)
