@@ -4,7 +4,8 @@
 Run: ``.venv/bin/python benchmarks/eval_describe.py --data demo-run/test --model DIR
 [--max-images N]``. Prints, per finding kind, how often the greedy description says rightly
 whether it is present (beside the majority answer), the view, the side of present findings,
-and heart boxes at IoU >= 0.75 (beside the mean box); see :mod:`cxrtrek.evals.describe`.
+and the boxes of the heart and the lungs at IoU >= 0.75 (beside the mean box); see
+:mod:`cxrtrek.evals.describe`.
 """
 
 from __future__ import annotations

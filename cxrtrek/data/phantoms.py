@@ -1309,8 +1309,9 @@ def describe_image(t: PhantomTruth) -> str:
     """A short canonical description of what one image shows, for aligning a language model
     with the vision tower: the view, then every finding kind in a fixed order (``no`` when
     absent; else side, zone, grade and, for focal kinds, boxes), each device (tip position
-    and box), and the heart's box. Boxes are written as in detection answers. Comparisons are
-    left out: one image says nothing about its prior."""
+    and box), and the boxes of the heart and of each lung (patient's right first). Boxes are
+    written as in detection answers. Comparisons are left out: one image says nothing about
+    its prior."""
     parts = [f"{t.view} view."]
     for kind in SCALES:
         f = t.finding(kind)
@@ -1325,6 +1326,8 @@ def describe_image(t: PhantomTruth) -> str:
         name = _cap(NAMES[kind])
         parts.append(f"{name}: no." if d is None else f"{name}: tip {d.tip} {_box_tag(d.box)}.")
     parts.append(f"Heart {_box_tag(t.heart_box)}.")
+    parts.append(f"Right lung {_box_tag(t.right_lung_box)}.")
+    parts.append(f"Left lung {_box_tag(t.left_lung_box)}.")
     return " ".join(parts)
 
 

@@ -2,9 +2,9 @@
 
 The model is asked :data:`~cxrtrek.data.phantoms.DESCRIBE_PROMPT` about each image alone and
 its greedy answer is read back entry by entry (:func:`parse_description`): whether each
-finding kind is present, its side when it is, and the heart's box. Each figure sits beside a
-baseline that needs no image: the majority answer for presence (computed on the images
-evaluated, so an upper bound for any constant answer) and the mean heart box.
+finding kind is present, its side when it is, and the boxes of the heart and the lungs. Each
+figure sits beside a baseline that needs no image: the majority answer for presence (computed
+on the images evaluated, so an upper bound for any constant answer) and the mean box.
 
 ``evaluate_descriptions(model_dir, data) -> DescriptionScores``;
 ``benchmarks/eval_describe.py`` prints it.
@@ -25,6 +25,7 @@ __all__ = ["DescriptionScores", "evaluate_descriptions", "parse_description",
 
 _BOX = r"<\|box\|>\(([\d.]+), ([\d.]+)\), \(([\d.]+), ([\d.]+)\)<\|/box\|>"
 _SIDES = ("bilateral", "right", "left")
+_STRUCTURES = {"heart": "heart_box", "right lung": "right_lung_box", "left lung": "left_lung_box"}
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,8 @@ class ParsedDescription:
     view: str | None
     entries: dict[str, str]
     """Finding kind -> its entry's words (``no`` when absent); kinds not written are missing."""
-    heart_box: list[float] | None
+    boxes: dict[str, list[float]]
+    """Large structure (heart, right lung, left lung) -> its box; unwritten ones are missing."""
 
 
 def parse_description(text: str) -> ParsedDescription:
@@ -45,9 +47,12 @@ def parse_description(text: str) -> ParsedDescription:
         m = re.search(re.escape(name) + r": ([^.<]*)", text)
         if m is not None:
             entries[kind] = m.group(1).strip()
-    heart = re.search(r"Heart " + _BOX, text)
-    return ParsedDescription(view.group(1) if view else None, entries,
-                             [float(v) for v in heart.groups()] if heart else None)
+    boxes: dict[str, list[float]] = {}
+    for name in _STRUCTURES:
+        m = re.search(name[:1].upper() + name[1:] + " " + _BOX, text)
+        if m is not None:
+            boxes[name] = [float(v) for v in m.groups()]
+    return ParsedDescription(view.group(1) if view else None, entries, boxes)
 
 
 @dataclass
@@ -58,8 +63,8 @@ class DescriptionScores:
     view: float = 0.0
     side: tuple[float, int] = (0.0, 0)
     """Side named correctly, over the present findings that have one (and how many)."""
-    heart: tuple[float, float] = (0.0, 0.0)
-    """Heart boxes at IoU >= 0.75: (model, mean box)."""
+    boxes: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Structure -> its boxes at IoU >= 0.75: (model, mean box)."""
     seconds: float = 0.0
 
     def markdown(self) -> str:
@@ -69,7 +74,8 @@ class DescriptionScores:
         for kind, (acc, base) in self.presence.items():
             lines.append(f"| {kind} present | {acc:.2f} | {base:.2f} |")
         lines.append(f"| side, when present (n={self.side[1]}) | {self.side[0]:.2f} | - |")
-        lines.append(f"| heart box @0.75 | {self.heart[0]:.2f} | {self.heart[1]:.2f} |")
+        for name, (model, mean) in self.boxes.items():
+            lines.append(f"| {name} box @0.75 | {model:.2f} | {mean:.2f} |")
         return "\n".join(lines)
 
 
@@ -92,11 +98,13 @@ def score_descriptions(truths: Sequence[PhantomTruth], texts: Sequence[str]) -> 
              for f in t.findings if f.laterality]
     right = sum(next((s for s in _SIDES if s in words), None) == side for side, words in sides)
     out.side = (right / len(sides) if sides else 0.0, len(sides))
-    mean = [sum(t.heart_box[i] for t in truths) / len(truths) for i in range(4)]
-    model_hits = sum(p.heart_box is not None and box_iou(p.heart_box, t.heart_box) >= 0.75
-                     for p, t in zip(parsed, truths, strict=True))
-    mean_hits = sum(box_iou(mean, t.heart_box) >= 0.75 for t in truths)
-    out.heart = (model_hits / len(truths), mean_hits / len(truths))
+    for name, attr in _STRUCTURES.items():
+        true_boxes: list[list[float]] = [getattr(t, attr) for t in truths]
+        mean = [sum(b[i] for b in true_boxes) / len(truths) for i in range(4)]
+        model_hits = sum(name in p.boxes and box_iou(p.boxes[name], b) >= 0.75
+                         for p, b in zip(parsed, true_boxes, strict=True))
+        mean_hits = sum(box_iou(mean, b) >= 0.75 for b in true_boxes)
+        out.boxes[name] = (model_hits / len(truths), mean_hits / len(truths))
     return out
 
 

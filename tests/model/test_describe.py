@@ -68,6 +68,10 @@ def test_each_description_says_what_its_image_shows(dataset: Path) -> None:
         heart = re.search(r"Heart " + _BOX, text)
         assert heart is not None
         assert [float(v) for v in heart.groups()] == t.heart_box
+        for name, box in (("Right lung", t.right_lung_box), ("Left lung", t.left_lung_box)):
+            lung = re.search(name + " " + _BOX, text)
+            assert lung is not None
+            assert [float(v) for v in lung.groups()] == box
     assert seen_present > 0
 
 
@@ -116,7 +120,9 @@ def test_true_descriptions_score_perfectly_and_blank_ones_score_the_majority(
         dataset: Path) -> None:
     truths = [t for _, t in truth_images(dataset)]
     perfect = score_descriptions(truths, [describe_image(t) for t in truths])
-    assert perfect.view == 1.0 and perfect.heart[0] == 1.0
+    assert perfect.view == 1.0
+    assert {k: m for k, (m, _) in perfect.boxes.items()} == {
+        "heart": 1.0, "right lung": 1.0, "left lung": 1.0}
     assert all(acc == 1.0 for acc, _ in perfect.presence.values())
     assert perfect.side[1] > 0 and perfect.side[0] == 1.0
     nothing = "PA view. " + " ".join(f"{NAMES[k][:1].upper()}{NAMES[k][1:]}: no."
@@ -125,7 +131,8 @@ def test_true_descriptions_score_perfectly_and_blank_ones_score_the_majority(
     for kind, (acc, base) in blank.presence.items():
         absent = sum(t.finding(kind) is None for t in truths) / len(truths)
         assert acc == pytest.approx(absent) and base == pytest.approx(max(absent, 1 - absent))
-    assert blank.heart[0] == 0.0 and blank.side == (0.0, perfect.side[1])
+    assert all(m == 0.0 for m, _ in blank.boxes.values())
+    assert blank.side == (0.0, perfect.side[1])
     assert score_descriptions(truths[:1], ["garbled"]).presence["effusion"][0] == 0.0
     with pytest.raises(ValueError, match="one description per truth"):
         score_descriptions(truths, [])
