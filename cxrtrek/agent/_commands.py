@@ -131,7 +131,8 @@ def cmd_train(args: argparse.Namespace) -> int:
               "steps", "batch_size", "grad_accum", "lr", "lm_mode", "train_vision",
               "pack_questions", "dtype", "device", "seed", "eval_every", "checkpoint_every",
               "cache_image_features", "caption_keep", "max_minutes", "question_types",
-              "context_fraction", "images_by_stage", "describe")
+              "context_fraction", "images_by_stage", "describe",
+              "group_by_length")
     if args.question_types is not None:
         args.question_types = [t.strip() for t in args.question_types.split(",") if t.strip()]
     cfg = TrainConfig(output_dir=args.output_dir, resume=not args.no_resume,

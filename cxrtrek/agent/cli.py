@@ -530,6 +530,10 @@ def train_cmd(
         "--describe", metavar="off|add|only",
         help="phantom data: add each image's short description from the truth as one more "
              "example (add), or train on those alone (only), an alignment stage")] = None,
+    group_by_length: Annotated[bool | None, typer.Option(
+        "--group-by-length",
+        help="batch examples of similar length together, so short ones are not padded to "
+             "the longest of a batch")] = None,
 ) -> int:
     """Train CXRTrekNet (LoRA on the LM and the projector by default) on CXRTrek-format data.
 

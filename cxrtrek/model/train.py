@@ -116,6 +116,11 @@ class TrainConfig(BaseModel):
     canonical description (:func:`cxrtrek.data.phantoms.describe_image`, from the truth
     beside ``train_data``) as the answer to a fixed question; ``only`` trains on those alone,
     an alignment stage before the Q&A."""
+    group_by_length: bool = False
+    """Batch examples of similar length together: each epoch's seeded order is cut into
+    stretches of 64 batches, sorted by length within each and batched, and the batches are
+    shuffled. Short examples (descriptions) are then not padded to the longest pack of a
+    batch, so a step costs what its examples need."""
     max_minutes: float | None = Field(default=None, gt=0)
     """Stop after this many minutes (checkpoint and model are saved); None: run all steps."""
     resume: bool = True
@@ -319,7 +324,56 @@ def _order(n: int, seed: int, position: int) -> int:
     return int(perm[offset])
 
 
+GROUP_SPAN = 64
+"""Batches per stretch of an epoch's order that ``group_by_length`` sorts by length."""
+
+
+class _Batches:
+    """The example indices of each micro-batch, by its global number: a pure function of the
+    seed, so a resumed run draws the same batches.
+
+    Ungrouped, batch ``k`` is positions ``k*b .. k*b+b-1`` of the per-epoch permutations
+    (:func:`_order`). Grouped by length, each epoch's permutation is cut into stretches of
+    :data:`GROUP_SPAN` batches, each stretch is sorted by length (longest first) and cut into
+    batches, and the epoch's batches are shuffled; the few examples left over at an epoch's
+    end (fewer than a batch) wait for the next epoch's draw."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int,
+                 group_by_length: bool) -> None:
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.grouped = group_by_length and len(self.lengths) >= batch_size
+        self._epoch: tuple[int, list[list[int]]] | None = None
+
+    def __call__(self, index: int) -> list[int]:
+        n, b = len(self.lengths), self.batch_size
+        if not self.grouped:
+            return [_order(n, self.seed, index * b + j) for j in range(b)]
+        epoch, offset = divmod(index, n // b)
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, self._epoch_batches(epoch))
+        return self._epoch[1][offset]
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        n, b = len(self.lengths), self.batch_size
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        perm = [int(i) for i in torch.randperm(n, generator=gen)][:n - n % b]
+        batches: list[list[int]] = []
+        span = GROUP_SPAN * b
+        for start in range(0, len(perm), span):
+            stretch = sorted(perm[start:start + span], key=lambda i: -self.lengths[i])
+            batches += [stretch[k:k + b] for k in range(0, len(stretch), b)]
+        return [batches[int(i)] for i in torch.randperm(len(batches), generator=gen)]
+
+
 # --- model -----------------------------------------------------------------------------------
+
+
+def _default(name: str) -> Any:
+    """A setting's default as the saved ``training_args.json`` writes it."""
+    default = TrainConfig.model_fields[name].default
+    return str(default) if isinstance(default, Path) else default
 
 
 def _base(cfg: TrainConfig) -> tuple[CXRTrekNetForConditionalGeneration, CXRTrekNetProcessor]:
@@ -503,8 +557,9 @@ def _run(cfg: TrainConfig, model: CXRTrekNetForConditionalGeneration,
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         saved = state["config"]
         now = cfg.model_dump(mode="json", exclude={"progress", "resume"})
-        if saved != now:
-            diff = sorted(k for k in now if saved.get(k) != now[k])
+        # a setting added since the checkpoint was written counts as its default
+        diff = sorted(k for k in now if saved.get(k, _default(k)) != now[k])
+        if diff:
             raise ConfigError(f"{ckpt} was written by a run with other settings ({diff}); "
                               "use another output_dir or resume=False")
         missing = set(_trainable(module)) - set(state["trainable"])
@@ -525,6 +580,8 @@ def _run(cfg: TrainConfig, model: CXRTrekNetForConditionalGeneration,
     else:
         pixels = _Pixels(processor)
     pad_id = processor.tokenizer.pad_id
+    batches = _Batches([len(e.encoded.input_ids) for e in examples], cfg.batch_size, cfg.seed,
+                       cfg.group_by_length)
 
     def autocast() -> AbstractContextManager[Any]:
         if cfg.dtype == "bfloat16":
@@ -543,9 +600,7 @@ def _run(cfg: TrainConfig, model: CXRTrekNetForConditionalGeneration,
                 optimizer.zero_grad(set_to_none=True)
                 step_loss = 0.0
                 for micro in range(cfg.grad_accum):
-                    pos = (step * cfg.grad_accum + micro) * cfg.batch_size
-                    chunk = [examples[_order(len(examples), cfg.seed, pos + j)]
-                             for j in range(cfg.batch_size)]
+                    chunk = [examples[i] for i in batches(step * cfg.grad_accum + micro)]
                     with autocast():
                         loss = module(**_batch(chunk, pixels, pad_id, device)).loss
                     (loss / cfg.grad_accum).backward()

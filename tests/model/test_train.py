@@ -80,9 +80,11 @@ def test_lora_adapter_saves_and_reloads_exactly(tmp_path: Path,
     assert torch.equal(before, after)
 
 
+@pytest.mark.parametrize("grouped", [False, True], ids=["plain", "grouped-by-length"])
 def test_resume_continues_like_an_uninterrupted_run(tmp_path: Path, phantoms: list[Study],
-                                                    train_config: ConfigFactory) -> None:
-    kw = dict(steps=8, checkpoint_every=3, grad_accum=2, batch_size=2)
+                                                    train_config: ConfigFactory,
+                                                    grouped: bool) -> None:
+    kw = dict(steps=8, checkpoint_every=3, grad_accum=2, batch_size=2, group_by_length=grouped)
     full = train(train_config(tmp_path / "full", **kw), studies=phantoms)
 
     def interrupt(step: int, _loss: float) -> None:
@@ -110,6 +112,15 @@ def test_resume_refuses_other_settings(tmp_path: Path, phantoms: list[Study],
     train(train_config(tmp_path, steps=2, checkpoint_every=1), studies=phantoms[:2])
     with pytest.raises(ConfigError, match="lr"):
         train(train_config(tmp_path, steps=2, checkpoint_every=1, lr=1e-4),
+              studies=phantoms[:2])
+    # a checkpoint written before a setting existed resumes when the setting is its default
+    ckpt = tmp_path / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=False)
+    del state["config"]["group_by_length"]
+    torch.save(state, ckpt)
+    train(train_config(tmp_path, steps=2, checkpoint_every=1), studies=phantoms[:2])
+    with pytest.raises(ConfigError, match="group_by_length"):
+        train(train_config(tmp_path, steps=2, checkpoint_every=1, group_by_length=True),
               studies=phantoms[:2])
 
 

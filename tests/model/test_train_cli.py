@@ -18,10 +18,11 @@ def test_train_two_steps_then_read_with_the_result(tmp_path: Path,
     out = tmp_path / "model"
     assert main(["train", str(data), str(out), "--model", "tiny", "--steps", "2",
                  "--batch-size", "1", "--seed", "1", "--eval-every", "0",
-                 "--context-fraction", "0.5", "--images-by-stage"]) == EXIT_OK
+                 "--context-fraction", "0.5", "--images-by-stage", "--group-by-length"]) == EXIT_OK
     assert (out / "config.json").is_file()
     args = json.loads((out / "training_args.json").read_text())
     assert args["context_fraction"] == 0.5 and args["images_by_stage"] is True
+    assert args["group_by_length"] is True
     capsys.readouterr()
     assert main(["run", str(data), "--backend", f"inprocess:{out}", "--stages", "1",
                  "--max-new-tokens", "4", "--home", str(tmp_path / "home"),
