@@ -263,8 +263,26 @@ class CXRTrekAgent:
     async def _events(self, graph: CompiledReadGraph, payload: Any, run_id: str,
                       ctx: RunContext) -> AsyncGenerator[StageEvent, None]:
         """Run the graph on ``payload`` (inputs, a resume command or None); stage events as
-        the stages complete, then the report (or the pending review)."""
+        the stages complete, then the report (or the pending review).
+
+        A stage the routing goes around (not requested, or stage 5 without a prior) has an
+        event too, with its reason in ``result.skipped``, in its place: before the next stage
+        that runs, or before the report."""
         import time
+
+        from cxrtrek.graph.nodes import passed_over
+        from cxrtrek.stages import STAGES
+
+        if isinstance(payload, dict) and "study" in payload:  # a new run: its inputs
+            start: dict[str, Any] = dict(payload)
+        else:  # a resume or a fork: where its checkpoint stands
+            start = dict((await graph.aget_state(_config(run_id))).values)
+        around = {r.stage: r for r in passed_over(cast(ReadState, start))} if start else {}
+
+        def before(stage: int) -> list[StageEvent]:
+            due = sorted(j for j in around if j < stage)
+            return [StageEvent(run_id=run_id, kind="stage", stage=j, result=around.pop(j),
+                               elapsed_s=0.0) for j in due]
 
         last = time.perf_counter()
         async for chunk in graph.astream(payload, _config(run_id), context=ctx,
@@ -273,12 +291,17 @@ class CXRTrekAgent:
                 if not node.startswith("stage_") or not isinstance(update, dict):
                     continue
                 for key, value in (update.get("results") or {}).items():
+                    for event in before(int(key)):
+                        yield event
                     now = time.perf_counter()
                     yield StageEvent(run_id=run_id, kind="stage", stage=int(key),
                                      result=StageResult.model_validate(value),
                                      elapsed_s=now - last)
                     last = now
         report = await self._outcome(graph, run_id)
+        if report.status == "completed":
+            for event in before(len(STAGES) + 1):
+                yield event
         kind: Literal["review", "report"] = ("review" if report.status == "awaiting_review"
                                              else "report")
         yield StageEvent(run_id=run_id, kind=kind,

@@ -513,6 +513,19 @@ def next_stage(state: ReadState) -> str:
     return "finalize"
 
 
+def passed_over(state: ReadState) -> list[StageResult]:
+    """The stages after the state's last stage that the routing will go around (not
+    requested, or a comparison without a prior), each as a skipped result with its reason:
+    they have no node run, so no update of their own."""
+    has_prior = _has_prior(state)
+    settings = _settings(state)
+    last = state.get("last_stage", 0)
+    return [StageResult(stage=spec.number, name=spec.title, skipped=_why_not_run(spec, state))
+            for spec in STAGES
+            if spec.number > last and (not settings.wants(spec.number)
+                                       or (spec.needs_prior and not has_prior))]
+
+
 def route_after_stage(state: ReadState) -> str:
     """``review`` when the stage just run is to be reviewed, else :func:`next_stage`."""
     if state.get("last_stage") in _settings(state).review_after:

@@ -78,7 +78,8 @@ def test_a_streamed_fork_pauses_as_its_settings_say(make_agent: Make, scripted: 
     assert [e.stage for e in events if e.kind == "stage"] == [3, 4]
     assert events[-1].kind == "review" and events[-1].stage == 4
     resumed = list(agent.stream_resume("fk", {"edits": {}}))
-    assert [e.stage for e in resumed if e.kind == "stage"] == [6, 7, 8]
+    assert [e.stage for e in resumed if e.kind == "stage"] == [5, 6, 7, 8]
+    assert resumed[0].result is not None and resumed[0].result.skipped == "no prior study"
     assert resumed[-1].kind == "report" and resumed[-1].report is not None
     assert resumed[-1].report.status == "completed"
     assert all(e.elapsed_s is not None and e.elapsed_s >= 0 for e in [*events, *resumed])

@@ -257,8 +257,28 @@ def test_review_approve(make_agent: Make, scripted: Scripted, clinical_study: St
 def test_stream_yields_stage_events(make_agent: Make, scripted: Scripted,
                                     clinical_study: Study) -> None:
     events = list(make_agent(scripted()).stream(clinical_study))
-    assert [e.stage for e in events if e.kind == "stage"] == [1, 2, 3, 4, 6, 7, 8]
+    stages = [e for e in events if e.kind == "stage"]
+    assert [e.stage for e in stages] == [1, 2, 3, 4, 5, 6, 7, 8]
+    # no prior: stage 5 is gone around, and says so in its place
+    assert [(e.stage, e.result.skipped) for e in stages if e.result and e.result.skipped] == [
+        (5, "no prior study")]
     assert events[-1].kind == "report" and events[-1].report is not None
+
+
+def test_stream_names_stages_not_requested_and_resumes_without_repeating(
+        make_agent: Make, scripted: Scripted, clinical_study: Study) -> None:
+    agent = make_agent(scripted())
+    settings = agent.settings.run_settings().model_copy(
+        update={"stages": (1, 2, 8), "review_after": (1,)})
+    first = list(agent.stream(clinical_study, settings=settings))
+    assert [(e.kind, e.stage) for e in first] == [("stage", 1), ("review", 1)]
+    rest = list(agent.stream_resume(first[-1].run_id, {"edits": {}}))
+    stages = [e for e in rest if e.kind == "stage"]
+    assert [e.stage for e in stages] == list(range(2, 9))
+    assert {e.stage: e.result.skipped for e in stages if e.result} == {
+        2: None, 3: "not requested", 4: "not requested", 5: "no prior study",
+        6: "not requested", 7: "not requested", 8: None}
+    assert rest[-1].kind == "report" and rest[-1].report is not None
 
 
 def test_graph_works_as_a_subgraph(make_agent: Make, scripted: Scripted,

@@ -245,8 +245,9 @@ def test_a_review_pause_then_edits(api: Api) -> None:
     assert response.status_code == 202, response.text
 
     rest = _events(api, run_id, **{"Last-Event-ID": "2"})  # after the three seen
-    assert [n for n, _ in rest] == ["stage"] * 5 + ["report"]
-    assert [d["stage"] for _, d in rest[:-1]] == [3, 4, 6, 7, 8]  # no prior: no stage 5
+    assert [n for n, _ in rest] == ["stage"] * 6 + ["report"]
+    assert [d["stage"] for _, d in rest[:-1]] == [3, 4, 5, 6, 7, 8]
+    assert rest[2][1]["result"]["skipped"] == "no prior study"  # in its place, not run
     run = _wait(api, run_id, "completed")
     stage2 = run["report"]["stages"][1]
     assert {a["question_id"]: a["text"] for a in stage2["answers"]}[qid] == (
@@ -351,7 +352,8 @@ def test_late_subscribers_get_past_events_then_live_ones_and_runs_queue(
             assert [(n, d["stage"]) for n, d in past] == [("stage", 1), ("stage", 2)]
             backend.opened.set()
             live = list(stream)
-        assert [(n, d["stage"]) for n, d in live[:-1]] == [("stage", s) for s in (3, 4, 6, 7, 8)]
+        assert [(n, d["stage"]) for n, d in live[:-1]] == [("stage", s) for s in range(3, 9)]
+        assert [d["stage"] for _, d in live[:-1] if d["result"]["skipped"]] == [5]  # no prior
         assert live[-1][0] == "report"
         assert _wait(api, second, "completed")["report"]["status"] == "completed"
 
@@ -375,7 +377,7 @@ def test_a_failed_run_reports_why_and_can_be_resumed(tmp_path: Path) -> None:
         assert api.post(f"/v1/runs/{run_id}/resume").status_code == 202
         assert _wait(api, run_id, "completed")["report"]["status"] == "completed"
         names = [n for n, _ in _events(api, run_id)]
-        assert names == ["stage", "stage", "error"] + ["stage"] * 5 + ["report"]
+        assert names == ["stage", "stage", "error"] + ["stage"] * 6 + ["report"]
 
 
 def test_shutdown_ends_streams_and_a_restarted_server_resumes_the_run(tmp_path: Path) -> None:
