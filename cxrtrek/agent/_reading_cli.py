@@ -201,6 +201,41 @@ def cmd_resume(run_id: str, *, backend: str, settings: AgentSettings, approve: b
     return EXIT_OK if report.status in ("completed", "stopped") else EXIT_FAILED
 
 
+def cmd_delete(run_ids: Sequence[str], *, settings: AgentSettings, yes: bool,
+               json_out: bool) -> int:
+    """``cxrtrek delete``: delete runs' checkpoints and traces, after a confirmation."""
+    from cxrtrek.agent.scripted import ScriptedBackend
+    from cxrtrek.errors import DataError
+
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    names = ", ".join(run_ids)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise ConfigError(f"deleting {names} cannot be undone; pass --yes to confirm "
+                              "(stdin is not a terminal to ask on)")
+        console.print(f"Delete {escape(names)} (checkpoints and trace)? This cannot be undone. "
+                      "[y/N] ", end="")
+        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+            console.print("nothing deleted")
+            return EXIT_FAILED
+    agent = CXRTrekAgent(ScriptedBackend(default=""), settings=settings)
+    deleted: list[dict[str, object]] = []
+    failed = 0
+    for run_id in run_ids:
+        try:
+            done = agent.delete_run(run_id)
+        except DataError as exc:
+            console.print(f"[red]not deleted[/red]: {escape(str(exc))}")
+            failed += 1
+            continue
+        deleted.append(done.model_dump(mode="json"))
+        parts = [p for p, ok in (("checkpoints", done.checkpoints), ("trace", done.trace)) if ok]
+        console.print(f"deleted run {escape(run_id)}: {', '.join(parts)}")
+    if json_out:
+        sys.stdout.write(json.dumps(deleted) + "\n")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
 def _oracle_for(run_id: str, settings: AgentSettings) -> VLMBackend:
     """The scripted oracle of a dataset-mode run's own study (from its checkpoint)."""
     from cxrtrek.agent.scripted import ScriptedBackend

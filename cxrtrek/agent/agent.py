@@ -58,7 +58,7 @@ if TYPE_CHECKING:
     from cxrtrek.graph.replay import ForkResult, ReplayResult
     from cxrtrek.graph.trace import Tracer, TraceRecord
 
-__all__ = ["AgentSettings", "CXRTrekAgent", "FollowUp", "RunReport", "StageEvent"]
+__all__ = ["AgentSettings", "CXRTrekAgent", "DeletedRun", "FollowUp", "RunReport", "StageEvent"]
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,20 @@ class StageEvent(BaseModel):
     report: RunReport | None = None
     elapsed_s: float | None = None
     """Wall time since the previous event (the stage's own time, for a stage event)."""
+
+
+class DeletedRun(BaseModel):
+    """What :meth:`CXRTrekAgent.delete_run` removed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: str
+    checkpoints: bool
+    """The run's checkpoints were found and deleted."""
+    trace: bool
+    """Its trace was found and deleted."""
+    memory_items: int
+    """Items it had written to the vector memory, now deleted."""
 
 
 class FollowUp(BaseModel):
@@ -420,6 +434,33 @@ class CXRTrekAgent:
 
         review = self.report(run_id).review
         return ReviewRequest.model_validate(review) if review else None
+
+    async def adelete_run(self, run_id: str) -> DeletedRun:
+        """Delete what this agent keeps of a run: its checkpoints, its trace and what it wrote
+        to the vector memory (answers, its study in the patient history and case library).
+        Forks of the run are runs of their own and stay. A run found nowhere is a
+        :class:`DataError`; do not delete a run that is still going."""
+        found = False
+        db = self.settings.checkpoint_path()
+        if db == ":memory:" or Path(db).is_file():  # (opening a missing one would create it)
+            async with self._compiled() as graph:
+                found = bool((await graph.aget_state(_config(run_id))).values)
+                if found and graph.checkpointer is not None:
+                    await graph.checkpointer.adelete_thread(run_id)  # type: ignore[union-attr]
+        forget = getattr(self.tracer, "forget", None)
+        trace = bool(forget(run_id)) if callable(forget) else False
+        forget_run = getattr(self.memory, "forget_run", None)
+        items = int(forget_run(run_id)) if callable(forget_run) else 0
+        if not (found or trace or items):
+            raise DataError(f"no run {run_id!r} in the checkpoints at "
+                            f"{self.settings.checkpoint_path()}, the traces or the memory")
+        log.info("deleted run %s (checkpoints %s, trace %s, %d memory items)", run_id, found,
+                 trace, items)
+        return DeletedRun(run_id=run_id, checkpoints=found, trace=trace, memory_items=items)
+
+    def delete_run(self, run_id: str) -> DeletedRun:
+        """Blocking :meth:`adelete_run`."""
+        return asyncio.run(self.adelete_run(run_id))
 
     # --- traces, replay, fork ----------------------------------------------------------------
 

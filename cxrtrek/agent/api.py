@@ -23,7 +23,8 @@ Endpoints (those under ``/v1`` need ``Authorization: Bearer <token>`` when a tok
 ``GET /v1/runs/{id}``              ``{"run_id", "status", "error", "report", "links"}``: the
                                    report so far (a :class:`~cxrtrek.agent.agent.RunReport`)
 ``GET /v1/runs/{id}/events``       server-sent events: ``stage`` (a
-                                   :class:`~cxrtrek.agent.agent.StageEvent`) per stage done,
+                                   :class:`~cxrtrek.agent.agent.StageEvent`) per stage done
+                                   or gone around (``result.skipped`` says why),
                                    then ``report``, ``review`` or ``error``; then the stream
                                    ends. A late client gets the past events first (``id:`` is
                                    the event's index; ``Last-Event-ID`` skips those seen)
@@ -34,6 +35,10 @@ Endpoints (those under ``/v1`` need ``Authorization: Bearer <token>`` when a tok
                                    :class:`~cxrtrek.agent.agent.FollowUp`
 ``POST /v1/runs/{id}/resume``      an incomplete or failed run (killed, server restarted,
                                    backend down) goes on from its last checkpoint -> 202
+``DELETE /v1/runs/{id}``           a run that has ended: its uploads, checkpoints, trace and
+                                   vector-memory items -> 200 ``{"run_id", "checkpoints",
+                                   "trace", "memory_items", "uploads"}``; 409 while it is
+                                   queued or running
 =================================  ==========================================================
 
 Run statuses: ``queued`` (waiting for one of ``max_concurrent_runs`` slots), ``running``,
@@ -884,6 +889,20 @@ def create_app(agent: CXRTrekAgent, settings: ApiSettings | None = None) -> Fast
         run = await runs.find(run_id)
         runs.resume(run)
         return JSONResponse(run.summary(), status_code=202)
+
+    @v1.delete("/runs/{run_id}", response_model=None)
+    async def delete_run(run_id: str) -> Response:
+        run = await runs.find(run_id)
+        if run.active:
+            raise ApiError(409, "Conflict", f"run {run_id!r} is {run.status}; delete it when "
+                           "it has ended")
+        deleted = await agent.adelete_run(run_id)
+        folder = uploads / run_id
+        had_uploads = folder.is_dir()
+        await asyncio.to_thread(shutil.rmtree, folder, True)
+        runs.runs.pop(run_id, None)
+        log.info("run %s deleted", run_id)
+        return JSONResponse({**deleted.model_dump(mode="json"), "uploads": had_uploads})
 
     @v1.post("/runs/{run_id}/followups", response_model=None)
     async def followup(run_id: str, request: Request) -> Response:

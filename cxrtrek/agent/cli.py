@@ -242,6 +242,26 @@ def resume_cmd(
                       json_out=json_out)
 
 
+@app.command("delete")
+def delete_cmd(
+    run_ids: Annotated[list[str], typer.Argument(metavar="RUN_ID...", show_default=False)],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
+    home: Home = None,
+    checkpoint_db: CheckpointDb = None,
+    trace_dir: TraceDir = None,
+    json_out: Json = False,
+) -> int:
+    """Delete runs: their checkpoints and traces (a run's forks are runs of their own).
+
+    Asks first unless --yes. Exit 1 when a run is found nowhere. The HTTP API's
+    DELETE /v1/runs/RUN_ID also removes the run's uploads and its vector-memory items.
+    """
+    from cxrtrek.agent._reading_cli import cmd_delete
+
+    settings = _agent_settings(home=home, checkpoint_db=checkpoint_db, trace_dir=trace_dir)
+    return cmd_delete(run_ids, settings=settings, yes=yes, json_out=json_out)
+
+
 @app.command("replay")
 def replay_cmd(
     trace: Annotated[Path, typer.Argument(metavar="TRACE.jsonl", show_default=False,

@@ -251,6 +251,15 @@ class JsonlTracer:
             self._files[run_id] = (path, keys, lines)
         return self._files[run_id]
 
+    def forget(self, run_id: str) -> bool:
+        """Delete a run's trace file; whether there was one."""
+        self._files.pop(run_id, None)
+        path = self.path(run_id)
+        if not path.is_file():
+            return False
+        path.unlink()
+        return True
+
     def write(self, records: Sequence[TraceRecord]) -> None:
         by_run: dict[str, list[TraceRecord]] = {}
         for rec in records:
@@ -305,6 +314,15 @@ class MemoryTracer:
 
     def of_run(self, run_id: str) -> list[TraceRecord]:
         return [r for r in self.records if r.run_id == run_id]
+
+    def forget(self, run_id: str) -> bool:
+        """Drop a run's records; whether there were any."""
+        kept = [r for r in self.records if r.run_id != run_id]
+        if len(kept) == len(self.records):
+            return False
+        self.records = kept
+        self._index = {record_key(r): i for i, r in enumerate(kept)}
+        return True
 
 
 def _same(old: str, new: str) -> bool:

@@ -175,3 +175,44 @@ def test_replay_fork_with_an_edit_reruns_downstream(tmp_path: Path,
     assert main(["replay", str(trace), "--against", "recorded", "--home",
                  str(home)]) == EXIT_OK
     assert "no divergence" in capsys.readouterr().out
+
+
+def test_delete_asks_then_removes_the_runs_checkpoints_and_trace(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    home = tmp_path / "home"
+    for _ in range(2):
+        assert main(["run", str(PNG), "--backend", "scripted", "--home", str(home),
+                     "--json"]) == EXIT_OK
+    out = capsys.readouterr().out
+    gone, kept = (json.loads(line)["run_id"] for line in out.splitlines() if line.strip())
+    trace = home / "traces" / f"{gone}.jsonl"
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # not a terminal: no one to ask
+    assert main(["delete", gone, "--home", str(home)]) == EXIT_USAGE
+    assert "--yes" in capsys.readouterr().err and trace.is_file()
+
+    monkeypatch.setattr("sys.stdin", _Tty("n\n"))  # asked, and declined
+    assert main(["delete", gone, "--home", str(home)]) == 1
+    assert "nothing deleted" in capsys.readouterr().err and trace.is_file()
+
+    monkeypatch.setattr("sys.stdin", _Tty("y\n"))
+    assert main(["delete", gone, "--home", str(home), "--json"]) == EXIT_OK
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == [{"run_id": gone, "checkpoints": True, "trace": True,
+                                         "memory_items": 0}]
+    assert f"deleted run {gone}: checkpoints, trace" in captured.err
+    assert not trace.exists()
+    assert main(["resume", gone, "--backend", "scripted", "--home", str(home)]) == EXIT_USAGE
+    capsys.readouterr()
+    # the other run is untouched; a run found nowhere is reported, the others still go
+    assert CXRTrekAgent(plausible_backend(), settings=AgentSettings(
+        home=str(home))).report(kept).status == "completed"
+    assert main(["delete", gone, kept, "--yes", "--home", str(home)]) == 1
+    err = capsys.readouterr().err
+    assert f"no run '{gone}'" in err and f"deleted run {kept}" in err
+    assert not (home / "traces" / f"{kept}.jsonl").exists()
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True

@@ -84,6 +84,10 @@ class Api:
         kw.setdefault("headers", AUTH)
         return httpx.post(self.url + path, timeout=30, **kw)
 
+    def delete(self, path: str, **kw: Any) -> httpx.Response:
+        kw.setdefault("headers", AUTH)
+        return httpx.delete(self.url + path, timeout=30, **kw)
+
 
 def _agent(home: Path, backend: VLMBackend | None = None) -> CXRTrekAgent:
     return CXRTrekAgent(backend or plausible_backend(), settings=AgentSettings(home=str(home)))
@@ -256,6 +260,24 @@ def test_a_review_pause_then_edits(api: Api) -> None:
     assert again.status_code == 409 and again.json()["error"]["type"] == "Conflict"
 
 
+def test_deleting_a_run_removes_its_uploads_checkpoints_and_trace(api: Api,
+                                                                     home: Path) -> None:
+    run_id = _start(api, [DCM], [PNG])
+    _wait(api, run_id, "completed")
+    assert (home / "uploads" / run_id).is_dir()
+    assert api.get(f"/v1/runs/{run_id}/trace").json()
+    response = api.delete(f"/v1/runs/{run_id}")
+    assert response.status_code == 200, response.text
+    assert response.json() == {"run_id": run_id, "checkpoints": True, "trace": True,
+                               "memory_items": 0, "uploads": True}
+    assert not (home / "uploads" / run_id).exists()
+    assert api.get(f"/v1/runs/{run_id}").status_code == 404  # not in memory nor checkpoints
+    assert api.get(f"/v1/runs/{run_id}/events").status_code == 404
+    again = api.delete(f"/v1/runs/{run_id}")
+    assert again.status_code == 404 and again.json()["error"]["type"] == "NotFound"
+    assert httpx.delete(f"{api.url}/v1/runs/{run_id}").status_code == 401  # no token
+
+
 def test_follow_up_questions(api: Api, done: str) -> None:
     first = api.post(f"/v1/runs/{done}/followups", json={"question": "Is the effusion larger?"})
     assert first.status_code == 200, first.text
@@ -342,6 +364,9 @@ def test_late_subscribers_get_past_events_then_live_ones_and_runs_queue(
         assert api.get(f"/v1/runs/{second}").json()["status"] == "queued"
         running = api.get(f"/v1/runs/{first}").json()
         assert running["status"] == "running"
+        for active in (first, second):  # running or queued: not deletable
+            refused = api.delete(f"/v1/runs/{active}")
+            assert refused.status_code == 409 and "when it has ended" in refused.text
         assert [s["stage"] for s in running["report"]["stages"] if s["answers"]] == [1, 2]
         assert httpx.get(f"{api.url}/health").json()["runs"] == {"running": 1, "queued": 1}
 

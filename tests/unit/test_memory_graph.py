@@ -6,9 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent
 from cxrtrek.agent.protocol import VLMRequest
 from cxrtrek.agent.scripted import ScriptedBackend
+from cxrtrek.errors import DataError
 from cxrtrek.graph.trace import QuestionRecord, RunRecord
 from cxrtrek.memory import HashEmbedder, MemorySettings, VectorMemory
 from cxrtrek.schema import ImageRef, Study
@@ -83,3 +86,31 @@ def test_rerun_with_same_run_id_does_not_duplicate(tmp_path: Path) -> None:
     assert memory.counts() == before
     assert memory.forget_run("r") == before["stage_memory"] + 1
     assert memory.counts()["stage_memory"] == 0
+
+
+def test_delete_run_removes_its_checkpoints_trace_and_memory_and_nothing_else(
+        tmp_path: Path) -> None:
+    memory = VectorMemory(MemorySettings(path=str(tmp_path / "mem")), embedder=HashEmbedder())
+    agent = CXRTrekAgent(ScriptedBackend(_answer), memory=memory, settings=AgentSettings(
+        home=str(tmp_path / "home"), trace=True, backoff_s=0.0))
+    agent.run(_study(tmp_path, "s1", "2020-01-01", b"pixels"), run_id="gone")
+    agent.run(_study(tmp_path, "s2", "2020-02-01", b"other pixels"), run_id="kept")
+    trace = agent.settings.trace_path() / "gone.jsonl"
+    assert trace.is_file()
+    kept_before = agent.report("kept")
+    answers_kept = sum(len(s.answers) for s in kept_before.stages)
+
+    deleted = agent.delete_run("gone")
+    assert deleted.checkpoints and deleted.trace and deleted.memory_items > 0
+    assert not trace.is_file()
+    with pytest.raises(DataError, match="no run 'gone'"):
+        agent.report("gone")
+    assert agent.trace_records("gone") == []
+    assert memory.counts()["stage_memory"] == answers_kept  # only the other run's answers
+    assert agent.report("kept") == kept_before
+    assert agent.trace_records("kept")
+    with pytest.raises(DataError, match="no run 'gone'"):
+        agent.delete_run("gone")
+    # the same run id read again starts afresh, with a trace of its own
+    again = agent.run(_study(tmp_path, "s1", "2020-01-01", b"pixels"), run_id="gone")
+    assert again.status == "completed" and trace.is_file()
