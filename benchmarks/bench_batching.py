@@ -1,17 +1,18 @@
 """Training batches grouped by length against plain seeded batches, side by side.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_batching.py --data demo-run/train \
-        [--model cxrtrek/model/checkpoints/demo] [--studies 400] [--steps 30]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_batching.py [--data demo-run/train] \
+        [--model cxrtrek/model/checkpoints/demo] [--studies 400] [--steps 30] [--quick]
 
-Builds the demo checkpoint's phase-3 training mix from the first ``--studies`` studies of a
-phantom dataset (packs of 16 questions, free text kept at 0.3, 20 % of packs in context,
-images by stage, one description per image), then, for the batches of batch size 4:
+Builds the demo checkpoint's phase-3 training mix (packs of 16 questions, free text kept at
+0.3, 20 % of packs in context, images by stage, one description per image) from the first
+``--studies`` studies of a phantom dataset (without ``--data``: that many generated with seed 0
+at 160 px in a temporary folder; ``--quick``: 100 studies, 8 steps), then, for batches of 4:
 
 - over one epoch of each order, the token slots a step computes (the longest example of a
   batch times the batch size) against the real tokens, i.e. the share spent on padding;
 - ``--steps`` forward and backward passes of each order through the model (cached image
-  features, fp32), alternating the two, with the time per real token
-  (all timed steps' seconds over all their real tokens).
+  features, fp32), alternating the two, with the time per real token (all timed steps'
+  seconds over all their real tokens).
 
 Prints both and the ratio plain / grouped.
 """
@@ -19,12 +20,14 @@ Prints both and the ratio plain / grouped.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from cxrtrek.data.cxrtrek import load_studies
+from cxrtrek.data.phantoms import generate
 from cxrtrek.model.build import load_pretrained
 from cxrtrek.model.train import (
     TrainConfig,
@@ -41,13 +44,23 @@ DEMO = Path(__file__).resolve().parents[1] / "cxrtrek" / "model" / "checkpoints"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True, help="phantom dataset folder")
+    parser.add_argument("--data", type=Path, help="phantom dataset folder (default: generate)")
     parser.add_argument("--model", type=Path, default=DEMO)
     parser.add_argument("--studies", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per order")
+    parser.add_argument("--quick", action="store_true", help="100 studies, 8 steps")
     args = parser.parse_args()
+    if args.quick:
+        args.studies, args.steps = 100, 8
     torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.data is None:
+            args.data = generate(args.studies, 0, Path(tmp) / "phantoms", size=160)
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     data = args.data / "phantoms.json" if args.data.is_dir() else args.data
     studies = load_studies(data)[:args.studies]
     model, proc = load_pretrained(args.model, device="cpu", dtype="float32")
