@@ -452,8 +452,8 @@ class CXRTrekAgent:
         forget_run = getattr(self.memory, "forget_run", None)
         items = int(forget_run(run_id)) if callable(forget_run) else 0
         if not (found or trace or items):
-            raise DataError(f"no run {run_id!r} in the checkpoints at "
-                            f"{self.settings.checkpoint_path()}, the traces or the memory")
+            raise DataError(f"no run {run_id!r} in the checkpoints at {db}, the traces or the "
+                            "memory")
         log.info("deleted run %s (checkpoints %s, trace %s, %d memory items)", run_id, found,
                  trace, items)
         return DeletedRun(run_id=run_id, checkpoints=found, trace=trace, memory_items=items)

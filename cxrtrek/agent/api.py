@@ -114,7 +114,13 @@ from python_multipart.multipart import parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent, RunReport, StageEvent
+from cxrtrek.agent.agent import (
+    AgentSettings,
+    CXRTrekAgent,
+    DeletedRun,
+    RunReport,
+    StageEvent,
+)
 from cxrtrek.agent.backends import DEFAULT_BACKEND
 from cxrtrek.errors import (
     BackendError,
@@ -702,6 +708,16 @@ class _Runs:
                            "incomplete or failed run can be resumed")
         self._resume(run, None)
 
+    async def delete(self, run: _Run) -> DeletedRun:
+        """Delete an ended run wherever the agent keeps it, and forget it here (409 while it
+        is queued or running)."""
+        if run.active:
+            raise ApiError(409, "Conflict", f"run {run.run_id!r} is {run.status}; delete it "
+                           "when it has ended")
+        deleted = await self.agent.adelete_run(run.run_id)
+        self.runs.pop(run.run_id, None)
+        return deleted
+
     def _resume(self, run: _Run, decision: dict[str, Any] | None) -> None:
         self.check_open()
 
@@ -892,15 +908,10 @@ def create_app(agent: CXRTrekAgent, settings: ApiSettings | None = None) -> Fast
 
     @v1.delete("/runs/{run_id}", response_model=None)
     async def delete_run(run_id: str) -> Response:
-        run = await runs.find(run_id)
-        if run.active:
-            raise ApiError(409, "Conflict", f"run {run_id!r} is {run.status}; delete it when "
-                           "it has ended")
-        deleted = await agent.adelete_run(run_id)
+        deleted = await runs.delete(await runs.find(run_id))
         folder = uploads / run_id
         had_uploads = folder.is_dir()
         await asyncio.to_thread(shutil.rmtree, folder, True)
-        runs.runs.pop(run_id, None)
         log.info("run %s deleted", run_id)
         return JSONResponse({**deleted.model_dump(mode="json"), "uploads": had_uploads})
 

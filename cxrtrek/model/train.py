@@ -370,12 +370,6 @@ class _Batches:
 # --- model -----------------------------------------------------------------------------------
 
 
-def _default(name: str) -> Any:
-    """A setting's default as the saved ``training_args.json`` writes it."""
-    default = TrainConfig.model_fields[name].default
-    return str(default) if isinstance(default, Path) else default
-
-
 def _base(cfg: TrainConfig) -> tuple[CXRTrekNetForConditionalGeneration, CXRTrekNetProcessor]:
     if (cfg.vision_path is None) != (cfg.lm_path is None):
         raise ConfigError("from_parts needs both vision_path and lm_path; got only one")
@@ -558,7 +552,8 @@ def _run(cfg: TrainConfig, model: CXRTrekNetForConditionalGeneration,
         saved = state["config"]
         now = cfg.model_dump(mode="json", exclude={"progress", "resume"})
         # a setting added since the checkpoint was written counts as its default
-        diff = sorted(k for k in now if saved.get(k, _default(k)) != now[k])
+        fields = TrainConfig.model_fields
+        diff = sorted(k for k in now if saved.get(k, fields[k].default) != now[k])
         if diff:
             raise ConfigError(f"{ckpt} was written by a run with other settings ({diff}); "
                               "use another output_dir or resume=False")
