@@ -40,7 +40,7 @@ def _timed(cls: Any, name: str, spent: Counter[str], calls: Counter[str]) -> Non
 
 
 def model_alone() -> None:
-    from cxrtrek.agent.backends import demo_checkpoint
+    from cxrtrek.backends.registry import demo_checkpoint
     from cxrtrek.model.build import load_pretrained
     from cxrtrek.model.modeling import DecodeBatch
 
@@ -70,9 +70,9 @@ def model_alone() -> None:
 
 
 def readings(n: int) -> None:
-    from cxrtrek.agent import inprocess
     from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent
-    from cxrtrek.agent.backends import demo_checkpoint
+    from cxrtrek.backends import inprocess
+    from cxrtrek.backends.registry import demo_checkpoint
     from cxrtrek.data.cxrtrek import load_studies
     from cxrtrek.data.phantoms import generate
     from cxrtrek.model import modeling

@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent
-from cxrtrek.agent.oracle import OracleBackend
-from cxrtrek.agent.protocol import VLMBackend, VLMRequest, VLMResponse
+from cxrtrek.backends.oracle import OracleBackend
+from cxrtrek.protocol import VLMBackend, VLMRequest, VLMResponse
 from cxrtrek.schema import ImageRef, ImageRole, Study
 
 log = logging.getLogger("bench_graph")
@@ -104,7 +104,7 @@ def main() -> None:
             return
         import torch
 
-        from cxrtrek.agent.inprocess import InProcessBackend
+        from cxrtrek.backends.inprocess import InProcessBackend
         from cxrtrek.model.build import build_preset
 
         torch.set_num_threads(max(1, os.cpu_count() or 1))

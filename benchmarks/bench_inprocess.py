@@ -22,9 +22,9 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from cxrtrek.agent.inprocess import InProcessBackend
-from cxrtrek.agent.protocol import VLMRequest
+from cxrtrek.backends.inprocess import InProcessBackend
 from cxrtrek.model.build import build_preset
+from cxrtrek.protocol import VLMRequest
 from cxrtrek.schema import ImageRef
 
 QUESTIONS = (

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cxrtrek.agent.inprocess import InProcessBackend
-from cxrtrek.agent.protocol import VLMRequest
+from cxrtrek.backends.inprocess import InProcessBackend
 from cxrtrek.model.build import build_preset
+from cxrtrek.protocol import VLMRequest
 from cxrtrek.schema import ImageRef
 
 

@@ -8,7 +8,7 @@ one question at a time without the vision cache, same model, same answers.
 Writes phantom studies (CXRTrek format, questions in all eight stages, a prior for about 60%)
 to a temporary folder, then for each configuration starts ``cxrtrek serve`` in a subprocess
 on 127.0.0.1 and reads every study through :class:`~cxrtrek.agent.agent.CXRTrekAgent` with an
-:class:`~cxrtrek.agent.http.HTTPBackend`, ``--concurrency`` readings at a time:
+:class:`~cxrtrek.backends.http.HTTPBackend`, ``--concurrency`` readings at a time:
 
 - ``batched+cache``: ``--max-batch-size B --max-wait-ms W --cache-size 256``;
 - ``one-at-a-time``: ``--max-batch-size 1 --cache-size 0 --prefix-cache 0`` (each question
@@ -42,10 +42,10 @@ from pathlib import Path
 import httpx
 
 from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent, RunReport
-from cxrtrek.agent.http import HTTPBackend
-from cxrtrek.agent.protocol import VLMRequest, VLMResponse
+from cxrtrek.backends.http import HTTPBackend
 from cxrtrek.data.cxrtrek import load_studies
 from cxrtrek.data.phantoms import generate
+from cxrtrek.protocol import VLMRequest, VLMResponse
 from cxrtrek.schema import Study
 
 log = logging.getLogger("bench_server")
@@ -91,7 +91,7 @@ def _free_port() -> int:
 
 def _start_server(args: argparse.Namespace, port: int, extra: list[str],
                   logfile: Path) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "cxrtrek.agent.cli", "serve", "--model", args.model,
+    cmd = [sys.executable, "-m", "cxrtrek.interfaces.cli", "serve", "--model", args.model,
            "--device", "cpu", "--port", str(port), *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1"}

@@ -19,14 +19,18 @@ _EXPORTS: dict[str, str] = {
     "CXRTrekAgent": "cxrtrek.agent.agent",
     "RunReport": "cxrtrek.agent.agent",
     "FollowUp": "cxrtrek.agent.agent",
-    "load_backend": "cxrtrek.agent.backends",
+    "load_backend": "cxrtrek.backends.registry",
+    "ScriptedBackend": "cxrtrek.backends.scripted",
+    "VLMBackend": "cxrtrek.protocol",
+    "VLMRequest": "cxrtrek.protocol",
+    "VLMResponse": "cxrtrek.protocol",
     "study_from_images": "cxrtrek.data.intake",
     "Answer": "cxrtrek.schema",
     "BBox": "cxrtrek.schema",
     "Finding": "cxrtrek.schema",
     "ImageRef": "cxrtrek.schema",
     "ImageRole": "cxrtrek.schema",
-    "QType": "cxrtrek.schema",
+    "QType": "cxrtrek.stages",
     "Question": "cxrtrek.schema",
     "Report": "cxrtrek.schema",
     "StageResult": "cxrtrek.schema",
@@ -56,9 +60,13 @@ __all__ = [
     "Question",
     "Report",
     "RunReport",
+    "ScriptedBackend",
     "StageResult",
     "StageSpec",
     "Study",
+    "VLMBackend",
+    "VLMRequest",
+    "VLMResponse",
     "__version__",
     "decode_image",
     "load_backend",
@@ -71,12 +79,14 @@ __all__ = [
 
 if TYPE_CHECKING:
     from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent, FollowUp, RunReport
-    from cxrtrek.agent.backends import load_backend
+    from cxrtrek.backends.registry import load_backend
+    from cxrtrek.backends.scripted import ScriptedBackend
     from cxrtrek.data.cxrtrek import load_studies, read_records, write_records
     from cxrtrek.data.images import decode_image
     from cxrtrek.data.intake import study_from_images
     from cxrtrek.errors import CXRTrekError
     from cxrtrek.parsing import parse_answer
+    from cxrtrek.protocol import VLMBackend, VLMRequest, VLMResponse
     from cxrtrek.schema import (
         Answer,
         BBox,

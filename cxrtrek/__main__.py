@@ -1,5 +1,5 @@
 """``python -m cxrtrek``: the command line."""
 
-from cxrtrek.agent.cli import main
+from cxrtrek.interfaces.cli import main
 
 raise SystemExit(main())

@@ -7,7 +7,6 @@ produces them, the graph passes them between stages, traces and reports serializ
 from __future__ import annotations
 
 import hashlib
-import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
@@ -19,6 +18,8 @@ from pydantic import (
     field_serializer,
     model_validator,
 )
+
+from cxrtrek.stages import QType, base_qtype, stage_of_task_type, task_type_allowed_in
 
 __all__ = [
     "Answer",
@@ -58,30 +59,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-class QType(StrEnum):
-    """Question types of CXRTrek (``multi-choice-N`` is :attr:`MULTI_CHOICE` with N options)."""
-
-    CAPTIONING = "captioning"
-    YES_NO = "yes_no"
-    SINGLE_CHOICE = "single-choice"
-    MULTI_CHOICE = "multi-choice"
-    DETECTION = "detection"
-
-
-_QTYPE_RE = re.compile(r"^(captioning|yes_no|single-choice|multi-choice(?:-\d+)?|detection)$")
-
-
-def base_qtype(qtype: str) -> QType:
-    """The :class:`QType` of a CXRTrek ``qtype`` string (``multi-choice-4`` -> MULTI_CHOICE)."""
-    if not _QTYPE_RE.match(qtype):
-        allowed = ", ".join(q.value for q in QType)
-        raise ValueError(f"unknown question type {qtype!r}; expected one of {allowed} "
-                         "(multi-choice may carry a count, e.g. multi-choice-4)")
-    if qtype.startswith("multi-choice"):
-        return QType.MULTI_CHOICE
-    return QType(qtype)
 
 
 class ImageRole(StrEnum):
@@ -192,8 +169,6 @@ class Question(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> Question:
         base_qtype(self.qtype)
-        from cxrtrek.stages import stage_of_task_type, task_type_allowed_in
-
         if not task_type_allowed_in(self.task_type, self.stage):
             raise ValueError(
                 f"task type {self.task_type!r} belongs to stage "

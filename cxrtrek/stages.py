@@ -8,10 +8,34 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from enum import StrEnum
 
-from cxrtrek.schema import QType
+__all__ = ["STAGES", "QType", "StageSpec", "base_qtype", "stage", "stage_of_task_type",
+           "task_type_allowed_in"]
 
-__all__ = ["STAGES", "StageSpec", "stage", "stage_of_task_type", "task_type_allowed_in"]
+
+class QType(StrEnum):
+    """Question types of CXRTrek (``multi-choice-N`` is :attr:`MULTI_CHOICE` with N options)."""
+
+    CAPTIONING = "captioning"
+    YES_NO = "yes_no"
+    SINGLE_CHOICE = "single-choice"
+    MULTI_CHOICE = "multi-choice"
+    DETECTION = "detection"
+
+
+_QTYPE_RE = re.compile(r"^(captioning|yes_no|single-choice|multi-choice(?:-\d+)?|detection)$")
+
+
+def base_qtype(qtype: str) -> QType:
+    """The :class:`QType` of a CXRTrek ``qtype`` string (``multi-choice-4`` -> MULTI_CHOICE)."""
+    if not _QTYPE_RE.match(qtype):
+        allowed = ", ".join(q.value for q in QType)
+        raise ValueError(f"unknown question type {qtype!r}; expected one of {allowed} "
+                         "(multi-choice may carry a count, e.g. multi-choice-4)")
+    if qtype.startswith("multi-choice"):
+        return QType.MULTI_CHOICE
+    return QType(qtype)
 
 
 @dataclass(frozen=True, slots=True)

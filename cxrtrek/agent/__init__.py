@@ -1,1 +1,1 @@
-"""The agent facade, VLM backends, sub-agent adapters and the command line."""
+"""The agent facade (:class:`CXRTrekAgent`, the Python API) and its LangChain tool."""

@@ -51,12 +51,12 @@ if TYPE_CHECKING:
     from langchain_core.tools import StructuredTool
     from langgraph.checkpoint.memory import InMemorySaver
 
-    from cxrtrek.agent.protocol import VLMBackend
     from cxrtrek.graph.context import ContextRetriever
     from cxrtrek.graph.graph import CompiledReadGraph
     from cxrtrek.graph.nodes import ReviewDecision, ReviewRequest
     from cxrtrek.graph.replay import ForkResult, ReplayResult
     from cxrtrek.graph.trace import Tracer, TraceRecord
+    from cxrtrek.protocol import VLMBackend
 
 __all__ = ["AgentSettings", "CXRTrekAgent", "DeletedRun", "FollowUp", "RunReport", "StageEvent"]
 
@@ -482,7 +482,7 @@ class CXRTrekAgent:
         another backend) with its settings and recorded review edits; diff stage by stage.
 
         The study comes from the run's checkpoint unless given (traces hold no images)."""
-        from cxrtrek.agent.recorded import RecordedBackend
+        from cxrtrek.backends.recorded import RecordedBackend
         from cxrtrek.graph.replay import ReplayResult, answers_from_records, diff_answers
         from cxrtrek.graph.trace import ReviewRecord, RunRecord, read_trace
 
@@ -632,10 +632,10 @@ class CXRTrekAgent:
         as a ``followup`` turn."""
         import time
 
-        from cxrtrek.agent.protocol import ContextPair, VLMRequest
         from cxrtrek.graph.nodes import images_for
         from cxrtrek.graph.state import results_of
         from cxrtrek.graph.trace import ContextRef, FollowupRecord
+        from cxrtrek.protocol import ContextPair, VLMRequest
 
         text = question.strip()
         if not text:

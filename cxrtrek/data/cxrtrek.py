@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cxrtrek.errors import FormatError, MissingImageError
 from cxrtrek.parsing import option_label, parse_answer
+from cxrtrek.prompts import DEFAULT_SYSTEM_PROMPT
 from cxrtrek.schema import (
     Answer,
     BBox,
@@ -55,11 +56,6 @@ __all__ = [
     "study_to_record",
     "write_records",
 ]
-
-DEFAULT_SYSTEM_PROMPT = (
-    "You are a helpful radiology assistant to help radiologists analyze, interpret medical "
-    "images and answer clinical questions."
-)
 
 _KEEP = ConfigDict(extra="allow")
 

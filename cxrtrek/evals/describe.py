@@ -114,8 +114,8 @@ def evaluate_descriptions(model_dir: str | Path, data: str | Path, *,
     order of its truth file) with greedy decoding, and score the descriptions."""
     import time
 
-    from cxrtrek.agent.inprocess import InProcessBackend
-    from cxrtrek.agent.protocol import VLMRequest
+    from cxrtrek.backends.inprocess import InProcessBackend
+    from cxrtrek.protocol import VLMRequest
     from cxrtrek.schema import ImageRef
 
     started = time.monotonic()

@@ -215,7 +215,7 @@ def evaluate_phantoms(model_dir: str | Path, data: str | Path, *, max_studies: i
     """Evaluate the model folder on a phantom dataset (``phantoms.json`` with ``truth.jsonl``)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from cxrtrek.agent.inprocess import InProcessBackend
+    from cxrtrek.backends.inprocess import InProcessBackend
     from cxrtrek.data.cxrtrek import load_studies
 
     started = time.monotonic()
@@ -249,7 +249,7 @@ def build_requests(studies: Sequence[Study], truths: dict[str, dict[str, Any]], 
     """The evaluation's requests (closed questions, detections, reports) and what scores each;
     ``max_closed``: at most this many closed questions per study (a sample seeded by the
     study id)."""
-    from cxrtrek.agent.protocol import VLMRequest
+    from cxrtrek.protocol import VLMRequest
 
     requests: list[VLMRequest] = []
     meta: list[dict[str, Any]] = []

@@ -55,8 +55,8 @@ from cxrtrek.schema import Study
 
 if TYPE_CHECKING:
     from cxrtrek.agent.agent import CXRTrekAgent
-    from cxrtrek.agent.protocol import VLMBackend, VLMRequest, VLMResponse
     from cxrtrek.graph.trace import TraceRecord
+    from cxrtrek.protocol import VLMBackend, VLMRequest, VLMResponse
 
 __all__ = [
     "RUNS_PER_AGENT",
@@ -155,7 +155,7 @@ def missing_images(study: Study) -> list[str]:
 def make_backend(spec: str) -> VLMBackend:
     """A shared model backend: ``inprocess:PATH`` or ``http:URL`` (``http://...`` too)."""
     if spec.startswith(("http:", "https:", "inprocess:")):
-        from cxrtrek.agent.backends import load_backend
+        from cxrtrek.backends.registry import load_backend
 
         return load_backend(spec, None)
     raise ConfigError(f"unknown backend {spec!r}; expected scripted-oracle, inprocess:PATH or "
@@ -171,7 +171,7 @@ class _OracleRouter:
         self._by_run: dict[str, VLMBackend] = {}
 
     def add(self, run_id: str, study: Study) -> None:
-        from cxrtrek.agent.oracle import OracleBackend
+        from cxrtrek.backends.oracle import OracleBackend
 
         self._by_run[run_id] = OracleBackend(study)
 
@@ -179,7 +179,7 @@ class _OracleRouter:
         self._by_run.pop(run_id, None)
 
     async def generate(self, requests: Sequence[VLMRequest]) -> list[VLMResponse]:
-        from cxrtrek.graph.nodes import split_request_id
+        from cxrtrek.protocol import split_request_id
 
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(requests):

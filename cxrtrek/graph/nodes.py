@@ -24,7 +24,6 @@ from langgraph.runtime import Runtime
 from langgraph.types import interrupt
 from pydantic import BaseModel, ConfigDict, Field
 
-from cxrtrek.agent.protocol import ContextPair, VLMRequest, VLMResponse
 from cxrtrek.errors import BackendError, CXRTrekError, DataError, TransientError
 from cxrtrek.graph.context import ScoredContext, context_items, select_context
 from cxrtrek.graph.planner import (
@@ -46,6 +45,7 @@ from cxrtrek.graph.trace import (
     hash_patient,
 )
 from cxrtrek.parsing import parse_answer, parse_options
+from cxrtrek.protocol import ContextPair, VLMRequest, VLMResponse, request_id
 from cxrtrek.schema import (
     Answer,
     ImageRef,
@@ -71,10 +71,8 @@ __all__ = [
     "judge_quality",
     "make_stage_node",
     "next_stage",
-    "request_id",
     "review",
     "route_after_stage",
-    "split_request_id",
     "stage_node_name",
 ]
 
@@ -92,17 +90,6 @@ class StageNode(Protocol):
 
 def stage_node_name(number: int) -> str:
     return f"stage_{number}"
-
-
-def request_id(run_id: str, stage: int, question_id: str) -> str:
-    """``<run>/<stage>/<question>``: unique within a run."""
-    return f"{run_id}/{stage}/{question_id}"
-
-
-def split_request_id(rid: str) -> tuple[str, int, str]:
-    """(run id, stage, question id) of a :func:`request_id`."""
-    run, stage, question = rid.rsplit("/", 2)
-    return run, int(stage), question
 
 
 # --- helpers ---------------------------------------------------------------------------------

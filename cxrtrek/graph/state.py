@@ -26,7 +26,7 @@ from typing import (
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from cxrtrek.agent.protocol import DecodingSettings, VLMBackend
+from cxrtrek.protocol import DecodingSettings, VLMBackend
 from cxrtrek.schema import Report, StageResult, Study
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ class RunSettings(BaseModel):
     max_new_tokens: int = Field(default=128, ge=1)
     decoding: DecodingSettings = Field(default_factory=DecodingSettings)
     system_prompt: str | None = None
-    """None uses :data:`cxrtrek.data.cxrtrek.DEFAULT_SYSTEM_PROMPT` (CXRTrek's own)."""
+    """None uses :data:`cxrtrek.prompts.DEFAULT_SYSTEM_PROMPT` (CXRTrek's own)."""
     max_findings: int = Field(default=6, ge=0)
     """Clinical mode: at most this many stage-2 findings are followed up in stages 3 and 5."""
     stages: tuple[int, ...] | None = None
@@ -117,7 +117,7 @@ class RunSettings(BaseModel):
         """The system prompt sent with every request."""
         if self.system_prompt is not None:
             return self.system_prompt
-        from cxrtrek.data.cxrtrek import DEFAULT_SYSTEM_PROMPT
+        from cxrtrek.prompts import DEFAULT_SYSTEM_PROMPT
 
         return DEFAULT_SYSTEM_PROMPT
 

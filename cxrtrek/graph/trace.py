@@ -31,8 +31,8 @@ from typing import Annotated, Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from cxrtrek.agent.protocol import DecodingSettings
 from cxrtrek.errors import DataError
+from cxrtrek.protocol import DecodingSettings
 from cxrtrek.schema import ParsedAnswer
 
 __all__ = [

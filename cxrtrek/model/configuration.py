@@ -14,13 +14,9 @@ from transformers import AutoConfig, LlamaConfig, PretrainedConfig, ResNetConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from cxrtrek.errors import ConfigError
+from cxrtrek.prompts import DEFAULT_SYSTEM_PROMPT
 
 __all__ = ["DEFAULT_SYSTEM_PROMPT", "PRESETS", "CXRTrekNetConfig", "preset_config"]
-
-DEFAULT_SYSTEM_PROMPT = (
-    "You are a helpful radiology assistant to help radiologists analyze, interpret medical "
-    "images and answer clinical questions."
-)
 
 PRESETS = ("tiny", "demo")
 

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent
-from cxrtrek.agent.protocol import VLMBackend, VLMRequest
-from cxrtrek.agent.scripted import ScriptedBackend
+from cxrtrek.backends.scripted import ScriptedBackend
+from cxrtrek.protocol import VLMBackend, VLMRequest
 from cxrtrek.schema import Answer, ImageRef, ImageRole, Question, Study, TextParse, YesNoParse
 
 STAGE2_ANSWER = "The findings include cardiomegaly and a left pleural effusion."

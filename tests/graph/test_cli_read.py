@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cxrtrek.agent.cli import main
 from cxrtrek.data.cxrtrek import study_to_record, write_records
+from cxrtrek.interfaces.cli import main
 from cxrtrek.schema import ImageRef, Study
 
 

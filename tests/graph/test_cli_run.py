@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent
-from cxrtrek.agent.backends import plausible_backend
-from cxrtrek.agent.cli import EXIT_OK, EXIT_USAGE, main
-from cxrtrek.agent.scripted import ScriptedBackend
+from cxrtrek.backends.registry import plausible_backend
+from cxrtrek.backends.scripted import ScriptedBackend
 from cxrtrek.data.images import example_images
 from cxrtrek.data.intake import study_from_images
 from cxrtrek.errors import BackendError
 from cxrtrek.graph.trace import read_trace
+from cxrtrek.interfaces.cli import EXIT_OK, EXIT_USAGE, main
 
 PNG, JPG = (next(p for p in example_images() if p.suffix == s) for s in (".png", ".jpg"))
 
@@ -102,7 +102,7 @@ def test_internal_errors_need_debug_for_a_traceback(monkeypatch: pytest.MonkeyPa
     def boom(*args: object, **kwargs: object) -> object:
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr("cxrtrek.agent._reading_cli.load_backend", boom)
+    monkeypatch.setattr("cxrtrek.interfaces._reading_cli.load_backend", boom)
     argv = ["run", str(PNG), "--backend", "scripted", "--home", str(tmp_path)]
     assert main(argv) == 1
     err = capsys.readouterr().err

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent
-from cxrtrek.agent.oracle import OracleBackend
+from cxrtrek.backends.oracle import OracleBackend
 from cxrtrek.data.cxrtrek import load_studies
 from cxrtrek.graph.replay import attribute_errors
 from cxrtrek.stages import STAGES

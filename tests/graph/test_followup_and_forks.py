@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from cxrtrek.agent.agent import CXRTrekAgent
-from cxrtrek.agent.scripted import ScriptedBackend
+from cxrtrek.backends.scripted import ScriptedBackend
 from cxrtrek.errors import BackendError, DataError
 from cxrtrek.graph.state import RunSettings
 from cxrtrek.graph.trace import FollowupRecord, RunRecord

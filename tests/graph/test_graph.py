@@ -12,7 +12,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
 
 from cxrtrek.agent.agent import CXRTrekAgent
-from cxrtrek.agent.scripted import ScriptedBackend
+from cxrtrek.backends.scripted import ScriptedBackend
 from cxrtrek.errors import BackendError, ConfigError, DataError, TransientError
 from cxrtrek.graph.context import ContextItem, LexicalRetriever, ScoredContext
 from cxrtrek.graph.graph import build_graph, make_graph

@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent
-from cxrtrek.agent.scripted import ScriptedBackend
+from cxrtrek.backends.scripted import ScriptedBackend
 from cxrtrek.graph.trace import QuestionRecord, read_trace, record_key
 from cxrtrek.schema import Study
 
@@ -24,7 +24,7 @@ CHILD = textwrap.dedent("""
     import asyncio, sys
     from pathlib import Path
     from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent
-    from cxrtrek.agent.protocol import VLMResponse
+    from cxrtrek.protocol import VLMResponse
     from cxrtrek.schema import Study
 
     home, marker, study_file, block = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])

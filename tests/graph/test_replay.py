@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 from cxrtrek.agent.agent import CXRTrekAgent
-from cxrtrek.agent.oracle import OracleBackend
-from cxrtrek.agent.protocol import VLMRequest
-from cxrtrek.agent.recorded import RecordedBackend
-from cxrtrek.agent.scripted import ScriptedBackend
+from cxrtrek.backends.oracle import OracleBackend
+from cxrtrek.backends.recorded import RecordedBackend
+from cxrtrek.backends.scripted import ScriptedBackend
 from cxrtrek.errors import BackendError
 from cxrtrek.graph.replay import attribute_errors, playback
 from cxrtrek.graph.trace import RunRecord, read_trace
+from cxrtrek.protocol import VLMRequest
 from cxrtrek.schema import Study
 
 from .conftest import clinical_answer, stages_asked
@@ -25,7 +25,7 @@ Make = Callable[..., CXRTrekAgent]
 def test_replay_of_the_tiny_model_does_not_diverge(make_agent: Make, tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
     torch.set_num_threads(1)
-    from cxrtrek.agent.inprocess import InProcessBackend
+    from cxrtrek.backends.inprocess import InProcessBackend
     from cxrtrek.model.build import build_preset
     from cxrtrek.model.synthetic import phantom_studies
 

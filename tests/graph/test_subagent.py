@@ -24,9 +24,9 @@ from langgraph.types import Command
 from pydantic import Field
 
 from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent, RunReport
-from cxrtrek.agent.backends import load_backend
-from cxrtrek.agent.scripted import ScriptedBackend
 from cxrtrek.agent.subagent import TOOL_NAME, InterpretRequest
+from cxrtrek.backends.registry import load_backend
+from cxrtrek.backends.scripted import ScriptedBackend
 from cxrtrek.data.images import example_images
 from cxrtrek.graph.state import RunContext
 from cxrtrek.schema import Report, Study

@@ -108,7 +108,7 @@ class ServerProcess:
 
     def __init__(self, model: Path, port: int, log: Path, *extra: str) -> None:
         self.port, self.model, self.log = port, model, log
-        self.args = [sys.executable, "-m", "cxrtrek.agent.cli", "serve", "--model", str(model),
+        self.args = [sys.executable, "-m", "cxrtrek.interfaces.cli", "serve", "--model", str(model),
                      "--device", "cpu", "--port", str(port), "--threads", "1", *extra]
         self.proc: subprocess.Popen[bytes] | None = None
 

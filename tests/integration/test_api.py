@@ -22,14 +22,14 @@ import httpx
 import pydicom
 import pytest
 
-from cxrtrek.agent import api as api_module
 from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent
-from cxrtrek.agent.api import ApiSettings, api_server, create_app
-from cxrtrek.agent.backends import load_backend, plausible_backend
-from cxrtrek.agent.protocol import VLMBackend, VLMRequest, VLMResponse
+from cxrtrek.backends.registry import load_backend, plausible_backend
 from cxrtrek.data import intake
 from cxrtrek.data.images import example_images
 from cxrtrek.errors import BackendError, ConfigError
+from cxrtrek.interfaces import api as api_module
+from cxrtrek.interfaces.api import ApiSettings, api_server, create_app
+from cxrtrek.protocol import VLMBackend, VLMRequest, VLMResponse
 
 from .conftest import REPO, free_port
 
@@ -538,7 +538,7 @@ def test_settings_refuse_an_open_bind_without_a_token() -> None:
 
 
 def test_importing_the_api_loads_no_model_code() -> None:
-    code = ("import sys, cxrtrek.agent.api\n"
+    code = ("import sys, cxrtrek.interfaces.api\n"
             "heavy = [m for m in ('torch', 'transformers', 'langgraph', 'chromadb', 'uvicorn') "
             "if m in sys.modules]\n"
             "assert not heavy, heavy\n")

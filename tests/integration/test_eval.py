@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cxrtrek.agent.cli import main
 from cxrtrek.evals.results import EvalResults, load_results, read_rows, summarize
 from cxrtrek.evals.runner import EvalConfig, EvalOutcome, evaluate, load_eval_studies, run_eval
+from cxrtrek.interfaces.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -170,7 +170,7 @@ def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
 def test_light_imports() -> None:
     import subprocess
 
-    code = ("import sys, cxrtrek.evals, cxrtrek.agent.cli as c, typer.main as t; "
+    code = ("import sys, cxrtrek.evals, cxrtrek.interfaces.cli as c, typer.main as t; "
             "t.get_command(c.app); "
             "heavy = [m for m in ('torch', 'matplotlib', 'sacrebleu', 'rouge_score', 'ray', "
             "'transformers', 'langgraph') if m in sys.modules]; print(heavy)")

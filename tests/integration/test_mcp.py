@@ -1,4 +1,4 @@
-"""The MCP server (``cxrtrek.agent.mcp_server``) over stdio, driven by the MCP SDK's own client:
+"""The MCP server (``cxrtrek.interfaces.mcp``) over stdio, driven by the MCP SDK's own client:
 tool listing, a reading on the bundled example images (``scripted`` backend), tool errors
 that leave the server serving, and the lazy backend. Every wait is bounded."""
 

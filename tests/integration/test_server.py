@@ -18,14 +18,14 @@ import openai
 import pytest
 
 from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent, RunReport
-from cxrtrek.agent.cli import EXIT_USAGE, main
-from cxrtrek.agent.http import HTTPBackend
-from cxrtrek.agent.inprocess import InProcessBackend
-from cxrtrek.agent.protocol import VLMBackend, VLMRequest, VLMResponse
+from cxrtrek.backends.http import HTTPBackend
+from cxrtrek.backends.inprocess import InProcessBackend
 from cxrtrek.errors import BackendError, ConfigError, DataError, TransientError
 from cxrtrek.graph.trace import QuestionRecord, StageRecord, read_trace
-from cxrtrek.model.server import BackgroundServer, ServerSettings, create_app
+from cxrtrek.interfaces.cli import EXIT_USAGE, main
+from cxrtrek.protocol import VLMBackend, VLMRequest, VLMResponse
 from cxrtrek.schema import ImageRef, ImageRole, Study
+from cxrtrek.serve.server import BackgroundServer, ServerSettings, create_app
 
 from .conftest import TOKEN, ServerProcess, Tiny
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cxrtrek.agent.inprocess import InProcessBackend
-from cxrtrek.agent.protocol import VLMRequest
+from cxrtrek.backends.inprocess import InProcessBackend
 from cxrtrek.data.phantoms import make_study
 from cxrtrek.parsing import parse_answer
+from cxrtrek.protocol import VLMRequest
 from cxrtrek.schema import BoxesParse, ChoiceParse, ImageRef, TextParse, YesNoParse
 
 DEMO = Path(__file__).resolve().parents[2] / "cxrtrek" / "model" / "checkpoints" / "demo"

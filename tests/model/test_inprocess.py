@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxrtrek.agent.inprocess import InProcessBackend
-from cxrtrek.agent.protocol import VLMBackend, VLMRequest, VLMResponse
+from cxrtrek.backends.inprocess import InProcessBackend
 from cxrtrek.errors import DataError
 from cxrtrek.model.build import build_preset, save_pretrained
 from cxrtrek.model.modeling import CXRTrekNetForConditionalGeneration, DecodeBatch, _KVSlab
 from cxrtrek.model.processing import CXRTrekNetProcessor
+from cxrtrek.protocol import VLMBackend, VLMRequest, VLMResponse
 from cxrtrek.schema import ImageRef
 
 Tiny = tuple[CXRTrekNetForConditionalGeneration, CXRTrekNetProcessor]

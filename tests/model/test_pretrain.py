@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from cxrtrek.agent.cli import EXIT_OK, main
 from cxrtrek.errors import DataError
+from cxrtrek.interfaces.cli import EXIT_OK, main
 from cxrtrek.model.build import build_preset, load_pretrained
 from cxrtrek.model.pretrain import (
     BOX_TARGETS,

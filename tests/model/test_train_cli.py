@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cxrtrek.agent.cli import EXIT_OK, EXIT_USAGE, main
+from cxrtrek.interfaces.cli import EXIT_OK, EXIT_USAGE, main
 
 
 def test_train_two_steps_then_read_with_the_result(tmp_path: Path,

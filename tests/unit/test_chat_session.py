@@ -14,14 +14,14 @@ import pytest
 from rich.console import Console
 
 from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent
-from cxrtrek.agent.backends import load_backend
-from cxrtrek.agent.chat import PROMPT, ChatSession, cmd_chat
-from cxrtrek.agent.protocol import VLMRequest, VLMResponse
-from cxrtrek.agent.scripted import ScriptedBackend
+from cxrtrek.backends.registry import load_backend
+from cxrtrek.backends.scripted import ScriptedBackend
 from cxrtrek.data.images import example_images
 from cxrtrek.data.intake import study_from_images
 from cxrtrek.errors import BackendError
 from cxrtrek.graph.trace import FollowupRecord, ReviewRecord, RunRecord
+from cxrtrek.interfaces.chat import PROMPT, ChatSession, cmd_chat
+from cxrtrek.protocol import VLMRequest, VLMResponse
 from cxrtrek.schema import Study
 
 Line = str | BaseException

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cxrtrek.agent.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
 from cxrtrek.data.images import EXAMPLES_DIR
+from cxrtrek.interfaces.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
 
 EXAMPLES = Path(EXAMPLES_DIR)
 

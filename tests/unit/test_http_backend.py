@@ -11,9 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
-from cxrtrek.agent.http import HTTPBackend
-from cxrtrek.agent.protocol import DecodingSettings, VLMBackend, VLMRequest
+from cxrtrek.backends.http import HTTPBackend
 from cxrtrek.errors import BackendError, ConfigError, TransientError
+from cxrtrek.protocol import DecodingSettings, VLMBackend, VLMRequest
 from cxrtrek.schema import ImageRef
 
 PNG = b"\x89PNG\r\n\x1a\n fake png bytes"

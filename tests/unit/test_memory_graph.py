@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent
-from cxrtrek.agent.protocol import VLMRequest
-from cxrtrek.agent.scripted import ScriptedBackend
+from cxrtrek.backends.scripted import ScriptedBackend
 from cxrtrek.errors import DataError
 from cxrtrek.graph.trace import QuestionRecord, RunRecord
 from cxrtrek.memory import HashEmbedder, MemorySettings, VectorMemory
+from cxrtrek.protocol import VLMRequest
 from cxrtrek.schema import ImageRef, Study
 
 

@@ -26,11 +26,11 @@ def test_import_cxrtrek_is_light() -> None:
 
 
 def test_cli_help_is_light_and_fast() -> None:
-    code = ("from cxrtrek.agent.cli import main\n"
+    code = ("from cxrtrek.interfaces.cli import main\n"
             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass")
     assert not _imported_after(code) & {"torch", "transformers", "chromadb", "langgraph"}
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "cxrtrek.agent.cli", "--help"],
+    proc = subprocess.run([sys.executable, "-m", "cxrtrek.interfaces.cli", "--help"],
                           capture_output=True, text=True, check=True)
     elapsed = time.perf_counter() - start
     assert "inspect" in proc.stdout

@@ -237,7 +237,7 @@ def test_bad_size_is_refused() -> None:
 
 
 def test_cli_writes_a_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from cxrtrek.agent.cli import main
+    from cxrtrek.interfaces.cli import main
 
     assert main(["phantoms", "--n", "2", "--seed", "4", "--out", str(tmp_path),
                  "--size", "160"]) == 0

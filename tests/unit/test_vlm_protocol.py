@@ -9,9 +9,9 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from cxrtrek.agent.protocol import ContextPair, VLMBackend, VLMRequest, VLMResponse
-from cxrtrek.agent.scripted import ScriptedBackend
+from cxrtrek.backends.scripted import ScriptedBackend
 from cxrtrek.errors import BackendError, TransientError
+from cxrtrek.protocol import ContextPair, VLMBackend, VLMRequest, VLMResponse
 from cxrtrek.schema import ImageRef
 
 IMG = ImageRef(data=b"not really a png")
@@ -22,8 +22,8 @@ def _req(rid: str, question: str = "What is the view?") -> VLMRequest:
 
 
 def test_protocol_import_is_light() -> None:
-    code = ("import sys, cxrtrek.agent.protocol, cxrtrek.agent.scripted, "
-            "cxrtrek.agent.inprocess; "
+    code = ("import sys, cxrtrek.protocol, cxrtrek.backends.scripted, "
+            "cxrtrek.backends.inprocess; "
             "heavy = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,7 +1,7 @@
 """A VLM backend that serves a trace's recorded outputs: replay without a model.
 
 Each request is matched to a recorded question by its stage and question id (from the
-request id, see :func:`cxrtrek.graph.nodes.request_id`) and must ask the same question text;
+request id, see :func:`cxrtrek.protocol.request_id`) and must ask the same question text;
 the recorded raw output comes back. A request the trace does not hold is a
 :class:`~cxrtrek.errors.BackendError` naming it.
 """
@@ -11,14 +11,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from cxrtrek.agent.protocol import VLMRequest, VLMResponse
 from cxrtrek.errors import BackendError
+from cxrtrek.protocol import VLMRequest, VLMResponse
 
 __all__ = ["RecordedBackend"]
 
 
 class RecordedBackend:
-    """Implements :class:`~cxrtrek.agent.protocol.VLMBackend` from a trace."""
+    """Implements :class:`~cxrtrek.protocol.VLMBackend` from a trace."""
 
     def __init__(self, trace: str | Path | Sequence[object], *,
                  model_id: str | None = None) -> None:
@@ -32,7 +32,7 @@ class RecordedBackend:
         self.calls: list[tuple[VLMRequest, ...]] = []
 
     async def generate(self, requests: Sequence[VLMRequest]) -> list[VLMResponse]:
-        from cxrtrek.graph.nodes import split_request_id
+        from cxrtrek.protocol import split_request_id
 
         self.calls.append(tuple(requests))
         out: list[VLMResponse] = []

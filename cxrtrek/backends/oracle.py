@@ -1,6 +1,6 @@
 """A VLM backend that answers a study's questions with their reference answers (dataset mode).
 
-Built on :class:`~cxrtrek.agent.scripted.ScriptedBackend` with a callable script: a request is
+Built on :class:`~cxrtrek.backends.scripted.ScriptedBackend` with a callable script: a request is
 matched to the study's question by the question id in its request id, and gets that
 question's reference answer text. For conformance tests and for measuring everything but the
 model.
@@ -8,9 +8,9 @@ model.
 
 from __future__ import annotations
 
-from cxrtrek.agent.protocol import VLMRequest
-from cxrtrek.agent.scripted import ScriptedBackend
+from cxrtrek.backends.scripted import ScriptedBackend
 from cxrtrek.errors import BackendError
+from cxrtrek.protocol import VLMRequest
 from cxrtrek.schema import Study
 
 __all__ = ["OracleBackend"]
@@ -25,7 +25,7 @@ class OracleBackend(ScriptedBackend):
         super().__init__(self._answer, model_id=model_id)
 
     def _answer(self, request: VLMRequest) -> str:
-        from cxrtrek.graph.nodes import split_request_id
+        from cxrtrek.protocol import split_request_id
 
         _, _, qid = split_request_id(request.request_id)
         ref = self.study.references.get(qid)

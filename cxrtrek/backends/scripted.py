@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-from cxrtrek.agent.protocol import VLMRequest, VLMResponse
 from cxrtrek.errors import BackendError
+from cxrtrek.protocol import VLMRequest, VLMResponse
 
 __all__ = ["ScriptedBackend"]
 

@@ -82,7 +82,7 @@ Client file names are never used as paths.
 *The ``cxrtrek api`` command* builds :class:`ApiSettings` with :meth:`ApiSettings.create`
 from these flags and calls :func:`serve_api`: ``--host`` (127.0.0.1), ``--port`` (8080),
 ``--token`` (default ``$CXRTREK_API_TOKEN``), ``--backend`` (``demo``; see
-:mod:`cxrtrek.agent.backends`), ``--home`` (``$CXRTREK_HOME`` or ``./.cxrtrek``),
+:mod:`cxrtrek.backends.registry`), ``--home`` (``$CXRTREK_HOME`` or ``./.cxrtrek``),
 ``--context`` (``full``, ``retrieved`` or ``none``), ``--max-image-mb`` (20),
 ``--max-request-mb`` (64), ``--max-images`` (8), ``--max-concurrent-runs`` (2).
 """
@@ -121,7 +121,7 @@ from cxrtrek.agent.agent import (
     RunReport,
     StageEvent,
 )
-from cxrtrek.agent.backends import DEFAULT_BACKEND
+from cxrtrek.backends.registry import DEFAULT_BACKEND
 from cxrtrek.errors import (
     BackendError,
     ConfigError,
@@ -134,8 +134,8 @@ from cxrtrek.errors import (
     UnsupportedTransferSyntaxError,
 )
 from cxrtrek.graph.state import ContextPolicy, RunSettings
-from cxrtrek.model.server import bearer_problem, is_loopback_host
 from cxrtrek.schema import Study
+from cxrtrek.serve.server import bearer_problem, is_loopback_host
 
 if TYPE_CHECKING:
     import socket
@@ -183,7 +183,7 @@ class ApiSettings(BaseModel):
     token: str | None = None
     """Bearer token required on ``/v1/*``; required to bind a non-loopback address."""
     backend: str = DEFAULT_BACKEND
-    """The backend spec :func:`serve_api` loads (:func:`cxrtrek.agent.backends.load_backend`)."""
+    """The backend spec :func:`serve_api` loads (:func:`cxrtrek.backends.registry.load_backend`)."""
     home: str | None = None
     """Checkpoints, traces and uploads (``<home>/uploads/<run_id>/``); None:
     ``$CXRTREK_HOME`` or ``./.cxrtrek``, as :attr:`AgentSettings.home`."""
@@ -975,7 +975,7 @@ def api_server(app: FastAPI, settings: ApiSettings, *,
 
     runs = app.state.cxrtrek_runs
     if not isinstance(runs, _Runs):
-        raise ConfigError("api_server serves an app made by cxrtrek.agent.api.create_app")
+        raise ConfigError("api_server serves an app made by cxrtrek.interfaces.api.create_app")
 
     class _Server(uvicorn.Server):
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
@@ -997,7 +997,7 @@ def api_server(app: FastAPI, settings: ApiSettings, *,
 def serve_api(settings: ApiSettings) -> None:
     """Load the backend, build the agent, and serve the API until SIGINT/SIGTERM (then end
     the event streams, let runs in flight finish within ``drain_timeout_s``, and return)."""
-    from cxrtrek.agent.backends import load_backend
+    from cxrtrek.backends.registry import load_backend
 
     backend = load_backend(settings.backend)
     agent = CXRTrekAgent(backend, settings=settings.agent_settings())

@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cxrtrek.schema import ImageRef
 
-__all__ = ["ContextPair", "DecodingSettings", "VLMBackend", "VLMRequest", "VLMResponse"]
+__all__ = ["ContextPair", "DecodingSettings", "VLMBackend", "VLMRequest", "VLMResponse",
+           "request_id", "split_request_id"]
 
 
 class ContextPair(BaseModel):
@@ -97,3 +98,15 @@ class VLMBackend(Protocol):
     model_id: str
 
     async def generate(self, requests: Sequence[VLMRequest]) -> list[VLMResponse]: ...
+
+
+def request_id(run_id: str, stage: int, question_id: str) -> str:
+    """A request's id, ``<run>/<stage>/<question>``: unique within a run. Backends that serve
+    answers by question (oracle, recorded) read it back with :func:`split_request_id`."""
+    return f"{run_id}/{stage}/{question_id}"
+
+
+def split_request_id(rid: str) -> tuple[str, int, str]:
+    """(run id, stage, question id) of a :func:`request_id`."""
+    run, stage, question = rid.rsplit("/", 2)
+    return run, int(stage), question

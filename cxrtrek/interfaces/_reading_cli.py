@@ -11,9 +11,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent, RunReport, StageEvent
-from cxrtrek.agent.backends import load_backend
-from cxrtrek.agent.protocol import VLMBackend
+from cxrtrek.backends.registry import load_backend
 from cxrtrek.errors import ConfigError, FormatError
+from cxrtrek.protocol import VLMBackend
 from cxrtrek.schema import StageResult, Study
 from cxrtrek.stages import STAGES
 
@@ -204,7 +204,7 @@ def cmd_resume(run_id: str, *, backend: str, settings: AgentSettings, approve: b
 def cmd_delete(run_ids: Sequence[str], *, settings: AgentSettings, yes: bool,
                json_out: bool) -> int:
     """``cxrtrek delete``: delete runs' checkpoints and traces, after a confirmation."""
-    from cxrtrek.agent.scripted import ScriptedBackend
+    from cxrtrek.backends.scripted import ScriptedBackend
     from cxrtrek.errors import DataError
 
     console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -238,7 +238,7 @@ def cmd_delete(run_ids: Sequence[str], *, settings: AgentSettings, yes: bool,
 
 def _oracle_for(run_id: str, settings: AgentSettings) -> VLMBackend:
     """The scripted oracle of a dataset-mode run's own study (from its checkpoint)."""
-    from cxrtrek.agent.scripted import ScriptedBackend
+    from cxrtrek.backends.scripted import ScriptedBackend
 
     probe = CXRTrekAgent(ScriptedBackend(default=""), settings=settings)
     study = probe.study_of(run_id)
@@ -309,7 +309,7 @@ def _emit(json_out: bool, payload: dict[str, object]) -> None:
 
 
 def _recorded(records: Sequence[object]) -> VLMBackend:
-    from cxrtrek.agent.recorded import RecordedBackend
+    from cxrtrek.backends.recorded import RecordedBackend
 
     return RecordedBackend(records)
 

@@ -35,11 +35,12 @@ hits, queue wait, batch size) that OpenAI clients ignore.
 
 *Batching.* Requests wait in a bounded queue (full: 429). One worker takes the first waiting
 request, gathers more for up to ``max_wait_ms`` or until ``max_batch_size``, and answers them
-with one ``generate`` call of the backend (for :class:`~cxrtrek.agent.inprocess.InProcessBackend`,
-one batched greedy generation, with the vision features cached by image SHA-256). A batch
-that fails on one bad request is answered again one request at a time, so only that request
-fails. Each request has a deadline (504 past it); shutdown stops accepting, answers what is
-queued and in flight (up to ``drain_timeout_s``), then exits.
+with one ``generate`` call of the backend (for
+:class:`~cxrtrek.backends.inprocess.InProcessBackend`, one batched greedy generation, with the
+vision features cached by image SHA-256). A batch that fails on one bad request is answered
+again one request at a time, so only that request fails. Each request has a deadline (504 past
+it); shutdown stops accepting, answers what is queued and in flight (up to ``drain_timeout_s``),
+then exits.
 
 *Security.* Binds 127.0.0.1 by default. With ``token`` set, ``/v1/*`` and ``/metrics`` need
 ``Authorization: Bearer <token>``; any other bind address needs a token (else
@@ -68,14 +69,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cxrtrek.agent.protocol import (
+from cxrtrek.errors import BackendError, ConfigError, DataError, TransientError
+from cxrtrek.protocol import (
     ContextPair,
     DecodingSettings,
     VLMBackend,
     VLMRequest,
     VLMResponse,
 )
-from cxrtrek.errors import BackendError, ConfigError, DataError, TransientError
 from cxrtrek.schema import ImageRef
 
 if TYPE_CHECKING:
@@ -89,7 +90,6 @@ __all__ = [
     "ChatCompletionRequest",
     "ServerSettings",
     "create_app",
-    "load_backend",
     "serve",
     "to_vlm_request",
 ]
@@ -100,7 +100,7 @@ DEFAULT_MAX_TOKENS = 128
 _LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
 
 
-# --- shared with the agent's HTTP API (cxrtrek.agent.api) ------------------------------------
+# --- shared with the agent's HTTP API (cxrtrek.interfaces.api) ------------------------------------
 
 
 def is_loopback_host(host: str) -> bool:
@@ -662,7 +662,7 @@ BackendOrModel = VLMBackend | tuple["CXRTrekNetForConditionalGeneration", "CXRTr
 
 def _as_backend(backend_or_model: BackendOrModel, settings: ServerSettings) -> VLMBackend:
     if isinstance(backend_or_model, tuple):
-        from cxrtrek.agent.inprocess import InProcessBackend
+        from cxrtrek.backends.inprocess import InProcessBackend
 
         model, processor = backend_or_model
         return InProcessBackend(model, processor, model_id=settings.model_id,
@@ -674,7 +674,7 @@ def _as_backend(backend_or_model: BackendOrModel, settings: ServerSettings) -> V
 def create_app(backend_or_model: BackendOrModel,
                settings: ServerSettings | None = None) -> FastAPI:
     """The FastAPI app serving a backend (usually an
-    :class:`~cxrtrek.agent.inprocess.InProcessBackend`) or a ``(model, processor)`` pair."""
+    :class:`~cxrtrek.backends.inprocess.InProcessBackend`) or a ``(model, processor)`` pair."""
     settings = settings or ServerSettings()
     settings.check_bind()
     backend = _as_backend(backend_or_model, settings)
@@ -824,35 +824,6 @@ def create_app(backend_or_model: BackendOrModel,
 
 
 # --- running it ------------------------------------------------------------------------------
-
-
-def load_backend(model: str, *, device: str | None = None, dtype: str | None = None,
-                 max_batch_size: int = 8, cache_size: int = 256,
-                 prefix_cache_size: int = 16) -> VLMBackend:
-    """An in-process backend over a preset (``tiny``, ``demo``: random weights, seed 0) or a
-    saved model folder. ``device``/``dtype`` None or ``auto``: CUDA with bf16 when available,
-    else CPU with fp32."""
-    import torch
-
-    from cxrtrek.agent.inprocess import InProcessBackend
-    from cxrtrek.model.build import build_preset, resolve_device
-    from cxrtrek.model.configuration import PRESETS
-
-    dev = None if device in (None, "auto") else device
-    dt = None if dtype in (None, "auto") else dtype
-    if dev is not None and dev.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {dev!r} was asked for, but CUDA is not available here; "
-                          "expected cpu or auto")
-    if model in PRESETS:
-        device_, dtype_ = resolve_device(dev, dt)
-        net, processor = build_preset(model, seed=0)
-        net = torch.nn.Module.to(net, device_, dtype_).train(False)
-        log.info("built preset %s (random weights) on %s in %s", model, device_, dtype_)
-        return InProcessBackend(net, processor, model_id=f"cxrtrek-net-{model}",
-                                max_batch_size=max_batch_size, cache_size=cache_size,
-                                prefix_cache_size=prefix_cache_size)
-    return InProcessBackend.load(model, device=dev, dtype=dt, max_batch_size=max_batch_size,
-                                 cache_size=cache_size, prefix_cache_size=prefix_cache_size)
 
 
 def _uvicorn_config(app: FastAPI, settings: ServerSettings,

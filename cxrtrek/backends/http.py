@@ -7,7 +7,7 @@
         agent = CXRTrekAgent(backend)
         report = await agent.arun(study)
 
-Speaks the format of :mod:`cxrtrek.model.server` (our server), which is plain OpenAI
+Speaks the format of :mod:`cxrtrek.serve.server` (our server), which is plain OpenAI
 chat completions, so the same client drives vLLM or a hosted VLM:
 
 - a ``system`` message (when the request has one); then each earlier stage's question and
@@ -48,8 +48,8 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cxrtrek.agent.protocol import VLMRequest, VLMResponse
 from cxrtrek.errors import BackendError, ConfigError, DataError, TransientError
+from cxrtrek.protocol import VLMRequest, VLMResponse
 from cxrtrek.schema import ImageRef
 
 __all__ = ["HTTPBackend"]
@@ -127,7 +127,7 @@ def _error_message(response: httpx.Response) -> str:
 
 
 class HTTPBackend:
-    """Implements :class:`~cxrtrek.agent.protocol.VLMBackend` over OpenAI-compatible servers.
+    """Implements :class:`~cxrtrek.protocol.VLMBackend` over OpenAI-compatible servers.
 
     ``base_urls``: one or more replicas (``http://host:port/v1``; a bare ``host:port`` URL
     gets ``/v1``). ``token``: sent as ``Authorization: Bearer``. ``model``: the ``model``

@@ -39,7 +39,6 @@ from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent, RunReport
-from cxrtrek.agent.backends import BACKEND_SPECS, DEFAULT_BACKEND
 from cxrtrek.agent.subagent import (
     TOOL_DESCRIPTION,
     TOOL_NAME,
@@ -48,6 +47,7 @@ from cxrtrek.agent.subagent import (
     prepare_reading,
     run_error_message,
 )
+from cxrtrek.backends.registry import BACKEND_SPECS, DEFAULT_BACKEND
 from cxrtrek.errors import CXRTrekError, DataError
 from cxrtrek.graph.trace import TraceRecord
 
@@ -88,7 +88,7 @@ class _Reader:
 
     async def _agent(self) -> CXRTrekAgent:
         if self.agent is None:
-            from cxrtrek.agent.backends import load_backend
+            from cxrtrek.backends.registry import load_backend
 
             log.info("loading backend %r (first reading)", self.spec)
             try:
@@ -215,7 +215,7 @@ def _log_to_stderr() -> None:
 
 def run_mcp_stdio(backend: str = DEFAULT_BACKEND, settings: AgentSettings | None = None) -> None:
     """Serve cxrtrek over MCP on stdin/stdout until the client closes the stream. The backend
-    (a spec of :func:`~cxrtrek.agent.backends.load_backend`) loads on the first reading."""
+    (a spec of :func:`~cxrtrek.backends.registry.load_backend`) loads on the first reading."""
     _log_to_stderr()
     settings = settings or AgentSettings()
     server = build_server(backend, settings)

@@ -555,7 +555,7 @@ def cmd_chat(images: list[Path], prior: list[Path], indication: str | None, back
              settings: AgentSettings, review: bool) -> int:
     """Read a study of ``images`` and hold the session; the exit code (0 done, 1 the reading
     failed, 2 bad images or backend, 130 interrupted)."""
-    from cxrtrek.agent.backends import load_backend
+    from cxrtrek.backends.registry import load_backend
     from cxrtrek.data.intake import study_from_images
 
     try:

@@ -1,10 +1,10 @@
 """The ``cxrtrek`` command line (typer).
 
-Each command is a typer function here that imports its handler when it runs, so
-``cxrtrek --help`` imports nothing heavy. The handlers live next door: reading commands in
-:mod:`cxrtrek.agent._reading_cli`, the session in :mod:`cxrtrek.agent.chat`, the HTTP API in
-:mod:`cxrtrek.agent.api`, the MCP server in :mod:`cxrtrek.agent.mcp_server`, the rest in
-:mod:`cxrtrek.agent._commands` and :mod:`cxrtrek.evals._cli`.
+Each command is a typer function here that imports its handler when it runs, so ``cxrtrek
+--help`` imports nothing heavy. The handlers live next door: reading commands in
+:mod:`cxrtrek.interfaces._reading_cli`, the session in :mod:`cxrtrek.interfaces.chat`, the HTTP
+API in :mod:`cxrtrek.interfaces.api`, the MCP server in :mod:`cxrtrek.interfaces.mcp`, the rest
+in :mod:`cxrtrek.interfaces._commands` and :mod:`cxrtrek.interfaces.eval_cli`.
 
 Exit codes: 0 done; 1 the command ran and some of its work failed (a file did not decode, a
 run did not complete, a replay diverged); 2 bad arguments or input (nothing was done); 130
@@ -179,7 +179,7 @@ def run_cmd(
     every stage (see `cxrtrek resume`) and traced as JSONL (see `cxrtrek replay`). With
     --json, progress goes to stderr and one report per study (JSON) to stdout.
     """
-    from cxrtrek.agent._reading_cli import cmd_run
+    from cxrtrek.interfaces._reading_cli import cmd_run
 
     settings = _agent_settings(home=home, checkpoint_db=checkpoint_db, trace_dir=trace_dir,
                                context=context, mode=mode, nondiagnostic=nondiagnostic,
@@ -211,7 +211,7 @@ def read_cmd(
 ) -> int:
     """`cxrtrek run` on a CXRTrek-format file, answering from its references by default
     (kept for scripts written against earlier versions)."""
-    from cxrtrek.agent._reading_cli import cmd_run
+    from cxrtrek.interfaces._reading_cli import cmd_run
 
     settings = _agent_settings(checkpoint_db=checkpoint_db, trace_dir=trace_dir,
                                context=context, mode=mode, nondiagnostic=nondiagnostic,
@@ -235,7 +235,7 @@ def resume_cmd(
 ) -> int:
     """Continue a run: an interrupted one from its last completed stage, or one paused for
     review (asks for each answer on stdin: Enter keeps it, text replaces it)."""
-    from cxrtrek.agent._reading_cli import cmd_resume
+    from cxrtrek.interfaces._reading_cli import cmd_resume
 
     settings = _agent_settings(home=home, checkpoint_db=checkpoint_db, trace_dir=trace_dir)
     return cmd_resume(run_id, backend=backend, settings=settings, approve=approve,
@@ -256,7 +256,7 @@ def delete_cmd(
     Asks first unless --yes. Exit 1 when a run is found nowhere. The HTTP API's
     DELETE /v1/runs/RUN_ID also removes the run's uploads and its vector-memory items.
     """
-    from cxrtrek.agent._reading_cli import cmd_delete
+    from cxrtrek.interfaces._reading_cli import cmd_delete
 
     settings = _agent_settings(home=home, checkpoint_db=checkpoint_db, trace_dir=trace_dir)
     return cmd_delete(run_ids, settings=settings, yes=yes, json_out=json_out)
@@ -291,7 +291,7 @@ def replay_cmd(
 
     Replays and forks need the run's checkpoints (the same --home) unless --study is given.
     """
-    from cxrtrek.agent._reading_cli import cmd_replay
+    from cxrtrek.interfaces._reading_cli import cmd_replay
 
     settings = _agent_settings(home=home, checkpoint_db=checkpoint_db,
                                trace_dir=trace.parent)
@@ -319,7 +319,7 @@ def chat_cmd(
     /stage N, /edit N (correct an answer, fork, re-run downstream, show the diff),
     /review on|off, /trace, /report, /save [PATH], /help, /quit.
     """
-    from cxrtrek.agent.chat import cmd_chat
+    from cxrtrek.interfaces.chat import cmd_chat
 
     settings = _agent_settings(home=home, context=context)
     return cmd_chat(images, prior or [], indication, backend, settings, review)
@@ -331,8 +331,9 @@ def chat_cmd(
 @app.command("serve")
 def serve_cmd(
     model: Annotated[str, typer.Option(
-        "--model", metavar="PATH|tiny|demo",
-        help="a saved model folder, or a preset with random weights")] = "tiny",
+        "--model", metavar="SPEC|PATH|tiny",
+        help="a backend as --backend names it (demo: the bundled checkpoint, inprocess:PATH, "
+             "...), a saved model folder, or tiny (random weights)")] = "tiny",
     device: Annotated[str, typer.Option(
         "--device", metavar="cuda|cpu|auto",
         help="e.g. cpu, cuda, cuda:1 (auto: CUDA when available)")] = "auto",
@@ -379,7 +380,7 @@ def serve_cmd(
     127.0.0.1 unless told otherwise; any other address needs a token. SIGINT/SIGTERM drain.
     """
     params = dict(locals())  # the options, before anything else is bound here
-    from cxrtrek.agent._commands import cmd_serve
+    from cxrtrek.interfaces._commands import cmd_serve
 
     return cmd_serve(argparse.Namespace(**params))
 
@@ -411,7 +412,7 @@ def api_cmd(
     behind. SIGINT/SIGTERM end the event streams, let runs in flight finish for a while, and
     leave the rest resumable.
     """
-    from cxrtrek.agent.api import ApiSettings, serve_api
+    from cxrtrek.interfaces.api import ApiSettings, serve_api
 
     mib = 1024 * 1024
     fields: dict[str, Any] = {
@@ -431,7 +432,7 @@ def mcp_cmd(
     home: Home = None,
 ) -> int:
     """Serve the interpret_chest_xray tool over MCP (stdio), for clinical assistants."""
-    from cxrtrek.agent.mcp_server import run_mcp_stdio
+    from cxrtrek.interfaces.mcp import run_mcp_stdio
 
     run_mcp_stdio(backend, _agent_settings(home=home, context=context))
     return EXIT_OK
@@ -458,7 +459,7 @@ def inspect_cmd(
     or the reason a file was refused. Folders are walked (hidden and text files skipped).
     Exits 1 if any file failed.
     """
-    from cxrtrek.agent._commands import cmd_inspect
+    from cxrtrek.interfaces._commands import cmd_inspect
 
     return cmd_inspect(argparse.Namespace(paths=[str(p) for p in paths], json=json_out,
                                           max_pixels=max_pixels, any_body_part=any_body_part))
@@ -479,7 +480,7 @@ def phantoms_cmd(
     Writes images/, phantoms.json (CXRTrek format) and truth.jsonl to OUT. The same seed
     gives the same bytes.
     """
-    from cxrtrek.agent._commands import cmd_phantoms
+    from cxrtrek.interfaces._commands import cmd_phantoms
 
     return cmd_phantoms(argparse.Namespace(n=n, out=out, seed=seed, size=size,
                                            prior_fraction=prior_fraction))
@@ -561,7 +562,7 @@ def train_cmd(
     --backend inprocess:OUTPUT_DIR.
     """
     params = dict(locals())  # the options, before anything else is bound here
-    from cxrtrek.agent._commands import cmd_train
+    from cxrtrek.interfaces._commands import cmd_train
 
     return cmd_train(argparse.Namespace(**params))
 
@@ -612,7 +613,7 @@ def eval_cmd(
     --out. 'cxrtrek eval compare A B' prints the per-stage deltas B - A of two results.
     """
     params = dict(locals())  # the options, before anything else is bound here
-    from cxrtrek.evals._cli import cmd_eval
+    from cxrtrek.interfaces.eval_cli import cmd_eval
 
     params["action"] = action or []
     params["json"] = params.pop("json_out")

@@ -1,5 +1,5 @@
 """The handlers of ``cxrtrek inspect``, ``train``, ``phantoms`` and ``serve`` (loaded only when
-they run; :mod:`cxrtrek.agent.cli` declares the commands)."""
+they run; :mod:`cxrtrek.interfaces.cli` declares the commands)."""
 
 from __future__ import annotations
 
@@ -154,8 +154,17 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
     sys.stdout.write(f"{path}\n")
     return EXIT_OK
 
+def serve_spec(model: str) -> str:
+    """The backend spec of ``serve --model``: a spec as ``--backend`` takes it, or a bare
+    model folder or preset name (``tiny``: random weights) as shorthand for ``inprocess:``."""
+    if model in ("tiny",) or (":" not in model and model != "demo"):
+        return f"inprocess:{model}"
+    return model
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    from cxrtrek.model.server import ServerSettings, load_backend, serve
+    from cxrtrek.backends.registry import BackendOptions, load_backend
+    from cxrtrek.serve.server import ServerSettings, serve
 
     settings = ServerSettings.create(  # bad settings fail here, before the model loads
         host=args.host, port=args.port, token=args.token or os.environ.get(
@@ -168,9 +177,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    backend = load_backend(args.model, device=args.device, dtype=args.dtype,
-                           max_batch_size=settings.max_batch_size,
-                           cache_size=settings.cache_size,
-                           prefix_cache_size=args.prefix_cache)
+    backend = load_backend(serve_spec(args.model), options=BackendOptions(
+        device=args.device, dtype=args.dtype, max_batch_size=settings.max_batch_size,
+        cache_size=settings.cache_size, prefix_cache_size=args.prefix_cache))
     serve(backend, settings)
     return EXIT_OK

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
-from cxrtrek.agent.protocol import VLMBackend, VLMRequest
-from cxrtrek.agent.scripted import ScriptedBackend
+from cxrtrek.backends.scripted import ScriptedBackend
 from cxrtrek.errors import ConfigError
+from cxrtrek.protocol import VLMBackend, VLMRequest
 from cxrtrek.schema import Study
 
-__all__ = ["BACKEND_SPECS", "DEFAULT_BACKEND", "demo_checkpoint", "load_backend",
+__all__ = ["BACKEND_SPECS", "DEFAULT_BACKEND", "BackendOptions", "demo_checkpoint", "load_backend",
            "plausible_backend"]
 
 DEFAULT_BACKEND = "demo"
@@ -80,11 +81,68 @@ def plausible_backend() -> ScriptedBackend:
     return ScriptedBackend(_plausible, model_id="scripted")
 
 
-def load_backend(spec: str, study: Study | None = None) -> VLMBackend:
-    """The backend a spec names (see the module's table); :class:`ConfigError` otherwise."""
+@dataclass(frozen=True)
+class BackendOptions:
+    """How an in-process model loads and batches (ignored by the other backends)."""
+
+    device: str | None = None
+    """``cpu``, ``cuda[:N]`` or None/``auto``: CUDA with bf16 when available, else CPU."""
+    dtype: str | None = None
+    """``float32``, ``bfloat16``, ``float16`` or None/``auto``."""
+    max_batch_size: int = 8
+    cache_size: int = 256
+    prefix_cache_size: int = 16
+
+
+def _auto(value: str | None) -> str | None:
+    return None if value in (None, "auto") else value
+
+
+def _check_device(device: str | None) -> None:
+    if device is not None and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} was asked for, but CUDA is not available "
+                              "here; expected cpu or auto")
+
+
+def _inprocess(target: str, options: BackendOptions, model_id: str | None = None) -> VLMBackend:
+    from cxrtrek.backends.inprocess import InProcessBackend
+
+    device, dtype = _auto(options.device), _auto(options.dtype)
+    _check_device(device)
+    if Path(target).is_dir():
+        return InProcessBackend.load(
+            target, device=device, dtype=dtype, model_id=model_id,
+            max_batch_size=options.max_batch_size, cache_size=options.cache_size,
+            prefix_cache_size=options.prefix_cache_size)
+    if target in ("tiny", "demo"):
+        import torch
+
+        from cxrtrek.model.build import build_preset, resolve_device
+
+        device_, dtype_ = resolve_device(device, dtype)
+        net, processor = build_preset(target, seed=0)
+        net = torch.nn.Module.to(net, device_, dtype_).train(False)
+        return InProcessBackend(net, processor, model_id=f"{target}-random",
+                                max_batch_size=options.max_batch_size,
+                                cache_size=options.cache_size,
+                                prefix_cache_size=options.prefix_cache_size)
+    raise ConfigError(f"inprocess backend: {target!r} is not a model folder (nor the preset "
+                      "tiny or demo, random weights)")
+
+
+def load_backend(spec: str, study: Study | None = None, *,
+                 options: BackendOptions | None = None) -> VLMBackend:
+    """The backend a spec names (see the module's table); :class:`ConfigError` otherwise.
+
+    ``study`` is needed only by ``scripted-oracle``; ``options`` set the device, dtype and
+    batching of in-process models."""
     spec = spec.strip()
+    options = options or BackendOptions()
     if spec.startswith(("http:", "https:")):
-        from cxrtrek.agent.http import HTTPBackend
+        from cxrtrek.backends.http import HTTPBackend
 
         target = spec[len("http:"):] if spec.startswith("http:") and not spec.startswith(
             "http://") else spec
@@ -98,23 +156,11 @@ def load_backend(spec: str, study: Study | None = None) -> VLMBackend:
         if study is None or not study.questions:
             raise ConfigError("the scripted-oracle backend answers a dataset-mode study's "
                               "reference answers; this study has no questions")
-        from cxrtrek.agent.oracle import OracleBackend
+        from cxrtrek.backends.oracle import OracleBackend
 
         return OracleBackend(study)
     if spec == "demo":
-        from cxrtrek.agent.inprocess import InProcessBackend
-
-        return InProcessBackend.load(demo_checkpoint(), model_id="cxrtreknet-demo")
+        return _inprocess(str(demo_checkpoint()), options, model_id="cxrtreknet-demo")
     if spec.startswith("inprocess:"):
-        target = spec.split(":", 1)[1]
-        from cxrtrek.agent.inprocess import InProcessBackend
-
-        if Path(target).is_dir():
-            return InProcessBackend.load(target)
-        if target in ("tiny", "demo"):
-            from cxrtrek.model.build import build_preset
-
-            return InProcessBackend(*build_preset(target), model_id=f"{target}-random")
-        raise ConfigError(f"inprocess backend: {target!r} is not a model folder (nor the "
-                          "preset tiny or demo)")
+        return _inprocess(spec.split(":", 1)[1], options)
     raise ConfigError(f"unknown backend {spec!r}; expected {BACKEND_SPECS}")

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cxrtrek.agent.protocol import VLMRequest, VLMResponse
 from cxrtrek.errors import DataError
+from cxrtrek.protocol import VLMRequest, VLMResponse
 from cxrtrek.schema import ImageRef
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ class _Fitted:
 
 
 class InProcessBackend:
-    """Implements :class:`~cxrtrek.agent.protocol.VLMBackend` over a CXRTrekNet model."""
+    """Implements :class:`~cxrtrek.protocol.VLMBackend` over a CXRTrekNet model."""
 
     def __init__(self, model: CXRTrekNetForConditionalGeneration,
                  processor: CXRTrekNetProcessor, *, model_id: str | None = None,
