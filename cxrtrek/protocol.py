@@ -58,6 +58,12 @@ class VLMRequest(BaseModel):
     """The system prompt; None uses the model's own."""
     max_new_tokens: int = Field(default=128, ge=1)
     decoding: DecodingSettings = Field(default_factory=DecodingSettings)
+    qtype: str | None = None
+    """The question's CXRTrek type (``yes_no``, ``single-choice``, ``multi-choice-N``,
+    ``detection``, ``captioning``), when known: dialects for general models use it to ask
+    for an answer of the right form."""
+    options: list[str] = Field(default_factory=list)
+    """A choice question's options (``A. ...``), when known."""
 
     @model_validator(mode="before")
     @classmethod
@@ -89,6 +95,11 @@ class VLMResponse(BaseModel):
     context_used: int | None = Field(default=None, ge=0)
     """How many of the request's context pairs the model saw: a backend whose context window
     cannot hold them all drops the oldest and says so here. None: all of them (or unknown)."""
+    prompt: str | None = None
+    """The prompt the backend really sent, as text (images written ``<image>``), for the
+    trace; None: the backend renders no prompt (scripted, oracle, recorded)."""
+    dialect: str | None = None
+    """The dialect the prompt was built in (see :mod:`cxrtrek.prompts.dialects`), if any."""
 
 
 @runtime_checkable

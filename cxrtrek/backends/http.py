@@ -10,11 +10,11 @@
 Speaks the format of :mod:`cxrtrek.serve.server` (our server), which is plain OpenAI
 chat completions, so the same client drives vLLM or a hosted VLM:
 
-- a ``system`` message (when the request has one); then each earlier stage's question and
-  answer as a ``user`` / ``assistant`` pair; then the question as the last ``user`` turn. Each
-  user turn starts with its ``<stage_N>`` marker (CXRTrekNet's chat format);
-- the images as ``image_url`` parts (base64 ``data:`` URLs) of the first user turn, current
-  study first, then priors;
+- the chat of the backend's dialect (:mod:`cxrtrek.prompts.dialects`; by default
+  ``cxrtrek``, CXRTrekNet's own: a ``system`` message, each earlier stage's question and
+  answer as a ``user`` / ``assistant`` pair, then the question; each user turn starts with
+  its ``<stage_N>`` marker; the images lead the first user turn);
+- the images as ``image_url`` parts (base64 ``data:`` URLs) where the dialect places them;
 - ``max_tokens``, ``temperature`` (0: greedy), ``top_p`` and ``seed`` from the request.
 
 All requests of one :meth:`~HTTPBackend.generate` call go out concurrently over one pooled
@@ -135,14 +135,17 @@ class HTTPBackend:
     for an answer; ``connect_timeout``: for a connection. ``max_retries``: further attempts
     after the first on transient failures; backoff ``backoff_s * 2**attempt`` capped at
     ``backoff_max_s``, with equal jitter. ``transport``: an ``httpx`` transport (tests pass
-    ``httpx.MockTransport``).
+    ``httpx.MockTransport``). ``dialect``: how a request becomes a chat (see
+    :mod:`cxrtrek.prompts.dialects`; ``cxrtrek`` for CXRTrekNet behind ``cxrtrek serve``).
     """
 
     def __init__(self, base_urls: str | Sequence[str], *, token: str | None = None,
                  model: str | None = None, timeout: float = 120.0, connect_timeout: float = 5.0,
                  max_retries: int = 3, backoff_s: float = 0.25, backoff_max_s: float = 4.0,
                  max_connections: int = 64, transport: httpx.AsyncBaseTransport | None = None,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, dialect: str = "cxrtrek") -> None:
+        from cxrtrek.prompts.dialects import get_dialect
+
         urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
         if not urls:
             raise ConfigError("expected at least one base URL; got none")
@@ -151,6 +154,7 @@ class HTTPBackend:
         if timeout <= 0 or connect_timeout <= 0 or max_connections < 1:
             raise ConfigError("timeouts must be positive and max_connections at least 1")
         self.base_urls = [_normalize(u) for u in urls]
+        self.dialect = get_dialect(dialect)
         self.model = model
         self.model_id = model or self.base_urls[0]
         self.timeout = timeout
@@ -237,24 +241,12 @@ class HTTPBackend:
                 self._data_urls.popitem(last=False)
         return url
 
-    def _payload(self, request: VLMRequest) -> dict[str, Any]:
-        messages: list[dict[str, Any]] = []
-        if request.system is not None:
-            messages.append({"role": "system", "content": request.system})
-        images = [{"type": "image_url", "image_url": {"url": self._data_url(ref)}}
-                  for ref in request.images]
-        turns: list[tuple[str, str]] = [*((f"<stage_{c.stage}> {c.question}", c.answer)
-                                          for c in request.context)]
-        first = True
-        for question, answer in turns:
-            content: list[dict[str, Any]] = [*(images if first else []),
-                                             {"type": "text", "text": question}]
-            messages += [{"role": "user", "content": content},
-                         {"role": "assistant", "content": answer}]
-            first = False
-        messages.append({"role": "user", "content": [
-            *(images if first else []),
-            {"type": "text", "text": f"<stage_{request.stage}> {request.question}"}]})
+    def _payload(self, request: VLMRequest) -> tuple[dict[str, Any], str]:
+        """The request body, and the chat as text for the trace."""
+        from cxrtrek.prompts.dialects import openai_messages, render_turns
+
+        turns = self.dialect.chat(request)
+        messages = openai_messages(turns, lambda i: self._data_url(request.images[i]))
         payload: dict[str, Any] = {"messages": messages, "max_tokens": request.max_new_tokens}
         if self.model is not None:
             payload["model"] = self.model
@@ -267,7 +259,7 @@ class HTTPBackend:
                 payload["top_p"] = decoding.top_p
         if decoding.seed is not None:
             payload["seed"] = decoding.seed
-        return payload
+        return payload, render_turns(turns)
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         base = min(self.backoff_max_s, self.backoff_s * 2.0 ** attempt)
@@ -277,7 +269,7 @@ class HTTPBackend:
         return delay
 
     async def _send(self, request: VLMRequest) -> VLMResponse:
-        payload = self._payload(request)
+        payload, prompt = self._payload(request)
         client = self._http()
         failures: list[str] = []
         t0 = time.perf_counter()
@@ -300,7 +292,8 @@ class HTTPBackend:
             else:
                 status = response.status_code
                 if status == 200:
-                    return self._response(request, response, base, time.perf_counter() - t0)
+                    return self._response(request, response, base, time.perf_counter() - t0,
+                                          prompt)
                 message = _error_message(response)
                 if status != 429 and status < 500:
                     raise BackendError(f"request {request.request_id!r}: {base} answered HTTP "
@@ -318,7 +311,7 @@ class HTTPBackend:
                              f"(server {servers}); last: {failures[-1]}")
 
     def _response(self, request: VLMRequest, response: httpx.Response, base: str,
-                  latency: float) -> VLMResponse:
+                  latency: float, prompt: str) -> VLMResponse:
         try:
             completion = _Completion.model_validate_json(response.content)
         except ValidationError as exc:
@@ -331,9 +324,11 @@ class HTTPBackend:
         hits = extra.get("cache_hits")
         used = extra.get("context_used")
         return VLMResponse(
-            request_id=request.request_id, text=(choice.message.content or "").strip(),
+            request_id=request.request_id,
+            text=self.dialect.answer((choice.message.content or "").strip(), request),
             model_id=completion.model or self.model_id, prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens, latency_s=latency,
             finish_reason="length" if choice.finish_reason == "length" else "stop",
             cache_hits=hits if isinstance(hits, int) and hits >= 0 else 0,
-            context_used=used if isinstance(used, int) and used >= 0 else None)
+            context_used=used if isinstance(used, int) and used >= 0 else None,
+            prompt=prompt, dialect=self.dialect.name)

@@ -332,7 +332,8 @@ class InProcessBackend:
             completion_tokens=len(generated.ids), latency_s=time.perf_counter() - call.started,
             finish_reason="stop" if generated.finish_reason == "stop" else "length",
             cache_hits=call.hits.get(index, 0),
-            context_used=None if f.context_used == len(r.context) else f.context_used)
+            context_used=None if f.context_used == len(r.context) else f.context_used,
+            prompt=f.encoded.text, dialect="cxrtrek")
 
 
 _Admitted = tuple["Prefilled", list[tuple["_Call", int]], list[int], list["Decoding"]]

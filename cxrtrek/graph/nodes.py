@@ -280,7 +280,8 @@ def make_stage_node(spec: StageSpec) -> StageNode:
             question=q.text, images=images, system=system,
             context=[ContextPair(stage=c.item.stage, question=c.item.question,
                                  answer=c.item.answer) for c in chosen],
-            max_new_tokens=settings.max_new_tokens, decoding=settings.decoding)
+            max_new_tokens=settings.max_new_tokens, decoding=settings.decoding,
+            qtype=q.qtype, options=q.options)
             for q, chosen in zip(questions, contexts, strict=True)]
         errors: list[str] = []
         t0 = time.perf_counter()
@@ -322,23 +323,16 @@ def _question_records(run_id: str, questions: Sequence[Question],
                       answers: Sequence[Answer], contexts: Sequence[Sequence[ScoredContext]],
                       images: Sequence[ImageRef], *, latency: float, retries: int,
                       checkpoint: str | None, n_images: int) -> list[TraceRecord]:
-    from cxrtrek.prompts.render import ContextTurn, render_chat
-
     shas = [r.sha256 for r in images]
     out: list[TraceRecord] = []
     for q, req, resp, ans, chosen in zip(questions, requests, responses, answers, contexts,
                                          strict=True):
-        # the prompt as the model saw it: a backend may have dropped the oldest context pairs
-        seen = req.context if resp.context_used is None else (
-            req.context[len(req.context) - resp.context_used:])
-        prompt = render_chat(
-            system=req.system or "", n_images=max(1, n_images), stage=req.stage,
-            question=req.question,
-            context=[ContextTurn(c.stage, c.question, c.answer) for c in seen])
+        prompt = resp.prompt  # as the backend sent it (None: it renders none)
         out.append(QuestionRecord(
             run_id=run_id, stage=q.stage, question_id=q.id, request_id=req.request_id,
             task_type=q.task_type, qtype=q.qtype, question=q.text, options=q.options,
-            target=q.target, prompt=prompt, prompt_sha256=sha256_bytes(prompt.encode()),
+            target=q.target, prompt=prompt, dialect=resp.dialect,
+            prompt_sha256=None if prompt is None else sha256_bytes(prompt.encode()),
             images=shas, context=[ContextRef(id=c.item.id, score=c.score) for c in chosen],
             context_used=resp.context_used,
             model_id=resp.model_id, decoding=req.decoding, max_new_tokens=req.max_new_tokens,

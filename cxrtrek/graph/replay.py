@@ -224,7 +224,7 @@ def playback(records: Sequence[TraceRecord]) -> str:
             lines.append(f"  [{q.question_id}] {q.question}")
             ctx = f", context {len(q.context)}" if q.context else ""
             lines.append(f"    -> {q.raw_output}  ({q.parse_status}: {q.parsed.kind}{ctx}, "
-                         f"prompt {q.prompt_sha256[:12]})")
+                         f"prompt {(q.prompt_sha256 or 'none')[:12]})")
             edit = reviews.get((q.stage, q.question_id))
             if edit is not None:
                 lines.append(f"    edited by review -> {edit.after}")

@@ -110,8 +110,10 @@ class QuestionRecord(BaseModel):
     question: str
     options: list[str] = Field(default_factory=list)
     target: str | None = None
-    prompt: str
-    prompt_sha256: str
+    prompt: str | None
+    """The prompt the backend reported sending (None: it renders none, e.g. scripted)."""
+    prompt_sha256: str | None
+    dialect: str | None = None
     images: list[str | None] = Field(default_factory=list)
     context: list[ContextRef] = Field(default_factory=list)
     context_used: int | None = None

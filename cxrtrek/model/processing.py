@@ -7,6 +7,7 @@ supervise answer tokens only. :func:`collate` pads a batch on the left (inferenc
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,8 @@ class Encoded:
     input_ids: list[int]
     labels: list[int] | None = None
     segments: list[int] | None = None
+    text: str | None = None
+    """The rendered prompt the ids were made from (prompts for generation only)."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -82,7 +85,7 @@ class CXRTrekNetProcessor:
         """The prompt of one question, ready for generation."""
         text = render_chat(system=system if system is not None else self.system_prompt,
                            n_images=n_images, stage=stage, question=question, context=context)
-        return self._expand(self.tokenizer.encode(text), None)
+        return dataclasses.replace(self._expand(self.tokenizer.encode(text), None), text=text)
 
     def encode_training(self, turns: Sequence[ContextTurn], *, n_images: int,
                         system: str | None = None) -> Encoded:

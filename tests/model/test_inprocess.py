@@ -15,6 +15,7 @@ from cxrtrek.errors import DataError
 from cxrtrek.model.build import build_preset, save_pretrained
 from cxrtrek.model.modeling import CXRTrekNetForConditionalGeneration, DecodeBatch, _KVSlab
 from cxrtrek.model.processing import CXRTrekNetProcessor
+from cxrtrek.prompts.render import ContextTurn, render_chat
 from cxrtrek.protocol import VLMBackend, VLMRequest, VLMResponse
 from cxrtrek.schema import ImageRef
 
@@ -61,6 +62,19 @@ def test_backend_follows_the_protocol(tiny: Tiny, images: list[ImageRef]) -> Non
     assert [r.completion_tokens <= m for r, m in zip(out, (6, 9, 4), strict=True)]
     assert out[1].prompt_tokens > out[0].prompt_tokens
     assert all(r.finish_reason in ("stop", "length") for r in out)
+
+
+def test_the_response_carries_the_prompt_the_model_was_given(tiny: Tiny,
+                                                             images: list[ImageRef]) -> None:
+    backend = InProcessBackend(*tiny, model_id="tiny")
+    requests = _requests(images)
+    out = asyncio.run(backend.generate(requests))
+    for request, response in zip(requests, out, strict=True):
+        assert response.dialect == "cxrtrek"
+        assert response.prompt == render_chat(
+            system=request.system or backend.processor.system_prompt,
+            n_images=len(request.images), stage=request.stage, question=request.question,
+            context=[ContextTurn(c.stage, c.question, c.answer) for c in request.context])
 
 
 def test_batched_equals_one_at_a_time(tiny: Tiny, images: list[ImageRef]) -> None:

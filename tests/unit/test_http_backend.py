@@ -93,7 +93,8 @@ def test_wire_format_is_plain_openai_chat() -> None:
     assert base64.b64decode(url.split(",", 1)[1]) == PNG
     assert first[1] == {"type": "text", "text": "<stage_1> View?"}
     assert msgs[2]["content"] == "PA." and msgs[4]["content"] == "Yes."
-    assert msgs[5]["content"] == [{"type": "text", "text": "<stage_3> Where is the effusion?"}]
+    assert msgs[3]["content"] == "<stage_2> Effusion?"  # no image: a plain string
+    assert msgs[5]["content"] == "<stage_3> Where is the effusion?"
     assert (resp.request_id, resp.text, resp.model_id) == ("r1", "Left lower zone.",
                                                            "served-model")
     assert (resp.prompt_tokens, resp.completion_tokens, resp.cache_hits) == (11, 3, 1)
