@@ -92,6 +92,9 @@ class BackendOptions:
     max_batch_size: int = 8
     cache_size: int = 256
     prefix_cache_size: int = 16
+    dialect: str | None = None
+    """How requests become chats (:mod:`cxrtrek.prompts.dialects`); None: the backend's
+    default."""
 
 
 def _auto(value: str | None) -> str | None:
@@ -149,7 +152,8 @@ def load_backend(spec: str, study: Study | None = None, *,
         urls = [u.strip() for u in target.split(",") if u.strip()]
         if not urls:
             raise ConfigError(f"backend {spec!r}: expected http:URL[,URL...]")
-        return HTTPBackend(urls, token=os.environ.get("CXRTREK_SERVER_TOKEN") or None)
+        return HTTPBackend(urls, token=os.environ.get("CXRTREK_SERVER_TOKEN") or None,
+                           dialect=options.dialect or "cxrtrek")
     if spec == "scripted":
         return plausible_backend()
     if spec == "scripted-oracle":
