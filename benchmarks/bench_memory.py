@@ -33,13 +33,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -66,44 +65,6 @@ def _time(fn: Callable[[], Any], n: int, warmup: int = 5) -> list[float]:
         fn()
         out.append((time.perf_counter() - t0) * 1000.0)
     return out
-
-
-@contextmanager
-def chroma_server(root: Path) -> Iterator[tuple[str, int]]:
-    """``chroma run`` on a free loopback port, until the block ends."""
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    chroma = Path(sys.executable).with_name("chroma")
-    log = (root / "server.log").open("wb")
-    proc = subprocess.Popen([str(chroma), "run", "--path", str(root / "server-db"), "--host",
-                             "127.0.0.1", "--port", str(port)], stdout=log,
-                            stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"chroma run exited with {proc.returncode}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/api/v2/heartbeat",
-                             timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("chroma run did not answer its heartbeat in 60 s")
-            time.sleep(0.2)
-        yield "127.0.0.1", port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def fill(memory: Any, target: int, rng: np.random.Generator) -> float:
@@ -194,20 +155,18 @@ def _cells(*cells: Cell) -> list[str]:
 
 def bench_memory(args: argparse.Namespace, embedder: Any) -> list[tuple[str, ...]]:
     from cxrtrek.memory import MemorySettings, VectorMemory
+    from cxrtrek.memory.server import chroma_server
 
     rows: list[tuple[str, ...]] = []
     rng = np.random.default_rng(0)
     root = Path(tempfile.mkdtemp(prefix="bench-memory-", dir=args.workdir))
     try:
         for mode in args.modes:
-            if mode == "server":
-                server = chroma_server(root)
-                host, port = server.__enter__()
-                settings = MemorySettings(mode="server", host=host, port=port)
-            else:
-                server = None
-                settings = MemorySettings(path=str(root / "embedded-db"))
-            try:
+            with ExitStack() as stack:
+                if mode == "server":
+                    settings = stack.enter_context(chroma_server(root / "server"))
+                else:
+                    settings = MemorySettings(path=str(root / "embedded-db"))
                 for size in args.sizes:
                     # fresh memories per size: nothing indexed, nothing cached
                     memory = VectorMemory(settings, embedder=embedder)
@@ -220,9 +179,6 @@ def bench_memory(args: argparse.Namespace, embedder: Any) -> list[tuple[str, ...
                         rows.append((mode, f"{size:,}", name, *_cells(was, now),
                                      f"{build_s:.1f}"))
                         print(" | ".join(rows[-1]), flush=True)
-            finally:
-                if server is not None:
-                    server.__exit__(None, None, None)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return rows

@@ -19,6 +19,7 @@ _EXPORTS: dict[str, str] = {
     "CXRTrekAgent": "cxrtrek.agent.agent",
     "RunReport": "cxrtrek.agent.agent",
     "FollowUp": "cxrtrek.agent.agent",
+    "RunStore": "cxrtrek.agent.store",
     "load_backend": "cxrtrek.backends.registry",
     "ScriptedBackend": "cxrtrek.backends.scripted",
     "VLMBackend": "cxrtrek.protocol",
@@ -60,6 +61,7 @@ __all__ = [
     "Question",
     "Report",
     "RunReport",
+    "RunStore",
     "ScriptedBackend",
     "StageResult",
     "StageSpec",
@@ -79,6 +81,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent, FollowUp, RunReport
+    from cxrtrek.agent.store import RunStore
     from cxrtrek.backends.registry import load_backend
     from cxrtrek.backends.scripted import ScriptedBackend
     from cxrtrek.data.cxrtrek import load_studies, read_records, write_records

@@ -15,9 +15,12 @@
     agent.ask(run_id, "Is the effusion larger?")  # a follow-up, with the run as context
 
 Every run is checkpointed in SQLite after every transition (``durability="sync"``) and
-traced as JSONL (:mod:`cxrtrek.graph.trace`). The run's dependencies (backend, settings,
-tracer, retriever, prior lookup) reach the graph as LangGraph runtime context. ``agent.graph``
-is the compiled graph without a checkpointer: it nests in a parent LangGraph graph.
+traced as JSONL (:mod:`cxrtrek.graph.trace`), both kept in the agent's
+:class:`~cxrtrek.agent.store.RunStore` (``agent.store``: what needs no model, such as a
+finished run's report, its trace or deleting it, works on a store alone). The run's
+dependencies (backend, settings, tracer, retriever, prior lookup) reach the graph as LangGraph
+runtime context. ``agent.graph`` is the compiled graph without a checkpointer: it nests in a
+parent LangGraph graph.
 
 The sync methods (``run``, ``resume``, ...) run an event loop; inside one, use the ``a``-forms.
 """
@@ -28,14 +31,14 @@ import asyncio
 import logging
 import os
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict
 
-from cxrtrek.errors import CXRTrekError, DataError
+from cxrtrek.agent.store import DeletedRun, RunReport, RunStatus, RunStore, run_config
+from cxrtrek.errors import ConfigError, CXRTrekError, DataError
 from cxrtrek.graph.state import (
     PriorLookup,
     ReadInput,
@@ -44,12 +47,10 @@ from cxrtrek.graph.state import (
     RunMemory,
     RunSettings,
 )
-from cxrtrek.schema import Report, StageResult, Study
+from cxrtrek.schema import StageResult, Study
 
 if TYPE_CHECKING:
-    from langchain_core.runnables import RunnableConfig
     from langchain_core.tools import StructuredTool
-    from langgraph.checkpoint.memory import InMemorySaver
 
     from cxrtrek.graph.context import ContextRetriever
     from cxrtrek.graph.graph import CompiledReadGraph
@@ -58,12 +59,10 @@ if TYPE_CHECKING:
     from cxrtrek.graph.trace import Tracer, TraceRecord
     from cxrtrek.protocol import VLMBackend
 
-__all__ = ["AgentSettings", "CXRTrekAgent", "DeletedRun", "FollowUp", "RunReport", "StageEvent"]
+__all__ = ["AgentSettings", "CXRTrekAgent", "DeletedRun", "FollowUp", "RunReport", "RunStatus",
+           "StageEvent"]
 
 log = logging.getLogger(__name__)
-
-RunStatus = Literal["completed", "stopped", "awaiting_review", "incomplete"]
-
 
 class AgentSettings(RunSettings):
     """Run settings plus where checkpoints and traces go.
@@ -91,15 +90,6 @@ class AgentSettings(RunSettings):
         return RunSettings.model_validate(self.model_dump(include=set(RunSettings.model_fields)))
 
 
-class RunReport(Report):
-    """A :class:`~cxrtrek.schema.Report` with the run's status, and the pending review when
-    the run paused for one (the report then holds the stages done so far)."""
-
-    status: RunStatus = "completed"
-    review: dict[str, Any] | None = None
-    """The pending :class:`~cxrtrek.graph.nodes.ReviewRequest`, as JSON."""
-
-
 class StageEvent(BaseModel):
     """What :meth:`CXRTrekAgent.stream` yields: a stage done, a review pending, the report."""
 
@@ -112,20 +102,6 @@ class StageEvent(BaseModel):
     report: RunReport | None = None
     elapsed_s: float | None = None
     """Wall time since the previous event (the stage's own time, for a stage event)."""
-
-
-class DeletedRun(BaseModel):
-    """What :meth:`CXRTrekAgent.delete_run` removed."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    run_id: str
-    checkpoints: bool
-    """The run's checkpoints were found and deleted."""
-    trace: bool
-    """Its trace was found and deleted."""
-    memory_items: int
-    """Items it had written to the vector memory, now deleted."""
 
 
 class FollowUp(BaseModel):
@@ -143,10 +119,6 @@ class FollowUp(BaseModel):
     """How many of them the model saw (None: all)."""
     model_id: str
     latency_s: float
-
-
-def _config(run_id: str) -> RunnableConfig:
-    return {"configurable": {"thread_id": run_id}}
 
 
 def _blocking(events: AsyncGenerator[StageEvent, None]) -> Iterator[StageEvent]:
@@ -172,10 +144,10 @@ class CXRTrekAgent:
 
     def __init__(self, backend: VLMBackend, memory: object | None = None,
                  settings: AgentSettings | None = None, *, prior_lookup: PriorLookup | None = None,
-                 retriever: ContextRetriever | None = None, tracer: Tracer | None = None) -> None:
+                 retriever: ContextRetriever | None = None, tracer: Tracer | None = None,
+                 store: RunStore | None = None) -> None:
         from cxrtrek.graph.context import ContextRetriever
-        from cxrtrek.graph.graph import build_graph
-        from cxrtrek.graph.trace import JsonlTracer, MemoryTracer
+        from cxrtrek.graph.trace import JsonlTracer
 
         self.backend = backend
         self.memory = memory
@@ -184,17 +156,26 @@ class CXRTrekAgent:
         found = getattr(memory, "find_prior", None)
         self.prior_lookup: PriorLookup | None = prior_lookup or (found if callable(found)
                                                                  else None)
-        self.tracer: Tracer = tracer or (JsonlTracer(self.settings.trace_path())
-                                         if self.settings.trace else MemoryTracer())
-        self.graph: CompiledReadGraph = build_graph()
-        self._memory_saver: InMemorySaver | None = None
+        if store is not None and tracer is not None:
+            raise ConfigError("give a tracer or a store (which has its own), not both")
+        self.store: RunStore = store or RunStore(
+            self.settings.checkpoint_path(),
+            tracer or (JsonlTracer(self.settings.trace_path()) if self.settings.trace
+                       else None))
+        """Where this agent keeps its runs: checkpoints and traces."""
         self._image_cache: dict[str, bytes] = {}
         """Bytes of images given as bytes, by SHA-256 (checkpoints keep only the hash), shared
         by every run of this agent so that resume, fork and follow-ups find them."""
-        if self.settings.checkpoint_path() == ":memory:":
-            from langgraph.checkpoint.memory import InMemorySaver
 
-            self._memory_saver = InMemorySaver()
+    @property
+    def tracer(self) -> Tracer:
+        """Receives this agent's trace records (its store's tracer)."""
+        return self.store.tracer
+
+    @property
+    def graph(self) -> CompiledReadGraph:
+        """The reading graph without a checkpointer (it nests in a parent graph)."""
+        return self.store.graph
 
     # --- plumbing -----------------------------------------------------------------------------
 
@@ -205,19 +186,6 @@ class CXRTrekAgent:
                           prior_lookup=self.prior_lookup,
                           memory=self.memory if isinstance(self.memory, RunMemory) else None,
                           image_bytes=self._image_cache)
-
-    @asynccontextmanager
-    async def _compiled(self) -> AsyncIterator[CompiledReadGraph]:
-        """The graph bound to the checkpointer (SQLite, opened for the call)."""
-        if self._memory_saver is not None:
-            yield self.graph.copy(update={"checkpointer": self._memory_saver})
-            return
-        from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-
-        path = Path(self.settings.checkpoint_path())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        async with AsyncSqliteSaver.from_conn_string(str(path)) as saver:
-            yield self.graph.copy(update={"checkpointer": saver})
 
     @staticmethod
     def new_run_id(study: Study) -> str:
@@ -232,35 +200,14 @@ class CXRTrekAgent:
         return {"study": study.model_dump(mode="json"),
                 "settings": run_settings.model_dump(mode="json")}
 
-    async def _outcome(self, graph: CompiledReadGraph, run_id: str) -> RunReport:
-        from cxrtrek.graph.nodes import build_report
-
-        snap = await graph.aget_state(_config(run_id))
-        values: dict[str, Any] = dict(snap.values)
-        if not values.get("study"):
-            raise DataError(f"no run {run_id!r} in the checkpoints at "
-                            f"{self.settings.checkpoint_path()}")
-        review: dict[str, Any] | None = None
-        status: RunStatus
-        if snap.interrupts:
-            status, review = "awaiting_review", dict(snap.interrupts[0].value)
-        elif values.get("report") and not snap.next:
-            report = Report.model_validate(values["report"])
-            status = "stopped" if values.get("stopped") else "completed"
-            return RunReport(**report.model_dump(), status=status)
-        else:
-            status = "incomplete"
-        report = build_report(cast(ReadState, values), run_id)
-        return RunReport(**report.model_dump(), status=status, review=review)
-
     async def _arun(self, study: Study, run_id: str, settings: RunSettings | None,
                     backend: VLMBackend | None) -> RunReport:
         ctx = self.context(backend)
         inputs = self._inputs(study, settings, ctx)
-        async with self._compiled() as graph:
-            await graph.ainvoke(inputs, _config(run_id), context=ctx,
+        async with self.store.compiled() as graph:
+            await graph.ainvoke(inputs, run_config(run_id), context=ctx,
                                 durability="sync")
-            return await self._outcome(graph, run_id)
+            return await self.store.outcome(graph, run_id)
 
     # --- runs --------------------------------------------------------------------------------
 
@@ -290,7 +237,7 @@ class CXRTrekAgent:
         if isinstance(payload, dict) and "study" in payload:  # a new run: its inputs
             start: dict[str, Any] = dict(payload)
         else:  # a resume or a fork: where its checkpoint stands
-            start = dict((await graph.aget_state(_config(run_id))).values)
+            start = dict((await graph.aget_state(run_config(run_id))).values)
         around = {r.stage: r for r in passed_over(cast(ReadState, start))} if start else {}
 
         def before(stage: int) -> list[StageEvent]:
@@ -299,7 +246,7 @@ class CXRTrekAgent:
                                elapsed_s=0.0) for j in due]
 
         last = time.perf_counter()
-        async for chunk in graph.astream(payload, _config(run_id), context=ctx,
+        async for chunk in graph.astream(payload, run_config(run_id), context=ctx,
                                          stream_mode="updates", durability="sync"):
             for node, update in chunk.items():
                 if not node.startswith("stage_") or not isinstance(update, dict):
@@ -312,7 +259,7 @@ class CXRTrekAgent:
                                      result=StageResult.model_validate(value),
                                      elapsed_s=now - last)
                     last = now
-        report = await self._outcome(graph, run_id)
+        report = await self.store.outcome(graph, run_id)
         if report.status == "completed":
             for event in before(len(STAGES) + 1):
                 yield event
@@ -328,7 +275,7 @@ class CXRTrekAgent:
         run_id = run_id or self.new_run_id(study)
         ctx = self.context()
         inputs = self._inputs(study, settings, ctx)
-        async with self._compiled() as graph:
+        async with self.store.compiled() as graph:
             async for event in self._events(graph, inputs, run_id, ctx):
                 yield event
 
@@ -337,7 +284,7 @@ class CXRTrekAgent:
                              ) -> AsyncGenerator[StageEvent, None]:
         """:meth:`aresume` as :meth:`astream` does it: stage events, then the outcome."""
         ctx = self.context()
-        async with self._compiled() as graph:
+        async with self.store.compiled() as graph:
             payload, _ = await self._resume_payload(graph, run_id, decision)
             async for event in self._events(graph, payload, run_id, ctx):
                 yield event
@@ -361,7 +308,7 @@ class CXRTrekAgent:
 
         from cxrtrek.graph.nodes import ReviewDecision, ReviewRequest
 
-        snap = await graph.aget_state(_config(run_id))
+        snap = await graph.aget_state(run_config(run_id))
         if not snap.values:
             raise DataError(f"no run {run_id!r} in the checkpoints at "
                             f"{self.settings.checkpoint_path()}")
@@ -382,11 +329,11 @@ class CXRTrekAgent:
     async def _aresume(self, run_id: str, decision: ReviewDecision | dict[str, Any] | None,
                        backend: VLMBackend | None) -> RunReport:
         ctx = self.context(backend)
-        async with self._compiled() as graph:
+        async with self.store.compiled() as graph:
             payload, pending = await self._resume_payload(graph, run_id, decision)
             if pending:
-                await graph.ainvoke(payload, _config(run_id), context=ctx, durability="sync")
-            return await self._outcome(graph, run_id)
+                await graph.ainvoke(payload, run_config(run_id), context=ctx, durability="sync")
+            return await self.store.outcome(graph, run_id)
 
     async def aresume(self, run_id: str,
                       decision: ReviewDecision | dict[str, Any] | None = None) -> RunReport:
@@ -408,21 +355,16 @@ class CXRTrekAgent:
         return asyncio.run(self.areview(run_id, edits))
 
     async def areport(self, run_id: str) -> RunReport:
-        """The report of a run as its checkpoints have it now."""
-        async with self._compiled() as graph:
-            return await self._outcome(graph, run_id)
+        """The report of a run as its checkpoints have it now (see :class:`RunStore`)."""
+        return await self.store.areport(run_id)
 
     def report(self, run_id: str) -> RunReport:
+        """Blocking :meth:`areport`."""
         return asyncio.run(self.areport(run_id))
 
     async def astudy_of(self, run_id: str) -> Study:
         """The study a run reads, from its checkpoints."""
-        async with self._compiled() as graph:
-            snap = await graph.aget_state(_config(run_id))
-        if not snap.values.get("study"):
-            raise DataError(f"no run {run_id!r} in the checkpoints at "
-                            f"{self.settings.checkpoint_path()}")
-        return Study.model_validate(snap.values["study"])
+        return await self.store.astudy_of(run_id)
 
     def study_of(self, run_id: str) -> Study:
         """Blocking :meth:`astudy_of`."""
@@ -440,23 +382,7 @@ class CXRTrekAgent:
         to the vector memory (answers, its study in the patient history and case library).
         Forks of the run are runs of their own and stay. A run found nowhere is a
         :class:`DataError`; do not delete a run that is still going."""
-        found = False
-        db = self.settings.checkpoint_path()
-        if db == ":memory:" or Path(db).is_file():  # (opening a missing one would create it)
-            async with self._compiled() as graph:
-                found = bool((await graph.aget_state(_config(run_id))).values)
-                if found and graph.checkpointer is not None:
-                    await graph.checkpointer.adelete_thread(run_id)  # type: ignore[union-attr]
-        forget = getattr(self.tracer, "forget", None)
-        trace = bool(forget(run_id)) if callable(forget) else False
-        forget_run = getattr(self.memory, "forget_run", None)
-        items = int(forget_run(run_id)) if callable(forget_run) else 0
-        if not (found or trace or items):
-            raise DataError(f"no run {run_id!r} in the checkpoints at {db}, the traces or the "
-                            "memory")
-        log.info("deleted run %s (checkpoints %s, trace %s, %d memory items)", run_id, found,
-                 trace, items)
-        return DeletedRun(run_id=run_id, checkpoints=found, trace=trace, memory_items=items)
+        return await self.store.adelete(run_id, self.memory)
 
     def delete_run(self, run_id: str) -> DeletedRun:
         """Blocking :meth:`adelete_run`."""
@@ -465,15 +391,8 @@ class CXRTrekAgent:
     # --- traces, replay, fork ----------------------------------------------------------------
 
     def trace_records(self, run_id: str) -> list[TraceRecord]:
-        """The trace of a run, from this agent's tracer."""
-        from cxrtrek.graph.trace import JsonlTracer, MemoryTracer, read_trace
-
-        if isinstance(self.tracer, MemoryTracer):
-            return self.tracer.of_run(run_id)
-        if isinstance(self.tracer, JsonlTracer):
-            path = self.tracer.path(run_id)
-            return read_trace(path) if path.is_file() else []
-        return []
+        """The trace of a run, from this agent's store."""
+        return self.store.trace_records(run_id)
 
     async def areplay(self, trace: str | Path | Sequence[TraceRecord], *,
                       against: VLMBackend | None = None,
@@ -491,8 +410,8 @@ class CXRTrekAgent:
         if head is None:
             raise DataError("the trace has no run record; cannot replay it")
         if study is None:
-            async with self._compiled() as graph:
-                snap = await graph.aget_state(_config(head.run_id))
+            async with self.store.compiled() as graph:
+                snap = await graph.aget_state(run_config(head.run_id))
             if not snap.values.get("study"):
                 raise DataError(f"run {head.run_id!r} is not in the checkpoints at "
                                 f"{self.settings.checkpoint_path()}; pass the study")
@@ -526,7 +445,7 @@ class CXRTrekAgent:
 
         source = run_id
         for _ in range(64):  # a chain of forks; bounded
-            async for snap in graph.aget_state_history(_config(source)):
+            async for snap in graph.aget_state_history(run_config(source)):
                 if (snap.values.get("last_stage") == stage and snap.next
                         and "review" not in snap.next):
                     return source, snap
@@ -569,7 +488,7 @@ class CXRTrekAgent:
             settings=run_settings.model_dump(mode="json"), model_id=self.backend.model_id,
             forked_from={"run_id": run_id, "stage": stage, "checkpoint_id": checkpoint_id},
         ), *copied, *reviews])
-        await graph.aupdate_state(_config(fork_id), values, as_node="review")
+        await graph.aupdate_state(run_config(fork_id), values, as_node="review")
         return checkpoint_id
 
     @staticmethod
@@ -583,7 +502,7 @@ class CXRTrekAgent:
         complete, then the fork's outcome (its report, or the review it paused for)."""
         fork_id = new_run_id or self.new_fork_id(run_id)
         ctx = self.context()
-        async with self._compiled() as graph:
+        async with self.store.compiled() as graph:
             await self._start_fork(graph, run_id, stage, edits, fork_id, settings)
             async for event in self._events(graph, None, fork_id, ctx):
                 yield event
@@ -606,12 +525,12 @@ class CXRTrekAgent:
 
         fork_id = new_run_id or self.new_fork_id(run_id)
         ctx = self.context()
-        async with self._compiled() as graph:
-            before = await self._outcome(graph, run_id)
+        async with self.store.compiled() as graph:
+            before = await self.store.outcome(graph, run_id)
             checkpoint_id = await self._start_fork(graph, run_id, stage, edits, fork_id,
                                                    settings)
-            await graph.ainvoke(None, _config(fork_id), context=ctx, durability="sync")
-            after = await self._outcome(graph, fork_id)
+            await graph.ainvoke(None, run_config(fork_id), context=ctx, durability="sync")
+            after = await self.store.outcome(graph, fork_id)
         diff = diff_answers(answers_from_report(before), answers_from_report(after),
                             before_name=run_id, after_name=fork_id)
         return ForkResult(run_id=fork_id, forked_from=run_id, stage=stage,
@@ -640,8 +559,8 @@ class CXRTrekAgent:
         text = question.strip()
         if not text:
             raise DataError("expected a follow-up question, got an empty one")
-        async with self._compiled() as graph:
-            snap = await graph.aget_state(_config(run_id))
+        async with self.store.compiled() as graph:
+            snap = await graph.aget_state(run_config(run_id))
         values = cast(ReadState, dict(snap.values))
         if not values.get("study"):
             raise DataError(f"no run {run_id!r} in the checkpoints at "

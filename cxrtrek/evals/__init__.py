@@ -1,4 +1,4 @@
-"""Metrics, the evaluation runner, reports and plots.
+"""Evaluation: metrics, the runner that reads a dataset with the agent, reports and plots.
 
 ::
 
@@ -11,8 +11,11 @@ Modules: :mod:`~cxrtrek.evals.metrics` (per-question scores, metric definitions)
 :mod:`~cxrtrek.evals.chexpert_labeler` (the 14 CheXpert observations, negation- and
 uncertainty-aware), :mod:`~cxrtrek.evals.results` (rows, summaries, comparison),
 :mod:`~cxrtrek.evals.runner` (asyncio, worker processes, Ray), :mod:`~cxrtrek.evals.plots`,
-:mod:`~cxrtrek.evals.bertscore` (optional, local model only). Importing this package is light:
-sacrebleu, rouge-score, matplotlib, Ray and transformers load when used.
+:mod:`~cxrtrek.evals.bertscore` (optional, local model only); for phantom data and CXRTrekNet
+checkpoints: :mod:`~cxrtrek.evals.phantom_eval` (held-out phantoms beside baselines),
+:mod:`~cxrtrek.evals.describe` (image descriptions against the truth) and
+:mod:`~cxrtrek.evals.grounding` (whether answers depend on the image). Importing this package
+is light: sacrebleu, rouge-score, matplotlib, Ray and transformers load when used.
 """
 
 from __future__ import annotations

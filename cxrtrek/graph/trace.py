@@ -29,7 +29,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    TypeAdapter,
+    ValidationError,
+    model_serializer,
+)
 
 from cxrtrek.errors import DataError
 from cxrtrek.protocol import DecodingSettings
@@ -37,6 +45,7 @@ from cxrtrek.schema import ParsedAnswer
 
 __all__ = [
     "TRACE_SCHEMA_VERSION",
+    "BaseRecord",
     "ContextRef",
     "EndRecord",
     "FollowupRecord",
@@ -58,7 +67,6 @@ log = logging.getLogger(__name__)
 
 TRACE_SCHEMA_VERSION = 1
 
-_BASE = ConfigDict(extra="forbid")
 
 
 def _now() -> str:
@@ -75,16 +83,35 @@ def hash_patient(patient_id: str | None) -> str | None:
 class ContextRef(BaseModel):
     """A context item a question was asked with: ``"<stage>:<question id>"`` and its score."""
 
-    model_config = _BASE
+    model_config = ConfigDict(extra="forbid")
     id: str
     score: float | None = None
 
 
-class RunRecord(BaseModel):
-    model_config = _BASE
-    kind: Literal["run"] = "run"
+class BaseRecord(BaseModel):
+    """What every trace record carries: its ``kind`` (the union's tag, narrowed to one literal
+    by each record class), the schema version, the run, and when it was written.
+
+    A line reads ``kind, schema_version, run_id``, then the record's own fields, then
+    ``created_at`` last, as traces have always been written.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    kind: str
     schema_version: int = TRACE_SCHEMA_VERSION
     run_id: str
+    created_at: str = Field(default_factory=_now)
+
+    @model_serializer(mode="wrap")
+    def _created_at_last(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        if "created_at" in out:
+            out["created_at"] = out.pop("created_at")
+        return out
+
+
+class RunRecord(BaseRecord):
+    kind: Literal["run"] = "run"
     study_id: str
     patient_hash: str | None = None
     images: list[str | None] = Field(default_factory=list)
@@ -94,14 +121,10 @@ class RunRecord(BaseModel):
     settings: dict[str, Any]
     model_id: str
     forked_from: dict[str, Any] | None = None
-    created_at: str = Field(default_factory=_now)
 
 
-class QuestionRecord(BaseModel):
-    model_config = _BASE
+class QuestionRecord(BaseRecord):
     kind: Literal["question"] = "question"
-    schema_version: int = TRACE_SCHEMA_VERSION
-    run_id: str
     stage: int
     question_id: str
     request_id: str
@@ -133,14 +156,10 @@ class QuestionRecord(BaseModel):
     retries: int = 0
     checkpoint_id: str | None = None
     """The checkpoint the stage started from (the one after the previous stage)."""
-    created_at: str = Field(default_factory=_now)
 
 
-class StageRecord(BaseModel):
-    model_config = _BASE
+class StageRecord(BaseRecord):
     kind: Literal["stage"] = "stage"
-    schema_version: int = TRACE_SCHEMA_VERSION
-    run_id: str
     stage: int
     name: str
     status: Literal["ran", "skipped", "failed"]
@@ -150,38 +169,26 @@ class StageRecord(BaseModel):
     retries: int = 0
     errors: list[str] = Field(default_factory=list)
     checkpoint_id: str | None = None
-    created_at: str = Field(default_factory=_now)
 
 
-class ReviewRecord(BaseModel):
-    model_config = _BASE
+class ReviewRecord(BaseRecord):
     kind: Literal["review"] = "review"
-    schema_version: int = TRACE_SCHEMA_VERSION
-    run_id: str
     stage: int
     question_id: str
     before: str
     after: str
-    created_at: str = Field(default_factory=_now)
 
 
-class EndRecord(BaseModel):
-    model_config = _BASE
+class EndRecord(BaseRecord):
     kind: Literal["end"] = "end"
-    schema_version: int = TRACE_SCHEMA_VERSION
-    run_id: str
     status: Literal["completed", "stopped"]
     findings: str | None = None
     impression: str | None = None
     limitations: list[str] = Field(default_factory=list)
-    created_at: str = Field(default_factory=_now)
 
 
-class FollowupRecord(BaseModel):
-    model_config = _BASE
+class FollowupRecord(BaseRecord):
     kind: Literal["followup"] = "followup"
-    schema_version: int = TRACE_SCHEMA_VERSION
-    run_id: str
     turn: int = Field(ge=1)
     question_id: str
     """``followup-<turn>``: the record's key."""
@@ -195,7 +202,6 @@ class FollowupRecord(BaseModel):
     """``stop`` or ``length``; ``error`` (see ``error``) or ``cancelled`` when no answer came."""
     error: str | None = None
     latency_s: float = 0.0
-    created_at: str = Field(default_factory=_now)
 
 
 TraceRecord = Annotated[

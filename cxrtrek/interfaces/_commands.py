@@ -142,11 +142,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 def cmd_phantoms(args: argparse.Namespace) -> int:
-    from rich.progress import Progress
-
+    from cxrtrek._progress import progress_bar
     from cxrtrek.data.phantoms import generate
 
-    with Progress(transient=True) as progress:
+    with progress_bar(transient=True) as progress:
         task = progress.add_task("phantom studies", total=args.n)
         path = generate(args.n, args.seed, args.out, size=args.size,
                         prior_fraction=args.prior_fraction,

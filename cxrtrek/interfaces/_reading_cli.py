@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent, RunReport, StageEvent
+from cxrtrek.agent.store import RunStore
 from cxrtrek.backends.registry import load_backend
 from cxrtrek.errors import ConfigError, FormatError
 from cxrtrek.protocol import VLMBackend
@@ -136,18 +137,13 @@ def _until_done(agent: CXRTrekAgent, console: Console, report: RunReport, *,
     return report
 
 
-def _trace_file(agent: CXRTrekAgent, report: RunReport) -> Path | None:
-    if not agent.settings.trace or report.run_id is None:
-        return None
-    return agent.settings.trace_path() / f"{report.run_id}.jsonl"
-
-
-def _finish(agent: CXRTrekAgent, console: Console, report: RunReport, json_out: bool) -> None:
+def _finish(store: RunStore, console: Console, report: RunReport, json_out: bool) -> None:
     if json_out:
         sys.stdout.write(report.model_dump_json() + "\n")
         sys.stdout.flush()
     else:
-        print_report(console, report, _trace_file(agent, report))
+        trace = store.trace_file(report.run_id) if report.run_id is not None else None
+        print_report(console, report, trace)
 
 
 # --- commands ------------------------------------------------------------------------------------
@@ -174,7 +170,7 @@ def cmd_run(paths: Sequence[Path], *, prior: Sequence[Path], indication: str | N
                       + ("  (with a prior study)" if study.has_prior else ""))
         report = _follow(console, agent.stream(study, run_id=run_id))
         report = _until_done(agent, console, report)
-        _finish(agent, console, report, json_out)
+        _finish(agent.store, console, report, json_out)
         reports.append(report)
     done = all(r.status in ("completed", "stopped") for r in reports)
     return EXIT_OK if done else EXIT_FAILED
@@ -184,27 +180,28 @@ def cmd_resume(run_id: str, *, backend: str, settings: AgentSettings, approve: b
                json_out: bool) -> int:
     """``cxrtrek resume``: continue an interrupted or paused run."""
     console = Console(stderr=json_out, highlight=False, soft_wrap=True)
-    agent = CXRTrekAgent(load_backend(backend, None) if backend != "scripted-oracle"
-                         else _oracle_for(run_id, settings), settings=settings)
-    before = agent.report(run_id)
+    store = RunStore.of(settings)
+    before = store.report(run_id)  # no model is loaded for a run that has ended
     if before.status in ("completed", "stopped"):
         console.print(f"run {escape(run_id)} is already {before.status}; nothing to resume")
-        _finish(agent, console, before, json_out)
+        _finish(store, console, before, json_out)
         return EXIT_OK
+    model = (load_backend("scripted-oracle", store.study_of(run_id))
+             if backend == "scripted-oracle" else load_backend(backend, None))
+    agent = CXRTrekAgent(model, settings=settings, store=store)
     if before.status == "awaiting_review":
         report = _until_done(agent, console, before, approve=approve)
     else:
         console.print(f"resuming run {escape(run_id)}")
         report = _until_done(agent, console, _follow(console, agent.stream_resume(run_id)),
                              approve=approve)
-    _finish(agent, console, report, json_out)
+    _finish(store, console, report, json_out)
     return EXIT_OK if report.status in ("completed", "stopped") else EXIT_FAILED
 
 
 def cmd_delete(run_ids: Sequence[str], *, settings: AgentSettings, yes: bool,
                json_out: bool) -> int:
     """``cxrtrek delete``: delete runs' checkpoints and traces, after a confirmation."""
-    from cxrtrek.backends.scripted import ScriptedBackend
     from cxrtrek.errors import DataError
 
     console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -218,12 +215,12 @@ def cmd_delete(run_ids: Sequence[str], *, settings: AgentSettings, yes: bool,
         if sys.stdin.readline().strip().lower() not in ("y", "yes"):
             console.print("nothing deleted")
             return EXIT_FAILED
-    agent = CXRTrekAgent(ScriptedBackend(default=""), settings=settings)
+    store = RunStore.of(settings)
     deleted: list[dict[str, object]] = []
     failed = 0
     for run_id in run_ids:
         try:
-            done = agent.delete_run(run_id)
+            done = store.delete(run_id)
         except DataError as exc:
             console.print(f"[red]not deleted[/red]: {escape(str(exc))}")
             failed += 1
@@ -234,15 +231,6 @@ def cmd_delete(run_ids: Sequence[str], *, settings: AgentSettings, yes: bool,
     if json_out:
         sys.stdout.write(json.dumps(deleted) + "\n")
     return EXIT_FAILED if failed else EXIT_OK
-
-
-def _oracle_for(run_id: str, settings: AgentSettings) -> VLMBackend:
-    """The scripted oracle of a dataset-mode run's own study (from its checkpoint)."""
-    from cxrtrek.backends.scripted import ScriptedBackend
-
-    probe = CXRTrekAgent(ScriptedBackend(default=""), settings=settings)
-    study = probe.study_of(run_id)
-    return load_backend("scripted-oracle", study)
 
 
 def _parse_edits(edits: Sequence[str]) -> dict[str, str]:

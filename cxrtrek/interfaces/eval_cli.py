@@ -9,9 +9,10 @@ from collections.abc import Callable, Sequence
 
 from pydantic import ValidationError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 from rich.table import Table
 
+from cxrtrek._progress import progress_bar
 from cxrtrek.errors import ConfigError
 from cxrtrek.evals.metrics import METRICS
 from cxrtrek.evals.results import Comparison, EvalResults, compare_results, load_results
@@ -154,10 +155,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         err = exc.errors()[0]
         raise ConfigError(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from exc
-    err_console = Console(stderr=True)
-    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
-                  MofNCompleteColumn(), TimeElapsedColumn(), console=err_console,
-                  transient=True) as progress:
+    with progress_bar(transient=True) as progress:
         outcome = run_eval(config, args.out, progress_factory=_progress_factory(progress))
     if args.json:
         sys.stdout.write(json.dumps({k: str(v) for k, v in outcome.files.items()}) + "\n")

@@ -39,6 +39,7 @@ from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent, RunReport
+from cxrtrek.agent.store import RunStore
 from cxrtrek.agent.subagent import (
     TOOL_DESCRIPTION,
     TOOL_NAME,
@@ -49,7 +50,6 @@ from cxrtrek.agent.subagent import (
 )
 from cxrtrek.backends.registry import BACKEND_SPECS, DEFAULT_BACKEND
 from cxrtrek.errors import CXRTrekError, DataError
-from cxrtrek.graph.trace import TraceRecord
 
 __all__ = ["RunTrace", "build_server", "run_mcp_stdio"]
 
@@ -83,6 +83,8 @@ class _Reader:
     def __init__(self, backend: str, settings: AgentSettings) -> None:
         self.spec = backend
         self.settings = settings
+        self.store = RunStore.of(settings)
+        """The runs' checkpoints and traces (readable before the backend loads)."""
         self.agent: CXRTrekAgent | None = None
         self._lock: anyio.Lock | None = None
 
@@ -96,7 +98,7 @@ class _Reader:
             except (CXRTrekError, OSError) as exc:
                 raise ToolError(f"Cannot load the backend {self.spec!r}: {exc}. Expected "
                                 f"{BACKEND_SPECS}.") from exc
-            self.agent = CXRTrekAgent(backend, settings=self.settings)
+            self.agent = CXRTrekAgent(backend, settings=self.settings, store=self.store)
             log.info("backend %r loaded (model %s)", self.spec, backend.model_id)
         return self.agent
 
@@ -121,20 +123,11 @@ class _Reader:
         return report
 
     def trace(self, run_id: str) -> RunTrace:
-        """The trace of a run, from the agent's tracer or (before any reading) the trace
-        folder."""
-        from cxrtrek.graph.trace import read_trace, trace_path
-
-        records: list[TraceRecord] = []
-        if self.agent is not None:
-            records = self.agent.trace_records(run_id)
-        elif self.settings.trace:
-            path = trace_path(self.settings.trace_path(), run_id)
-            if path.is_file():
-                try:
-                    records = read_trace(path)
-                except DataError as exc:
-                    raise ToolError(str(exc)) from exc
+        """The trace of a run (no backend needed)."""
+        try:
+            records = self.store.trace_records(run_id)
+        except DataError as exc:
+            raise ToolError(str(exc)) from exc
         if not records:
             where = self.settings.trace_path() if self.settings.trace else "memory"
             raise ToolError(f"No trace of run {run_id!r} in {where}; expected the run_id of a "

@@ -8,8 +8,9 @@
     memory = VectorMemory(MemorySettings(mode="server", host="10.0.0.5", port=8000))
     agent = CXRTrekAgent(backend, memory=memory)  # retrieved context, prior lookup, writes
 
-Importing this package is light: chromadb connects, and torch and the text model load, on
-first use.
+:mod:`cxrtrek.memory.server` starts a ``chroma run`` server on loopback for as long as a block
+runs (tests, benchmarks). Importing this package is light: chromadb connects, and torch and
+the text model load, on first use.
 """
 
 from __future__ import annotations

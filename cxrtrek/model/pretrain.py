@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from cxrtrek._progress import progress_bar
 from cxrtrek.model.build import build_preset, load_pretrained, save_pretrained
 from cxrtrek.model.modeling import CXRTrekNetForConditionalGeneration, vision_hidden_size
 
@@ -293,15 +294,6 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> Path:
     :func:`cxrtrek.model.train.train`). ``vision_heads.pt`` and ``vision_metrics.json`` are
     written beside it.
     """
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     started = time.monotonic()
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -357,9 +349,7 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> Path:
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     history: list[dict[str, float]] = []
-    bar = Progress(TextColumn("[bold]vision"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
-                   TextColumn("ETA"), TimeRemainingColumn(), disable=not cfg.progress)
+    bar = progress_bar("vision", fields=("loss",), eta=True, enabled=cfg.progress)
     pos = len(train_idx)
     perm = train_idx
     with bar:

@@ -39,6 +39,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from cxrtrek._progress import progress_bar
 from cxrtrek.errors import ConfigError, DataError
 from cxrtrek.model.build import build_preset, from_parts, load_pretrained, save_pretrained
 from cxrtrek.model.images import load_image
@@ -508,15 +509,6 @@ def _run(cfg: TrainConfig, model: CXRTrekNetForConditionalGeneration,
          processor: CXRTrekNetProcessor, studies: Sequence[Study] | None,
          eval_studies: Sequence[Study] | None,
          on_step: Callable[[int, float], None] | None) -> Path:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     out = cfg.output_dir
     device = torch.device(cfg.device) if cfg.device else (
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
@@ -583,9 +575,7 @@ def _run(cfg: TrainConfig, model: CXRTrekNetForConditionalGeneration,
             return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
-                        TextColumn("ETA"), TimeRemainingColumn(), disable=not cfg.progress)
+    progress = progress_bar("train", fields=("loss",), eta=True, enabled=cfg.progress)
     step = start
     deadline = (time.monotonic() + 60 * cfg.max_minutes) if cfg.max_minutes else None
     try:

@@ -4,7 +4,6 @@ differs by question), its phantom images, and a real server on a loopback port."
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ import pytest
 import torch
 
 from cxrtrek.memory import MemorySettings
+from cxrtrek.memory.server import chroma_executable, free_port
+from cxrtrek.memory.server import chroma_server as run_chroma
 from cxrtrek.model.build import load_pretrained
 from cxrtrek.model.modeling import CXRTrekNetForConditionalGeneration
 from cxrtrek.model.processing import CXRTrekNetProcessor
@@ -58,49 +59,13 @@ def images(phantoms: list[Study]) -> list[ImageRef]:
     return [s.images[0] for s in phantoms[:4]]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-CHROMA = Path(sys.executable).with_name("chroma")
-
-
 @pytest.fixture(scope="module")
 def chroma_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MemorySettings]:
-    """``chroma run`` on a free port; waits (bounded) for its heartbeat; stopped at the end."""
-    if not CHROMA.is_file():
-        pytest.skip(f"no chroma script next to {sys.executable}")
-    path, port = tmp_path_factory.mktemp("chroma"), free_port()
-    log = (path / "server.log").open("wb")
-    proc = subprocess.Popen([str(CHROMA), "run", "--path", str(path / "db"), "--host",
-                             "127.0.0.1", "--port", str(port)], stdout=log,
-                            stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30.0
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"chroma run exited with {proc.returncode}: "
-                            f"{(path / 'server.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/api/v2/heartbeat",
-                             timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("chroma run did not answer its heartbeat within 30 s")
-            time.sleep(0.2)
-        yield MemorySettings(mode="server", host="127.0.0.1", port=port)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
+    """``chroma run`` on a free loopback port for the module's tests."""
+    if chroma_executable() is None:
+        pytest.skip(f"no chroma command beside {sys.executable} or on PATH")
+    with run_chroma(tmp_path_factory.mktemp("chroma"), start_timeout_s=30.0) as settings:
+        yield settings
 
 
 class ServerProcess:

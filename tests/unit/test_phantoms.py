@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import cxrtrek.data
 from cxrtrek.data.cxrtrek import load_studies, read_records
 from cxrtrek.data.phantoms import (
     PhantomAnatomy,
@@ -128,6 +129,25 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
     assert a["phantoms.json"] != c["phantoms.json"]
     assert [v for k, v in sorted(a.items()) if k.endswith(".png")] != \
         [v for k, v in sorted(c.items()) if k.endswith(".png")]
+
+
+def test_the_bundled_study_is_what_its_readme_regenerates(tmp_path: Path) -> None:
+    """The bundled study was written by an earlier generator: the command in its README must
+    write it again, pixel for pixel and byte for byte in the text files."""
+    from PIL import Image
+
+    bundled = Path(cxrtrek.data.__file__).parent / "studies" / "phantom_with_prior"
+    readme = (bundled.parent / "README.md").read_text(encoding="utf-8")
+    assert "cxrtrek phantoms --n 1 --seed 1 --size 160 --out" in readme
+    out = generate(1, 1, tmp_path, size=160).parent
+    names = sorted(p.relative_to(bundled).as_posix() for p in bundled.rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    for name in names:
+        if name.endswith(".png"):
+            with Image.open(bundled / name) as a, Image.open(out / name) as b:
+                assert (a.mode, a.size) == (b.mode, b.size) and a.tobytes() == b.tobytes(), name
+        else:
+            assert (out / name).read_bytes() == (bundled / name).read_bytes(), name
 
 
 def test_records_read_back_and_every_answer_parses_to_the_truth(tmp_path: Path) -> None:

@@ -1,0 +1,135 @@
+"""Phantom studies and datasets: one study in memory (:func:`make_study`), a dataset folder
+(:func:`generate`), and the truth of every image of such a folder (:func:`truth_images`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from cxrtrek.data.cxrtrek import (
+    CXRTrekData,
+    CXRTrekRecord,
+    DataDict,
+    build_messages,
+    write_records,
+)
+from cxrtrek.data.phantoms.questions import _items
+from cxrtrek.data.phantoms.rendering import _render
+from cxrtrek.data.phantoms.sampling import _sample_truths
+from cxrtrek.data.phantoms.truth import PhantomImage, PhantomTruth
+from cxrtrek.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+SIZE_RANGE = (128, 512)
+
+
+def _image_path(t: PhantomTruth) -> str:
+    return f"images/{t.patient_id}/{t.study_id}/frontal.png"
+
+
+def truth_images(data: Path) -> list[tuple[Path, PhantomTruth]]:
+    """(image path, truth) of every image of a phantom dataset (the folder written by
+    :func:`generate`, or its ``phantoms.json``), priors included, from its ``truth.jsonl``."""
+    folder = data.parent if data.is_file() else data
+    truth_file = folder / "truth.jsonl"
+    if not truth_file.is_file():
+        raise DataError(f"expected phantom truth at {truth_file} (written by `cxrtrek phantoms`)"
+                        "; found none")
+    out: list[tuple[Path, PhantomTruth]] = []
+    for line in truth_file.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        t: PhantomTruth | None = PhantomTruth.model_validate_json(line)
+        while t is not None:
+            path = folder / _image_path(t)
+            if path.is_file():
+                out.append((path, t))
+            t = t.prior
+    if not out:
+        raise DataError(f"no phantom images found under {folder / 'images'}")
+    return out
+
+
+def make_study(rng_or_seed: np.random.Generator | int, *, index: int = 0, seed: int = 0,
+               size: int = 320, prior_fraction: float = 0.6,
+               ) -> tuple[list[PhantomImage], PhantomTruth, CXRTrekRecord]:
+    """One phantom study in memory: its images (current first, then the prior), its truth
+    (boxes and CTR measured on the rendered masks, the prior's truth nested) and its CXRTrek
+    record (relative image paths, questions of all eight stages, chat messages).
+
+    ``index`` and ``seed`` only name the patient and studies; the pictures and questions come
+    from ``rng_or_seed``.
+    """
+    from cxrtrek.errors import ConfigError
+
+    if not SIZE_RANGE[0] <= size <= SIZE_RANGE[1]:
+        raise ConfigError(f"phantom image size must be {SIZE_RANGE[0]}-{SIZE_RANGE[1]} px; "
+                          f"got {size}")
+    if not 0.0 <= prior_fraction <= 1.0:
+        raise ConfigError(f"prior_fraction must be between 0 and 1; got {prior_fraction}")
+    rng = (rng_or_seed if isinstance(rng_or_seed, np.random.Generator)
+           else np.random.default_rng(rng_or_seed))
+    truth = _sample_truths(rng, index, seed, size, prior_fraction)
+    images: list[PhantomImage] = []
+    prior_measured = None
+    if truth.prior is not None:
+        ppx, pmasks, prior_measured = _render(truth.prior, rng)
+        prior_image = PhantomImage(ppx, pmasks, _image_path(truth.prior))
+    pixels, masks, measured = _render(truth, rng)
+    images.append(PhantomImage(pixels, masks, _image_path(truth)))
+    if prior_measured is not None:
+        images.append(prior_image)
+        measured = measured.model_copy(update={"prior": prior_measured})
+        # resolved findings keep the boxes they had on the prior image
+        resolved = [f.model_copy(update={"boxes": (prior_measured.finding(f.kind) or f).boxes})
+                    for f in measured.resolved]
+        removed = [d.model_copy(update={"box": (prior_measured.device(d.kind) or d).box})
+                   for d in measured.removed_devices]
+        measured = measured.model_copy(update={"resolved": resolved,
+                                               "removed_devices": removed})
+    data = CXRTrekData(
+        source="phantom", pat_id=measured.patient_id, study_id=measured.study_id,
+        ref_study_id=measured.prior_study_id or "", image=[im.rel_path for im in images],
+        content=_items(measured, rng, len(images)),
+    )
+    record = CXRTrekRecord(messages=build_messages(data), image=list(data.image),
+                           data_dict=DataDict(cxrtrek_data=data))
+    return images, measured, record
+
+
+def generate(n: int, seed: int, out_dir: str | Path, size: int = 320,
+             prior_fraction: float = 0.6,
+             progress: Callable[[int], None] | None = None) -> Path:
+    """Write ``n`` phantom studies under ``out_dir``; returns the path of ``phantoms.json``.
+
+    Writes ``images/<patient>/<study>/frontal.png``, ``phantoms.json`` (CXRTrek format, image
+    paths relative to ``out_dir``) and ``truth.jsonl`` (one :class:`PhantomTruth` a line).
+    Study ``i`` is drawn from ``numpy.random.default_rng([seed, i])``, so the same seed gives
+    the same bytes. ``progress`` is called with 1 after each study.
+    """
+    out = Path(out_dir)
+    records: list[CXRTrekRecord] = []
+    truth_lines: list[str] = []
+    for i in range(n):
+        images, truth, record = make_study(np.random.default_rng([seed, i]), index=i,
+                                           seed=seed, size=size,
+                                           prior_fraction=prior_fraction)
+        for im in images:
+            path = out / im.rel_path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(im.png())
+        records.append(record)
+        truth_lines.append(json.dumps(truth.model_dump(mode="json"), ensure_ascii=False))
+        if progress is not None:
+            progress(1)
+    (out / "truth.jsonl").write_text("".join(line + "\n" for line in truth_lines),
+                                     encoding="utf-8")
+    path = write_records(records, out / "phantoms.json")
+    log.info("wrote %d phantom studies to %s", n, out)
+    return path
