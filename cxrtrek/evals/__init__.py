@@ -11,8 +11,10 @@ Modules: :mod:`~cxrtrek.evals.metrics` (per-question scores, metric definitions)
 :mod:`~cxrtrek.evals.chexpert_labeler` (the 14 CheXpert observations, negation- and
 uncertainty-aware), :mod:`~cxrtrek.evals.results` (rows, summaries, comparison),
 :mod:`~cxrtrek.evals.runner` (asyncio, worker processes, Ray), :mod:`~cxrtrek.evals.plots`,
-:mod:`~cxrtrek.evals.bertscore` (optional, local model only). Importing this package is light:
-sacrebleu, rouge-score, matplotlib, Ray and transformers load when used.
+:mod:`~cxrtrek.evals.bertscore` (optional, local model only), :mod:`~cxrtrek.evals.datasets`
+(readers of VQA-RAD, SLAKE, ReXVQA, MIMIC-CXR-VQA and ChestAgentBench) and
+:mod:`~cxrtrek.evals.benchmark_metrics` (each benchmark's own scores). Importing this
+package is light: sacrebleu, rouge-score, matplotlib, Ray and transformers load when used.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ _EXPORTS: dict[str, str] = {
     "summarize": "cxrtrek.evals.results",
     "score_answer": "cxrtrek.evals.metrics",
     "label_text": "cxrtrek.evals.chexpert_labeler",
+    "load_benchmark": "cxrtrek.evals.datasets",
 }
 
 __all__ = [
@@ -43,6 +46,7 @@ __all__ = [
     "compare_results",
     "evaluate",
     "label_text",
+    "load_benchmark",
     "load_results",
     "run_eval",
     "score_answer",
@@ -51,6 +55,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from cxrtrek.evals.chexpert_labeler import label_text
+    from cxrtrek.evals.datasets import load_benchmark
     from cxrtrek.evals.metrics import score_answer
     from cxrtrek.evals.results import (
         EvalResults,

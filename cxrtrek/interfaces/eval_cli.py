@@ -101,8 +101,7 @@ def render_benchmark(results: EvalResults) -> Table:
     """The benchmark's own scores per policy: its metrics, then accuracy per category."""
     summaries = [s.benchmark for s in results.policies.values()]
     name = next((b.benchmark for b in summaries if b is not None), "benchmark")
-    table = Table(title=f"{results.dataset.get('benchmark', name)}: the benchmark's own "
-                        "scores (%)")
+    table = Table(title=f"{results.dataset.get('benchmark', name)}, scored its own way (%)")
     table.add_column("metric")
     for p in results.policies:
         table.add_column(p, justify="right")

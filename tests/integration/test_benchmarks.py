@@ -397,7 +397,7 @@ def test_compare_and_the_cli_show_the_benchmark_scores(
     assert main(["eval", "--data", str(w.path), "--organ", "CHEST", "--context", "none,full",
                  "--out", str(tmp_path / "cli")]) == 0
     out = capsys.readouterr().out
-    assert "VQA-RAD: the benchmark's own scores" in out
+    assert "VQA-RAD, scored its own way (%)" in out
     assert "closed_acc" in out and "open_recall" in out and "acc[PRES]" in out
     assert "6 skipped: image_organ" in " ".join(out.split())
 
