@@ -17,11 +17,17 @@ __all__ = ["OracleBackend"]
 
 
 class OracleBackend(ScriptedBackend):
-    """Answers each question of ``study`` with its reference answer."""
+    """Answers each question of ``study`` with its reference answer.
 
-    def __init__(self, study: Study, *, model_id: str = "oracle") -> None:
+    ``planned``: the answer to a question that is not the study's own (one the graph planned,
+    as in staged mode); None makes such a question an error.
+    """
+
+    def __init__(self, study: Study, *, model_id: str = "oracle",
+                 planned: str | None = None) -> None:
         self.study = study
         self._texts = {q.id: q.text for q in study.questions}
+        self._planned = planned
         super().__init__(self._answer, model_id=model_id)
 
     def _answer(self, request: VLMRequest) -> str:
@@ -29,6 +35,8 @@ class OracleBackend(ScriptedBackend):
 
         _, _, qid = split_request_id(request.request_id)
         ref = self.study.references.get(qid)
+        if qid not in self._texts and self._planned is not None:
+            return self._planned
         if ref is None or self._texts.get(qid) != request.question:
             raise BackendError(f"study {self.study.study_id} has no reference answer for "
                                f"question {qid} ({request.question[:60]!r})")

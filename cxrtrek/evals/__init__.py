@@ -11,9 +11,11 @@ Modules: :mod:`~cxrtrek.evals.metrics` (per-question scores, metric definitions)
 :mod:`~cxrtrek.evals.chexpert_labeler` (the 14 CheXpert observations, negation- and
 uncertainty-aware), :mod:`~cxrtrek.evals.results` (rows, summaries, comparison),
 :mod:`~cxrtrek.evals.runner` (asyncio, worker processes, Ray), :mod:`~cxrtrek.evals.plots`,
-:mod:`~cxrtrek.evals.bertscore` (optional, local model only); for phantom data and CXRTrekNet
-checkpoints: :mod:`~cxrtrek.evals.phantom_eval` (held-out phantoms beside baselines),
-:mod:`~cxrtrek.evals.describe` (image descriptions against the truth) and
+:mod:`~cxrtrek.evals.bertscore` (optional, local model only), :mod:`~cxrtrek.evals.datasets`
+(readers of VQA-RAD, SLAKE, ReXVQA, MIMIC-CXR-VQA and ChestAgentBench) and
+:mod:`~cxrtrek.evals.benchmark_metrics` (each benchmark's own scores); for phantom data and
+CXRTrekNet checkpoints: :mod:`~cxrtrek.evals.phantom_eval` (held-out phantoms beside
+baselines), :mod:`~cxrtrek.evals.describe` (image descriptions against the truth) and
 :mod:`~cxrtrek.evals.grounding` (whether answers depend on the image). Importing this package
 is light: sacrebleu, rouge-score, matplotlib, Ray and transformers load when used.
 """
@@ -36,6 +38,7 @@ _EXPORTS: dict[str, str] = {
     "summarize": "cxrtrek.evals.results",
     "score_answer": "cxrtrek.evals.metrics",
     "label_text": "cxrtrek.evals.chexpert_labeler",
+    "load_benchmark": "cxrtrek.evals.datasets",
 }
 
 __all__ = [
@@ -46,6 +49,7 @@ __all__ = [
     "compare_results",
     "evaluate",
     "label_text",
+    "load_benchmark",
     "load_results",
     "run_eval",
     "score_answer",
@@ -54,6 +58,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from cxrtrek.evals.chexpert_labeler import label_text
+    from cxrtrek.evals.datasets import load_benchmark
     from cxrtrek.evals.metrics import score_answer
     from cxrtrek.evals.results import (
         EvalResults,

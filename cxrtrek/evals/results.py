@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cxrtrek.errors import DataError
+from cxrtrek.evals.benchmark_metrics import BENCH_METRICS, BenchmarkSummary, BenchTag
 from cxrtrek.evals.metrics import (
     METRICS,
     PRIMARY,
@@ -89,6 +90,9 @@ class QuestionRow(BaseModel):
     """The graph's verdict (:func:`cxrtrek.graph.replay.is_correct`), None when not judged."""
     wrong_context: list[str] = Field(default_factory=list)
     """Context items (``stage:question``) that held a wrong earlier answer."""
+    benchmark: BenchTag | None = None
+    """A public benchmark's question: what the benchmark says of it (its scores are in
+    ``scores``: :mod:`cxrtrek.evals.benchmark_metrics`)."""
 
     @property
     def scored(self) -> bool:
@@ -160,6 +164,8 @@ class PolicySummary(BaseModel):
     by_question_type: dict[str, GroupSummary]
     by_stage_question_type: dict[str, GroupSummary]
     propagation: Propagation
+    benchmark: BenchmarkSummary | None = None
+    """A public benchmark's own scores (closed accuracy, open recall, per category)."""
 
 
 class EvalResults(BaseModel):
@@ -416,4 +422,23 @@ def compare_results(a: EvalResults, b: EvalResults, *, name_a: str = "A",
                 deltas.append(MetricDelta(policy_a=pa, policy_b=pb, stage=stage, metric=metric,
                                           a=x, b=y,
                                           delta=None if x is None or y is None else y - x))
+        deltas.extend(_benchmark_deltas(pa, pb, sa.benchmark, sb.benchmark))
     return Comparison(a=name_a, b=name_b, pairs=pairs, deltas=deltas)
+
+
+def _benchmark_deltas(pa: str, pb: str, a: BenchmarkSummary | None,
+                      b: BenchmarkSummary | None) -> list[MetricDelta]:
+    """Deltas of the benchmark metrics (stage ``benchmark``): the metrics, then accuracy per
+    category, each present on either side."""
+    va = a.values() if a is not None else {}
+    vb = b.values() if b is not None else {}
+    names = [m for m in BENCH_METRICS if m in va or m in vb]
+    names += sorted({k for k in (*va, *vb) if k not in BENCH_METRICS})
+    out: list[MetricDelta] = []
+    for metric in names:
+        x, y = va.get(metric), vb.get(metric)
+        if x is None and y is None:
+            continue
+        out.append(MetricDelta(policy_a=pa, policy_b=pb, stage="benchmark", metric=metric,
+                               a=x, b=y, delta=None if x is None or y is None else y - x))
+    return out

@@ -49,12 +49,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cxrtrek import errors as _errors
 from cxrtrek.errors import BackendError, ConfigError, CXRTrekError
+from cxrtrek.evals.benchmark_metrics import apply_benchmark, summarize_benchmark
 from cxrtrek.evals.metrics import score_answer
 from cxrtrek.evals.results import EvalResults, QuestionRow, summarize, write_rows
 from cxrtrek.schema import Study
 
 if TYPE_CHECKING:
     from cxrtrek.agent.agent import CXRTrekAgent
+    from cxrtrek.evals.datasets import BenchmarkSet
     from cxrtrek.graph.trace import TraceRecord
     from cxrtrek.protocol import VLMBackend, VLMRequest, VLMResponse
 
@@ -65,6 +67,7 @@ __all__ = [
     "ShardResult",
     "evaluate",
     "evaluate_shard",
+    "load_eval_dataset",
     "load_eval_studies",
     "missing_images",
     "rows_of_run",
@@ -81,6 +84,9 @@ RUNS_PER_AGENT = 256
 """Runs served by one agent (and its in-memory checkpointer) before a fresh one is built."""
 
 ORACLE = "scripted-oracle"
+PLANNED_ORACLE_ANSWER = "Not assessed: the oracle knows only the dataset's reference answers."
+"""What the oracle answers to a question the graph planned (the stages a staged reading runs
+before a benchmark's question)."""
 
 
 class EvalConfig(BaseModel):
@@ -89,9 +95,17 @@ class EvalConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     data: str
-    """A CXRTrek-format file (JSON or JSONL)."""
+    """A CXRTrek-format file or a public benchmark's file (JSON or JSONL)."""
+    format: str = "auto"
+    """``auto`` (recognised from the file), ``cxrtrek`` or a benchmark
+    (:data:`cxrtrek.evals.datasets.BENCHMARK_FORMATS`)."""
+    organ: str | None = None
+    """VQA-RAD: keep the questions on this ``image_organ`` (e.g. ``CHEST``)."""
+    split: str | None = None
+    """VQA-RAD, MIMIC-CXR-VQA: keep the questions of this split (e.g. ``test``)."""
     image_root: str | None = None
-    """Folder the image paths are relative to (default: the file's folder)."""
+    """Folder the image paths are relative to (default: the file's folder, or the
+    benchmark's usual image folder beside it)."""
     backend: str = ORACLE
     contexts: tuple[Policy, ...] = ("full",)
     allow_missing_images: bool = False
@@ -110,6 +124,15 @@ class EvalConfig(BaseModel):
     top_k: int | None = Field(default=None, ge=1)
     """Context items of the ``retrieved`` policy (default: the run settings' own)."""
 
+    @field_validator("format")
+    @classmethod
+    def _format(cls, value: str) -> str:
+        from cxrtrek.evals.datasets import FORMATS
+
+        if value not in FORMATS:
+            raise ValueError(f"unknown format {value!r}; expected one of {', '.join(FORMATS)}")
+        return value
+
     @field_validator("contexts")
     @classmethod
     def _contexts(cls, value: tuple[Policy, ...]) -> tuple[Policy, ...]:
@@ -123,14 +146,51 @@ class EvalConfig(BaseModel):
     def is_oracle(self) -> bool:
         return self.backend == ORACLE
 
+    @property
+    def is_benchmark(self) -> bool:
+        """A public benchmark (single questions): ``full`` and ``retrieved`` read the stages
+        before each question first (staged mode), ``none`` asks the question alone."""
+        return self.format not in ("auto", "cxrtrek")
+
 
 # --- studies -------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalDataset:
+    """What an evaluation reads: the studies, the configuration with its format resolved,
+    and for a public benchmark the questions' tags and what was skipped."""
+
+    config: EvalConfig
+    studies: list[Study]
+    benchmark: BenchmarkSet | None = None
+
+
+def load_eval_dataset(config: EvalConfig) -> EvalDataset:
+    """The dataset of ``config`` (the first ``limit`` studies), its format resolved."""
+    from cxrtrek.evals.datasets import load_benchmark, recognise
+
+    fmt = recognise(config.data) if config.format == "auto" else config.format
+    if fmt == "cxrtrek" and (config.organ is not None or config.split is not None):
+        raise ConfigError("--organ and --split apply to the public benchmarks' files, not to "
+                          "a CXRTrek-format file")
+    config = config.model_copy(update={"format": fmt})
+    if fmt == "cxrtrek":
+        return EvalDataset(config, load_eval_studies(config))
+    bench = load_benchmark(config.data, fmt, image_root=config.image_root,
+                           organ=config.organ, split=config.split,
+                           allow_missing_images=config.allow_missing_images).limit(config.limit)
+    if not bench.studies:
+        raise _errors.DataError(f"{config.data}: no question left to evaluate ({bench.report()})")
+    return EvalDataset(config, bench.studies, bench)
 
 
 def load_eval_studies(config: EvalConfig) -> list[Study]:
     """The studies of the dataset (the first ``limit``), images checked unless allowed."""
     from cxrtrek.data.cxrtrek import load_studies
 
+    if config.is_benchmark or config.format == "auto":
+        return load_eval_dataset(config).studies
     studies = load_studies(config.data, image_root=config.image_root,
                            allow_missing_images=config.allow_missing_images)
     if config.limit is not None:
@@ -170,10 +230,10 @@ class _OracleRouter:
     def __init__(self) -> None:
         self._by_run: dict[str, VLMBackend] = {}
 
-    def add(self, run_id: str, study: Study) -> None:
+    def add(self, run_id: str, study: Study, planned: str | None = None) -> None:
         from cxrtrek.backends.oracle import OracleBackend
 
-        self._by_run[run_id] = OracleBackend(study)
+        self._by_run[run_id] = OracleBackend(study, planned=planned)
 
     def remove(self, run_id: str) -> None:
         self._by_run.pop(run_id, None)
@@ -317,7 +377,8 @@ class _Runner:
     def settings(self, policy: Policy) -> Any:
         from cxrtrek.graph.state import RunSettings
 
-        fields: dict[str, Any] = {"mode": "dataset", "context": policy}
+        staged = self.config.is_benchmark and policy != "none"
+        fields: dict[str, Any] = {"mode": "staged" if staged else "dataset", "context": policy}
         if self.config.max_new_tokens is not None:
             fields["max_new_tokens"] = self.config.max_new_tokens
         if self.config.top_k is not None:
@@ -333,7 +394,8 @@ class _Runner:
                           f"{self.config.backend} needs them")
                 return rows_of_run(study, index, policy, None, [], skipped=reason)
         else:
-            self.router.add(run_id, study)
+            staged = self.config.is_benchmark and policy != "none"
+            self.router.add(run_id, study, planned=PLANNED_ORACLE_ANSWER if staged else None)
         failure = None
         try:
             report = await self.agent(slot).arun(study, run_id=run_id,
@@ -570,7 +632,8 @@ def run_eval(config: EvalConfig, out_dir: str | Path, *,
     from cxrtrek.evals.plots import plot_ablation, plot_per_stage
 
     started = time.perf_counter()
-    studies = load_eval_studies(config)
+    dataset = load_eval_dataset(config)
+    config, studies = dataset.config, dataset.studies
     progress = progress_factory(len(studies) * len(config.contexts)) \
         if progress_factory is not None else None
     merged = evaluate(studies, config, progress)
@@ -589,12 +652,19 @@ def run_eval(config: EvalConfig, out_dir: str | Path, *,
     if config.is_oracle and any(missing_images(s) for s in studies):
         notes.append("images missing: the oracle answered from the references without them")
     notes.extend(f"run failed: {f}" for f in merged.failures)
+    if dataset.benchmark is not None:
+        notes.append(dataset.benchmark.report())
+        apply_benchmark(merged.rows, dataset.benchmark.tags)
     policies = summarize(merged.rows, config.contexts)
+    if dataset.benchmark is not None:
+        for name, summary in policies.items():
+            summary.benchmark = summarize_benchmark(r for r in merged.rows if r.run == name)
     results = EvalResults(
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         config=config.model_dump(mode="json"),
-        dataset={"path": config.data, "studies": len(studies),
-                 "questions": sum(len(s.questions) for s in studies)},
+        dataset={"path": config.data, "format": config.format, "studies": len(studies),
+                 "questions": sum(len(s.questions) for s in studies),
+                 **(dataset.benchmark.describe() if dataset.benchmark is not None else {})},
         model_id=merged.model_id, policies=policies, notes=notes,
         timing={"run_s": round(run_s, 3),
                 "studies_per_s": round(len(studies) * len(config.contexts) / run_s, 3)

@@ -1,6 +1,10 @@
 """Which questions each stage asks.
 
 * Dataset mode: the study's own questions of that stage, exactly, in file order.
+* Staged mode: the study's own questions where a stage has some; a stage before the study's
+  last questioned stage that has none is planned as in clinical mode, so that single
+  questions (a public VQA benchmark's) are asked after a staged reading; later stages ask
+  nothing.
 * Clinical mode: questions rendered from the ``plan_s<stage>_*.jinja`` templates in
   :mod:`cxrtrek.prompts` (strictly: a missing variable is an error), made concrete by earlier
   answers: stage 3 asks each stage-2 finding's location, attributes and box; stage 5 asks each
@@ -81,20 +85,26 @@ TEMPLATES: dict[int, tuple[QuestionTemplate, ...]] = {
 }
 
 
-def resolve_mode(mode: str, study: Study) -> Literal["dataset", "clinical"]:
-    """``auto`` is dataset mode when the study carries questions, clinical mode otherwise."""
+def resolve_mode(mode: str, study: Study) -> Literal["dataset", "clinical", "staged"]:
+    """``auto`` is dataset mode when the study carries questions, clinical mode otherwise;
+    ``staged`` without questions is clinical mode."""
     if mode == "auto":
         return "dataset" if study.questions else "clinical"
-    if mode in ("dataset", "clinical"):
+    if mode == "staged" and not study.questions:
+        return "clinical"
+    if mode in ("dataset", "clinical", "staged"):
         return mode  # type: ignore[return-value]
-    raise ConfigError(f"unknown mode {mode!r}; expected auto, dataset or clinical")
+    raise ConfigError(f"unknown mode {mode!r}; expected auto, dataset, clinical or staged")
 
 
 def plan_questions(study: Study, stage: int, results: dict[int, StageResult], *,
                    mode: str = "auto", max_findings: int = 6) -> list[Question]:
     """The questions stage ``stage`` asks, given the results of the earlier stages."""
-    if resolve_mode(mode, study) == "dataset":
-        return [q for q in study.questions if q.stage == stage]
+    resolved = resolve_mode(mode, study)
+    if resolved in ("dataset", "staged"):
+        own = [q for q in study.questions if q.stage == stage]
+        if resolved == "dataset" or own or stage > max(q.stage for q in study.questions):
+            return own
     from cxrtrek.prompts.render import render_template
 
     findings = [f.name for f in _stage_findings(results)][:max_findings]

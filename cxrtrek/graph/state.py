@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 ContextPolicy = Literal["full", "retrieved", "none"]
-Mode = Literal["auto", "dataset", "clinical"]
+Mode = Literal["auto", "dataset", "clinical", "staged"]
 NonDiagnosticPolicy = Literal["continue", "stop"]
 
 PriorLookup = Callable[[Study], Study | None]
@@ -76,7 +76,9 @@ class RunSettings(BaseModel):
 
     mode: Mode = "auto"
     """``dataset``: ask the study's own questions; ``clinical``: plan them from templates;
-    ``auto``: dataset when the study has questions."""
+    ``auto``: dataset when the study has questions; ``staged``: the study's own questions,
+    each asked after a staged reading (the earlier stages without questions of their own are
+    planned as in clinical mode; the stages after the last question do not run)."""
     context: ContextPolicy = "full"
     """Earlier stages' question-answer pairs given with each question: all, the top-k
     relevant ones (``retrieved``), or none."""

@@ -573,7 +573,18 @@ def eval_cmd(
         metavar="[compare A B]", show_default=False,
         help="compare two results instead of evaluating")] = None,
     data: Annotated[Path | None, typer.Option(
-        "--data", metavar="DATASET", help="CXRTrek-format file")] = None,
+        "--data", metavar="DATASET",
+        help="CXRTrek-format file, or a VQA-RAD, SLAKE, ReXVQA, MIMIC-CXR-VQA or "
+             "ChestAgentBench file")] = None,
+    data_format: Annotated[str, typer.Option(
+        "--format", metavar="FORMAT",
+        help="auto (recognised from the file), cxrtrek, vqa-rad, slake, rexvqa, "
+             "mimic-cxr-vqa or chestagentbench")] = "auto",
+    organ: Annotated[str | None, typer.Option(
+        "--organ", metavar="ORGAN", help="VQA-RAD: keep one image_organ (e.g. CHEST)")] = None,
+    split: Annotated[str | None, typer.Option(
+        "--split", metavar="SPLIT",
+        help="VQA-RAD, MIMIC-CXR-VQA: keep one split (e.g. test)")] = None,
     image_root: Annotated[Path | None, typer.Option(
         "--image-root", metavar="DIR")] = None,
     backend: Annotated[str, typer.Option(
@@ -581,7 +592,8 @@ def eval_cmd(
         help="scripted-oracle (default), demo, inprocess:PATH or http:URL")] = "scripted-oracle",
     context: Annotated[str, typer.Option(
         "--context", metavar="full,retrieved,none",
-        help="context policies, comma-separated; several run side by side")] = "full",
+        help="context policies, comma-separated; several run side by side (a benchmark's "
+             "question: none asks it alone, full after reading the earlier stages)")] = "full",
     out: Annotated[Path, typer.Option("--out", metavar="DIR", help="output folder")] = Path(
         "eval-results"),
     allow_missing_images: Annotated[bool, typer.Option(
@@ -606,11 +618,13 @@ def eval_cmd(
         "--max-new-tokens", metavar="N")] = None,
     json_out: Json = False,
 ) -> int:
-    """Evaluate a backend on CXRTrek-format data (per-stage metrics, context ablation).
+    """Evaluate a backend on CXRTrek-format data or a public benchmark (per-stage metrics,
+    context ablation).
 
     Scores every answer per stage and question type (accuracy, exact match and F1, IoU,
-    BLEU, ROUGE-L, CheXpert finding F1); writes results.json, questions.jsonl and plots to
-    --out. 'cxrtrek eval compare A B' prints the per-stage deltas B - A of two results.
+    BLEU, ROUGE-L, CheXpert finding F1), and a benchmark's questions its own way (closed
+    accuracy, open recall, accuracy per category); writes results.json, questions.jsonl and
+    plots to --out. 'cxrtrek eval compare A B' prints the deltas B - A of two results.
     """
     params = dict(locals())  # the options, before anything else is bound here
     from cxrtrek.interfaces.eval_cli import cmd_eval

@@ -14,12 +14,13 @@ from rich.table import Table
 
 from cxrtrek._progress import progress_bar
 from cxrtrek.errors import ConfigError
+from cxrtrek.evals.benchmark_metrics import BENCH_METRICS
 from cxrtrek.evals.metrics import METRICS
 from cxrtrek.evals.results import Comparison, EvalResults, compare_results, load_results
 from cxrtrek.evals.runner import EvalConfig, run_eval
 from cxrtrek.stages import STAGES
 
-__all__ = ["cmd_eval", "render_comparison", "render_results"]
+__all__ = ["cmd_eval", "render_benchmark", "render_comparison", "render_results"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 POLICIES = ("full", "retrieved", "none")
@@ -91,7 +92,34 @@ def render_results(results: EvalResults) -> list[Table]:
     prop.add_row("counts: ok / unparsed / not answered / skipped",
                  *(f"{s.counts['ok']}/{s.counts['unparsed']}/{s.counts['not_answered']}/"
                    f"{s.counts['skipped_missing_image']}" for s in results.policies.values()))
-    return [stages, metrics, prop]
+    tables = [stages, metrics, prop]
+    if any(s.benchmark is not None for s in results.policies.values()):
+        tables.append(render_benchmark(results))
+    return tables
+
+
+def render_benchmark(results: EvalResults) -> Table:
+    """The benchmark's own scores per policy: its metrics, then accuracy per category."""
+    summaries = [s.benchmark for s in results.policies.values()]
+    name = next((b.benchmark for b in summaries if b is not None), "benchmark")
+    table = Table(title=f"{results.dataset.get('benchmark', name)}, scored its own way (%)")
+    table.add_column("metric")
+    for p in results.policies:
+        table.add_column(p, justify="right")
+    table.add_column("n", justify="right")
+    rows: list[str] = [m for m in BENCH_METRICS
+                       if any(b is not None and m in b.metrics for b in summaries)]
+    categories = sorted({c for b in summaries if b is not None for c in b.by_category})
+    for key in [*rows, *(f"acc[{c}]" for c in categories)]:
+        values = [b.values().get(key) if b is not None else None for b in summaries]
+        if key in BENCH_METRICS:
+            n = max((b.support.get(key, 0) for b in summaries if b is not None), default=0)
+        else:
+            cat = key[4:-1]
+            n = max((b.by_category[cat].n for b in summaries
+                     if b is not None and cat in b.by_category), default=0)
+        table.add_row(key, *(_pct(v) for v in values), str(n))
+    return table
 
 
 def render_comparison(cmp: Comparison) -> Table:
@@ -146,6 +174,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         config = EvalConfig(
             data=str(args.data), image_root=str(args.image_root) if args.image_root else None,
+            format=args.data_format, organ=args.organ, split=args.split,
             backend=args.backend, contexts=_contexts(args.context),
             allow_missing_images=args.allow_missing_images, workers=args.workers,
             concurrency=args.concurrency, limit=args.limit, ray=args.ray,
