@@ -132,10 +132,16 @@ def format_boxes(boxes: Sequence[BBox], family: str, *,
     height), needed by ``qwen2.5-vl``)."""
     fam = _check_family(family)
     if fam == "cxrtrek":
-        return " ".join(
-            (f"<|ref|> {b.label} <|/ref|> " if b.label else "")
-            + f"<|box|>({_pct(b.x1)}, {_pct(b.y1)}), ({_pct(b.x2)}, {_pct(b.y2)})<|/box|>"
-            for b in boxes)
+        # a ref labels every box after it up to the next ref: written when the label changes
+        # (so an unlabelled box after a labelled one takes that label)
+        pieces: list[str] = []
+        label: str | None = None
+        for b in boxes:
+            ref = f"<|ref|> {b.label} <|/ref|> " if b.label and b.label != label else ""
+            label = b.label or label
+            pieces.append(ref + f"<|box|>({_pct(b.x1)}, {_pct(b.y1)}), ({_pct(b.x2)}, "
+                                f"{_pct(b.y2)})<|/box|>")
+        return " ".join(pieces)
     if fam == "qwen2-vl":
         return "".join(
             (f"<|object_ref_start|>{b.label}<|object_ref_end|>" if b.label else "")
