@@ -20,7 +20,8 @@ chat completions, so the same client drives vLLM or a hosted VLM:
   16-bit reduced with its window), so that a server that opens every image with Pillow
   (vLLM) sees the contrast a reader would, never DICOM bytes or an all-white 16-bit image;
 - ``model``: the one given, else the first id ``GET /v1/models`` lists (asked once, then
-  cached; a server that lists none is a :class:`~cxrtrek.errors.BackendError`);
+  cached; asked again if a server answers 404 to it, e.g. replaced by one serving another
+  model; a server that lists none is a :class:`~cxrtrek.errors.BackendError`);
 - ``max_tokens``, ``temperature`` (0: greedy), ``top_p`` and ``seed`` from the request;
 - with ``constrain_choices=True``, a closed question's allowed answers (the dialect's
   :meth:`~cxrtrek.prompts.dialects.Dialect.choices`: yes/no, a single choice's options) as
@@ -217,6 +218,7 @@ class HTTPBackend:
         self._rng = random.Random(seed)
         self._data_urls: OrderedDict[str, str] = OrderedDict()
         self._model_lock: asyncio.Lock | None = None
+        self._discovered = False  # the model id came from /v1/models
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -274,12 +276,13 @@ class HTTPBackend:
 
     # --- internals --------------------------------------------------------------------------
 
-    async def _discover_model(self) -> str:
-        """The model id the servers serve: the first of ``GET /v1/models`` (asked once)."""
+    async def _discover_model(self, stale: str | None = None) -> str:
+        """The model id the servers serve: the first of ``GET /v1/models`` (asked once, and
+        again when a server no longer serves the ``stale`` id it gave)."""
         client = self._http()
         assert self._model_lock is not None
         async with self._model_lock:
-            if self.model is not None:
+            if self.model is not None and self.model != stale:
                 return self.model
             failures: list[str] = []
             for base in self.base_urls:
@@ -309,6 +312,7 @@ class HTTPBackend:
                     raise BackendError(f"no model id given, and {url} lists no models; "
                                        "expected at least one (or pass the model id)")
                 self._use_model(listed.data[0].id)
+                self._discovered = True
                 log.info("model id %r from %s", self.model, url)
                 assert self.model is not None
                 return self.model
@@ -396,6 +400,12 @@ class HTTPBackend:
             retry_after: float | None = None
             try:
                 response = await client.post(url, json=payload)
+                if response.status_code == 404 and self._discovered and "model" in payload:
+                    # the server behind the URL changed model: ask it again, once
+                    fresh = await self._discover_model(stale=payload["model"])
+                    if fresh != payload["model"]:
+                        payload["model"] = fresh
+                        response = await client.post(url, json=payload)
             except _RETRY_TRANSPORT as exc:
                 failures.append(f"{base}: {type(exc).__name__}: {exc}".rstrip(": "))
             except httpx.TimeoutException as exc:

@@ -106,6 +106,8 @@ class Server:
         assert request.url.path == "/v1/chat/completions"
         body = json.loads(request.content)
         self.bodies.append(body)
+        if "model" in body and body["model"] not in self.models and self.models_status == 200:
+            return httpx.Response(404, json={"error": {"message": "not served here"}})
         choices = body.get("structured_outputs", {}).get("choice")
         return httpx.Response(200, json=_completion(choices[0] if choices and self.answer
                                                     == "obey" else self.answer))
@@ -126,7 +128,7 @@ def _backend(server: Server, **kw: Any) -> HTTPBackend:
 def test_every_image_reaches_the_wire_as_an_8bit_png_with_its_contrast(kind: str,
                                                                         data: bytes) -> None:
     server = Server()
-    _send(_backend(server, model="m", dialect="cxrtrek-chat"), [VLMRequest(
+    _send(_backend(server, model="served", dialect="cxrtrek-chat"), [VLMRequest(
         request_id="r", stage=1, question="View?", images=[ImageRef(data=data)])])
     image = _sent_image(server.bodies[0])
     assert (image.format, image.mode) == ("PNG", "L"), kind
@@ -164,8 +166,26 @@ def test_model_id_from_v1_models_once() -> None:
     assert [r.dialect for r in out] == ["instruct"] * 4
 
 
+def test_a_server_that_changed_model_is_asked_again() -> None:
+    server = Server(models=["first"])
+    backend = _backend(server)
+
+    async def go() -> list[str]:
+        async with backend:
+            first = await backend.generate([VLMRequest(request_id="a", stage=1, question="?")])
+            server.models = ["second"]  # the server behind the URL was replaced
+            second = await backend.generate([VLMRequest(request_id="b", stage=1,
+                                                        question="?")])
+            return [r.model_id for r in first + second]
+    assert asyncio.run(go()) == ["served", "served"]  # as the completions say
+    assert server.model_lists == 2
+    # the stale id is refused (404), the server asked again, the request sent again
+    assert [b["model"] for b in server.bodies] == ["first", "first", "second"]
+
+
 def test_a_given_model_id_is_not_looked_up() -> None:
     server = Server()
+    server.models = ["mine"]
     _send(_backend(server, model="mine"), [VLMRequest(request_id="r", stage=1,
                                                       question="View?")])
     assert server.model_lists == 0 and server.bodies[0]["model"] == "mine"
@@ -186,7 +206,7 @@ def test_structured_outputs_sent_and_whether_applied_recorded(
         tmp_path: Path, answer: str, constrained: bool) -> None:
     [study] = load_studies(PHANTOMS)
     server = Server(answer=answer)
-    backend = _backend(server, model="m", dialect="cxrtrek-chat", constrain_choices=True)
+    backend = _backend(server, model="served", dialect="cxrtrek-chat", constrain_choices=True)
     agent = CXRTrekAgent(backend, settings=AgentSettings(home=str(tmp_path), backoff_s=0.0))
     report = agent.run(study, run_id="constrained")
     assert report.status == "completed"
@@ -208,6 +228,6 @@ def test_structured_outputs_sent_and_whether_applied_recorded(
 
 def test_structured_outputs_are_off_by_default() -> None:
     server = Server()
-    [resp] = _send(_backend(server, model="m"), [VLMRequest(
+    [resp] = _send(_backend(server, model="served"), [VLMRequest(
         request_id="r", stage=2, question="Effusion?", qtype="yes_no")])
     assert "structured_outputs" not in server.bodies[0] and resp.constrained is None
