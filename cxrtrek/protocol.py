@@ -64,6 +64,11 @@ class VLMRequest(BaseModel):
     for an answer of the right form."""
     options: list[str] = Field(default_factory=list)
     """A choice question's options (``A. ...``), when known."""
+    image_tags: list[int] | None = None
+    """Which image each ``<image>`` written in the texts shows: the k-th ``<image>`` of the
+    context questions (in order), then of the question, shows ``images[image_tags[k]]``.
+    None: the k-th shows the k-th image. The graph sets it in dataset mode, where the
+    dataset numbers a question's ``<image>`` over the whole conversation."""
 
     @model_validator(mode="before")
     @classmethod
@@ -100,6 +105,10 @@ class VLMResponse(BaseModel):
     trace; None: the backend renders no prompt (scripted, oracle, recorded)."""
     dialect: str | None = None
     """The dialect the prompt was built in (see :mod:`cxrtrek.prompts.dialects`), if any."""
+    constrained: bool | None = None
+    """Whether the answer was constrained to the question's choices (structured outputs):
+    None: no constraint was asked; True: asked, and the answer is one of the choices;
+    False: asked, but the answer is not one of them (the server ignored the constraint)."""
 
 
 @runtime_checkable

@@ -14,8 +14,20 @@ chat completions, so the same client drives vLLM or a hosted VLM:
   ``cxrtrek``, CXRTrekNet's own: a ``system`` message, each earlier stage's question and
   answer as a ``user`` / ``assistant`` pair, then the question; each user turn starts with
   its ``<stage_N>`` marker; the images lead the first user turn);
-- the images as ``image_url`` parts (base64 ``data:`` URLs) where the dialect places them;
-- ``max_tokens``, ``temperature`` (0: greedy), ``top_p`` and ``seed`` from the request.
+- the images as ``image_url`` parts where the dialect places them, always as 8-bit grayscale
+  PNG ``data:image/png;base64`` URLs, whatever the file: decoded by
+  :func:`cxrtrek.data.images.decode_image` (DICOM windowed and inverted for MONOCHROME1,
+  16-bit reduced with its window), so that a server that opens every image with Pillow
+  (vLLM) sees the contrast a reader would, never DICOM bytes or an all-white 16-bit image;
+- ``model``: the one given, else the first id ``GET /v1/models`` lists (asked once, then
+  cached; asked again if a server answers 404 to it, e.g. replaced by one serving another
+  model; a server that lists none is a :class:`~cxrtrek.errors.BackendError`);
+- ``max_tokens``, ``temperature`` (0: greedy), ``top_p`` and ``seed`` from the request;
+- with ``constrain_choices=True``, a closed question's allowed answers (the dialect's
+  :meth:`~cxrtrek.prompts.dialects.Dialect.choices`: yes/no, a single choice's options) as
+  vLLM's ``"structured_outputs": {"choice": [...]}``. Servers that do not know the field
+  ignore it silently (vLLM before 0.12 read ``guided_choice``), so each response says in
+  ``constrained`` whether the answer came back as one of the choices.
 
 All requests of one :meth:`~HTTPBackend.generate` call go out concurrently over one pooled
 ``httpx.AsyncClient``. A request that meets a connection failure (refused, reset, dropped
@@ -48,11 +60,10 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cxrtrek.errors import BackendError, ConfigError, DataError, TransientError
+from cxrtrek.errors import BackendError, ConfigError, CXRTrekError, DataError, TransientError
 from cxrtrek.protocol import VLMRequest, VLMResponse
-from cxrtrek.schema import ImageRef
 
-__all__ = ["HTTPBackend"]
+__all__ = ["HTTPBackend", "png_data_url", "to_png8"]
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +103,41 @@ class _Completion(BaseModel):
     cxrtrek: dict[str, Any] | None = None
 
 
-def _mime(data: bytes) -> str:
-    if data.startswith(b"\x89PNG"):
-        return "image/png"
-    if data.startswith(b"\xff\xd8"):
-        return "image/jpeg"
-    if data[128:132] == b"DICM":
-        return "application/dicom"
-    return "application/octet-stream"
+class _ModelCard(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str = Field(min_length=1)
+
+
+class _ModelList(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    data: list[_ModelCard] = Field(default_factory=list)
+
+
+def to_png8(data: bytes, where: str = "image") -> bytes:
+    """An image file's bytes (PNG, JPEG or DICOM) as an 8-bit grayscale PNG, decoded by
+    :func:`cxrtrek.data.images.decode_image` (windowed, 0 = black as displayed)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from cxrtrek.data.images import decode_image
+
+    try:
+        decoded = decode_image(data)
+    except CXRTrekError as exc:
+        raise type(exc)(f"{where}: {exc}") from exc
+    pixels = np.clip(np.rint(np.asarray(decoded.pixels) * 255.0), 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def png_data_url(data: bytes, where: str = "image") -> str:
+    """An image file's bytes as a ``data:image/png;base64`` URL of :func:`to_png8`."""
+    return "data:image/png;base64," + base64.b64encode(to_png8(data, where)).decode("ascii")
 
 
 def _normalize(url: str) -> str:
@@ -136,14 +174,19 @@ class HTTPBackend:
     after the first on transient failures; backoff ``backoff_s * 2**attempt`` capped at
     ``backoff_max_s``, with equal jitter. ``transport``: an ``httpx`` transport (tests pass
     ``httpx.MockTransport``). ``dialect``: how a request becomes a chat (see
-    :mod:`cxrtrek.prompts.dialects`; ``cxrtrek`` for CXRTrekNet behind ``cxrtrek serve``).
+    :mod:`cxrtrek.prompts.dialects`; ``cxrtrek`` for CXRTrekNet behind ``cxrtrek serve``,
+    ``cxrtrek-chat`` for CXRTrek-trained models, ``instruct`` for general VLMs).
+    ``family``: the dialect's box family (a family name or a model id; default: from the
+    dialect name's ``:family``, else from the model id, once known). ``constrain_choices``:
+    send closed questions' allowed answers as vLLM structured outputs (off by default).
     """
 
     def __init__(self, base_urls: str | Sequence[str], *, token: str | None = None,
                  model: str | None = None, timeout: float = 120.0, connect_timeout: float = 5.0,
                  max_retries: int = 3, backoff_s: float = 0.25, backoff_max_s: float = 4.0,
                  max_connections: int = 64, transport: httpx.AsyncBaseTransport | None = None,
-                 seed: int | None = None, dialect: str = "cxrtrek") -> None:
+                 seed: int | None = None, dialect: str = "cxrtrek", family: str | None = None,
+                 constrain_choices: bool = False) -> None:
         from cxrtrek.prompts.dialects import get_dialect
 
         urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
@@ -154,7 +197,10 @@ class HTTPBackend:
         if timeout <= 0 or connect_timeout <= 0 or max_connections < 1:
             raise ConfigError("timeouts must be positive and max_connections at least 1")
         self.base_urls = [_normalize(u) for u in urls]
-        self.dialect = get_dialect(dialect)
+        self._dialect_name = dialect
+        self._family = family
+        self.dialect = get_dialect(dialect, family=family or model)
+        self.constrain_choices = constrain_choices
         self.model = model
         self.model_id = model or self.base_urls[0]
         self.timeout = timeout
@@ -171,6 +217,8 @@ class HTTPBackend:
         self._turn = itertools.count()
         self._rng = random.Random(seed)
         self._data_urls: OrderedDict[str, str] = OrderedDict()
+        self._model_lock: asyncio.Lock | None = None
+        self._discovered = False  # the model id came from /v1/models
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -182,6 +230,7 @@ class HTTPBackend:
             self._client = httpx.AsyncClient(headers=self._headers, timeout=self._timeout,
                                              limits=self._limits, transport=self._transport)
             self._loop = loop
+            self._model_lock = asyncio.Lock()
         return self._client
 
     async def aclose(self) -> None:
@@ -208,7 +257,10 @@ class HTTPBackend:
         """
         if not requests:
             return []
-        outcomes = await asyncio.gather(*(self._send(r) for r in requests),
+        if self.model is None:
+            await self._discover_model()
+        urls = await self._image_urls(requests)
+        outcomes = await asyncio.gather(*(self._send(r, urls) for r in requests),
                                         return_exceptions=True)
         failed = [o for o in outcomes if isinstance(o, BaseException)]
         if not failed:
@@ -224,29 +276,94 @@ class HTTPBackend:
 
     # --- internals --------------------------------------------------------------------------
 
-    def _data_url(self, ref: ImageRef) -> str:
-        key = ref.digest() if (ref.sha256 or ref.path) else None
-        if key is not None and key in self._data_urls:
-            self._data_urls.move_to_end(key)
-            return self._data_urls[key]
-        try:
-            data = ref.read_bytes()
-        except OSError as exc:
-            raise DataError(f"image {ref.path or ref.sha256}: cannot read its bytes to send "
-                            f"({exc})") from exc
-        url = f"data:{_mime(data)};base64,{base64.b64encode(data).decode('ascii')}"
-        if key is not None:
-            self._data_urls[key] = url
-            while len(self._data_urls) > 16:
-                self._data_urls.popitem(last=False)
-        return url
+    async def _discover_model(self, stale: str | None = None) -> str:
+        """The model id the servers serve: the first of ``GET /v1/models`` (asked once, and
+        again when a server no longer serves the ``stale`` id it gave)."""
+        client = self._http()
+        assert self._model_lock is not None
+        async with self._model_lock:
+            if self.model is not None and self.model != stale:
+                return self.model
+            failures: list[str] = []
+            for base in self.base_urls:
+                url = f"{base}/models"
+                try:
+                    response = await client.get(url)
+                except httpx.HTTPError as exc:
+                    failures.append(f"{url}: {type(exc).__name__}: {exc}".rstrip(": "))
+                    continue
+                if response.status_code == 429 or response.status_code >= 500:
+                    failures.append(f"{url}: HTTP {response.status_code}: "
+                                    f"{_error_message(response)}")
+                    continue
+                if response.status_code != 200:
+                    raise BackendError(
+                        f"no model id given, and GET {url} answered HTTP "
+                        f"{response.status_code}: {_error_message(response)}; expected the "
+                        "list of served models (or pass the model id)")
+                try:
+                    listed = _ModelList.model_validate_json(response.content)
+                except ValidationError as exc:
+                    raise BackendError(
+                        f"no model id given, and GET {url} returned no model list: "
+                        f"{exc.errors()[0]['msg']} at "
+                        f"{'.'.join(str(p) for p in exc.errors()[0]['loc'])}") from None
+                if not listed.data:
+                    raise BackendError(f"no model id given, and {url} lists no models; "
+                                       "expected at least one (or pass the model id)")
+                self._use_model(listed.data[0].id)
+                self._discovered = True
+                log.info("model id %r from %s", self.model, url)
+                assert self.model is not None
+                return self.model
+            raise TransientError("no model id given, and no server answered GET /v1/models: "
+                                 + "; ".join(failures))
 
-    def _payload(self, request: VLMRequest) -> tuple[dict[str, Any], str]:
-        """The request body, and the chat as text for the trace."""
+    def _use_model(self, model: str) -> None:
+        from cxrtrek.prompts.dialects import get_dialect, pins_family
+
+        self.model = self.model_id = model
+        if self._family is None and not pins_family(self._dialect_name):
+            self.dialect = get_dialect(self._dialect_name, family=model)
+
+    async def _image_urls(self, requests: Sequence[VLMRequest]) -> dict[str, str]:
+        """The PNG data URL of every image of the requests, by SHA-256: each encoded once
+        (off the event loop), recent ones kept in a small cache."""
+        urls: dict[str, str] = {}
+        for request in requests:
+            for ref in request.images:
+                try:
+                    key = ref.digest()
+                except OSError as exc:
+                    raise DataError(f"request {request.request_id!r}: image {ref.path}: "
+                                    f"cannot read its bytes to send ({exc})") from exc
+                if key in urls:
+                    continue
+                if key in self._data_urls:
+                    self._data_urls.move_to_end(key)
+                    urls[key] = self._data_urls[key]
+                    continue
+                try:
+                    data = ref.read_bytes()
+                except OSError as exc:
+                    raise DataError(f"request {request.request_id!r}: image "
+                                    f"{ref.path or ref.sha256}: cannot read its bytes to send "
+                                    f"({exc})") from exc
+                where = f"request {request.request_id!r}: image {ref.path or key[:12]}"
+                urls[key] = await asyncio.to_thread(png_data_url, data, where)
+                self._data_urls[key] = urls[key]
+                while len(self._data_urls) > 16:
+                    self._data_urls.popitem(last=False)
+        return urls
+
+    def _payload(self, request: VLMRequest, urls: dict[str, str],
+                 ) -> tuple[dict[str, Any], str, list[str] | None]:
+        """The request body, the chat as text for the trace, and the choices sent as a
+        constraint (None: none)."""
         from cxrtrek.prompts.dialects import openai_messages, render_turns
 
         turns = self.dialect.chat(request)
-        messages = openai_messages(turns, lambda i: self._data_url(request.images[i]))
+        messages = openai_messages(turns, lambda i: urls[request.images[i].digest()])
         payload: dict[str, Any] = {"messages": messages, "max_tokens": request.max_new_tokens}
         if self.model is not None:
             payload["model"] = self.model
@@ -259,7 +376,10 @@ class HTTPBackend:
                 payload["top_p"] = decoding.top_p
         if decoding.seed is not None:
             payload["seed"] = decoding.seed
-        return payload, render_turns(turns)
+        choices = self.dialect.choices(request) if self.constrain_choices else None
+        if choices:
+            payload["structured_outputs"] = {"choice": choices}
+        return payload, render_turns(turns), choices or None
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         base = min(self.backoff_max_s, self.backoff_s * 2.0 ** attempt)
@@ -268,8 +388,8 @@ class HTTPBackend:
             delay = max(delay, min(retry_after, self.backoff_max_s))
         return delay
 
-    async def _send(self, request: VLMRequest) -> VLMResponse:
-        payload, prompt = self._payload(request)
+    async def _send(self, request: VLMRequest, urls: dict[str, str]) -> VLMResponse:
+        payload, prompt, choices = self._payload(request, urls)
         client = self._http()
         failures: list[str] = []
         t0 = time.perf_counter()
@@ -280,6 +400,12 @@ class HTTPBackend:
             retry_after: float | None = None
             try:
                 response = await client.post(url, json=payload)
+                if response.status_code == 404 and self._discovered and "model" in payload:
+                    # the server behind the URL changed model: ask it again, once
+                    fresh = await self._discover_model(stale=payload["model"])
+                    if fresh != payload["model"]:
+                        payload["model"] = fresh
+                        response = await client.post(url, json=payload)
             except _RETRY_TRANSPORT as exc:
                 failures.append(f"{base}: {type(exc).__name__}: {exc}".rstrip(": "))
             except httpx.TimeoutException as exc:
@@ -293,7 +419,7 @@ class HTTPBackend:
                 status = response.status_code
                 if status == 200:
                     return self._response(request, response, base, time.perf_counter() - t0,
-                                          prompt)
+                                          prompt, choices)
                 message = _error_message(response)
                 if status != 429 and status < 500:
                     raise BackendError(f"request {request.request_id!r}: {base} answered HTTP "
@@ -311,7 +437,7 @@ class HTTPBackend:
                              f"(server {servers}); last: {failures[-1]}")
 
     def _response(self, request: VLMRequest, response: httpx.Response, base: str,
-                  latency: float, prompt: str) -> VLMResponse:
+                  latency: float, prompt: str, choices: list[str] | None) -> VLMResponse:
         try:
             completion = _Completion.model_validate_json(response.content)
         except ValidationError as exc:
@@ -323,12 +449,14 @@ class HTTPBackend:
         extra = completion.cxrtrek or {}
         hits = extra.get("cache_hits")
         used = extra.get("context_used")
+        raw = (choice.message.content or "").strip()
         return VLMResponse(
             request_id=request.request_id,
-            text=self.dialect.answer((choice.message.content or "").strip(), request),
+            text=self.dialect.answer(raw, request),
             model_id=completion.model or self.model_id, prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens, latency_s=latency,
             finish_reason="length" if choice.finish_reason == "length" else "stop",
             cache_hits=hits if isinstance(hits, int) and hits >= 0 else 0,
             context_used=used if isinstance(used, int) and used >= 0 else None,
-            prompt=prompt, dialect=self.dialect.name)
+            prompt=prompt, dialect=self.dialect.name,
+            constrained=None if choices is None else raw in {c.strip() for c in choices})

@@ -66,11 +66,13 @@ __all__ = [
     "build_report",
     "edit_stage",
     "finalize",
+    "image_tags_of",
     "images_for",
     "intake",
     "judge_quality",
     "make_stage_node",
     "next_stage",
+    "request_images",
     "review",
     "route_after_stage",
     "stage_node_name",
@@ -125,6 +127,48 @@ def images_for(study: Study, stage: int, cache: dict[str, bytes]) -> list[ImageR
     refs = [*study.images, *prior] if stage >= 5 and study.has_prior else study.images[:1]
     return [r.model_copy(update={"data": cache[r.sha256]})
             if r.data is None and r.sha256 in cache else r for r in refs]
+
+
+_IMAGE_TAG = "<image>"
+
+
+def image_tags_of(study: Study) -> dict[str, list[int]]:
+    """Dataset mode: for each question whose text writes ``<image>``, the images they show,
+    as indices into the study's images then its prior's. The dataset numbers them over its
+    whole conversation, in file order (the i-th ``<image>`` of a record is its i-th image).
+    Empty when the placeholders outnumber the images (they then bind to none)."""
+    n_images = len(study.images) + (len(study.prior.images) if study.prior else 0)
+    tags: dict[str, list[int]] = {}
+    seen = 0
+    for q in study.questions:
+        count = q.text.count(_IMAGE_TAG)
+        if count:
+            tags[q.id] = list(range(seen, seen + count))
+            seen += count
+    if seen > n_images:
+        log.warning("study %s: its questions write %d <image> placeholders for %d images; "
+                    "not binding them", study.study_id, seen, n_images)
+        return {}
+    return tags
+
+
+def request_images(study: Study, stage: int, cache: dict[str, bytes], shown: Sequence[int],
+                   ) -> tuple[list[ImageRef], list[int] | None]:
+    """A question's images and the binding of its ``<image>`` placeholders
+    (:attr:`~cxrtrek.protocol.VLMRequest.image_tags`): :func:`images_for`'s, plus those its
+    chat's placeholders show (``shown``: study image indices, in the chat's order), in the
+    study's order."""
+    if not shown:
+        return images_for(study, stage, cache), None
+    everything = [*study.images, *(study.prior.images if study.prior else [])]
+    default = (range(len(everything)) if stage >= 5 and study.has_prior
+               else range(min(1, len(study.images))))
+    indices = sorted({*default, *shown})
+    position = {i: k for k, i in enumerate(indices)}
+    refs = [everything[i] for i in indices]
+    refs = [r.model_copy(update={"data": cache[r.sha256]})
+            if r.data is None and r.sha256 in cache else r for r in refs]
+    return refs, [position[i] for i in shown]
 
 
 def _parse(question: Question, text: str) -> ParsedAnswer:
@@ -267,7 +311,7 @@ def make_stage_node(spec: StageSpec) -> StageNode:
                                          status="skipped", reason=result.skipped,
                                          checkpoint_id=checkpoint)])
             return {**base, "results": {str(spec.number): result.model_dump(mode="json")}}
-        images = images_for(study, spec.number, ctx.image_bytes)
+        tags = image_tags_of(study) if resolve_mode(settings.mode, study) == "dataset" else {}
         candidates = context_items(results, spec.number)
         retriever = ctx.retriever or (ctx.memory.retriever_for(run_id)
                                       if ctx.memory is not None else None)
@@ -275,14 +319,18 @@ def make_stage_node(spec: StageSpec) -> StageNode:
             select_context(settings.context, q.text, candidates, top_k=settings.top_k,
                            retriever=retriever) for q in questions]
         system = settings.resolved_system()
-        requests = [VLMRequest(
-            request_id=request_id(run_id, spec.number, q.id), stage=spec.number,
-            question=q.text, images=images, system=system,
-            context=[ContextPair(stage=c.item.stage, question=c.item.question,
-                                 answer=c.item.answer) for c in chosen],
-            max_new_tokens=settings.max_new_tokens, decoding=settings.decoding,
-            qtype=q.qtype, options=q.options)
-            for q, chosen in zip(questions, contexts, strict=True)]
+        requests: list[VLMRequest] = []
+        for q, chosen in zip(questions, contexts, strict=True):
+            shown = [i for c in chosen for i in tags.get(c.item.id.split(":", 1)[1], [])]
+            images, image_tags = request_images(study, spec.number, ctx.image_bytes,
+                                                [*shown, *tags.get(q.id, [])])
+            requests.append(VLMRequest(
+                request_id=request_id(run_id, spec.number, q.id), stage=spec.number,
+                question=q.text, images=images, system=system,
+                context=[ContextPair(stage=c.item.stage, question=c.item.question,
+                                     answer=c.item.answer) for c in chosen],
+                max_new_tokens=settings.max_new_tokens, decoding=settings.decoding,
+                qtype=q.qtype, options=q.options, image_tags=image_tags))
         errors: list[str] = []
         t0 = time.perf_counter()
         try:
@@ -300,8 +348,8 @@ def make_stage_node(spec: StageSpec) -> StageNode:
             stage=spec.number, name=spec.title, questions=questions, answers=answers), results)
         if runtime.context.tracer is not None:
             _trace(runtime, _question_records(
-                run_id, questions, requests, responses, answers, contexts, images,
-                latency=latency, retries=retries, checkpoint=checkpoint, n_images=len(images)))
+                run_id, questions, requests, responses, answers, contexts,
+                latency=latency, retries=retries, checkpoint=checkpoint))
             _trace(runtime, [StageRecord(
                 run_id=run_id, stage=spec.number, name=spec.key, status="ran",
                 question_ids=[q.id for q in questions], latency_s=latency, retries=retries,
@@ -321,9 +369,8 @@ def make_stage_node(spec: StageSpec) -> StageNode:
 def _question_records(run_id: str, questions: Sequence[Question],
                       requests: Sequence[VLMRequest], responses: Sequence[VLMResponse],
                       answers: Sequence[Answer], contexts: Sequence[Sequence[ScoredContext]],
-                      images: Sequence[ImageRef], *, latency: float, retries: int,
-                      checkpoint: str | None, n_images: int) -> list[TraceRecord]:
-    shas = [r.sha256 for r in images]
+                      *, latency: float, retries: int,
+                      checkpoint: str | None) -> list[TraceRecord]:
     out: list[TraceRecord] = []
     for q, req, resp, ans, chosen in zip(questions, requests, responses, answers, contexts,
                                          strict=True):
@@ -332,8 +379,10 @@ def _question_records(run_id: str, questions: Sequence[Question],
             run_id=run_id, stage=q.stage, question_id=q.id, request_id=req.request_id,
             task_type=q.task_type, qtype=q.qtype, question=q.text, options=q.options,
             target=q.target, prompt=prompt, dialect=resp.dialect,
+            constrained=resp.constrained,
             prompt_sha256=None if prompt is None else sha256_bytes(prompt.encode()),
-            images=shas, context=[ContextRef(id=c.item.id, score=c.score) for c in chosen],
+            images=[r.sha256 for r in req.images],
+            context=[ContextRef(id=c.item.id, score=c.score) for c in chosen],
             context_used=resp.context_used,
             model_id=resp.model_id, decoding=req.decoding, max_new_tokens=req.max_new_tokens,
             raw_output=resp.text, parsed=ans.parsed,

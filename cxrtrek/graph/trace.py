@@ -137,6 +137,8 @@ class QuestionRecord(BaseRecord):
     """The prompt the backend reported sending (None: it renders none, e.g. scripted)."""
     prompt_sha256: str | None
     dialect: str | None = None
+    constrained: bool | None = None
+    """Whether the answer was constrained to the question's choices (None: not asked)."""
     images: list[str | None] = Field(default_factory=list)
     context: list[ContextRef] = Field(default_factory=list)
     context_used: int | None = None

@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 from cxrtrek.backends.http import HTTPBackend
 from cxrtrek.errors import BackendError, ConfigError, TransientError
 from cxrtrek.protocol import DecodingSettings, VLMBackend, VLMRequest
 from cxrtrek.schema import ImageRef
 
-PNG = b"\x89PNG\r\n\x1a\n fake png bytes"
+
+def _png(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+GRADIENT = np.tile(np.arange(0, 256, 16, dtype=np.uint8), (8, 1))
+PNG = _png(GRADIENT)
 A, B = "http://replica-a:8000/v1", "http://replica-b:8000/v1"
 
 Handler = Callable[[httpx.Request], Coroutine[None, None, httpx.Response]]
@@ -59,6 +70,7 @@ def _backend(handler: Handler, urls: list[str] | None = None, **kw: Any) -> HTTP
     kw.setdefault("backoff_s", 0.001)
     kw.setdefault("backoff_max_s", 0.005)
     kw.setdefault("seed", 0)
+    kw.setdefault("model", "served-model")
     return HTTPBackend(urls or [A], transport=httpx.MockTransport(handler), **kw)
 
 
@@ -90,7 +102,9 @@ def test_wire_format_is_plain_openai_chat() -> None:
     assert first[0]["type"] == "image_url"
     url = first[0]["image_url"]["url"]
     assert url.startswith("data:image/png;base64,")
-    assert base64.b64decode(url.split(",", 1)[1]) == PNG
+    sent = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    assert (sent.format, sent.mode) == ("PNG", "L")
+    assert np.array_equal(np.asarray(sent), GRADIENT)  # an 8-bit PNG goes as it is
     assert first[1] == {"type": "text", "text": "<stage_1> View?"}
     assert msgs[2]["content"] == "PA." and msgs[4]["content"] == "Yes."
     assert msgs[3]["content"] == "<stage_2> Effusion?"  # no image: a plain string
@@ -100,11 +114,12 @@ def test_wire_format_is_plain_openai_chat() -> None:
     assert (resp.prompt_tokens, resp.completion_tokens, resp.cache_hits) == (11, 3, 1)
 
 
-def test_greedy_sends_temperature_zero_and_no_model_when_unset() -> None:
+def test_greedy_sends_temperature_zero_and_no_sampling_settings() -> None:
     rec = Recorder(lambda r, n: httpx.Response(200, json=_completion("ok")))
     _run(_backend(rec), [_request()])
     body = rec.seen[0][1]
-    assert body["temperature"] == 0.0 and "model" not in body and "top_p" not in body
+    assert body["temperature"] == 0.0 and "top_p" not in body and "seed" not in body
+    assert "structured_outputs" not in body  # off by default
     assert [m["role"] for m in body["messages"]] == ["user"]
     assert [p["type"] for p in body["messages"][0]["content"]] == ["image_url", "text"]
 
