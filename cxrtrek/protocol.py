@@ -23,7 +23,8 @@ class ContextPair(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    stage: int = Field(ge=1, le=8)
+    stage: int | None = Field(default=None, ge=1, le=8)
+    """The stage the pair was asked at; None: a free question (see :class:`VLMRequest`)."""
     question: str
     answer: str
 
@@ -49,8 +50,12 @@ class VLMRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     request_id: str
-    stage: int
-    """1-8. Not range-checked here, so that a backend reports a bad stage as its own error."""
+    stage: int | None = None
+    """1-8: the diagnostic stage that asks the question. None: a free question, asked at no
+    stage (a plain OpenAI request to ``cxrtrek serve``); each backend says how it puts one to
+    its model (CXRTrekNet's chat needs a stage token: see
+    :data:`cxrtrek.backends.inprocess.FREE_QUESTION_STAGE`). Not range-checked here, so
+    that a backend reports a bad stage as its own error."""
     question: str
     images: list[ImageRef] = Field(default_factory=list)
     context: list[ContextPair] = Field(default_factory=list)

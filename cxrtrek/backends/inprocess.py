@@ -14,6 +14,15 @@ the next requests are ready when rows free up (two cores busy with one torch thr
 A row's tokens do not depend on the other rows, so answers are those of the request alone.
 ``continuous=False`` answers each call on its own (``generate_sync``).
 
+*Free questions.* CXRTrekNet's chat starts every user turn with a stage token, and a request
+may come without a stage (a plain OpenAI request to ``cxrtrek serve``, or a context pair of
+one). Such a question is rendered at :data:`FREE_QUESTION_STAGE`, stage 8, always: it is the
+stage the agent already asks its follow-up questions at, so a question gets the same answer
+as a follow-up and through the server; stage 8 is the stage whose training questions are
+open-ended and which saw every earlier stage as context; and a fixed stage keeps the answer
+from depending on how a question is worded, as a stage guessed from its words would. A
+response's prompt shows the stage that was used.
+
 Load a saved model folder with :meth:`InProcessBackend.load`; the constructor takes a model
 that is already built (it never loads weights itself).
 """
@@ -46,9 +55,12 @@ if TYPE_CHECKING:
     )
     from cxrtrek.model.processing import CXRTrekNetProcessor, Encoded
 
-__all__ = ["InProcessBackend"]
+__all__ = ["FREE_QUESTION_STAGE", "InProcessBackend"]
 
 log = logging.getLogger(__name__)
+
+FREE_QUESTION_STAGE = 8
+"""The stage token a question without a stage is rendered with (see the module docstring)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,23 +196,28 @@ class InProcessBackend:
             raise DataError(f"request {rid!r}: expected at least one image (the current "
                             "study first, then priors); got none")
         for s in (request.stage, *(c.stage for c in request.context)):
-            if not 1 <= s <= 8:
-                raise DataError(f"request {rid!r}: stage must be 1-8; got {s}")
-        turns = [ContextTurn(c.stage, c.question, c.answer) for c in request.context]
+            if s is not None and not 1 <= s <= 8:
+                raise DataError(f"request {rid!r}: stage must be 1-8; got {s} (no stage: a "
+                                "free question)")
+        stage = FREE_QUESTION_STAGE if request.stage is None else request.stage
+        turns = [ContextTurn(FREE_QUESTION_STAGE if c.stage is None else c.stage, c.question,
+                             c.answer) for c in request.context]
+        # context is dropped oldest first, a stage's pairs together; a free pair goes alone
+        groups = [c.stage if c.stage is not None else -k for k, c in enumerate(request.context)]
         limit = self.processor.context_length
         # Room kept for the answer when context has to be dropped to fit the window.
         reserve = min(request.max_new_tokens, limit // 4)
         while True:
             enc = self.processor.encode_prompt(
-                stage=request.stage, question=request.question, n_images=len(request.images),
+                stage=stage, question=request.question, n_images=len(request.images),
                 context=turns, system=request.system)
             if not turns or len(enc) + reserve <= limit:
                 break
             # the oldest stage's pairs go first, together: prompts of later stages then keep
             # starting alike, so their processed prefix is reused (see PrefixCache)
-            oldest = turns[0].stage
-            while turns and turns[0].stage == oldest:
-                turns = turns[1:]
+            oldest = groups[0]
+            while turns and groups[0] == oldest:
+                turns, groups = turns[1:], groups[1:]
         if len(enc) >= limit:
             raise DataError(f"request {rid!r}: the prompt is {len(enc)} tokens (with "
                             f"{len(request.images)} images and no context left); the model "

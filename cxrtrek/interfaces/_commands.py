@@ -163,7 +163,7 @@ def serve_spec(model: str) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from cxrtrek.backends.registry import BackendOptions, load_backend
-    from cxrtrek.serve.server import ServerSettings, serve
+    from cxrtrek.serve.app import ServerSettings, serve
 
     settings = ServerSettings.create(  # bad settings fail here, before the model loads
         host=args.host, port=args.port, token=args.token or os.environ.get(
@@ -171,6 +171,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue, max_request_bytes=args.max_request_bytes,
         request_timeout_s=args.request_timeout_s, drain_timeout_s=args.drain_timeout_s,
+        body_timeout_s=args.body_timeout_s, max_concurrent_bodies=args.max_concurrent_bodies,
         cache_size=args.cache_size)
     if args.threads:
         import torch

@@ -358,6 +358,12 @@ def serve_cmd(
     request_timeout_s: Annotated[float | None, typer.Option(
         "--request-timeout-s", metavar="S",
         help="queue wait plus generation; then 504 (default 120)")] = None,
+    body_timeout_s: Annotated[float | None, typer.Option(
+        "--body-timeout-s", metavar="S",
+        help="a request body not received within S seconds gets 408 (default 60)")] = None,
+    max_concurrent_bodies: Annotated[int | None, typer.Option(
+        "--max-concurrent-bodies", metavar="N",
+        help="request bodies received at once; more get 503 (default 64)")] = None,
     drain_timeout_s: Annotated[float | None, typer.Option(
         "--drain-timeout-s", metavar="S",
         help="on shutdown, time for requests in flight (default 30)")] = None,
@@ -375,7 +381,8 @@ def serve_cmd(
 ) -> int:
     """Serve CXRTrekNet over HTTP (OpenAI-compatible chat completions) on a GPU host.
 
-    POST /v1/chat/completions (images as data: URLs), GET /v1/models, /health, /metrics.
+    POST /v1/chat/completions (images as data: URLs; the stage is optional: a question
+    without one is answered as a free question), GET /v1/models, /health, /metrics.
     Concurrent requests are batched; vision features are cached by image SHA-256. Binds
     127.0.0.1 unless told otherwise; any other address needs a token. SIGINT/SIGTERM drain.
     """
@@ -402,6 +409,12 @@ def api_cmd(
         "--max-images", metavar="N", help="images per study (current, and prior)")] = 8,
     max_concurrent_runs: Annotated[int, typer.Option(
         "--max-concurrent-runs", metavar="N", help="readings at once; more wait")] = 2,
+    body_timeout_s: Annotated[float, typer.Option(
+        "--body-timeout-s", metavar="S",
+        help="an upload not received within S seconds gets 408")] = 120.0,
+    max_concurrent_bodies: Annotated[int, typer.Option(
+        "--max-concurrent-bodies", metavar="N",
+        help="uploads received at once; more get 503 with Retry-After")] = 16,
     home: Home = None,
 ) -> int:
     """Serve readings over HTTP: POST a study (multipart images) to /v1/runs, follow its
@@ -420,6 +433,7 @@ def api_cmd(
         "token": token or os.environ.get("CXRTREK_API_TOKEN") or None,
         "max_image_bytes": int(max_image_mb * mib), "max_request_bytes": int(max_request_mb * mib),
         "max_images": max_images, "max_concurrent_runs": max_concurrent_runs,
+        "body_timeout_s": body_timeout_s, "max_concurrent_bodies": max_concurrent_bodies,
         "home": str(home) if home is not None else None}
     serve_api(ApiSettings.create(**fields))
     return EXIT_OK

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -126,3 +127,50 @@ def server_process(model_dir: Path,
         yield server
     finally:
         server.kill()
+
+
+# --- raw HTTP: requests that stall after their headers ----------------------------------------
+
+
+def stall(port: int, path: str, headers: dict[str, str]) -> socket.socket:
+    """A connection to 127.0.0.1:``port`` that sends a POST's headers (with a
+    ``Content-Length`` of 1000) and then nothing: a stalled upload."""
+    head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": "127.0.0.1", "Content-Length": "1000",
+                                                 **headers}.items())
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(f"POST {path} HTTP/1.1\r\n{head}\r\n".encode())
+    return sock
+
+
+class RawResponse:
+    """A response read off a raw socket: status, headers (lower-case names), body, and
+    whether the server closed the connection after it."""
+
+    def __init__(self, sock: socket.socket, timeout_s: float) -> None:
+        sock.settimeout(timeout_s)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, f"the connection closed before a response: {data!r}"
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        self.status = int(lines[0].split()[1])
+        self.headers = {k.strip().lower(): v.strip() for k, v in
+                        (line.split(":", 1) for line in lines[1:])}
+        while len(body) < int(self.headers.get("content-length", "0")):
+            chunk = sock.recv(65536)
+            assert chunk, "the connection closed inside the response body"
+            body += chunk
+        self.body = body
+        sock.settimeout(2.0)
+        try:
+            self.closed = sock.recv(1) == b""
+        except (TimeoutError, ConnectionResetError):
+            self.closed = False
+        sock.close()
+
+    def json(self) -> Any:
+        import json
+
+        return json.loads(self.body)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from cxrtrek.interfaces import api as api_module
 from cxrtrek.interfaces.api import ApiSettings, api_server, create_app
 from cxrtrek.protocol import VLMBackend, VLMRequest, VLMResponse
 
-from .conftest import REPO, free_port
+from .conftest import REPO, RawResponse, free_port, stall
 
 TOKEN = "api-test-token-7d2e"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -504,6 +505,39 @@ def test_a_streamed_body_over_the_limit_is_cut_off(untouched: tuple[Api, Path]) 
     assert response.status_code == 413 and response.json()["error"]["type"] == "PayloadTooLarge"
     assert "600000" in response.json()["error"]["message"]
     assert _tree(home) == []
+
+
+def test_stalled_uploads_time_out_and_are_bounded(tmp_path: Path) -> None:
+    """20 connections that declare a body and send nothing: the first few are read until
+    the body timeout (408), the rest get 503 at once; none is held longer, every connection
+    is closed, and the API takes uploads again afterwards."""
+    timeout_s, slots = 1.5, 4
+    with Api(_agent(tmp_path / "home"), body_timeout_s=timeout_s,
+             max_concurrent_bodies=slots) as api:
+        port = int(api.url.rsplit(":", 1)[1])
+        t0 = time.monotonic()
+        socks = [stall(port, "/v1/runs", {**AUTH, "Content-Type":
+                                          "multipart/form-data; boundary=b"})
+                 for _ in range(20)]
+        answers = [RawResponse(s, timeout_s=timeout_s + 10) for s in socks]
+        elapsed = time.monotonic() - t0
+        by_status = Counter(a.status for a in answers)
+        assert by_status == {408: slots, 503: 20 - slots}, by_status
+        assert timeout_s <= elapsed < timeout_s + 8, elapsed
+        for answer in answers:
+            assert answer.closed, answer.status  # the stalled connection is not kept
+            error = answer.json()["error"]
+            if answer.status == 408:
+                assert error["type"] == "RequestTimeout"
+                assert f"within {timeout_s:g} s" in error["message"]
+            else:
+                assert error["type"] == "ServiceUnavailable"
+                assert answer.headers["retry-after"] == "1"
+                assert "being received already" in error["message"]
+        run_id = _start(api, [DCM])  # the slots are free again
+        assert _wait(api, run_id, "completed")["status"] == "completed"
+    assert not (tmp_path / "home" / "uploads").exists() or [
+        p.name for p in (tmp_path / "home" / "uploads").iterdir()] == [run_id]
 
 
 def test_messages_name_the_file_that_fails(untouched: tuple[Api, Path]) -> None:

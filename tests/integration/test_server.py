@@ -19,15 +19,15 @@ import pytest
 
 from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent, RunReport
 from cxrtrek.backends.http import HTTPBackend
-from cxrtrek.backends.inprocess import InProcessBackend
+from cxrtrek.backends.inprocess import FREE_QUESTION_STAGE, InProcessBackend
 from cxrtrek.errors import BackendError, ConfigError, DataError, TransientError
 from cxrtrek.graph.trace import QuestionRecord, StageRecord, read_trace
 from cxrtrek.interfaces.cli import EXIT_USAGE, main
-from cxrtrek.protocol import VLMBackend, VLMRequest, VLMResponse
+from cxrtrek.protocol import ContextPair, VLMBackend, VLMRequest, VLMResponse
 from cxrtrek.schema import ImageRef, ImageRole, Study
-from cxrtrek.serve.server import BackgroundServer, ServerSettings, create_app
+from cxrtrek.serve.app import BackgroundServer, ServerSettings, create_app
 
-from .conftest import TOKEN, ServerProcess, Tiny
+from .conftest import TOKEN, RawResponse, ServerProcess, Tiny, free_port, stall
 
 SYSTEM = "You are a radiologist reading a chest X-ray."
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -159,9 +159,80 @@ def test_the_openai_sdk_gets_the_same_answers(server: BackgroundServer,
         assert completion.model == "tiny-trained"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.base_url, api_key="wrong", max_retries=0).models.list()
-    with pytest.raises(openai.BadRequestError, match="stage"):
+    with pytest.raises(openai.UnprocessableEntityError, match="stage must be 1-8"):
         client.chat.completions.create(model="tiny-trained", messages=[
-            {"role": "user", "content": [image, {"type": "text", "text": "No stage?"}]}])
+            {"role": "user", "content": [image, {"type": "text", "text": "<stage_9> View?"}]}])
+
+
+# --- free questions: a plain OpenAI request, no stage ----------------------------------------
+
+
+EFFUSION = "Is there any evidence of pleural effusion?"
+
+
+def test_a_free_question_renders_at_the_documented_stage(reference: InProcessBackend,
+                                                         images: list[ImageRef]) -> None:
+    free, at_8, at_2 = reference.generate_sync([
+        VLMRequest(request_id=rid, stage=stage, question=EFFUSION, images=images[:1],
+                   context=[ContextPair(stage=None if stage is None else 1,
+                                        question=QUESTIONS[0][1], answer="PA view.")],
+                   max_new_tokens=16)
+        for rid, stage in (("free", None), ("at-8", FREE_QUESTION_STAGE), ("at-2", 2))])
+    assert FREE_QUESTION_STAGE == 8
+    assert free.prompt is not None and at_8.prompt is not None
+    assert "<stage_8> " + EFFUSION in free.prompt and "<stage_2>" not in free.prompt
+    assert free.prompt.replace("<stage_8> " + QUESTIONS[0][1], "<stage_1> "
+                               + QUESTIONS[0][1]) == at_8.prompt  # context at its own stage
+    assert at_2.prompt is not None and "<stage_2> " + EFFUSION in at_2.prompt
+
+
+def test_cxrtrek_serve_answers_a_plain_openai_request(model_dir: Path, tmp_path: Path,
+                                                      reference: InProcessBackend,
+                                                      images: list[ImageRef]) -> None:
+    """``cxrtrek serve`` (a subprocess on 127.0.0.1) answers what any OpenAI client sends:
+    an image as a data: URL and a question, no <stage_N> marker, no cxrtrek field."""
+    proc = ServerProcess(model_dir, free_port(), tmp_path / "serve.log").start()
+    try:
+        image: Any = {"type": "image_url", "image_url": {"url": _data_url(images[0])}}
+        client = openai.OpenAI(base_url=proc.base_url, api_key="none", max_retries=0,
+                               timeout=60)
+        plain = client.chat.completions.create(model=Path(model_dir).name, max_tokens=24,
+                                               messages=[{"role": "user", "content": [
+                                                   image, {"type": "text", "text": EFFUSION}]}])
+        # earlier turns without stages are context, not refused
+        chat = client.chat.completions.create(model=Path(model_dir).name, max_tokens=24,
+                                              messages=[
+            {"role": "user", "content": [image, {"type": "text", "text": QUESTIONS[0][1]}]},
+            {"role": "assistant", "content": "A X-ray taken in PA view."},
+            {"role": "user", "content": EFFUSION}])
+        expected = reference.generate_sync([
+            VLMRequest(request_id="plain", question=EFFUSION, images=images[:1],
+                       max_new_tokens=24),
+            VLMRequest(request_id="chat", question=EFFUSION, images=images[:1],
+                       context=[ContextPair(question=QUESTIONS[0][1],
+                                            answer="A X-ray taken in PA view.")],
+                       max_new_tokens=24)])
+        for completion, exp in zip((plain, chat), expected, strict=True):
+            assert completion.choices[0].message.content == exp.text
+            assert exp.text.strip()  # an answer, not an empty string
+            assert completion.usage is not None
+            assert completion.usage.prompt_tokens == exp.prompt_tokens
+        raw = httpx.post(f"{proc.base_url}/chat/completions", timeout=60, json={
+            "max_tokens": 8, "messages": [{"role": "user", "content": [
+                image, {"type": "text", "text": EFFUSION}]}]})
+        assert raw.status_code == 200, raw.text
+        assert raw.json()["cxrtrek"]["stage"] is None  # a free question, said so
+
+        async def ours() -> list[VLMResponse]:
+            async with HTTPBackend([proc.base_url], max_retries=0) as backend:
+                return await backend.generate([VLMRequest(
+                    request_id="ours", question=EFFUSION, images=images[:1],
+                    max_new_tokens=24)])
+
+        [answer] = asyncio.run(ours())
+        assert answer.text.strip() and answer.model_id == Path(model_dir).name
+    finally:
+        proc.kill()
 
 
 # --- batching and the cache under concurrency ---------------------------------------------
@@ -225,28 +296,31 @@ def good_url(images: list[ImageRef]) -> str:
 
 
 BAD_BODIES: list[tuple[str, Any, int, str]] = [
-    ("no messages", {"messages": []}, 400, "messages"),
-    ("no image", {"messages": [_user("<stage_1> View?", None)]}, 400, "at least one image"),
-    ("remote image", {"messages": [_user("<stage_1> View?", "https://x.org/a.png")]}, 400,
+    ("no messages", {"messages": []}, 422, "messages"),
+    ("no image", {"messages": [_user("<stage_1> View?", None)]}, 422, "at least one image"),
+    ("remote image", {"messages": [_user("<stage_1> View?", "https://x.org/a.png")]}, 422,
      "data: URLs"),
-    ("bad base64", {"messages": [_user("<stage_1> View?", "data:image/png;base64,@@@")]}, 400,
+    ("bad base64", {"messages": [_user("<stage_1> View?", "data:image/png;base64,@@@")]}, 422,
      "not valid base64"),
-    ("no stage", {"messages": [_user("View?", "GOOD")]}, 400, "needs its stage"),
-    ("stage 9", {"messages": [_user("<stage_9> View?", "GOOD")]}, 400, "stage must be 1-8"),
+    ("stage 9", {"messages": [_user("<stage_9> View?", "GOOD")]}, 422, "stage must be 1-8"),
+    ("stage 0 in the body", {"messages": [_user("View?", "GOOD")], "cxrtrek": {"stage": 0}},
+     422, "stage must be 1-8"),
+    ("marker and body disagree", {"messages": [_user("<stage_2> View?", "GOOD")],
+                                  "cxrtrek": {"stage": 3}}, 422, "disagree"),
     ("ends with assistant", {"messages": [_user("<stage_1> View?", "GOOD"),
-                                          {"role": "assistant", "content": "PA."}]}, 400,
+                                          {"role": "assistant", "content": "PA."}]}, 422,
      "alternating"),
-    ("stream", {"stream": True, "messages": [_user("<stage_1> View?", "GOOD")]}, 400,
+    ("stream", {"stream": True, "messages": [_user("<stage_1> View?", "GOOD")]}, 422,
      "streaming is not supported"),
-    ("n=2", {"n": 2, "messages": [_user("<stage_1> View?", "GOOD")]}, 400, "n: expected 1"),
+    ("n=2", {"n": 2, "messages": [_user("<stage_1> View?", "GOOD")]}, 422, "n: expected 1"),
     ("audio part", {"messages": [{"role": "user", "content": [
-        {"type": "input_audio", "input_audio": {}}]}]}, 400, "invalid chat completion"),
+        {"type": "input_audio", "input_audio": {}}]}]}, 422, "invalid chat completion"),
     ("negative max_tokens", {"max_tokens": -1, "messages": [_user("<stage_1> V?", "GOOD")]},
-     400, "max_tokens"),
+     422, "max_tokens"),
     ("unknown model", {"model": "gpt-9", "messages": [_user("<stage_1> V?", "GOOD")]}, 404,
      "not served here"),
     ("not an image", {"messages": [_user("<stage_1> View?", "data:image/png;base64,"
-                                         + base64.b64encode(b"hello").decode())]}, 400,
+                                         + base64.b64encode(b"hello").decode())]}, 415,
      "image"),
 ]
 
@@ -296,7 +370,7 @@ def test_a_bad_request_in_a_batch_fails_alone(server: BackgroundServer, good_url
                 client.post(f"{server.base_url}/chat/completions", json=b) for b in bodies)))
 
     first, broken, third = asyncio.run(go())
-    assert broken.status_code == 400 and "image" in broken.json()["error"]["message"].lower()
+    assert broken.status_code == 415 and "image" in broken.json()["error"]["message"].lower()
     expected = reference.generate_sync([
         VLMRequest(request_id=str(i), stage=2, question=QUESTIONS[i][1], images=images[:1],
                    max_new_tokens=16) for i in (2, 3)])
@@ -409,6 +483,26 @@ def test_a_full_queue_gets_429() -> None:
             assert r.json()["choices"][0]["message"]["content"].startswith("answer to q")
 
 
+def test_stalled_bodies_get_408_and_too_many_get_503() -> None:
+    settings = ServerSettings(port=0, body_timeout_s=1.0, max_concurrent_bodies=1)
+    with BackgroundServer(SlowBackend(0.0), settings) as srv:
+        t0 = time.monotonic()
+        first = stall(srv.port, "/v1/chat/completions", {"Content-Type": "application/json"})
+        time.sleep(0.3)  # the first one holds the only slot
+        second = RawResponse(stall(srv.port, "/v1/chat/completions", {}), timeout_s=5)
+        assert second.status == 503 and time.monotonic() - t0 < 1.0
+        assert second.headers["retry-after"] == "1" and second.closed
+        assert second.json()["error"]["code"] == "too_many_bodies"
+        timed_out = RawResponse(first, timeout_s=10)
+        assert timed_out.status == 408 and 1.0 <= time.monotonic() - t0 < 6.0
+        assert timed_out.closed
+        assert timed_out.json()["error"] == {
+            "message": timed_out.json()["error"]["message"], "type": "invalid_request_error",
+            "code": "request_timeout"}
+        [answer] = asyncio.run(_burst(srv.base_url, 1))  # the slot is free again
+        assert answer.status_code == 200
+
+
 def test_slow_requests_get_504_and_backend_failures_map_to_5xx() -> None:
     with BackgroundServer(SlowBackend(1.0), ServerSettings(port=0, request_timeout_s=0.2)) \
             as srv:
@@ -416,8 +510,8 @@ def test_slow_requests_get_504_and_backend_failures_map_to_5xx() -> None:
         [response] = asyncio.run(_burst(srv.base_url, 1))
         assert response.status_code == 504 and time.monotonic() - t0 < 0.9
         assert response.json()["error"]["code"] == "timeout"
-    for error, status in ((TransientError("GPU busy"), 503), (BackendError("broken"), 500),
-                          (DataError("prompt too long"), 400)):
+    for error, status in ((TransientError("GPU busy"), 503), (BackendError("broken"), 502),
+                          (DataError("prompt too long"), 422)):
         with BackgroundServer(SlowBackend(0.0, error), ServerSettings(port=0)) as srv:
             [response] = asyncio.run(_burst(srv.base_url, 1))
         assert response.status_code == status

@@ -1,0 +1,80 @@
+"""The API's settings: how it binds, where it keeps runs, what it accepts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from cxrtrek.agent.agent import AgentSettings
+from cxrtrek.backends.registry import DEFAULT_BACKEND
+from cxrtrek.graph.state import ContextPolicy
+from cxrtrek.serve.http_common import refuse_open_bind, settings_from
+
+__all__ = ["MAX_IMAGES", "ApiSettings", "MiB"]
+
+MiB = 1024 * 1024
+MAX_IMAGES = 8
+"""At most this many images per study side (as :data:`cxrtrek.data.intake.MAX_IMAGES`)."""
+
+
+class ApiSettings(BaseModel):
+    """How the API binds, where it keeps runs, and what it accepts. Build with
+    :meth:`create` to get a :class:`~cxrtrek.errors.ConfigError` for bad values; a
+    non-loopback ``host`` without a ``token`` is a ConfigError either way."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    """0: any free port."""
+    token: str | None = None
+    """Bearer token required on ``/v1/*``; required to bind a non-loopback address."""
+    backend: str = DEFAULT_BACKEND
+    """The backend spec :func:`serve_api` loads (:func:`cxrtrek.backends.registry.load_backend`)."""
+    home: str | None = None
+    """Checkpoints, traces and uploads (``<home>/uploads/<run_id>/``); None:
+    ``$CXRTREK_HOME`` or ``./.cxrtrek``, as :attr:`AgentSettings.home`."""
+    context: ContextPolicy = "full"
+    """The context policy of the agent :func:`serve_api` builds."""
+    max_image_bytes: int = Field(default=20 * MiB, ge=1024)
+    """Per uploaded file; larger: 413."""
+    max_request_bytes: int = Field(default=64 * MiB, ge=1024)
+    """Per request body; larger: 413, refused before it is read."""
+    body_timeout_s: float = Field(default=120.0, gt=0.0)
+    """A request body not received whole within this long: 408 (a stalled upload holds
+    nothing for longer)."""
+    max_concurrent_bodies: int = Field(default=16, ge=1)
+    """Request bodies (uploads) being received at once beyond this many: 503 with
+    ``Retry-After``, at once."""
+    max_images: int = Field(default=MAX_IMAGES, ge=1, le=MAX_IMAGES)
+    """Per study side (current, prior); more: 422."""
+    max_concurrent_runs: int = Field(default=2, ge=1)
+    """Runs read at once; more wait as ``queued``."""
+    max_queued_runs: int = Field(default=64, ge=0)
+    """Runs waiting beyond this many: 503."""
+    stream_timeout_s: float = Field(default=3600.0, gt=0.0)
+    """An event stream ends after this long even when its run has not."""
+    keepalive_s: float = Field(default=15.0, gt=0.0)
+    """A quiet event stream sends a comment line this often."""
+    drain_timeout_s: float = Field(default=30.0, ge=0.0)
+    """On shutdown, how long runs in flight may take to finish (then they are interrupted,
+    resumable from their checkpoints)."""
+
+    @field_validator("token")
+    @classmethod
+    def _no_empty_token(cls, value: str | None) -> str | None:
+        return value or None
+
+    def model_post_init(self, context: Any, /) -> None:
+        """Refuse a non-loopback bind address without a token."""
+        refuse_open_bind(self.host, self.token, "the API", "CXRTREK_API_TOKEN")
+
+    @classmethod
+    def create(cls, **values: Any) -> ApiSettings:
+        """Settings from keyword values (None values dropped); bad values: ConfigError."""
+        return settings_from(cls, "API", values)
+
+    def agent_settings(self) -> AgentSettings:
+        """The settings of the agent :func:`serve_api` builds."""
+        return AgentSettings(home=self.home, context=self.context)
