@@ -7,8 +7,9 @@
         agent = CXRTrekAgent(backend)
         report = await agent.arun(study)
 
-Speaks the format of :mod:`cxrtrek.serve.server` (our server), which is plain OpenAI
-chat completions, so the same client drives vLLM or a hosted VLM:
+Speaks the format of :mod:`cxrtrek.serve` (our server; the wire types are in
+:mod:`cxrtrek.backends.openai_wire`), which is plain OpenAI chat completions, so the same
+client drives vLLM or a hosted VLM:
 
 - the chat of the backend's dialect (:mod:`cxrtrek.prompts.dialects`; by default
   ``cxrtrek``, CXRTrekNet's own: a ``system`` message, each earlier stage's question and

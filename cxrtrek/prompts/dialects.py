@@ -125,6 +125,11 @@ class Dialect(Protocol):
         ...
 
 
+def _marked(stage: int | None, question: str) -> str:
+    """A question with its ``<stage_N>`` marker (a free question, without a stage, has none)."""
+    return question if stage is None else f"<stage_{stage}> {question}"
+
+
 class CXRTrekNetDialect:
     """CXRTrekNet's own chat (see the module's table)."""
 
@@ -138,11 +143,11 @@ class CXRTrekNetDialect:
         first = True
         for pair in request.context:
             turns.append(Turn("user", (*(images if first else ()),
-                                       f"<stage_{pair.stage}> {pair.question}")))
+                                       _marked(pair.stage, pair.question))))
             turns.append(Turn("assistant", (pair.answer,)))
             first = False
         turns.append(Turn("user", (*(images if first else ()),
-                                   f"<stage_{request.stage}> {request.question}")))
+                                   _marked(request.stage, request.question))))
         return turns
 
     def __init__(self, family: str | None = None) -> None:
@@ -231,7 +236,8 @@ def dataset_turns(request: VLMRequest, system: str | None) -> list[Turn]:
     if current:
         heads[0] = _intro(CURRENT_INTRO, current)
     if prior:
-        at = next((k for k, (stage, _) in enumerate(users) if stage >= 5), len(users) - 1)
+        at = next((k for k, (stage, _) in enumerate(users) if stage is not None and stage >= 5),
+                  len(users) - 1)
         heads[at] = (*heads[at], *_intro(PRIOR_INTRO, prior))
     turns: list[Turn] = []
     if system is not None:

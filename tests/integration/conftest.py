@@ -4,6 +4,7 @@ differs by question), its phantom images, and a real server on a loopback port."
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
