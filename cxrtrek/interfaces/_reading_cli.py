@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent, RunReport, StageEvent
-from cxrtrek.backends.registry import load_backend
+from cxrtrek.backends.registry import BackendOptions, load_backend
 from cxrtrek.errors import ConfigError, FormatError
 from cxrtrek.protocol import VLMBackend
 from cxrtrek.schema import StageResult, Study
@@ -155,7 +155,8 @@ def _finish(agent: CXRTrekAgent, console: Console, report: RunReport, json_out: 
 
 def cmd_run(paths: Sequence[Path], *, prior: Sequence[Path], indication: str | None,
             backend: str, settings: AgentSettings, json_out: bool,
-            image_root: Path | None = None, allow_missing_images: bool = False) -> int:
+            image_root: Path | None = None, allow_missing_images: bool = False,
+            options: BackendOptions | None = None) -> int:
     """``cxrtrek run``: read each study, printing stages as they complete, then the report."""
     console = Console(stderr=json_out, highlight=False, soft_wrap=True)
     studies = _studies(paths, prior, indication, image_root, allow_missing_images)
@@ -163,9 +164,9 @@ def cmd_run(paths: Sequence[Path], *, prior: Sequence[Path], indication: str | N
     reports: list[RunReport] = []
     for study in studies:
         if backend == "scripted-oracle":
-            model = load_backend(backend, study)
+            model = load_backend(backend, study, options=options)
         else:  # one model for all the studies
-            shared = shared or load_backend(backend, study)
+            shared = shared or load_backend(backend, study, options=options)
             model = shared
         agent = CXRTrekAgent(model, settings=settings)
         run_id = agent.new_run_id(study)
@@ -181,10 +182,11 @@ def cmd_run(paths: Sequence[Path], *, prior: Sequence[Path], indication: str | N
 
 
 def cmd_resume(run_id: str, *, backend: str, settings: AgentSettings, approve: bool,
-               json_out: bool) -> int:
+               json_out: bool, options: BackendOptions | None = None) -> int:
     """``cxrtrek resume``: continue an interrupted or paused run."""
     console = Console(stderr=json_out, highlight=False, soft_wrap=True)
-    agent = CXRTrekAgent(load_backend(backend, None) if backend != "scripted-oracle"
+    agent = CXRTrekAgent(load_backend(backend, None, options=options)
+                         if backend != "scripted-oracle"
                          else _oracle_for(run_id, settings), settings=settings)
     before = agent.report(run_id)
     if before.status in ("completed", "stopped"):

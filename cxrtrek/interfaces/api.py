@@ -184,6 +184,13 @@ class ApiSettings(BaseModel):
     """Bearer token required on ``/v1/*``; required to bind a non-loopback address."""
     backend: str = DEFAULT_BACKEND
     """The backend spec :func:`serve_api` loads (:func:`cxrtrek.backends.registry.load_backend`)."""
+    device: str | None = None
+    """The in-process model's device (``cpu``, ``cuda[:N]``; None or ``auto``: CUDA when
+    available)."""
+    dtype: str | None = None
+    """The in-process model's dtype (``float32``, ``bfloat16``, ``float16``; None or ``auto``)."""
+    dialect: str | None = None
+    """How requests become chats (:mod:`cxrtrek.prompts.dialects`); None: the backend's own."""
     home: str | None = None
     """Checkpoints, traces and uploads (``<home>/uploads/<run_id>/``); None:
     ``$CXRTREK_HOME`` or ``./.cxrtrek``, as :attr:`AgentSettings.home`."""
@@ -997,9 +1004,10 @@ def api_server(app: FastAPI, settings: ApiSettings, *,
 def serve_api(settings: ApiSettings) -> None:
     """Load the backend, build the agent, and serve the API until SIGINT/SIGTERM (then end
     the event streams, let runs in flight finish within ``drain_timeout_s``, and return)."""
-    from cxrtrek.backends.registry import load_backend
+    from cxrtrek.backends.registry import BackendOptions, load_backend
 
-    backend = load_backend(settings.backend)
+    backend = load_backend(settings.backend, options=BackendOptions(
+        device=settings.device, dtype=settings.dtype, dialect=settings.dialect))
     agent = CXRTrekAgent(backend, settings=settings.agent_settings())
     app = create_app(agent, settings)
     log.info("listening on http://%s:%d (backend %s, token %s, home %s)", settings.host,

@@ -27,6 +27,7 @@ A client's configuration (e.g. Claude Desktop's ``mcpServers``)::
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from typing import Annotated, Any
@@ -47,7 +48,7 @@ from cxrtrek.agent.subagent import (
     prepare_reading,
     run_error_message,
 )
-from cxrtrek.backends.registry import BACKEND_SPECS, DEFAULT_BACKEND
+from cxrtrek.backends.registry import BACKEND_SPECS, DEFAULT_BACKEND, BackendOptions
 from cxrtrek.errors import CXRTrekError, DataError
 from cxrtrek.graph.trace import TraceRecord
 
@@ -80,8 +81,10 @@ class RunTrace(BaseModel):
 class _Reader:
     """The server's state: settings, the backend spec and, once loaded, the agent."""
 
-    def __init__(self, backend: str, settings: AgentSettings) -> None:
+    def __init__(self, backend: str, settings: AgentSettings,
+                 options: BackendOptions | None = None) -> None:
         self.spec = backend
+        self.options = options
         self.settings = settings
         self.agent: CXRTrekAgent | None = None
         self._lock: anyio.Lock | None = None
@@ -92,7 +95,8 @@ class _Reader:
 
             log.info("loading backend %r (first reading)", self.spec)
             try:
-                backend = await anyio.to_thread.run_sync(load_backend, self.spec)
+                backend = await anyio.to_thread.run_sync(
+                    functools.partial(load_backend, self.spec, options=self.options))
             except (CXRTrekError, OSError) as exc:
                 raise ToolError(f"Cannot load the backend {self.spec!r}: {exc}. Expected "
                                 f"{BACKEND_SPECS}.") from exc
@@ -159,13 +163,13 @@ def summary(report: RunReport) -> str:
     return "\n".join(lines)
 
 
-def build_server(backend: str = DEFAULT_BACKEND,
-                 settings: AgentSettings | None = None) -> MCPServer[Any]:
+def build_server(backend: str = DEFAULT_BACKEND, settings: AgentSettings | None = None,
+                 options: BackendOptions | None = None) -> MCPServer[Any]:
     """The MCP server (not yet running) with the tools ``interpret_chest_xray`` and
     ``get_run_trace``; the backend loads on the first reading."""
     from cxrtrek import __version__
 
-    reader = _Reader(backend, settings or AgentSettings())
+    reader = _Reader(backend, settings or AgentSettings(), options)
     server: MCPServer[Any] = MCPServer("cxrtrek", instructions=INSTRUCTIONS,
                                        version=__version__)
 
@@ -213,12 +217,13 @@ def _log_to_stderr() -> None:
         root.setLevel(logging.INFO)
 
 
-def run_mcp_stdio(backend: str = DEFAULT_BACKEND, settings: AgentSettings | None = None) -> None:
+def run_mcp_stdio(backend: str = DEFAULT_BACKEND, settings: AgentSettings | None = None,
+                  options: BackendOptions | None = None) -> None:
     """Serve cxrtrek over MCP on stdin/stdout until the client closes the stream. The backend
     (a spec of :func:`~cxrtrek.backends.registry.load_backend`) loads on the first reading."""
     _log_to_stderr()
     settings = settings or AgentSettings()
-    server = build_server(backend, settings)
+    server = build_server(backend, settings, options)
     log.info("cxrtrek MCP server on stdio: backend %r (loads on the first reading), home %s",
              backend, settings.home_dir())
     server.run("stdio")
