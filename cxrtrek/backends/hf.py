@@ -11,9 +11,11 @@ reduced with its window) and reach the processor as 8-bit RGB PIL images.
 
 Generation is greedy unless a request asks to sample. Requests wait in one queue, which a
 worker thread answers in batches of at most ``max_batch_size`` rows, left-padded: a stage's
-questions and the questions of concurrent readings share a batch. A greedy row gives the same
-answer batched as alone (batched rows are independent under left padding); a sampled request
-runs alone, seeded.
+questions and the questions of concurrent readings share a batch (the first waiting request
+waits ``max_wait_s`` for others; a batch runs to its longest answer, so this is static
+batching: for many concurrent readings on a GPU, vLLM's continuous batching does better).
+A greedy row gives the same answer batched as alone (batched rows are independent under left
+padding); a sampled request runs alone, seeded.
 
 The default dialect: the folder's ``config.json`` may name one as ``"cxrtrek_dialect"``
 (a model fine-tuned on the CXRTrek chat says ``"cxrtrek-chat"``); otherwise ``instruct``,
@@ -218,7 +220,8 @@ class HFBackend:
 
     def __init__(self, model: Any, processor: Any, *, model_id: str, dialect: str,
                  max_batch_size: int = 8, image_cache_size: int = 64,
-                 force_answer_length: bool = False, idle_s: float = 2.0) -> None:
+                 force_answer_length: bool = False, max_wait_s: float = 0.02,
+                 idle_s: float = 2.0) -> None:
         from cxrtrek.prompts.dialects import get_dialect
 
         if max_batch_size < 1:
@@ -236,7 +239,7 @@ class HFBackend:
         self._images: OrderedDict[str, PILImage.Image] = OrderedDict()
         self._images_lock = threading.Lock()
         self._model_lock = threading.Lock()
-        self._queue = _Queue(self, idle_s)
+        self._queue = _Queue(self, idle_s, max_wait_s)
         self.batches = 0
         """Batches generated; with ``rows``, the mean batch is ``rows / batches``."""
         self.rows = 0
@@ -497,6 +500,10 @@ class _Queue:
 
     backend: HFBackend
     idle_s: float
+    max_wait_s: float
+    """How long the first waiting row waits for others to fill its batch: a batch runs to
+    its longest answer, so requests that arrive during it wait for the next one; readings
+    that submit their next stage within this window share it."""
     _pending: deque[_Row] = field(default_factory=deque)
     _cv: threading.Condition = field(default_factory=threading.Condition)
     _thread: threading.Thread | None = None
@@ -525,5 +532,9 @@ class _Queue:
                         self._thread = None
                         return
                     self._cv.wait(left)
-                batch = _take(self._pending, self.backend.max_batch_size)
+                size = self.backend.max_batch_size
+                gather_until = self._pending[0].started + self.max_wait_s
+                while len(self._pending) < size and time.perf_counter() < gather_until:
+                    self._cv.wait(max(gather_until - time.perf_counter(), 0.0))
+                batch = _take(self._pending, size)
             self.backend._run(batch)
