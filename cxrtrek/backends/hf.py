@@ -479,8 +479,9 @@ def _settler(loop: asyncio.AbstractEventLoop, future: asyncio.Future[VLMResponse
 
 
 def _take(pending: deque[_Row], size: int) -> list[_Row]:
-    """The next batch: the first row, and (when it is greedy) the greedy rows after it, up to
-    ``size``. A sampled row runs alone."""
+    """The next batch: the first row, and (when it is greedy) the greedy rows after it that
+    have images as it has (or none, as it has none), up to ``size``. A sampled row runs
+    alone."""
     first = pending.popleft()
     if not first.greedy:
         return [first]
@@ -488,7 +489,8 @@ def _take(pending: deque[_Row], size: int) -> list[_Row]:
     kept: deque[_Row] = deque()
     while pending and len(batch) < size:
         row = pending.popleft()
-        (batch if row.greedy else kept).append(row)
+        joins = row.greedy and bool(row.images) == bool(first.images)
+        (batch if joins else kept).append(row)
     pending.extendleft(reversed(kept))
     return batch
 

@@ -123,6 +123,19 @@ def test_batched_answers_equal_answers_alone(family: str, hf_backends: dict[str,
                                            if q.request_id == r.request_id)
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
+def test_questions_without_an_image_batch_apart_from_those_with(
+        family: str, hf_backends: dict[str, HFBackend], example_images: list[ImageRef]) -> None:
+    backend = hf_backends[family]
+    with_image = _requests(example_images, 2)
+    text_only = VLMRequest(request_id="free", stage=7, question="What is pleural effusion?",
+                           max_new_tokens=6)
+    requests = [with_image[0], text_only, with_image[1]]
+    alone = [backend.generate_sync([r])[0] for r in requests]
+    _same(backend.generate_sync(requests), alone)
+    assert alone[1].prompt is not None and IMAGE_MARK[family] not in alone[1].prompt
+
+
 def test_a_sampled_request_runs_alone_and_its_seed_repeats_it(
         hf_backends: dict[str, HFBackend], example_images: list[ImageRef]) -> None:
     backend = hf_backends["qwen2_vl"]
