@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FAMILIES", "build", "template", "tokenizer"]
+__all__ = ["FAMILIES", "build", "parts", "template", "tokenizer"]
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "gemma3", "llava")
@@ -152,6 +152,11 @@ _PARTS: dict[str, Callable[[], tuple[Any, Any, dict[str, Any]]]] = {
 }
 
 
+def parts(family: str) -> tuple[Any, Any, dict[str, Any]]:
+    """(tiny config, processor, generation config values) of ``family``, not saved."""
+    return _PARTS[family]()
+
+
 def build(family: str, folder: Path, *, seed: int = 0, config: Any = None,
           dtype: str = "float32", extra_config: dict[str, Any] | None = None) -> Path:
     """Save a random-weight ``family`` model with its tokenizer, template and processor to
@@ -160,7 +165,7 @@ def build(family: str, folder: Path, *, seed: int = 0, config: Any = None,
     import torch
     from transformers import AutoModelForImageTextToText
 
-    tiny, processor, generation = _PARTS[family]()
+    tiny, processor, generation = parts(family)
     config = config if config is not None else tiny
     for key, value in (extra_config or {}).items():
         setattr(config, key, value)
