@@ -7,6 +7,10 @@ spec                   backend
 ``demo``               the bundled demo CXRTrekNet checkpoint, in process (the default)
 ``inprocess:PATH``     a saved CXRTrekNet folder, in process (``inprocess:tiny`` and
                        ``inprocess:demo``: the presets' architectures with random weights)
+``hf:PATH``            a transformers image-text-to-text model folder (Qwen2-VL, Qwen2.5-VL,
+                       Gemma 3 / MedGemma, LLaVA, Idefics3, ...), in process; its dialect is the
+                       folder's (``cxrtrek_dialect`` in config.json) or ``instruct`` unless
+                       ``BackendOptions.dialect`` names one
 ``http:URL[,URL]``     an OpenAI-compatible server (``cxrtrek serve``, vLLM, ...); several URLs are
                        replicas; the token comes from ``$CXRTREK_SERVER_TOKEN``
 ``scripted``           fixed, plausible answers by question form, no model (tests, dry runs)
@@ -30,7 +34,7 @@ __all__ = ["BACKEND_SPECS", "DEFAULT_BACKEND", "BackendOptions", "demo_checkpoin
            "plausible_backend"]
 
 DEFAULT_BACKEND = "demo"
-BACKEND_SPECS = "demo, inprocess:PATH, http:URL, scripted or scripted-oracle"
+BACKEND_SPECS = "demo, inprocess:PATH, hf:PATH, http:URL, scripted or scripted-oracle"
 
 
 def demo_checkpoint() -> Path:
@@ -167,4 +171,13 @@ def load_backend(spec: str, study: Study | None = None, *,
         return _inprocess(str(demo_checkpoint()), options, model_id="cxrtreknet-demo")
     if spec.startswith("inprocess:"):
         return _inprocess(spec.split(":", 1)[1], options)
+    if spec.startswith("hf:"):
+        from cxrtrek.backends.hf import HFBackend
+
+        target = spec[len("hf:"):].strip()
+        if not target:
+            raise ConfigError(f"backend {spec!r}: expected hf:PATH (a transformers "
+                              "image-text-to-text model folder)")
+        return HFBackend.load(target, device=_auto(options.device), dtype=_auto(options.dtype),
+                              dialect=options.dialect, max_batch_size=options.max_batch_size)
     raise ConfigError(f"unknown backend {spec!r}; expected {BACKEND_SPECS}")

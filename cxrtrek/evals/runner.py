@@ -121,6 +121,12 @@ class EvalConfig(BaseModel):
     memory: str | None = None
     """A chromadb folder for the agent's vector memory (``retrieved`` context)."""
     max_new_tokens: int | None = Field(default=None, ge=1)
+    device: str | None = None
+    """An in-process model's device (``cpu``, ``cuda[:N]``, None or ``auto``)."""
+    dtype: str | None = None
+    """An in-process model's dtype (``float32``, ``bfloat16``, ``float16``, None or ``auto``)."""
+    dialect: str | None = None
+    """How requests become chats (:mod:`cxrtrek.prompts.dialects`); None: the backend's own."""
     top_k: int | None = Field(default=None, ge=1)
     """Context items of the ``retrieved`` policy (default: the run settings' own)."""
 
@@ -212,14 +218,17 @@ def missing_images(study: Study) -> list[str]:
 # --- backends --------------------------------------------------------------------------------
 
 
-def make_backend(spec: str) -> VLMBackend:
-    """A shared model backend: ``inprocess:PATH`` or ``http:URL`` (``http://...`` too)."""
-    if spec.startswith(("http:", "https:", "inprocess:")):
-        from cxrtrek.backends.registry import load_backend
+def make_backend(spec: str, config: EvalConfig | None = None) -> VLMBackend:
+    """A shared model backend: ``demo``, ``inprocess:PATH``, ``hf:PATH`` or ``http:URL``
+    (``http://...`` too), with the config's device, dtype and dialect."""
+    if spec == "demo" or spec.startswith(("http:", "https:", "inprocess:", "hf:")):
+        from cxrtrek.backends.registry import BackendOptions, load_backend
 
-        return load_backend(spec, None)
-    raise ConfigError(f"unknown backend {spec!r}; expected scripted-oracle, inprocess:PATH or "
-                      "http:URL")
+        options = BackendOptions() if config is None else BackendOptions(
+            device=config.device, dtype=config.dtype, dialect=config.dialect)
+        return load_backend(spec, None, options=options)
+    raise ConfigError(f"unknown backend {spec!r}; expected scripted-oracle, demo, "
+                      "inprocess:PATH, hf:PATH or http:URL")
 
 
 class _OracleRouter:
@@ -371,7 +380,7 @@ class _Runner:
         """The model backend, made on first use (a run whose images are all missing never
         loads a model)."""
         if self.backend is None:
-            self.backend = make_backend(self.config.backend)
+            self.backend = make_backend(self.config.backend, self.config)
         return self.backend
 
     def settings(self, policy: Policy) -> Any:

@@ -155,10 +155,22 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
 
 def serve_spec(model: str) -> str:
     """The backend spec of ``serve --model``: a spec as ``--backend`` takes it, or a bare
-    model folder or preset name (``tiny``: random weights) as shorthand for ``inprocess:``."""
+    model folder or preset name (``tiny``: random weights) as shorthand: ``hf:`` for a
+    transformers model folder (a config.json of another model type than CXRTrekNet's),
+    ``inprocess:`` otherwise."""
     if model in ("tiny",) or (":" not in model and model != "demo"):
-        return f"inprocess:{model}"
+        return f"hf:{model}" if _transformers_folder(Path(model)) else f"inprocess:{model}"
     return model
+
+
+def _transformers_folder(folder: Path) -> bool:
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("model_type") not in (None, "cxrtrek_net")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -179,6 +191,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     backend = load_backend(serve_spec(args.model), options=BackendOptions(
         device=args.device, dtype=args.dtype, max_batch_size=settings.max_batch_size,
-        cache_size=settings.cache_size, prefix_cache_size=args.prefix_cache))
+        cache_size=settings.cache_size, prefix_cache_size=args.prefix_cache,
+        dialect=args.dialect))
     serve(backend, settings)
     return EXIT_OK

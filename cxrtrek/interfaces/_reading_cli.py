@@ -12,7 +12,7 @@ from rich.markup import escape
 
 from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent, RunReport, StageEvent
 from cxrtrek.agent.store import RunStore
-from cxrtrek.backends.registry import load_backend
+from cxrtrek.backends.registry import BackendOptions, load_backend
 from cxrtrek.errors import ConfigError, FormatError
 from cxrtrek.protocol import VLMBackend
 from cxrtrek.schema import StageResult, Study
@@ -151,7 +151,8 @@ def _finish(store: RunStore, console: Console, report: RunReport, json_out: bool
 
 def cmd_run(paths: Sequence[Path], *, prior: Sequence[Path], indication: str | None,
             backend: str, settings: AgentSettings, json_out: bool,
-            image_root: Path | None = None, allow_missing_images: bool = False) -> int:
+            image_root: Path | None = None, allow_missing_images: bool = False,
+            options: BackendOptions | None = None) -> int:
     """``cxrtrek run``: read each study, printing stages as they complete, then the report."""
     console = Console(stderr=json_out, highlight=False, soft_wrap=True)
     studies = _studies(paths, prior, indication, image_root, allow_missing_images)
@@ -159,9 +160,9 @@ def cmd_run(paths: Sequence[Path], *, prior: Sequence[Path], indication: str | N
     reports: list[RunReport] = []
     for study in studies:
         if backend == "scripted-oracle":
-            model = load_backend(backend, study)
+            model = load_backend(backend, study, options=options)
         else:  # one model for all the studies
-            shared = shared or load_backend(backend, study)
+            shared = shared or load_backend(backend, study, options=options)
             model = shared
         agent = CXRTrekAgent(model, settings=settings)
         run_id = agent.new_run_id(study)
@@ -177,7 +178,7 @@ def cmd_run(paths: Sequence[Path], *, prior: Sequence[Path], indication: str | N
 
 
 def cmd_resume(run_id: str, *, backend: str, settings: AgentSettings, approve: bool,
-               json_out: bool) -> int:
+               json_out: bool, options: BackendOptions | None = None) -> int:
     """``cxrtrek resume``: continue an interrupted or paused run."""
     console = Console(stderr=json_out, highlight=False, soft_wrap=True)
     store = RunStore.of(settings)
@@ -187,7 +188,7 @@ def cmd_resume(run_id: str, *, backend: str, settings: AgentSettings, approve: b
         _finish(store, console, before, json_out)
         return EXIT_OK
     model = (load_backend("scripted-oracle", store.study_of(run_id))
-             if backend == "scripted-oracle" else load_backend(backend, None))
+             if backend == "scripted-oracle" else load_backend(backend, None, options=options))
     agent = CXRTrekAgent(model, settings=settings, store=store)
     if before.status == "awaiting_review":
         report = _until_done(agent, console, before, approve=approve)

@@ -41,6 +41,7 @@ from cxrtrek.schema import Report, StageResult, Study
 from cxrtrek.stages import STAGES
 
 if TYPE_CHECKING:
+    from cxrtrek.backends.registry import BackendOptions
     from cxrtrek.graph.state import RunSettings
 
 __all__ = ["HISTORY_FILE", "HISTORY_LENGTH", "PROMPT", "ChatSession", "cmd_chat",
@@ -552,7 +553,8 @@ def _line_input(history: Path) -> Iterator[InputFn]:
 
 
 def cmd_chat(images: list[Path], prior: list[Path], indication: str | None, backend: str,
-             settings: AgentSettings, review: bool) -> int:
+             settings: AgentSettings, review: bool, options: BackendOptions | None = None,
+             ) -> int:
     """Read a study of ``images`` and hold the session; the exit code (0 done, 1 the reading
     failed, 2 bad images or backend, 130 interrupted)."""
     from cxrtrek.backends.registry import load_backend
@@ -560,7 +562,7 @@ def cmd_chat(images: list[Path], prior: list[Path], indication: str | None, back
 
     try:
         study = study_from_images(images, prior=prior, indication=indication)
-        vlm = load_backend(backend, study)
+        vlm = load_backend(backend, study, options=options)
     except CXRTrekError as exc:
         sys.stderr.write(f"cxrtrek chat: error: {_one_line(str(exc))}\n")
         return EXIT_USAGE

@@ -26,6 +26,7 @@ import typer
 
 if TYPE_CHECKING:
     from cxrtrek.agent.agent import AgentSettings
+    from cxrtrek.backends.registry import BackendOptions
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "app", "main"]
 
@@ -80,12 +81,23 @@ def _root(
 
 # --- options shared by the reading commands ----------------------------------------------------
 
-_BACKEND_HELP = ("demo (the bundled checkpoint, in process), inprocess:PATH, "
+_BACKEND_HELP = ("demo (the bundled checkpoint, in process), inprocess:PATH, hf:PATH (a "
+                 "transformers image-text-to-text model folder, in process), "
                  "http:URL (cxrtrek serve, vLLM; token from $CXRTREK_SERVER_TOKEN), scripted "
                  "(fixed answers, no model) or scripted-oracle (a CXRTrek file's reference "
                  "answers)")
 
 Backend = Annotated[str, typer.Option("--backend", metavar="SPEC", help=_BACKEND_HELP)]
+Device = Annotated[str | None, typer.Option(
+    "--device", metavar="cpu|cuda|auto",
+    help="in-process models: cpu, cuda, cuda:N or auto (CUDA when available)")]
+Dtype = Annotated[Literal["float32", "bfloat16", "float16", "auto"] | None, typer.Option(
+    "--dtype", metavar="float32|bfloat16|float16|auto",
+    help="in-process models (auto: bfloat16 on CUDA, float32 on CPU)")]
+Dialect = Annotated[str | None, typer.Option(
+    "--dialect", metavar="NAME",
+    help="how questions become chats for hf: and http: backends (e.g. cxrtrek, cxrtrek-chat, "
+         "instruct); default: the model folder's, else instruct for hf:, cxrtrek for http:")]
 Home = Annotated[Path | None, typer.Option(
     "--home", metavar="DIR",
     help="where checkpoints, traces and uploads go (default $CXRTREK_HOME or ./.cxrtrek)")]
@@ -124,6 +136,13 @@ def _agent_settings(*, home: Path | None = None, checkpoint_db: Path | None = No
         raise ConfigError(f"--{where.replace('_', '-')}: {first['msg']}") from None
 
 
+def _backend_options(device: str | None, dtype: str | None,
+                     dialect: str | None) -> BackendOptions:
+    from cxrtrek.backends.registry import BackendOptions
+
+    return BackendOptions(device=device, dtype=dtype, dialect=dialect)
+
+
 def _stage_list(value: str | None, option: str) -> tuple[int, ...] | None:
     if value is None or not value.strip():
         return None
@@ -148,6 +167,9 @@ def run_cmd(
     prior: Prior = None,
     indication: Indication = None,
     backend: Backend = "demo",
+    device: Device = None,
+    dtype: Dtype = None,
+    dialect: Dialect = None,
     context: Context = "full",
     stages: Annotated[str | None, typer.Option(
         "--stages", metavar="1,2,8", help="only these stages (default: all that apply)")] = None,
@@ -188,7 +210,8 @@ def run_cmd(
                                review_after=_stage_list(review_after, "--review-after") or ())
     return cmd_run(paths, prior=prior or [], indication=indication, backend=backend,
                    settings=settings, json_out=json_out, image_root=image_root,
-                   allow_missing_images=allow_missing_images)
+                   allow_missing_images=allow_missing_images,
+                   options=_backend_options(device, dtype, dialect))
 
 
 @app.command("read", hidden=True)
@@ -226,6 +249,9 @@ def read_cmd(
 def resume_cmd(
     run_id: Annotated[str, typer.Argument(metavar="RUN_ID", show_default=False)],
     backend: Backend = "demo",
+    device: Device = None,
+    dtype: Dtype = None,
+    dialect: Dialect = None,
     approve: Annotated[bool, typer.Option(
         "--approve", help="approve a pending review as is, without asking")] = False,
     home: Home = None,
@@ -239,7 +265,7 @@ def resume_cmd(
 
     settings = _agent_settings(home=home, checkpoint_db=checkpoint_db, trace_dir=trace_dir)
     return cmd_resume(run_id, backend=backend, settings=settings, approve=approve,
-                      json_out=json_out)
+                      json_out=json_out, options=_backend_options(device, dtype, dialect))
 
 
 @app.command("delete")
@@ -308,6 +334,9 @@ def chat_cmd(
     prior: Prior = None,
     indication: Indication = None,
     backend: Backend = "demo",
+    device: Device = None,
+    dtype: Dtype = None,
+    dialect: Dialect = None,
     review: Annotated[bool, typer.Option(
         "--review", help="pause after each stage for approval or an edit")] = False,
     context: Context = "full",
@@ -322,7 +351,8 @@ def chat_cmd(
     from cxrtrek.interfaces.chat import cmd_chat
 
     settings = _agent_settings(home=home, context=context)
-    return cmd_chat(images, prior or [], indication, backend, settings, review)
+    return cmd_chat(images, prior or [], indication, backend, settings, review,
+                    _backend_options(device, dtype, dialect))
 
 
 # --- serving -------------------------------------------------------------------------------------
@@ -333,13 +363,15 @@ def serve_cmd(
     model: Annotated[str, typer.Option(
         "--model", metavar="SPEC|PATH|tiny",
         help="a backend as --backend names it (demo: the bundled checkpoint, inprocess:PATH, "
-             "...), a saved model folder, or tiny (random weights)")] = "tiny",
+             "hf:PATH, ...), a saved model folder (CXRTrekNet or transformers), or tiny "
+             "(random weights)")] = "tiny",
     device: Annotated[str, typer.Option(
         "--device", metavar="cuda|cpu|auto",
         help="e.g. cpu, cuda, cuda:1 (auto: CUDA when available)")] = "auto",
-    dtype: Annotated[Literal["bfloat16", "float32", "auto"], typer.Option(
-        "--dtype", metavar="bfloat16|float32|auto",
+    dtype: Annotated[Literal["bfloat16", "float32", "float16", "auto"], typer.Option(
+        "--dtype", metavar="bfloat16|float32|float16|auto",
         help="auto: bfloat16 on CUDA, float32 on CPU")] = "auto",
+    dialect: Dialect = None,
     host: Annotated[str, typer.Option("--host", help="bind address")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port")] = 8000,
     token: Annotated[str | None, typer.Option(
@@ -379,7 +411,8 @@ def serve_cmd(
         help="torch CPU threads of each operation (prompts and decoding run in two worker "
              "threads at once, so 1 already keeps two cores busy)")] = None,
 ) -> int:
-    """Serve CXRTrekNet over HTTP (OpenAI-compatible chat completions) on a GPU host.
+    """Serve a model over HTTP (OpenAI-compatible chat completions) on a GPU host: CXRTrekNet
+    or any transformers image-text-to-text model (hf:PATH).
 
     POST /v1/chat/completions (images as data: URLs; the stage is optional: a question
     without one is answered as a free question), GET /v1/models, /health, /metrics.
@@ -395,6 +428,9 @@ def serve_cmd(
 @app.command("api")
 def api_cmd(
     backend: Backend = "demo",
+    device: Device = None,
+    dtype: Dtype = None,
+    dialect: Dialect = None,
     host: Annotated[str, typer.Option("--host", help="bind address")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port")] = 8080,
     token: Annotated[str | None, typer.Option(
@@ -430,6 +466,7 @@ def api_cmd(
     mib = 1024 * 1024
     fields: dict[str, Any] = {
         "host": host, "port": port, "backend": backend, "context": context,
+        "device": device, "dtype": dtype, "dialect": dialect,
         "token": token or os.environ.get("CXRTREK_API_TOKEN") or None,
         "max_image_bytes": int(max_image_mb * mib), "max_request_bytes": int(max_request_mb * mib),
         "max_images": max_images, "max_concurrent_runs": max_concurrent_runs,
@@ -442,13 +479,17 @@ def api_cmd(
 @app.command("mcp")
 def mcp_cmd(
     backend: Backend = "demo",
+    device: Device = None,
+    dtype: Dtype = None,
+    dialect: Dialect = None,
     context: Context = "full",
     home: Home = None,
 ) -> int:
     """Serve the interpret_chest_xray tool over MCP (stdio), for clinical assistants."""
     from cxrtrek.interfaces.mcp import run_mcp_stdio
 
-    run_mcp_stdio(backend, _agent_settings(home=home, context=context))
+    run_mcp_stdio(backend, _agent_settings(home=home, context=context),
+                  _backend_options(device, dtype, dialect))
     return EXIT_OK
 
 
@@ -603,7 +644,11 @@ def eval_cmd(
         "--image-root", metavar="DIR")] = None,
     backend: Annotated[str, typer.Option(
         "--backend", metavar="SPEC",
-        help="scripted-oracle (default), demo, inprocess:PATH or http:URL")] = "scripted-oracle",
+        help="scripted-oracle (default), demo, inprocess:PATH, hf:PATH or http:URL")
+    ] = "scripted-oracle",
+    device: Device = None,
+    dtype: Dtype = None,
+    dialect: Dialect = None,
     context: Annotated[str, typer.Option(
         "--context", metavar="full,retrieved,none",
         help="context policies, comma-separated; several run side by side (a benchmark's "

@@ -180,7 +180,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             concurrency=args.concurrency, limit=args.limit, ray=args.ray,
             bertscore_model=str(args.bertscore_model) if args.bertscore_model else None,
             memory=str(args.memory) if args.memory else None,
-            max_new_tokens=args.max_new_tokens)
+            max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype,
+            dialect=args.dialect)
     except ValidationError as exc:
         err = exc.errors()[0]
         raise ConfigError(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from exc

@@ -27,6 +27,7 @@ A client's configuration (e.g. Claude Desktop's ``mcpServers``)::
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from typing import Annotated, Any
@@ -48,7 +49,7 @@ from cxrtrek.agent.subagent import (
     prepare_reading,
     run_error_message,
 )
-from cxrtrek.backends.registry import BACKEND_SPECS, DEFAULT_BACKEND
+from cxrtrek.backends.registry import BACKEND_SPECS, DEFAULT_BACKEND, BackendOptions
 from cxrtrek.errors import CXRTrekError, DataError
 
 __all__ = ["RunTrace", "build_server", "run_mcp_stdio"]
@@ -80,8 +81,10 @@ class RunTrace(BaseModel):
 class _Reader:
     """The server's state: settings, the backend spec and, once loaded, the agent."""
 
-    def __init__(self, backend: str, settings: AgentSettings) -> None:
+    def __init__(self, backend: str, settings: AgentSettings,
+                 options: BackendOptions | None = None) -> None:
         self.spec = backend
+        self.options = options
         self.settings = settings
         self.store = RunStore.of(settings)
         """The runs' checkpoints and traces (readable before the backend loads)."""
@@ -94,7 +97,8 @@ class _Reader:
 
             log.info("loading backend %r (first reading)", self.spec)
             try:
-                backend = await anyio.to_thread.run_sync(load_backend, self.spec)
+                backend = await anyio.to_thread.run_sync(
+                    functools.partial(load_backend, self.spec, options=self.options))
             except (CXRTrekError, OSError) as exc:
                 raise ToolError(f"Cannot load the backend {self.spec!r}: {exc}. Expected "
                                 f"{BACKEND_SPECS}.") from exc
@@ -152,13 +156,13 @@ def summary(report: RunReport) -> str:
     return "\n".join(lines)
 
 
-def build_server(backend: str = DEFAULT_BACKEND,
-                 settings: AgentSettings | None = None) -> MCPServer[Any]:
+def build_server(backend: str = DEFAULT_BACKEND, settings: AgentSettings | None = None,
+                 options: BackendOptions | None = None) -> MCPServer[Any]:
     """The MCP server (not yet running) with the tools ``interpret_chest_xray`` and
     ``get_run_trace``; the backend loads on the first reading."""
     from cxrtrek import __version__
 
-    reader = _Reader(backend, settings or AgentSettings())
+    reader = _Reader(backend, settings or AgentSettings(), options)
     server: MCPServer[Any] = MCPServer("cxrtrek", instructions=INSTRUCTIONS,
                                        version=__version__)
 
@@ -206,12 +210,13 @@ def _log_to_stderr() -> None:
         root.setLevel(logging.INFO)
 
 
-def run_mcp_stdio(backend: str = DEFAULT_BACKEND, settings: AgentSettings | None = None) -> None:
+def run_mcp_stdio(backend: str = DEFAULT_BACKEND, settings: AgentSettings | None = None,
+                  options: BackendOptions | None = None) -> None:
     """Serve cxrtrek over MCP on stdin/stdout until the client closes the stream. The backend
     (a spec of :func:`~cxrtrek.backends.registry.load_backend`) loads on the first reading."""
     _log_to_stderr()
     settings = settings or AgentSettings()
-    server = build_server(backend, settings)
+    server = build_server(backend, settings, options)
     log.info("cxrtrek MCP server on stdio: backend %r (loads on the first reading), home %s",
              backend, settings.home_dir())
     server.run("stdio")

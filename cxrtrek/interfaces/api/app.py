@@ -267,9 +267,10 @@ def api_server(app: FastAPI, settings: ApiSettings, *,
 def serve_api(settings: ApiSettings) -> None:
     """Load the backend, build the agent, and serve the API until SIGINT/SIGTERM (then end
     the event streams, let runs in flight finish within ``drain_timeout_s``, and return)."""
-    from cxrtrek.backends.registry import load_backend
+    from cxrtrek.backends.registry import BackendOptions, load_backend
 
-    backend = load_backend(settings.backend)
+    backend = load_backend(settings.backend, options=BackendOptions(
+        device=settings.device, dtype=settings.dtype, dialect=settings.dialect))
     agent = CXRTrekAgent(backend, settings=settings.agent_settings())
     app = create_app(agent, settings)
     log.info("listening on http://%s:%d (backend %s, token %s, home %s)", settings.host,

@@ -32,6 +32,13 @@ class ApiSettings(BaseModel):
     """Bearer token required on ``/v1/*``; required to bind a non-loopback address."""
     backend: str = DEFAULT_BACKEND
     """The backend spec :func:`serve_api` loads (:func:`cxrtrek.backends.registry.load_backend`)."""
+    device: str | None = None
+    """The in-process model's device (``cpu``, ``cuda[:N]``; None or ``auto``: CUDA when
+    available)."""
+    dtype: str | None = None
+    """The in-process model's dtype (``float32``, ``bfloat16``, ``float16``; None or ``auto``)."""
+    dialect: str | None = None
+    """How requests become chats (:mod:`cxrtrek.prompts.dialects`); None: the backend's own."""
     home: str | None = None
     """Checkpoints, traces and uploads (``<home>/uploads/<run_id>/``); None:
     ``$CXRTREK_HOME`` or ``./.cxrtrek``, as :attr:`AgentSettings.home`."""
