@@ -439,7 +439,8 @@ class HFBackend:
             r = row.request
             responses.append(VLMResponse(
                 request_id=r.request_id,
-                text=self.dialect.answer(self.tokenizer.decode(ids), r),
+                text=self.dialect.answer(self.tokenizer.decode(ids), r,
+                                         image_size=row.images[0].size if row.images else None),
                 model_id=self.model_id, prompt_tokens=int(mask[k].sum()),
                 completion_tokens=len(ids), latency_s=time.perf_counter() - row.started,
                 finish_reason=finish, prompt=row.prompt, dialect=self.dialect.name))

@@ -218,6 +218,7 @@ class HTTPBackend:
         self._turn = itertools.count()
         self._rng = random.Random(seed)
         self._data_urls: OrderedDict[str, str] = OrderedDict()
+        self._sizes: dict[str, tuple[int, int]] = {}
         self._model_lock: asyncio.Lock | None = None
         self._discovered = False  # the model id came from /v1/models
 
@@ -351,10 +352,15 @@ class HTTPBackend:
                                     f"{ref.path or ref.sha256}: cannot read its bytes to send "
                                     f"({exc})") from exc
                 where = f"request {request.request_id!r}: image {ref.path or key[:12]}"
-                urls[key] = await asyncio.to_thread(png_data_url, data, where)
+                png = await asyncio.to_thread(to_png8, data, where)
+                urls[key] = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
                 self._data_urls[key] = urls[key]
+                # (width, height) from the PNG's header: dialects read pixel boxes with it
+                self._sizes[key] = (int.from_bytes(png[16:20], "big"),
+                                    int.from_bytes(png[20:24], "big"))
                 while len(self._data_urls) > 16:
-                    self._data_urls.popitem(last=False)
+                    gone, _ = self._data_urls.popitem(last=False)
+                    self._sizes.pop(gone, None)
         return urls
 
     def _payload(self, request: VLMRequest, urls: dict[str, str],
@@ -451,9 +457,10 @@ class HTTPBackend:
         hits = extra.get("cache_hits")
         used = extra.get("context_used")
         raw = (choice.message.content or "").strip()
+        size = self._sizes.get(request.images[0].digest()) if request.images else None
         return VLMResponse(
             request_id=request.request_id,
-            text=self.dialect.answer(raw, request),
+            text=self.dialect.answer(raw, request, image_size=size),
             model_id=completion.model or self.model_id, prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens, latency_s=latency,
             finish_reason="length" if choice.finish_reason == "length" else "stop",

@@ -49,7 +49,6 @@ multi-choice questions.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -57,7 +56,7 @@ from typing import Any, Literal, Protocol
 from cxrtrek.errors import ConfigError, DataError
 from cxrtrek.prompts.boxes import Family, family_of, qwen_resized_size, to_cxrtrek
 from cxrtrek.protocol import VLMRequest
-from cxrtrek.schema import ImageRef, ImageRole
+from cxrtrek.schema import ImageRole
 
 __all__ = [
     "CURRENT_INTRO",
@@ -116,8 +115,12 @@ class Dialect(Protocol):
         """The turns to send, ending with the question as the last user turn."""
         ...
 
-    def answer(self, text: str, request: VLMRequest) -> str:
-        """The model's answer in CXRTrek's form (e.g. boxes converted to CXRTrek's)."""
+    def answer(self, text: str, request: VLMRequest, *,
+               image_size: tuple[int, int] | None = None) -> str:
+        """The model's answer in CXRTrek's form (e.g. boxes converted to CXRTrek's).
+        ``image_size``: (width, height) of the request's first image as decoded, which
+        families that answer in pixels (Qwen2.5-VL) need; without it their boxes stay as
+        they are (and do not parse)."""
         ...
 
     def choices(self, request: VLMRequest) -> list[str] | None:
@@ -153,7 +156,8 @@ class CXRTrekNetDialect:
     def __init__(self, family: str | None = None) -> None:
         self.family: Family = family_of(family or "cxrtrek")
 
-    def answer(self, text: str, request: VLMRequest) -> str:
+    def answer(self, text: str, request: VLMRequest, *,
+               image_size: tuple[int, int] | None = None) -> str:
         return text
 
     def choices(self, request: VLMRequest) -> list[str] | None:
@@ -252,39 +256,20 @@ def dataset_turns(request: VLMRequest, system: str | None) -> list[Turn]:
     return turns
 
 
-@functools.lru_cache(maxsize=64)
-def _decoded_size(digest: str, path: str | None) -> tuple[int, int]:
-    """(width, height) of an image after decoding, by its hash (the bytes are read from
-    the path; see :func:`_image_size` for in-memory images)."""
-    from cxrtrek.data.images import decode_image
-
-    assert path is not None
-    height, width = decode_image(path).pixels.shape
-    return int(width), int(height)
-
-
-def _image_size(ref: ImageRef) -> tuple[int, int]:
-    if ref.data is not None:
-        from cxrtrek.data.images import decode_image
-
-        height, width = decode_image(ref.data).pixels.shape
-        return int(width), int(height)
-    return _decoded_size(ref.digest(), ref.path)
-
-
 class _BoxReader:
     """Reads the family's boxes back into CXRTrek's form (shared by the dialects below)."""
 
     family: Family
 
-    def answer(self, text: str, request: VLMRequest) -> str:
+    def answer(self, text: str, request: VLMRequest, *,
+               image_size: tuple[int, int] | None = None) -> str:
         if self.family == "cxrtrek":
             return text
         size = None
         if self.family == "qwen2.5-vl":
-            if "bbox_2d" not in text or not request.images:
-                return text
-            size = qwen_resized_size(*_image_size(request.images[0]))
+            if "bbox_2d" not in text or image_size is None:
+                return text  # pixel boxes cannot be read without the image's size
+            size = qwen_resized_size(*image_size)
         return to_cxrtrek(text, self.family, size=size)
 
 

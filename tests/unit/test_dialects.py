@@ -132,6 +132,18 @@ def test_answers_come_back_in_cxrtrek_form() -> None:
     assert get_dialect("cxrtrek-chat").answer(qwen, request) == qwen  # family cxrtrek
 
 
+def test_pixel_boxes_are_read_with_the_size_of_the_image() -> None:
+    # 560 x 840 is a multiple of 28 inside Qwen's pixel bounds: the processor keeps it
+    pixels = '[{"bbox_2d": [140, 210, 420, 630], "label": "heart"}]'
+    request = _request(qtype="detection")
+    dialect = get_dialect("instruct:qwen2.5-vl")
+    parsed = parse_boxes(dialect.answer(pixels, request, image_size=(560, 840)))
+    assert isinstance(parsed, BoxesParse)
+    assert parsed.boxes[0].as_list() == [25, 25, 75, 75]
+    # without the size, pixels cannot become percent: the answer is left as it came
+    assert dialect.answer(pixels, request) == pixels
+
+
 def test_choices_of_closed_questions() -> None:
     yes_no = _request(qtype="yes_no")
     single = _request(qtype="single-choice", options=["A. PA.", "B. AP."])
