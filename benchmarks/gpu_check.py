@@ -280,7 +280,7 @@ def _through_serve(backend: HFBackend, lengths: dict[str, int], studies: Sequenc
                    levels: Sequence[int], home: Path, deadline: float) -> list[Row]:
     """The same readings through ``cxrtrek serve`` (in this process, on 127.0.0.1)."""
     from cxrtrek.backends.http import HTTPBackend
-    from cxrtrek.serve.server import BackgroundServer, ServerSettings
+    from cxrtrek.serve.app import BackgroundServer, ServerSettings
 
     rows = []
     settings = ServerSettings(port=0, max_batch_size=backend.max_batch_size, max_wait_ms=10,

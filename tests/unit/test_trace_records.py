@@ -28,7 +28,7 @@ LINES = [
     '{"kind":"question","schema_version":1,"run_id":"r1","stage":2,"question_id":"q1",'
     '"request_id":"r1/2/q1","task_type":"Findings_Identification","qtype":"yes_no",'
     '"question":"Any?","options":[],"target":null,"prompt":"P","prompt_sha256":"' + "0" * 64
-    + '","dialect":"cxrtrek","images":[],"context":[{"id":"1:q0","score":0.5}],'
+    + '","dialect":"cxrtrek","constrained":null,"images":[],"context":[{"id":"1:q0","score":0.5}],'
     '"context_used":null,"model_id":"m","decoding":{"temperature":null,"top_p":null,'
     '"seed":null},"max_new_tokens":8,"raw_output":"Yes.","parsed":{"kind":"unparsed",'
     '"reason":"empty"},"parse_status":"unparsed","finish_reason":"stop","prompt_tokens":0,'
@@ -59,6 +59,16 @@ def test_a_schema_1_trace_reads_and_writes_back_the_same_lines(tmp_path: Path) -
     question = records[1]
     assert isinstance(question, QuestionRecord)
     assert question.context[0].score == 0.5 and question.parsed.kind == "unparsed"
+
+
+def test_a_question_line_from_before_the_newer_fields_still_reads(tmp_path: Path) -> None:
+    # traces written before a record gained ``dialect`` and ``constrained`` read with None
+    old = LINES[1].replace(',"dialect":"cxrtrek","constrained":null', "")
+    path = tmp_path / "old.jsonl"
+    path.write_text(old + "\n", encoding="utf-8")
+    [question] = read_trace(path)
+    assert isinstance(question, QuestionRecord)
+    assert question.dialect is None and question.constrained is None
 
 
 def test_rewriting_a_read_trace_leaves_the_file_unchanged(tmp_path: Path) -> None:
