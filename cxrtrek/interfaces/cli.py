@@ -172,6 +172,10 @@ def run_cmd(
     checkpoint_db: CheckpointDb = None,
     trace_dir: TraceDir = None,
     json_out: Json = False,
+    overlay: Annotated[Path | None, typer.Option(
+        "--overlay", metavar="DIR",
+        help="also draw the reading's boxes on each image of the study: one PNG per image "
+             "in DIR (RUN_ID-current-1.png, ...)")] = None,
 ) -> int:
     """Read a study in the eight stages: each stage printed as it completes, then the report.
 
@@ -188,7 +192,7 @@ def run_cmd(
                                review_after=_stage_list(review_after, "--review-after") or ())
     return cmd_run(paths, prior=prior or [], indication=indication, backend=backend,
                    settings=settings, json_out=json_out, image_root=image_root,
-                   allow_missing_images=allow_missing_images)
+                   allow_missing_images=allow_missing_images, overlay=overlay)
 
 
 @app.command("read", hidden=True)
@@ -317,7 +321,8 @@ def chat_cmd(
 
     At the prompt: a question is answered with the run's context (and traced); /stages,
     /stage N, /edit N (correct an answer, fork, re-run downstream, show the diff),
-    /review on|off, /trace, /report, /save [PATH], /help, /quit.
+    /review on|off, /trace, /report, /show [N] (the boxes drawn on the images),
+    /save [PATH], /help, /quit.
     """
     from cxrtrek.interfaces.chat import cmd_chat
 
