@@ -134,6 +134,7 @@ from cxrtrek.errors import (
     UnsupportedTransferSyntaxError,
 )
 from cxrtrek.graph.state import ContextPolicy, RunSettings
+from cxrtrek.interfaces.viewer import mount_viewer
 from cxrtrek.schema import Study
 from cxrtrek.serve.server import bearer_problem, is_loopback_host
 
@@ -926,6 +927,7 @@ def create_app(agent: CXRTrekAgent, settings: ApiSettings | None = None) -> Fast
         return JSONResponse(answer.model_dump(mode="json"))
 
     app.include_router(v1)
+    mount_viewer(app, runs, authorize)  # the web viewer at / (cxrtrek.interfaces.viewer)
     _add_error_handlers(app)
     return app
 

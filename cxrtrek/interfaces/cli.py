@@ -3,7 +3,8 @@
 Each command is a typer function here that imports its handler when it runs, so ``cxrtrek
 --help`` imports nothing heavy. The handlers live next door: reading commands in
 :mod:`cxrtrek.interfaces._reading_cli`, the session in :mod:`cxrtrek.interfaces.chat`, the HTTP
-API in :mod:`cxrtrek.interfaces.api`, the MCP server in :mod:`cxrtrek.interfaces.mcp`, the rest
+API in :mod:`cxrtrek.interfaces.api` (its web viewer in :mod:`cxrtrek.interfaces.viewer`; ``view``
+in :mod:`cxrtrek.interfaces._view_cli`), the MCP server in :mod:`cxrtrek.interfaces.mcp`, the rest
 in :mod:`cxrtrek.interfaces._commands` and :mod:`cxrtrek.interfaces.eval_cli`.
 
 Exit codes: 0 done; 1 the command ran and some of its work failed (a file did not decode, a
@@ -302,6 +303,29 @@ def replay_cmd(
     return cmd_replay(trace, against=against, fork=fork, edits=edit or [], study=study,
                       image_root=image_root, allow_missing_images=allow_missing_images,
                       settings=settings, json_out=json_out)
+
+
+@app.command("view")
+def view_cmd(
+    trace: Annotated[Path, typer.Argument(metavar="TRACE.jsonl", show_default=False,
+                                          help="a run's trace (HOME/traces/RUN_ID.jsonl)")],
+    out: Annotated[Path | None, typer.Option(
+        "--out", metavar="FILE", help="the HTML file to write (default RUN_ID.html here)")
+    ] = None,
+    home: Home = None,
+    checkpoint_db: CheckpointDb = None,
+) -> int:
+    """Write one self-contained HTML file of a run, to share a case or a bug.
+
+    The images (embedded), their boxes, the stages with their questions and answers, each
+    stage's trace and the report; it opens in any browser from the file, without a server
+    or a network. Images and final answers come from the run's checkpoints (the same
+    --home); without them, the stages come from the trace alone.
+    """
+    from cxrtrek.interfaces._view_cli import cmd_view
+
+    settings = _agent_settings(home=home, checkpoint_db=checkpoint_db, trace_dir=trace.parent)
+    return cmd_view(trace, out=out, settings=settings)
 
 
 @app.command("chat")
