@@ -146,16 +146,39 @@ def _finish(store: RunStore, console: Console, report: RunReport, json_out: bool
         print_report(console, report, trace)
 
 
+def _write_overlays(console: Console, study: Study, report: RunReport, folder: Path) -> None:
+    """``--overlay``: the reading's boxes drawn on each image of the study, in ``folder``."""
+    import re
+
+    from cxrtrek.data.overlays import overlay_boxes, study_images, write_overlays
+
+    prefix = re.sub(r"[^A-Za-z0-9._-]", "_", report.run_id or study.study_id) + "-"
+    try:
+        paths = write_overlays(study, report.stages, folder, prefix=prefix)
+    except OSError as exc:
+        raise ConfigError(f"--overlay: cannot write to {folder}: {exc.strerror or exc}") from exc
+    boxes = len(overlay_boxes(report.stages, n_images=len(study_images(study))))
+    console.print(f"[dim]overlays ({boxes} box(es)): "
+                  f"{escape(', '.join(str(p) for p in paths) or 'none (no image to draw on)')}"
+                  "[/dim]")
+
+
 # --- commands ------------------------------------------------------------------------------------
 
 
 def cmd_run(paths: Sequence[Path], *, prior: Sequence[Path], indication: str | None,
             backend: str, settings: AgentSettings, json_out: bool,
             image_root: Path | None = None, allow_missing_images: bool = False,
-            options: BackendOptions | None = None) -> int:
+            options: BackendOptions | None = None, overlay: Path | None = None) -> int:
     """``cxrtrek run``: read each study, printing stages as they complete, then the report."""
     console = Console(stderr=json_out, highlight=False, soft_wrap=True)
     studies = _studies(paths, prior, indication, image_root, allow_missing_images)
+    if overlay is not None:  # a folder that cannot be made fails before any run
+        try:
+            overlay.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"--overlay: cannot write to {overlay}: "
+                              f"{exc.strerror or exc}") from exc
     shared: VLMBackend | None = None
     reports: list[RunReport] = []
     for study in studies:
@@ -172,6 +195,8 @@ def cmd_run(paths: Sequence[Path], *, prior: Sequence[Path], indication: str | N
         report = _follow(console, agent.stream(study, run_id=run_id))
         report = _until_done(agent, console, report)
         _finish(agent.store, console, report, json_out)
+        if overlay is not None:
+            _write_overlays(console, study, report, overlay)
         reports.append(report)
     done = all(r.status in ("completed", "stopped") for r in reports)
     return EXIT_OK if done else EXIT_FAILED

@@ -36,6 +36,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent, RunReport, StageEvent
+from cxrtrek.data.overlays import overlay_boxes, overlay_markdown
 from cxrtrek.errors import CXRTrekError
 from cxrtrek.schema import Report, StageResult, Study
 from cxrtrek.stages import STAGES
@@ -315,14 +316,61 @@ each stage.
         json_path = markdown_path.with_suffix(".json")
         try:
             markdown_path.parent.mkdir(parents=True, exist_ok=True)
+            images = self._save_images(run_id, report, markdown_path)
             markdown_path.write_text(report_markdown(
-                report, model_id=self.agent.backend.model_id), encoding="utf-8")
+                report, model_id=self.agent.backend.model_id)
+                + overlay_markdown(images, markdown_path.parent), encoding="utf-8")
             json_path.write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
         except OSError as exc:
             raise UsageError(f"/save: cannot write {exc.filename or markdown_path}: "
                              f"{exc.strerror or exc}") from exc
         self.console.print(f"saved the report to {markdown_path} and {json_path}",
                            markup=False, highlight=False, soft_wrap=True)
+
+    def cmd_show(self, arg: str) -> None:
+        """Draw the boxes of the current run (or of stage N) on its images; print where."""
+        run_id = self._current()
+        stage = _stage_number(arg, "/show [N]") if arg else None
+        report = self.agent.report(run_id)
+        if stage is not None and not any(r.stage == stage for r in report.stages):
+            raise UsageError(f"run {run_id} has no stage {stage}")
+        folder = self.agent.settings.home_dir() / "overlays" / re.sub(
+            r"[^A-Za-z0-9._-]", "_", run_id)
+        try:
+            paths = self._overlays(run_id, report, folder, stage)
+        except OSError as exc:
+            raise UsageError(f"/show: cannot write {exc.filename or folder}: "
+                             f"{exc.strerror or exc}") from exc
+        if not paths:
+            self.console.print("no image of the run could be read to draw on")
+            return
+        boxes = len(overlay_boxes([r for r in report.stages
+                                   if stage is None or r.stage == stage]))
+        where = f"stage {stage}" if stage is not None else "the reading"
+        self.console.print(f"{boxes} box(es) of {where} drawn on {len(paths)} image(s):",
+                           markup=False, highlight=False)
+        for path in paths:
+            self.console.print(f"  {path}", markup=False, highlight=False, soft_wrap=True)
+
+    def _save_images(self, run_id: str, report: Report, markdown_path: Path) -> list[Path]:
+        """/save: the overlays next to the Markdown (``<stem>-images/``); none, with a line
+        saying why, when the run's images cannot be read."""
+        try:
+            return self._overlays(run_id, report, markdown_path.with_name(
+                f"{markdown_path.stem}-images"))
+        except CXRTrekError as exc:
+            self._say_error(f"/save: the report is saved without its images: {exc}")
+            return []
+
+    def _overlays(self, run_id: str, report: Report, folder: Path,
+                  stage: int | None = None) -> list[Path]:
+        """The boxes of ``report`` (of one stage) drawn on the run's images in ``folder``."""
+        from cxrtrek.data.overlays import write_overlays
+
+        study = self.agent.study_of(run_id)
+        stages = [r for r in report.stages if stage is None or r.stage == stage]
+        prefix = f"stage-{stage}-" if stage is not None else ""
+        return write_overlays(study, stages, folder, prefix=prefix)
 
     # --- readings, reviews and forks --------------------------------------------------------
 
@@ -488,8 +536,10 @@ _COMMANDS: dict[str, _Command] = {c.name: c for c in (
              "stage for approval or corrections", ChatSession.cmd_review),
     _Command("/trace", "/trace", "the trace file and its playback", ChatSession.cmd_trace),
     _Command("/report", "/report", "the report of the current run", ChatSession.cmd_report),
-    _Command("/save", "/save [PATH]", "write the report as Markdown (and JSON next to it)",
-             ChatSession.cmd_save),
+    _Command("/show", "/show [N]", "draw the boxes of the run (or of stage N) on its images "
+             "and print the PNGs' paths", ChatSession.cmd_show),
+    _Command("/save", "/save [PATH]", "write the report as Markdown with its images (and "
+             "JSON next to it)", ChatSession.cmd_save),
     _Command("/help", "/help", "this list", ChatSession.cmd_help),
     _Command("/quit", "/quit", "end the session (also /exit, Ctrl-D)", ChatSession.cmd_quit),
     _Command("/exit", "/exit", "", ChatSession.cmd_quit),

@@ -3,7 +3,8 @@
 Each command is a typer function here that imports its handler when it runs, so ``cxrtrek
 --help`` imports nothing heavy. The handlers live next door: reading commands in
 :mod:`cxrtrek.interfaces._reading_cli`, the session in :mod:`cxrtrek.interfaces.chat`, the HTTP
-API in :mod:`cxrtrek.interfaces.api`, the MCP server in :mod:`cxrtrek.interfaces.mcp`, the rest
+API in :mod:`cxrtrek.interfaces.api` (its web viewer in :mod:`cxrtrek.interfaces.viewer`; ``view``
+in :mod:`cxrtrek.interfaces._view_cli`), the MCP server in :mod:`cxrtrek.interfaces.mcp`, the rest
 in :mod:`cxrtrek.interfaces._commands` and :mod:`cxrtrek.interfaces.eval_cli`.
 
 Exit codes: 0 done; 1 the command ran and some of its work failed (a file did not decode, a
@@ -194,6 +195,10 @@ def run_cmd(
     checkpoint_db: CheckpointDb = None,
     trace_dir: TraceDir = None,
     json_out: Json = False,
+    overlay: Annotated[Path | None, typer.Option(
+        "--overlay", metavar="DIR",
+        help="also draw the reading's boxes on each image of the study: one PNG per image "
+             "in DIR (RUN_ID-current-1.png, ...)")] = None,
 ) -> int:
     """Read a study in the eight stages: each stage printed as it completes, then the report.
 
@@ -211,7 +216,7 @@ def run_cmd(
     return cmd_run(paths, prior=prior or [], indication=indication, backend=backend,
                    settings=settings, json_out=json_out, image_root=image_root,
                    allow_missing_images=allow_missing_images,
-                   options=_backend_options(device, dtype, dialect))
+                   options=_backend_options(device, dtype, dialect), overlay=overlay)
 
 
 @app.command("read", hidden=True)
@@ -326,6 +331,29 @@ def replay_cmd(
                       settings=settings, json_out=json_out)
 
 
+@app.command("view")
+def view_cmd(
+    trace: Annotated[Path, typer.Argument(metavar="TRACE.jsonl", show_default=False,
+                                          help="a run's trace (HOME/traces/RUN_ID.jsonl)")],
+    out: Annotated[Path | None, typer.Option(
+        "--out", metavar="FILE", help="the HTML file to write (default RUN_ID.html here)")
+    ] = None,
+    home: Home = None,
+    checkpoint_db: CheckpointDb = None,
+) -> int:
+    """Write one self-contained HTML file of a run, to share a case or a bug.
+
+    The images (embedded), their boxes, the stages with their questions and answers, each
+    stage's trace and the report; it opens in any browser from the file, without a server
+    or a network. Images and final answers come from the run's checkpoints (the same
+    --home); without them, the stages come from the trace alone.
+    """
+    from cxrtrek.interfaces._view_cli import cmd_view
+
+    settings = _agent_settings(home=home, checkpoint_db=checkpoint_db, trace_dir=trace.parent)
+    return cmd_view(trace, out=out, settings=settings)
+
+
 @app.command("chat")
 def chat_cmd(
     images: Annotated[list[Path], typer.Argument(
@@ -346,7 +374,8 @@ def chat_cmd(
 
     At the prompt: a question is answered with the run's context (and traced); /stages,
     /stage N, /edit N (correct an answer, fork, re-run downstream, show the diff),
-    /review on|off, /trace, /report, /save [PATH], /help, /quit.
+    /review on|off, /trace, /report, /show [N] (the boxes drawn on the images),
+    /save [PATH], /help, /quit.
     """
     from cxrtrek.interfaces.chat import cmd_chat
 

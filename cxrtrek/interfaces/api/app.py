@@ -22,6 +22,7 @@ from cxrtrek.errors import ConfigError, CXRTrekError
 from cxrtrek.interfaces.api.runs import Runs
 from cxrtrek.interfaces.api.settings import ApiSettings
 from cxrtrek.interfaces.api.uploads import persist, read_upload, run_settings, validated_study
+from cxrtrek.interfaces.viewer import mount_viewer
 from cxrtrek.serve.http_common import (
     BodyReader,
     HttpProblem,
@@ -201,6 +202,7 @@ def create_app(agent: CXRTrekAgent, settings: ApiSettings | None = None) -> Fast
         return JSONResponse(answer.model_dump(mode="json"))
 
     app.include_router(v1)
+    mount_viewer(app, runs, check_token)  # the web viewer at / (cxrtrek.interfaces.viewer)
     _add_error_handlers(app)
     return app
 
