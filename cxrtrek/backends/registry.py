@@ -21,13 +21,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict
+
 from cxrtrek.backends.scripted import ScriptedBackend
 from cxrtrek.errors import ConfigError
 from cxrtrek.protocol import VLMBackend, VLMRequest
 from cxrtrek.schema import Study
 
-__all__ = ["BACKEND_SPECS", "DEFAULT_BACKEND", "BackendOptions", "demo_checkpoint", "load_backend",
-           "plausible_backend"]
+__all__ = ["BACKEND_SPECS", "DEFAULT_BACKEND", "BackendInfo", "BackendOptions", "demo_checkpoint",
+           "load_backend", "plausible_backend"]
 
 DEFAULT_BACKEND = "demo"
 BACKEND_SPECS = "demo, inprocess:PATH, http:URL, scripted or scripted-oracle"
@@ -95,6 +97,50 @@ class BackendOptions:
     dialect: str | None = None
     """How requests become chats (:mod:`cxrtrek.prompts.dialects`); None: the backend's
     default."""
+
+
+class BackendInfo(BaseModel):
+    """What a run records of the backend that reads it (in its checkpoints and its trace):
+    the spec it was loaded from and the options that shape what it answers. ``cxrtrek
+    resume`` loads the same backend again from it, and refuses another one unless asked."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    spec: str | None = None
+    """The spec :func:`load_backend` was given; None: a backend object given directly (the
+    Python API), known only by its model id."""
+    model_id: str
+    dialect: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+
+    @classmethod
+    def of(cls, backend: VLMBackend, spec: str | None = None,
+           options: BackendOptions | None = None) -> BackendInfo:
+        options = options or BackendOptions()
+        return cls(spec=spec.strip() if spec else None, model_id=backend.model_id,
+                   dialect=options.dialect, device=_auto(options.device),
+                   dtype=_auto(options.dtype))
+
+    def options(self, base: BackendOptions | None = None) -> BackendOptions:
+        """``base`` (default options) with this run's dialect, device and dtype."""
+        from dataclasses import replace
+
+        return replace(base or BackendOptions(), dialect=self.dialect, device=self.device,
+                       dtype=self.dtype)
+
+    def same_backend(self, other: BackendInfo) -> bool:
+        """Whether ``other`` answers as this one does: the same spec and dialect (the model
+        id, when either was given as an object)."""
+        if self.spec is not None and other.spec is not None:
+            return (self.spec, self.dialect) == (other.spec, other.dialect)
+        return self.model_id == other.model_id
+
+    def describe(self) -> str:
+        """For messages: ``'scripted' (model scripted)``."""
+        name = repr(self.spec) if self.spec is not None else "a backend object"
+        dialect = f", dialect {self.dialect}" if self.dialect else ""
+        return f"{name} (model {self.model_id}{dialect})"
 
 
 def _auto(value: str | None) -> str | None:

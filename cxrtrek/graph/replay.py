@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cxrtrek.graph.trace import (
     EndRecord,
     FollowupRecord,
+    ModelSwitchRecord,
     QuestionRecord,
     ReviewRecord,
     RunRecord,
@@ -195,8 +196,11 @@ def playback(records: Sequence[TraceRecord]) -> str:
     stages: dict[int, StageRecord] = {}
     questions: dict[int, list[QuestionRecord]] = {}
     reviews: dict[tuple[int, str], ReviewRecord] = {}
+    switches: dict[int, ModelSwitchRecord] = {}
     for rec in records:
-        if isinstance(rec, RunRecord):
+        if isinstance(rec, ModelSwitchRecord):
+            switches[rec.stage] = rec
+        elif isinstance(rec, RunRecord):
             lines.append(f"run {rec.run_id}: study {rec.study_id}, model {rec.model_id}, "
                          f"{rec.mode} mode, context {rec.settings.get('context')}"
                          + (f", forked from {rec.forked_from['run_id']} after stage "
@@ -210,6 +214,11 @@ def playback(records: Sequence[TraceRecord]) -> str:
     for spec in STAGES:
         st = stages.get(spec.number)
         qs = questions.get(spec.number, [])
+        switch = switches.get(spec.number - 1)
+        if switch is not None:
+            lines.append(f"model switched after stage {switch.stage}: "
+                         f"{_backend_name(switch.before)} -> {_backend_name(switch.after)} "
+                         "(asked for on resume)")
         if st is None and not qs:
             lines.append(f"stage {spec.number} {spec.title}: not run")
             continue
@@ -241,6 +250,11 @@ def playback(records: Sequence[TraceRecord]) -> str:
             lines.append(f"follow-up {rec.turn}: {rec.question}")
             lines.append(f"  -> {rec.answer}  (context {len(rec.context)})")
     return "\n".join(lines)
+
+
+def _backend_name(info: dict[str, object]) -> str:
+    spec, model = info.get("spec"), info.get("model_id")
+    return f"{spec} (model {model})" if spec else f"model {model}"
 
 
 # --- error attribution -----------------------------------------------------------------------

@@ -10,6 +10,9 @@ the union :data:`TraceRecord` told apart by ``kind``:
   output with its parse status, latency, retries and the checkpoint the stage started from;
 * ``stage``: a stage's outcome (ran, skipped with the reason, failed with the error);
 * ``review``: a person's edit of an answer;
+* ``model_switch``: a resume that went on with another backend than the run's own, asked for
+  explicitly (``cxrtrek resume --switch-backend``): the stages after ``stage`` were answered
+  by ``after``;
 * ``end``: the run's outcome;
 * ``followup``: a question asked after the reading (``cxrtrek chat``, ``agent.ask``),
   answered with the run's images and every stage's answers as context.
@@ -42,6 +45,7 @@ __all__ = [
     "FollowupRecord",
     "JsonlTracer",
     "MemoryTracer",
+    "ModelSwitchRecord",
     "QuestionRecord",
     "ReviewRecord",
     "RunRecord",
@@ -93,6 +97,10 @@ class RunRecord(BaseModel):
     mode: str
     settings: dict[str, Any]
     model_id: str
+    """The model that answered the run's first stages (a ``model_switch`` record names any
+    later one)."""
+    backend: str | None = None
+    """The backend spec it was loaded from (None: given as an object)."""
     forked_from: dict[str, Any] | None = None
     created_at: str = Field(default_factory=_now)
 
@@ -165,6 +173,19 @@ class ReviewRecord(BaseModel):
     created_at: str = Field(default_factory=_now)
 
 
+class ModelSwitchRecord(BaseModel):
+    model_config = _BASE
+    kind: Literal["model_switch"] = "model_switch"
+    schema_version: int = TRACE_SCHEMA_VERSION
+    run_id: str
+    stage: int
+    """The last stage done before the switch: later stages are answered by ``after``."""
+    before: dict[str, Any]
+    """The backend the run had (:class:`cxrtrek.backends.registry.BackendInfo` as JSON)."""
+    after: dict[str, Any]
+    created_at: str = Field(default_factory=_now)
+
+
 class EndRecord(BaseModel):
     model_config = _BASE
     kind: Literal["end"] = "end"
@@ -199,7 +220,8 @@ class FollowupRecord(BaseModel):
 
 
 TraceRecord = Annotated[
-    RunRecord | QuestionRecord | StageRecord | ReviewRecord | EndRecord | FollowupRecord,
+    RunRecord | QuestionRecord | StageRecord | ReviewRecord | ModelSwitchRecord | EndRecord
+    | FollowupRecord,
     Field(discriminator="kind"),
 ]
 _ADAPTER: TypeAdapter[TraceRecord] = TypeAdapter(TraceRecord)

@@ -124,6 +124,7 @@ from cxrtrek.agent.agent import (
 from cxrtrek.backends.registry import DEFAULT_BACKEND
 from cxrtrek.errors import (
     BackendError,
+    BackendMismatchError,
     ConfigError,
     CXRTrekError,
     DataError,
@@ -252,7 +253,7 @@ class ApiError(Exception):
 
 
 _STATUS_OF: tuple[tuple[type[CXRTrekError], int], ...] = (
-    (NotAnImageError, 415), (UnsupportedTransferSyntaxError, 415),
+    (BackendMismatchError, 409), (NotAnImageError, 415), (UnsupportedTransferSyntaxError, 415),
     (DecompressionBombError, 413), (DataError, 422), (TransientError, 503),
     (BackendError, 502), (ParseError, 502))
 
@@ -897,12 +898,14 @@ def create_app(agent: CXRTrekAgent, settings: ApiSettings | None = None) -> Fast
     async def review(run_id: str, request: Request) -> Response:
         run = await runs.find(run_id)
         body = await _read_json(request, ReviewBody)
+        await agent.acheck_backend(run_id)  # a run goes on with its own backend (409)
         runs.review(run, body.edits)
         return JSONResponse(run.summary(), status_code=202)
 
     @v1.post("/runs/{run_id}/resume", response_model=None)
     async def resume(run_id: str) -> Response:
         run = await runs.find(run_id)
+        await agent.acheck_backend(run_id)  # a run goes on with its own backend (409)
         runs.resume(run)
         return JSONResponse(run.summary(), status_code=202)
 
@@ -1000,7 +1003,8 @@ def serve_api(settings: ApiSettings) -> None:
     from cxrtrek.backends.registry import load_backend
 
     backend = load_backend(settings.backend)
-    agent = CXRTrekAgent(backend, settings=settings.agent_settings())
+    agent = CXRTrekAgent(backend, settings=settings.agent_settings(),
+                         backend_spec=settings.backend)
     app = create_app(agent, settings)
     log.info("listening on http://%s:%d (backend %s, token %s, home %s)", settings.host,
              settings.port, settings.backend, "required" if settings.token else "not required",

@@ -564,7 +564,7 @@ def cmd_chat(images: list[Path], prior: list[Path], indication: str | None, back
     except CXRTrekError as exc:
         sys.stderr.write(f"cxrtrek chat: error: {_one_line(str(exc))}\n")
         return EXIT_USAGE
-    agent = CXRTrekAgent(vlm, settings=settings)
+    agent = CXRTrekAgent(vlm, settings=settings, backend_spec=backend)
     with _line_input(settings.home_dir() / HISTORY_FILE) as input_fn:
         session = ChatSession(agent, Console(highlight=False), input_fn, review=review)
         return session.main(study)

@@ -7,8 +7,10 @@ API in :mod:`cxrtrek.interfaces.api`, the MCP server in :mod:`cxrtrek.interfaces
 in :mod:`cxrtrek.interfaces._commands` and :mod:`cxrtrek.interfaces.eval_cli`.
 
 Exit codes: 0 done; 1 the command ran and some of its work failed (a file did not decode, a
-run did not complete, a replay diverged); 2 bad arguments or input (nothing was done); 130
-interrupted. An error prints one line; a traceback only with ``--debug``.
+run did not complete, the backend could not be reached, a replay diverged, an evaluation
+scored nothing); 2 bad arguments or input (nothing was done); 3 a run paused for a review that
+no one answered (the input ended; it waits for ``cxrtrek resume``); 130 interrupted (the run
+keeps its completed stages). An error prints one line; a traceback only with ``--debug``.
 """
 
 from __future__ import annotations
@@ -27,13 +29,15 @@ import typer
 if TYPE_CHECKING:
     from cxrtrek.agent.agent import AgentSettings
 
-__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "app", "main"]
+__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PAUSED", "EXIT_USAGE", "app",
+           "main"]
 
 log = logging.getLogger("cxrtrek")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_PAUSED = 3
 EXIT_INTERRUPTED = 130
 
 
@@ -225,7 +229,14 @@ def read_cmd(
 @app.command("resume")
 def resume_cmd(
     run_id: Annotated[str, typer.Argument(metavar="RUN_ID", show_default=False)],
-    backend: Backend = "demo",
+    backend: Annotated[str | None, typer.Option(
+        "--backend", metavar="SPEC",
+        help="the backend to go on with (default: the one the run was read with); another "
+             "than the run's own only with --switch-backend")] = None,
+    switch_backend: Annotated[bool, typer.Option(
+        "--switch-backend",
+        help="finish the run on the --backend named although it was read with another (the "
+             "trace records the switch)")] = False,
     approve: Annotated[bool, typer.Option(
         "--approve", help="approve a pending review as is, without asking")] = False,
     home: Home = None,
@@ -233,13 +244,14 @@ def resume_cmd(
     trace_dir: TraceDir = None,
     json_out: Json = False,
 ) -> int:
-    """Continue a run: an interrupted one from its last completed stage, or one paused for
-    review (asks for each answer on stdin: Enter keeps it, text replaces it)."""
+    """Continue a run, on the backend it was read with: an interrupted one from its last
+    completed stage, or one paused for review (asks for each answer on stdin: Enter keeps
+    it, text replaces it; exit 3 if the input ends first, and the run waits)."""
     from cxrtrek.interfaces._reading_cli import cmd_resume
 
     settings = _agent_settings(home=home, checkpoint_db=checkpoint_db, trace_dir=trace_dir)
     return cmd_resume(run_id, backend=backend, settings=settings, approve=approve,
-                      json_out=json_out)
+                      json_out=json_out, switch_backend=switch_backend)
 
 
 @app.command("delete")

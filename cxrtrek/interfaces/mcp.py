@@ -96,7 +96,8 @@ class _Reader:
             except (CXRTrekError, OSError) as exc:
                 raise ToolError(f"Cannot load the backend {self.spec!r}: {exc}. Expected "
                                 f"{BACKEND_SPECS}.") from exc
-            self.agent = CXRTrekAgent(backend, settings=self.settings)
+            self.agent = CXRTrekAgent(backend, settings=self.settings,
+                                      backend_spec=self.spec)
             log.info("backend %r loaded (model %s)", self.spec, backend.model_id)
         return self.agent
 
