@@ -216,14 +216,19 @@ class CXRTrekAgent:
                           backend_info=info.model_dump(mode="json"))
 
     @asynccontextmanager
-    async def _compiled(self) -> AsyncIterator[CompiledReadGraph]:
-        """The graph bound to the checkpointer (SQLite, opened for the call)."""
+    async def _compiled(self, *, create: bool = False) -> AsyncIterator[CompiledReadGraph]:
+        """The graph bound to the checkpointer (SQLite, opened for the call). Only a new run
+        (``create``) makes the database: looking for runs where there is none is a
+        :class:`DataError` that leaves nothing behind."""
         if self._memory_saver is not None:
             yield self.graph.copy(update={"checkpointer": self._memory_saver})
             return
         from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
         path = Path(self.settings.checkpoint_path())
+        if not create and not path.is_file():
+            raise DataError(f"no checkpoints at {path} (no such file), so no run there; "
+                            "expected the home folder the run was read in (--home)")
         path.parent.mkdir(parents=True, exist_ok=True)
         async with AsyncSqliteSaver.from_conn_string(str(path)) as saver:
             yield self.graph.copy(update={"checkpointer": saver})
@@ -266,7 +271,7 @@ class CXRTrekAgent:
                     backend: VLMBackend | None) -> RunReport:
         ctx = self.context(backend)
         inputs = self._inputs(study, settings, ctx)
-        async with self._compiled() as graph:
+        async with self._compiled(create=True) as graph:
             await graph.ainvoke(inputs, _config(run_id), context=ctx,
                                 durability="sync")
             return await self._outcome(graph, run_id)
@@ -337,7 +342,7 @@ class CXRTrekAgent:
         run_id = run_id or self.new_run_id(study)
         ctx = self.context()
         inputs = self._inputs(study, settings, ctx)
-        async with self._compiled() as graph:
+        async with self._compiled(create=True) as graph:
             async for event in self._events(graph, inputs, run_id, ctx):
                 yield event
 
@@ -401,7 +406,7 @@ class CXRTrekAgent:
             return
         if not switch:
             raise BackendMismatchError(
-                f"run {run_id!r} was read with backend {before.describe()}; expected the same "
+                f"run {run_id!r} was read with {before.describe()}; expected the same "
                 f"backend to go on with, got {after.describe()}. Resume it without naming a "
                 "backend to go on with its own, or ask for the switch (cxrtrek resume "
                 "--switch-backend; switch_backend=True) and the trace will record it")
@@ -618,7 +623,13 @@ class CXRTrekAgent:
         """Write the fork's first checkpoint (the state after ``stage``, edited) and its trace
         head; the checkpoint id it was forked from."""
         from cxrtrek.graph.nodes import edit_stage
-        from cxrtrek.graph.trace import QuestionRecord, RunRecord, StageRecord, hash_patient
+        from cxrtrek.graph.trace import (
+            QuestionRecord,
+            ReviewRecord,
+            RunRecord,
+            StageRecord,
+            hash_patient,
+        )
 
         source, snap = await self._fork_point(graph, run_id, stage)
         values: dict[str, Any] = dict(snap.values)
@@ -633,7 +644,8 @@ class CXRTrekAgent:
         run_settings = RunSettings.model_validate(values["settings"])
         copied = [r.model_copy(update={"run_id": fork_id})
                   for r in self.trace_records(source)
-                  if isinstance(r, QuestionRecord | StageRecord) and r.stage <= stage]
+                  if isinstance(r, QuestionRecord | StageRecord | ReviewRecord)
+                  and r.stage <= stage]  # (a person's earlier corrections stay theirs)
         self.tracer.write([RunRecord(
             run_id=fork_id, study_id=study.study_id,
             patient_hash=hash_patient(study.patient_id),

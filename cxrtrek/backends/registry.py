@@ -28,11 +28,23 @@ from cxrtrek.errors import ConfigError
 from cxrtrek.protocol import VLMBackend, VLMRequest
 from cxrtrek.schema import Study
 
-__all__ = ["BACKEND_SPECS", "DEFAULT_BACKEND", "BackendInfo", "BackendOptions", "demo_checkpoint",
-           "load_backend", "plausible_backend"]
+__all__ = ["BACKEND_SPECS", "DEFAULT_BACKEND", "BackendInfo", "BackendOptions", "check_spec",
+           "demo_checkpoint", "load_backend", "plausible_backend"]
 
 DEFAULT_BACKEND = "demo"
 BACKEND_SPECS = "demo, inprocess:PATH, http:URL, scripted or scripted-oracle"
+_NAMES = ("demo", "scripted", "scripted-oracle")
+_PREFIXES = ("http:", "https:", "inprocess:")
+
+
+def check_spec(spec: str) -> str:
+    """``spec`` (stripped) when it names a backend of the table above, without loading
+    anything (front ends check their arguments before they start work);
+    :class:`ConfigError` naming the allowed specs otherwise."""
+    name = spec.strip()
+    if name in _NAMES or (name.startswith(_PREFIXES) and name.split(":", 1)[1].strip()):
+        return name
+    raise ConfigError(f"unknown backend {spec!r}; expected {BACKEND_SPECS}")
 
 
 def demo_checkpoint() -> Path:
@@ -137,10 +149,11 @@ class BackendInfo(BaseModel):
         return self.model_id == other.model_id
 
     def describe(self) -> str:
-        """For messages: ``'scripted' (model scripted)``."""
-        name = repr(self.spec) if self.spec is not None else "a backend object"
+        """For messages: ``backend 'scripted' (model scripted)``."""
         dialect = f", dialect {self.dialect}" if self.dialect else ""
-        return f"{name} (model {self.model_id}{dialect})"
+        if self.spec is None:
+            return f"model {self.model_id} (a backend object{dialect})"
+        return f"backend {self.spec!r} (model {self.model_id}{dialect})"
 
 
 def _auto(value: str | None) -> str | None:
@@ -188,7 +201,7 @@ def load_backend(spec: str, study: Study | None = None, *,
 
     ``study`` is needed only by ``scripted-oracle``; ``options`` set the device, dtype and
     batching of in-process models."""
-    spec = spec.strip()
+    spec = check_spec(spec)
     options = options or BackendOptions()
     if spec.startswith(("http:", "https:")):
         from cxrtrek.backends.http import HTTPBackend

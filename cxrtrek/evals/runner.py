@@ -21,11 +21,10 @@ and judged by the graph's error attribution (:func:`cxrtrek.graph.replay.attribu
 Run ids are deterministic (``eval-<policy>-<index>-<study>``), so rows do not depend on how
 the work was split.
 
-Backends (``backend``): ``scripted-oracle`` (each study's reference answers: everything but the
-model is measured; it needs no images), ``inprocess:PATH`` (a saved CXRTrekNet folder, or the
-random-weight presets ``tiny``/``demo``) and ``http:URL`` (an OpenAI-compatible server such as
-``cxrtrek serve``; several comma-separated URLs are replicas; the token is read from
-``$CXRTREK_SERVER_TOKEN``). A model backend needs the images: with ``allow_missing_images``
+Backends (``backend``): any spec of :func:`cxrtrek.backends.registry.load_backend` (``demo``,
+``inprocess:PATH``, ``http:URL``, ``scripted``); ``scripted-oracle`` (each study's reference
+answers: everything but the model is measured; it needs no images) is routed here, one oracle
+per run. A model backend needs the images: with ``allow_missing_images``
 the questions of studies whose images are missing are skipped and counted, otherwise loading
 the dataset raises :class:`~cxrtrek.errors.MissingImageError`.
 """
@@ -93,6 +92,7 @@ class EvalConfig(BaseModel):
     image_root: str | None = None
     """Folder the image paths are relative to (default: the file's folder)."""
     backend: str = ORACLE
+    """A spec of :func:`cxrtrek.backends.registry.load_backend` (checked here)."""
     contexts: tuple[Policy, ...] = ("full",)
     allow_missing_images: bool = False
     workers: int = Field(default=1, ge=1)
@@ -109,6 +109,16 @@ class EvalConfig(BaseModel):
     max_new_tokens: int | None = Field(default=None, ge=1)
     top_k: int | None = Field(default=None, ge=1)
     """Context items of the ``retrieved`` policy (default: the run settings' own)."""
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, value: str) -> str:
+        from cxrtrek.backends.registry import check_spec
+
+        try:
+            return check_spec(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("contexts")
     @classmethod
@@ -150,16 +160,6 @@ def missing_images(study: Study) -> list[str]:
 
 
 # --- backends --------------------------------------------------------------------------------
-
-
-def make_backend(spec: str) -> VLMBackend:
-    """A shared model backend: ``inprocess:PATH`` or ``http:URL`` (``http://...`` too)."""
-    if spec.startswith(("http:", "https:", "inprocess:")):
-        from cxrtrek.backends.registry import load_backend
-
-        return load_backend(spec, None)
-    raise ConfigError(f"unknown backend {spec!r}; expected scripted-oracle, inprocess:PATH or "
-                      "http:URL")
 
 
 class _OracleRouter:
@@ -311,7 +311,9 @@ class _Runner:
         """The model backend, made on first use (a run whose images are all missing never
         loads a model)."""
         if self.backend is None:
-            self.backend = make_backend(self.config.backend)
+            from cxrtrek.backends.registry import load_backend
+
+            self.backend = load_backend(self.config.backend)
         return self.backend
 
     def settings(self, policy: Policy) -> Any:

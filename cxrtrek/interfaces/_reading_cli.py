@@ -13,10 +13,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent, RunReport, StageEvent
-from cxrtrek.backends.registry import BackendOptions, load_backend
+from cxrtrek.backends.registry import BackendOptions, check_spec, load_backend
 from cxrtrek.errors import BackendMismatchError, ConfigError, FormatError
 from cxrtrek.protocol import VLMBackend
-from cxrtrek.schema import StageResult, Study
+from cxrtrek.schema import Answer, StageResult, Study
 from cxrtrek.stages import STAGES
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "load_study_file",
     "print_report",
     "print_stage",
+    "unparsed_note",
 ]
 
 EXIT_OK, EXIT_FAILED, EXIT_PAUSED, EXIT_INTERRUPTED = 0, 1, 3, 130
@@ -84,7 +85,15 @@ def print_stage(console: Console, result: StageResult, elapsed_s: float | None, 
     for answer in result.answers:
         question = texts.get(answer.question_id, answer.question_id)
         console.print(f"  [cyan]Q[/cyan] {escape(question)}\n  [cyan]A[/cyan] "
-                      f"{escape(answer.text)}")
+                      f"{escape(answer.text)}{unparsed_note(answer)}")
+
+
+def unparsed_note(answer: Answer) -> str:
+    """Rich markup marking an answer that did not parse as its question's form, with why
+    ("" for one that parsed)."""
+    if answer.parsed.kind != "unparsed":
+        return ""
+    return f"  [yellow](not parsed: {escape(answer.parsed.reason)})[/yellow]"
 
 
 def print_report(console: Console, report: RunReport, trace: Path | None) -> None:
@@ -282,7 +291,7 @@ def _resume_backend(run_id: str, backend: str | None, switch_backend: bool,
         return spec, recorded.options()
     if not switch_backend:
         raise BackendMismatchError(
-            f"run {run_id!r} was read with backend {recorded.describe()}; expected the same "
+            f"run {run_id!r} was read with {recorded.describe()}; expected the same "
             f"backend to go on with, got {spec!r}. Leave out --backend to go on with its own, "
             "or add --switch-backend to finish it on the other (the trace records the "
             "switch)")
@@ -397,8 +406,12 @@ def cmd_replay(trace: Path, *, against: str | None, fork: int | None, edits: Seq
     changes = _parse_edits(edits)
     if fork is not None and not changes:
         raise ConfigError("--fork needs at least one --edit QUESTION_ID=TEXT")
+    if against is not None and against != "recorded":
+        check_spec(against)  # (the arguments are checked before the trace is played)
     records = read_trace(trace)
     head = next((r for r in records if isinstance(r, RunRecord)), None)
+    if fork is not None:
+        _check_fork(trace, records, fork, changes)
     console.print(playback(records), markup=False)
     chosen: Study | None = None
     if study is not None:
@@ -408,9 +421,7 @@ def cmd_replay(trace: Path, *, against: str | None, fork: int | None, edits: Seq
         chosen = next((s for s in studies if s.study_id == wanted), studies[0])
         if chosen.references:
             console.print(attribute_errors(records, chosen.references).render(), markup=False)
-    if fork is not None:
-        if head is None:
-            raise ConfigError(f"{trace}: the trace has no run record; cannot fork it")
+    if fork is not None and head is not None:
         backend = _backend_for(against or "demo", chosen, records)
         forker = CXRTrekAgent(backend, settings=settings, backend_spec=against or "demo")
         result = forker.fork(head.run_id, fork, changes)
@@ -427,6 +438,26 @@ def cmd_replay(trace: Path, *, against: str | None, fork: int | None, edits: Seq
     _emit(json_out, {"first_divergent_stage": outcome.diff.first_divergent_stage,
                      "replay_run_id": outcome.replay_run_id})
     return EXIT_OK if outcome.diff.first_divergent_stage is None else EXIT_FAILED
+
+
+def _check_fork(trace: Path, records: Sequence[object], stage: int,
+                changes: dict[str, str]) -> None:
+    """--fork STAGE names a stage the run answered, and each --edit one of its questions."""
+    from cxrtrek.graph.trace import QuestionRecord, RunRecord
+
+    if not any(isinstance(r, RunRecord) for r in records):
+        raise ConfigError(f"{trace}: the trace has no run record; cannot fork it")
+    asked = [r.question_id for r in records
+             if isinstance(r, QuestionRecord) and r.stage == stage]
+    answered = sorted({r.stage for r in records if isinstance(r, QuestionRecord)})
+    if not asked:
+        raise ConfigError(f"--fork {stage}: expected a stage the run answered "
+                          f"({', '.join(map(str, answered)) or 'none'}); stage {stage} has no "
+                          "answers in the trace")
+    unknown = [qid for qid in changes if qid not in asked]
+    if unknown:
+        raise ConfigError(f"--edit {unknown[0]}=...: stage {stage} asked no question "
+                          f"{unknown[0]!r}; expected one of {', '.join(asked)}")
 
 
 def _backend_for(spec: str, study: Study | None, records: Sequence[object]) -> VLMBackend:

@@ -590,7 +590,9 @@ def eval_cmd(
         "--image-root", metavar="DIR")] = None,
     backend: Annotated[str, typer.Option(
         "--backend", metavar="SPEC",
-        help="scripted-oracle (default), demo, inprocess:PATH or http:URL")] = "scripted-oracle",
+        help="scripted-oracle (default: each study's reference answers, no model), demo, "
+             "inprocess:PATH, http:URL or scripted, as --backend names them everywhere")
+    ] = "scripted-oracle",
     context: Annotated[str, typer.Option(
         "--context", metavar="full,retrieved,none",
         help="context policies, comma-separated; several run side by side")] = "full",
@@ -670,8 +672,12 @@ def _report_error(exc: Exception, command: str, debug: bool) -> int:
     if debug:
         raise exc
     if isinstance(exc, CXRTrekError):
-        sys.stderr.write(f"cxrtrek {command}: error: {exc}\n")
-        return EXIT_USAGE
+        from cxrtrek.errors import BackendError
+        from cxrtrek.interfaces._commands import cli_words
+
+        sys.stderr.write(f"cxrtrek {command}: error: {cli_words(command, str(exc))}\n")
+        # the backend failing (unreachable, crashed) is not bad input: the work failed
+        return EXIT_FAILED if isinstance(exc, BackendError) else EXIT_USAGE
     from pydantic import ValidationError
 
     if isinstance(exc, ValidationError):  # an option value the settings refuse
