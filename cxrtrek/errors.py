@@ -7,6 +7,7 @@ expected and what was found. Only :class:`TransientError` and its subclasses are
 
     CXRTrekError
      +-- ConfigError                  bad settings or environment
+     |    +-- BackendMismatchError    a run would go on with another backend than its own
      +-- DataError                    bad input data
      |    +-- FormatError             a CXRTrek-format file that does not follow the format
      |    +-- MissingImageError       an image a study names is not under the image root
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 __all__ = [
     "BackendError",
+    "BackendMismatchError",
     "CXRTrekError",
     "ConfigError",
     "DataError",
@@ -50,6 +52,11 @@ class CXRTrekError(Exception):
 
 class ConfigError(CXRTrekError):
     """Settings or environment are invalid."""
+
+
+class BackendMismatchError(ConfigError):
+    """A run would go on with another backend than the one it was started with (and the
+    switch was not asked for)."""
 
 
 class DataError(CXRTrekError):

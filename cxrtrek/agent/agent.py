@@ -38,7 +38,8 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from pydantic import BaseModel, ConfigDict
 
 from cxrtrek.agent.store import DeletedRun, RunReport, RunStatus, RunStore, run_config
-from cxrtrek.errors import ConfigError, CXRTrekError, DataError
+from cxrtrek.backends.registry import BackendInfo, BackendOptions
+from cxrtrek.errors import BackendMismatchError, ConfigError, CXRTrekError, DataError
 from cxrtrek.graph.state import (
     PriorLookup,
     ReadInput,
@@ -145,11 +146,15 @@ class CXRTrekAgent:
     def __init__(self, backend: VLMBackend, memory: object | None = None,
                  settings: AgentSettings | None = None, *, prior_lookup: PriorLookup | None = None,
                  retriever: ContextRetriever | None = None, tracer: Tracer | None = None,
-                 store: RunStore | None = None) -> None:
+                 store: RunStore | None = None, backend_spec: str | None = None,
+                 backend_options: BackendOptions | None = None) -> None:
         from cxrtrek.graph.context import ContextRetriever
         from cxrtrek.graph.trace import JsonlTracer
 
         self.backend = backend
+        self.backend_info = BackendInfo.of(backend, backend_spec, backend_options)
+        """What runs record of the backend (``backend_spec``: the spec it was loaded from,
+        so that a resume can load it again and refuse another without being asked)."""
         self.memory = memory
         self.settings = settings or AgentSettings()
         self.retriever = retriever or (memory if isinstance(memory, ContextRetriever) else None)
@@ -181,11 +186,14 @@ class CXRTrekAgent:
 
     def context(self, backend: VLMBackend | None = None) -> RunContext:
         """The runtime context of a run (also what a parent graph passes to the subgraph)."""
+        info = (self.backend_info if backend is None or backend is self.backend
+                else BackendInfo.of(backend))
         return RunContext(backend=backend or self.backend, settings=self.settings.run_settings(),
                           tracer=self.tracer, retriever=self.retriever,
                           prior_lookup=self.prior_lookup,
                           memory=self.memory if isinstance(self.memory, RunMemory) else None,
-                          image_bytes=self._image_cache)
+                          image_bytes=self._image_cache,
+                          backend_info=info.model_dump(mode="json"))
 
     @staticmethod
     def new_run_id(study: Study) -> str:
@@ -280,12 +288,14 @@ class CXRTrekAgent:
                 yield event
 
     async def astream_resume(self, run_id: str,
-                             decision: ReviewDecision | dict[str, Any] | None = None,
+                             decision: ReviewDecision | dict[str, Any] | None = None, *,
+                             switch_backend: bool = False,
                              ) -> AsyncGenerator[StageEvent, None]:
         """:meth:`aresume` as :meth:`astream` does it: stage events, then the outcome."""
         ctx = self.context()
-        async with self.store.compiled() as graph:
-            payload, _ = await self._resume_payload(graph, run_id, decision)
+        async with self.store.compiled(create=False) as graph:
+            payload, _ = await self._resume_payload(graph, run_id, decision, ctx,
+                                                    switch_backend)
             async for event in self._events(graph, payload, run_id, ctx):
                 yield event
 
@@ -295,15 +305,60 @@ class CXRTrekAgent:
         return _blocking(self.astream(study, run_id=run_id, settings=settings))
 
     def stream_resume(self, run_id: str, decision: ReviewDecision | dict[str, Any] | None = None,
-                      ) -> Iterator[StageEvent]:
+                      *, switch_backend: bool = False) -> Iterator[StageEvent]:
         """Blocking :meth:`astream_resume`."""
-        return _blocking(self.astream_resume(run_id, decision))
+        return _blocking(self.astream_resume(run_id, decision, switch_backend=switch_backend))
+
+    async def arun_backend(self, run_id: str) -> BackendInfo | None:
+        """The backend a run answers with (the one of its latest stage), as its checkpoints
+        record it; None for a run that records none."""
+        recorded = await self.store.abackend_of(run_id)
+        return BackendInfo.model_validate(recorded) if recorded else None
+
+    def run_backend(self, run_id: str) -> BackendInfo | None:
+        """Blocking :meth:`arun_backend`."""
+        return asyncio.run(self.arun_backend(run_id))
+
+    async def acheck_backend(self, run_id: str) -> None:
+        """:class:`~cxrtrek.errors.BackendMismatchError` when ``run_id`` was read with
+        another backend than this agent's (a resume would then need ``switch_backend``)."""
+        async with self.store.compiled(create=False) as graph:
+            snap = await graph.aget_state(run_config(run_id))
+        if snap.values and snap.next:
+            self._check_backend(run_id, dict(snap.values), self.context(), False)
+
+    def _check_backend(self, run_id: str, values: dict[str, Any], ctx: RunContext,
+                       switch: bool) -> None:
+        """Refuse to go on with another backend than the run's own unless ``switch``; a
+        switch asked for is traced (a ``model_switch`` record)."""
+        from cxrtrek.graph.trace import ModelSwitchRecord
+
+        recorded = values.get("backend")
+        if not recorded:  # a run from before backends were recorded
+            return
+        before = BackendInfo.model_validate(recorded)
+        after = BackendInfo.model_validate(ctx.backend_record())
+        if before.same_backend(after):
+            return
+        if not switch:
+            raise BackendMismatchError(
+                f"run {run_id!r} was read with {before.describe()}; expected the same "
+                f"backend to go on with, got {after.describe()}. Resume it without naming a "
+                "backend to go on with its own, or ask for the switch (cxrtrek resume "
+                "--switch-backend; switch_backend=True) and the trace will record it")
+        log.warning("run %s: switching backend %s -> %s (asked for)", run_id,
+                    before.describe(), after.describe())
+        self.tracer.write([ModelSwitchRecord(
+            run_id=run_id, stage=int(values.get("last_stage") or 0),
+            before=before.model_dump(mode="json"), after=after.model_dump(mode="json"))])
 
     async def _resume_payload(self, graph: CompiledReadGraph, run_id: str,
                               decision: ReviewDecision | dict[str, Any] | None,
+                              ctx: RunContext, switch_backend: bool = False,
                               ) -> tuple[Any, bool]:
         """What continues a run: a resume command past a review (the decision checked
-        first), or None (from the last checkpoint); and whether anything is left to run."""
+        first), or None (from the last checkpoint); and whether anything is left to run.
+        The run's backend is checked against ``ctx``'s (see :meth:`_check_backend`)."""
         from langgraph.types import Command
 
         from cxrtrek.graph.nodes import ReviewDecision, ReviewRequest
@@ -312,6 +367,8 @@ class CXRTrekAgent:
         if not snap.values:
             raise DataError(f"no run {run_id!r} in the checkpoints at "
                             f"{self.settings.checkpoint_path()}")
+        if snap.next:
+            self._check_backend(run_id, dict(snap.values), ctx, switch_backend)
         if snap.interrupts:
             chosen = ReviewDecision.model_validate(decision or {})
             pending = ReviewRequest.model_validate(snap.interrupts[0].value)
@@ -327,32 +384,42 @@ class CXRTrekAgent:
         return None, bool(snap.next)
 
     async def _aresume(self, run_id: str, decision: ReviewDecision | dict[str, Any] | None,
-                       backend: VLMBackend | None) -> RunReport:
+                       backend: VLMBackend | None, switch_backend: bool = False) -> RunReport:
         ctx = self.context(backend)
-        async with self.store.compiled() as graph:
-            payload, pending = await self._resume_payload(graph, run_id, decision)
+        async with self.store.compiled(create=False) as graph:
+            payload, pending = await self._resume_payload(graph, run_id, decision, ctx,
+                                                          switch_backend)
             if pending:
                 await graph.ainvoke(payload, run_config(run_id), context=ctx, durability="sync")
             return await self.store.outcome(graph, run_id)
 
     async def aresume(self, run_id: str,
-                      decision: ReviewDecision | dict[str, Any] | None = None) -> RunReport:
+                      decision: ReviewDecision | dict[str, Any] | None = None, *,
+                      switch_backend: bool = False) -> RunReport:
         """Continue a run: after a crash from its last completed stage, or past a review
-        pause with ``decision`` (approve: None or no edits)."""
-        return await self._aresume(run_id, decision, None)
+        pause with ``decision`` (approve: None or no edits).
+
+        A run goes on with the backend it was read with: this agent's backend must be the
+        same (:class:`~cxrtrek.errors.BackendMismatchError` otherwise), unless
+        ``switch_backend``, and then the trace records the switch."""
+        return await self._aresume(run_id, decision, None, switch_backend)
 
     def resume(self, run_id: str,
-               decision: ReviewDecision | dict[str, Any] | None = None) -> RunReport:
+               decision: ReviewDecision | dict[str, Any] | None = None, *,
+               switch_backend: bool = False) -> RunReport:
         """Blocking :meth:`aresume`."""
-        return asyncio.run(self.aresume(run_id, decision))
+        return asyncio.run(self.aresume(run_id, decision, switch_backend=switch_backend))
 
-    async def areview(self, run_id: str, edits: dict[str, str] | None = None) -> RunReport:
+    async def areview(self, run_id: str, edits: dict[str, str] | None = None, *,
+                      switch_backend: bool = False) -> RunReport:
         """Approve the paused stage (no edits) or correct its answers, and go on."""
-        return await self.aresume(run_id, {"edits": edits or {}})
+        return await self.aresume(run_id, {"edits": edits or {}},
+                                  switch_backend=switch_backend)
 
-    def review(self, run_id: str, edits: dict[str, str] | None = None) -> RunReport:
+    def review(self, run_id: str, edits: dict[str, str] | None = None, *,
+               switch_backend: bool = False) -> RunReport:
         """Blocking :meth:`areview`."""
-        return asyncio.run(self.areview(run_id, edits))
+        return asyncio.run(self.areview(run_id, edits, switch_backend=switch_backend))
 
     async def areport(self, run_id: str) -> RunReport:
         """The report of a run as its checkpoints have it now (see :class:`RunStore`)."""
@@ -464,7 +531,13 @@ class CXRTrekAgent:
         """Write the fork's first checkpoint (the state after ``stage``, edited) and its trace
         head; the checkpoint id it was forked from."""
         from cxrtrek.graph.nodes import edit_stage
-        from cxrtrek.graph.trace import QuestionRecord, RunRecord, StageRecord, hash_patient
+        from cxrtrek.graph.trace import (
+            QuestionRecord,
+            ReviewRecord,
+            RunRecord,
+            StageRecord,
+            hash_patient,
+        )
 
         source, snap = await self._fork_point(graph, run_id, stage)
         values: dict[str, Any] = dict(snap.values)
@@ -473,12 +546,14 @@ class CXRTrekAgent:
         values.update(update)
         if settings is not None:
             values["settings"] = settings.model_dump(mode="json")
+        values["backend"] = self.backend_info.model_dump(mode="json")  # the fork's own
         checkpoint_id: str | None = snap.config["configurable"].get("checkpoint_id")
         study = Study.model_validate(values["study"])
         run_settings = RunSettings.model_validate(values["settings"])
         copied = [r.model_copy(update={"run_id": fork_id})
                   for r in self.trace_records(source)
-                  if isinstance(r, QuestionRecord | StageRecord) and r.stage <= stage]
+                  if isinstance(r, QuestionRecord | StageRecord | ReviewRecord)
+                  and r.stage <= stage]  # (a person's earlier corrections stay theirs)
         self.tracer.write([RunRecord(
             run_id=fork_id, study_id=study.study_id,
             patient_hash=hash_patient(study.patient_id),
@@ -486,6 +561,7 @@ class CXRTrekAgent:
             prior_images=[r.sha256 for r in study.prior.images] if study.prior else [],
             mode="dataset" if study.questions else "clinical",
             settings=run_settings.model_dump(mode="json"), model_id=self.backend.model_id,
+            backend=self.backend_info.spec,
             forked_from={"run_id": run_id, "stage": stage, "checkpoint_id": checkpoint_id},
         ), *copied, *reviews])
         await graph.aupdate_state(run_config(fork_id), values, as_node="review")

@@ -120,9 +120,11 @@ class RunStore:
         return self.checkpoint_db == MEMORY or Path(self.checkpoint_db).is_file()
 
     @asynccontextmanager
-    async def compiled(self) -> AsyncIterator[CompiledReadGraph]:
-        """The graph bound to the checkpointer (SQLite, opened for the block; created when
-        missing: for writing runs)."""
+    async def compiled(self, *, create: bool = True) -> AsyncIterator[CompiledReadGraph]:
+        """The graph bound to the checkpointer (SQLite, opened for the block). ``create``:
+        make the database when it is missing (for a new run); otherwise a missing database
+        is a :class:`DataError` that leaves nothing behind (resume and review look for runs
+        that must already be there)."""
         if self.checkpoint_db == MEMORY:
             if self._memory_saver is None:
                 from langgraph.checkpoint.memory import InMemorySaver
@@ -133,6 +135,9 @@ class RunStore:
         from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
         path = Path(self.checkpoint_db)
+        if not create and not path.is_file():
+            raise DataError(f"no checkpoints at {path} (no such file), so no run there; "
+                            "expected the home folder the run was read in (--home)")
         path.parent.mkdir(parents=True, exist_ok=True)
         async with AsyncSqliteSaver.from_conn_string(str(path)) as saver:
             yield self.graph.copy(update={"checkpointer": saver})
@@ -192,6 +197,17 @@ class RunStore:
     def study_of(self, run_id: str) -> Study:
         """Blocking :meth:`astudy_of`."""
         return asyncio.run(self.astudy_of(run_id))
+
+    async def abackend_of(self, run_id: str) -> dict[str, Any] | None:
+        """The backend a run answers with (the one of its latest stage), as its checkpoints
+        record it (:class:`~cxrtrek.backends.registry.BackendInfo` as JSON); None for a run
+        that records none (DataError: no such run)."""
+        recorded = (await self._values(run_id)).get("backend")
+        return dict(recorded) if recorded else None
+
+    def backend_of(self, run_id: str) -> dict[str, Any] | None:
+        """Blocking :meth:`abackend_of`."""
+        return asyncio.run(self.abackend_of(run_id))
 
     def trace_file(self, run_id: str) -> Path | None:
         """The file of a run's trace (None when traces are kept in memory)."""

@@ -30,17 +30,19 @@ that is already built (it never loads weights itself).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import secrets
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cxrtrek.errors import DataError
+from cxrtrek.errors import BackendError, DataError
 from cxrtrek.protocol import VLMRequest, VLMResponse
 from cxrtrek.schema import ImageRef
 
@@ -129,6 +131,13 @@ class InProcessBackend:
                    share_prefix=share_prefix, prefix_cache_size=prefix_cache_size,
                    continuous=continuous)
 
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the decode loop's threads (calls still waiting end with a
+        :class:`~cxrtrek.errors.BackendError`) and wait for them, at most ``timeout_s``.
+        Also done at interpreter exit: a thread left inside torch while the interpreter
+        shuts down aborts the process. A later :meth:`generate` starts them again."""
+        self._engine.close(timeout_s)
+
     def clear_cache(self) -> None:
         with self._prefill_lock:
             self._cache.clear()
@@ -148,7 +157,7 @@ class InProcessBackend:
         call = _Call(list(requests), [self._encode(r) for r in requests])  # validate first
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[VLMResponse]] = loop.create_future()
-        call.on_done = lambda result: loop.call_soon_threadsafe(_settle, future, result)
+        call.on_done = lambda result: _settle_from_thread(loop, future, result)
         self._engine.submit(call)
         try:
             return await future
@@ -357,6 +366,16 @@ _Admitted = tuple["Prefilled", list[tuple["_Call", int]], list[int], list["Decod
 """Prefilled rows ready to join a batch: the rows, their tags, token budgets, decoding."""
 
 
+def _settle_from_thread(loop: asyncio.AbstractEventLoop,
+                        future: asyncio.Future[list[VLMResponse]],
+                        result: list[VLMResponse] | BaseException) -> None:
+    """Settle ``future`` on its loop, from a worker thread (no-op once the loop closed)."""
+    try:
+        loop.call_soon_threadsafe(_settle, future, result)
+    except RuntimeError:  # the loop closed: nobody waits any more
+        log.debug("a generate call ended after its event loop closed")
+
+
 def _settle(future: asyncio.Future[list[VLMResponse]],
             result: list[VLMResponse] | BaseException) -> None:
     if future.done():
@@ -472,9 +491,12 @@ class _Engine:
         self._ready: deque[_Admitted] = deque()
         self._ready_rows = 0
         self._threads: dict[str, threading.Thread | None] = {"prefill": None, "decode": None}
+        self._closing = False
+        self._at_exit = False
 
     def submit(self, call: _Call) -> None:
         with self._cv:
+            self._closing = False
             self._pending.extend(_groups(call, self.backend.max_batch_size))
             self._start("prefill")
             self._cv.notify_all()
@@ -482,16 +504,45 @@ class _Engine:
     def _start(self, name: str) -> None:
         """Start the ``name`` thread unless it runs (call holding ``_cv``)."""
         if self._threads[name] is None:
+            if not self._at_exit:  # stopped before the interpreter shuts down, never abandoned
+                atexit.register(_close_at_exit, weakref.ref(self))
+                self._at_exit = True
             target = self._prefill_loop if name == "prefill" else self._decode_loop
             thread = threading.Thread(target=target, name=f"cxrtrek-{name}", daemon=True)
             self._threads[name] = thread
             thread.start()
+
+    def close(self, timeout_s: float) -> None:
+        """Stop both threads after the step they are in (the calls they hold, and those
+        waiting, end with a :class:`BackendError`); wait for them, at most ``timeout_s``."""
+        with self._cv:
+            self._closing = True
+            threads = [t for t in self._threads.values() if t is not None]
+            waiting = [part[0] for part in self._pending]
+            waiting += [t[0] for admitted in self._ready for t in admitted[1]]
+            self._pending.clear()
+            self._ready.clear()
+            self._ready_rows = 0
+            self._cv.notify_all()
+        closed = BackendError("the in-process backend was closed before answering")
+        for call in waiting:
+            call.finish(closed)
+        deadline = time.monotonic() + timeout_s
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        alive = [t.name for t in threads if t.is_alive()]
+        if alive:
+            log.warning("the backend's threads %s did not stop within %.1f s", alive, timeout_s)
 
     def _idle(self, name: str, work: Callable[[], bool], waiting: Callable[[], bool]) -> bool:
         """Wait (holding ``_cv``) until ``work()``; True when nothing was ``waiting()`` for
         ``idle_s`` instead (the thread then ends; the next submit starts a new one)."""
         deadline = time.monotonic() + self.idle_s
         while not work():
+            if self._closing:
+                self._threads[name] = None
+                return True
             if waiting():
                 deadline = time.monotonic() + self.idle_s
             left = deadline - time.monotonic()
@@ -505,6 +556,9 @@ class _Engine:
         size = self.backend.max_batch_size
         while True:
             with self._cv:
+                if self._closing:
+                    self._threads["prefill"] = None
+                    return
                 if self._idle("prefill", lambda: bool(self._pending) and self._ready_rows < size,
                               lambda: bool(self._pending)):
                     return
@@ -518,6 +572,10 @@ class _Engine:
                 _fail(call, exc)
                 continue
             with self._cv:
+                if self._closing:
+                    _fail(call, BackendError("the in-process backend was closed before "
+                                             "answering"))
+                    continue
                 self._ready.append(admitted)
                 self._ready_rows += len(indices)
                 self._start("decode")
@@ -531,6 +589,11 @@ class _Engine:
                 def work() -> bool:
                     return bool(self._ready or scheduler.batch.rows)
 
+                if self._closing:
+                    self._threads["decode"] = None
+                    scheduler.fail_all(BackendError("the in-process backend was closed "
+                                                    "before answering"))
+                    return
                 if self._idle("decode", work, work):
                     return
                 joining: list[_Admitted] = []
@@ -548,3 +611,10 @@ class _Engine:
                 except Exception as exc:  # never leave callers waiting on a dead loop
                     log.exception("the decode loop failed; its calls end with the error")
                     scheduler.fail_all(exc, also=[t[0] for a in joining for t in a[1]])
+
+
+def _close_at_exit(engine: weakref.ref[_Engine]) -> None:
+    """At interpreter exit: stop an engine's threads that still run."""
+    alive = engine()
+    if alive is not None:
+        alive.close(timeout_s=30.0)

@@ -25,16 +25,30 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict
+
 from cxrtrek.backends.scripted import ScriptedBackend
 from cxrtrek.errors import ConfigError
 from cxrtrek.protocol import VLMBackend, VLMRequest
 from cxrtrek.schema import Study
 
-__all__ = ["BACKEND_SPECS", "DEFAULT_BACKEND", "BackendOptions", "demo_checkpoint", "load_backend",
-           "plausible_backend"]
+__all__ = ["BACKEND_SPECS", "DEFAULT_BACKEND", "BackendInfo", "BackendOptions", "check_spec",
+           "demo_checkpoint", "load_backend", "plausible_backend"]
 
 DEFAULT_BACKEND = "demo"
 BACKEND_SPECS = "demo, inprocess:PATH, hf:PATH, http:URL, scripted or scripted-oracle"
+_NAMES = ("demo", "scripted", "scripted-oracle")
+_PREFIXES = ("http:", "https:", "inprocess:", "hf:")
+
+
+def check_spec(spec: str) -> str:
+    """``spec`` (stripped) when it names a backend of the table above, without loading
+    anything (front ends check their arguments before they start work);
+    :class:`ConfigError` naming the allowed specs otherwise."""
+    name = spec.strip()
+    if name in _NAMES or (name.startswith(_PREFIXES) and name.split(":", 1)[1].strip()):
+        return name
+    raise ConfigError(f"unknown backend {spec!r}; expected {BACKEND_SPECS}")
 
 
 def demo_checkpoint() -> Path:
@@ -101,6 +115,51 @@ class BackendOptions:
     default."""
 
 
+class BackendInfo(BaseModel):
+    """What a run records of the backend that reads it (in its checkpoints and its trace):
+    the spec it was loaded from and the options that shape what it answers. ``cxrtrek
+    resume`` loads the same backend again from it, and refuses another one unless asked."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    spec: str | None = None
+    """The spec :func:`load_backend` was given; None: a backend object given directly (the
+    Python API), known only by its model id."""
+    model_id: str
+    dialect: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+
+    @classmethod
+    def of(cls, backend: VLMBackend, spec: str | None = None,
+           options: BackendOptions | None = None) -> BackendInfo:
+        options = options or BackendOptions()
+        return cls(spec=spec.strip() if spec else None, model_id=backend.model_id,
+                   dialect=options.dialect, device=_auto(options.device),
+                   dtype=_auto(options.dtype))
+
+    def options(self, base: BackendOptions | None = None) -> BackendOptions:
+        """``base`` (default options) with this run's dialect, device and dtype."""
+        from dataclasses import replace
+
+        return replace(base or BackendOptions(), dialect=self.dialect, device=self.device,
+                       dtype=self.dtype)
+
+    def same_backend(self, other: BackendInfo) -> bool:
+        """Whether ``other`` answers as this one does: the same spec and dialect (the model
+        id, when either was given as an object)."""
+        if self.spec is not None and other.spec is not None:
+            return (self.spec, self.dialect) == (other.spec, other.dialect)
+        return self.model_id == other.model_id
+
+    def describe(self) -> str:
+        """For messages: ``backend 'scripted' (model scripted)``."""
+        dialect = f", dialect {self.dialect}" if self.dialect else ""
+        if self.spec is None:
+            return f"model {self.model_id} (a backend object{dialect})"
+        return f"backend {self.spec!r} (model {self.model_id}{dialect})"
+
+
 def _auto(value: str | None) -> str | None:
     return None if value in (None, "auto") else value
 
@@ -146,7 +205,7 @@ def load_backend(spec: str, study: Study | None = None, *,
 
     ``study`` is needed only by ``scripted-oracle``; ``options`` set the device, dtype and
     batching of in-process models."""
-    spec = spec.strip()
+    spec = check_spec(spec)
     options = options or BackendOptions()
     if spec.startswith(("http:", "https:")):
         from cxrtrek.backends.http import HTTPBackend

@@ -35,8 +35,10 @@ import logging
 import os
 import re
 import struct
+import threading
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -1009,6 +1011,42 @@ def _dicom_colour(raw: npt.NDArray[Any], ds: Any, photometric: str, where: str) 
     return _luminance(raw) / float(2**bits - 1)
 
 
+class _DropInThread(logging.Filter):
+    """Drops the records logged in a thread while it is decoding (see
+    :func:`_quiet_pydicom`); other threads' records pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(self.local, "depth", 0):
+            log.debug("pydicom while decoding: %s", record.getMessage())
+            return False
+        return True
+
+
+_PYDICOM_FILTER = _DropInThread()
+_PYDICOM_LOGGERS = ("pydicom", "pydicom.pixels.decoders.base", "pydicom.pixels.utils")
+
+
+@contextmanager
+def _quiet_pydicom() -> Iterator[None]:
+    """pydicom's logging silenced in this thread: a decoder plugin that fails logs an ERROR
+    with a traceback even when another plugin then decodes the frame, and when none does, our
+    own error says so (the traceback is kept at debug level)."""
+    for name in _PYDICOM_LOGGERS:
+        logger = logging.getLogger(name)
+        if _PYDICOM_FILTER not in logger.filters:
+            logger.addFilter(_PYDICOM_FILTER)
+    local = _PYDICOM_FILTER.local
+    local.depth = getattr(local, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        local.depth -= 1
+
+
 def _decode_dicom(
     data: bytes, where: str, limits: DecodeLimits, digest: str
 ) -> tuple[_F64, ImageMeta]:
@@ -1060,7 +1098,8 @@ def _decode_dicom(
             )
 
     ds.pixel_array_options(index=0)
-    raw = np.asarray(ds.pixel_array)
+    with _quiet_pydicom():  # its decoders log each failed plugin, with a traceback
+        raw = np.asarray(ds.pixel_array)
     if raw.ndim == 3 and photometric.startswith("MONOCHROME"):
         raw = raw[0]  # a decoder that ignored index=0
     if photometric in ("MONOCHROME1", "MONOCHROME2"):

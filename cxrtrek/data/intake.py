@@ -54,19 +54,20 @@ def expand_image_paths(path: str | os.PathLike[str]) -> list[Path]:
 
 def _refs(sources: Sequence[ImageSource], role: ImageRole, limits: DecodeLimits,
           what: str) -> list[ImageRef]:
+    items: list[bytes | Path] = []
+    for source in sources:  # counted before any is decoded
+        items.extend([source] if isinstance(source, bytes) else expand_image_paths(source))
+    if len(items) > MAX_IMAGES:
+        raise DataError(f"{what}: expected at most {MAX_IMAGES} images, got {len(items)}")
     refs: list[ImageRef] = []
-    for source in sources:
-        if isinstance(source, bytes):
-            meta = decode_image(source, limits=limits).meta
-            refs.append(ImageRef(data=source, sha256=meta.sha256, role=role,
+    for item in items:
+        meta = decode_image(item, limits=limits).meta
+        if isinstance(item, bytes):
+            refs.append(ImageRef(data=item, sha256=meta.sha256, role=role,
                                  view=meta.view_position))
-            continue
-        for path in expand_image_paths(source):
-            meta = decode_image(path, limits=limits).meta
-            refs.append(ImageRef(path=str(path.resolve()), sha256=meta.sha256, role=role,
+        else:
+            refs.append(ImageRef(path=str(item.resolve()), sha256=meta.sha256, role=role,
                                  view=meta.view_position))
-    if len(refs) > MAX_IMAGES:
-        raise DataError(f"{what}: expected at most {MAX_IMAGES} images, got {len(refs)}")
     return refs
 
 

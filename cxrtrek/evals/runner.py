@@ -21,11 +21,10 @@ and judged by the graph's error attribution (:func:`cxrtrek.graph.replay.attribu
 Run ids are deterministic (``eval-<policy>-<index>-<study>``), so rows do not depend on how
 the work was split.
 
-Backends (``backend``): ``scripted-oracle`` (each study's reference answers: everything but the
-model is measured; it needs no images), ``inprocess:PATH`` (a saved CXRTrekNet folder, or the
-random-weight presets ``tiny``/``demo``) and ``http:URL`` (an OpenAI-compatible server such as
-``cxrtrek serve``; several comma-separated URLs are replicas; the token is read from
-``$CXRTREK_SERVER_TOKEN``). A model backend needs the images: with ``allow_missing_images``
+Backends (``backend``): any spec of :func:`cxrtrek.backends.registry.load_backend` (``demo``,
+``inprocess:PATH``, ``http:URL``, ``scripted``); ``scripted-oracle`` (each study's reference
+answers: everything but the model is measured; it needs no images) is routed here, one oracle
+per run. A model backend needs the images: with ``allow_missing_images``
 the questions of studies whose images are missing are skipped and counted, otherwise loading
 the dataset raises :class:`~cxrtrek.errors.MissingImageError`.
 """
@@ -107,6 +106,7 @@ class EvalConfig(BaseModel):
     """Folder the image paths are relative to (default: the file's folder, or the
     benchmark's usual image folder beside it)."""
     backend: str = ORACLE
+    """A spec of :func:`cxrtrek.backends.registry.load_backend` (checked here)."""
     contexts: tuple[Policy, ...] = ("full",)
     allow_missing_images: bool = False
     workers: int = Field(default=1, ge=1)
@@ -138,6 +138,16 @@ class EvalConfig(BaseModel):
         if value not in FORMATS:
             raise ValueError(f"unknown format {value!r}; expected one of {', '.join(FORMATS)}")
         return value
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, value: str) -> str:
+        from cxrtrek.backends.registry import check_spec
+
+        try:
+            return check_spec(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("contexts")
     @classmethod
@@ -219,16 +229,14 @@ def missing_images(study: Study) -> list[str]:
 
 
 def make_backend(spec: str, config: EvalConfig | None = None) -> VLMBackend:
-    """A shared model backend: ``demo``, ``inprocess:PATH``, ``hf:PATH`` or ``http:URL``
-    (``http://...`` too), with the config's device, dtype and dialect."""
-    if spec == "demo" or spec.startswith(("http:", "https:", "inprocess:", "hf:")):
-        from cxrtrek.backends.registry import BackendOptions, load_backend
+    """The shared model backend of an evaluation: a spec of the one registry
+    (:func:`cxrtrek.backends.registry.load_backend`), with the config's device, dtype and
+    dialect."""
+    from cxrtrek.backends.registry import BackendOptions, load_backend
 
-        options = BackendOptions() if config is None else BackendOptions(
-            device=config.device, dtype=config.dtype, dialect=config.dialect)
-        return load_backend(spec, None, options=options)
-    raise ConfigError(f"unknown backend {spec!r}; expected scripted-oracle, demo, "
-                      "inprocess:PATH, hf:PATH or http:URL")
+    options = BackendOptions() if config is None else BackendOptions(
+        device=config.device, dtype=config.dtype, dialect=config.dialect)
+    return load_backend(spec, None, options=options)
 
 
 class _OracleRouter:

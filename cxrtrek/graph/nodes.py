@@ -286,9 +286,10 @@ async def intake(state: ReadState, runtime: Runtime[RunContext]) -> Update:
         images=[r.sha256 for r in study.images],
         prior_images=[r.sha256 for r in study.prior.images] if study.prior else [],
         mode=mode, settings=settings.model_dump(mode="json"),
-        model_id=ctx.backend.model_id)])
+        model_id=ctx.backend.model_id, backend=ctx.backend_record().get("spec"))])
     return {"study": study.model_dump(mode="json"), "settings": settings.model_dump(mode="json"),
-            "results": {}, "limitations": [], "stopped": None, "last_stage": 0}
+            "results": {}, "limitations": [], "stopped": None, "last_stage": 0,
+            "backend": ctx.backend_record()}
 
 
 def make_stage_node(spec: StageSpec) -> StageNode:
@@ -356,7 +357,8 @@ def make_stage_node(spec: StageSpec) -> StageNode:
                 errors=errors, checkpoint_id=checkpoint)])
         if ctx.memory is not None:
             ctx.memory.record_stage(run_id, study, result)
-        update = {**base, "results": {str(spec.number): result.model_dump(mode="json")}}
+        update = {**base, "results": {str(spec.number): result.model_dump(mode="json")},
+                  "backend": ctx.backend_record()}
         if spec.number == 1:
             update.update(_quality_update(result, settings))
         return update

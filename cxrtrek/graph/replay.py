@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cxrtrek.graph.trace import (
     EndRecord,
     FollowupRecord,
+    ModelSwitchRecord,
     QuestionRecord,
     ReviewRecord,
     RunRecord,
@@ -58,15 +59,20 @@ RunAnswers = dict[int, dict[str, tuple[str, str]]]
 
 
 class AnswerChange(BaseModel):
-    """A question whose answer differs between two runs (None: not asked in that run)."""
+    """A question whose answer (or wording) differs between two runs (None: not asked in
+    that run)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     stage: int
     question_id: str
     question: str
+    """The question as the later run asked it (as the first did, if the later did not)."""
     before: str | None
     after: str | None
+    question_before: str | None = None
+    """The question as the first run asked it, when it was worded otherwise (a fork
+    re-planned it, e.g. about another finding); None when the same."""
 
 
 class StageDiff(BaseModel):
@@ -104,10 +110,21 @@ class RunDiff(BaseModel):
             "no divergence" if first is None else f"first divergent stage: {first}")]
         for s in self.stages:
             for c in s.changes:
-                lines.append(f"  stage {c.stage} {c.question_id}: {c.question[:70]}")
-                lines.append(f"    - {c.before if c.before is not None else '(not asked)'}")
-                lines.append(f"    + {c.after if c.after is not None else '(not asked)'}")
+                before = c.before if c.before is not None else "(not asked)"
+                after = c.after if c.after is not None else "(not asked)"
+                if c.question_before is None:
+                    lines.append(f"  stage {c.stage} {c.question_id}: {_short(c.question)}")
+                    lines.append(f"    - {before}")
+                    lines.append(f"    + {after}")
+                else:  # asked about something else: each line says which question
+                    lines.append(f"  stage {c.stage} {c.question_id}: the question changed")
+                    lines.append(f"    - {c.question_before}  -> {before}")
+                    lines.append(f"    + {c.question}  -> {after}")
         return "\n".join(lines)
+
+
+def _short(text: str, width: int = 70) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 class ReplayResult(BaseModel):
@@ -178,10 +195,12 @@ def diff_answers(before: RunAnswers, after: RunAnswers, *, before_name: str = "b
             qa, qb = a.get(qid), b.get(qid)
             if qa is not None and qb is not None and qa == qb:
                 continue
-            question = (qa or qb or ("", ""))[0]
+            question = (qb or qa or ("", ""))[0]
+            reworded = qa is not None and qb is not None and qa[0] != qb[0]
             changes.append(AnswerChange(stage=spec.number, question_id=qid, question=question,
                                         before=qa[1] if qa else None,
-                                        after=qb[1] if qb else None))
+                                        after=qb[1] if qb else None,
+                                        question_before=qa[0] if reworded and qa else None))
         stages.append(StageDiff(stage=spec.number, changes=changes))
     return RunDiff(before=before_name, after=after_name, stages=stages)
 
@@ -195,8 +214,11 @@ def playback(records: Sequence[TraceRecord]) -> str:
     stages: dict[int, StageRecord] = {}
     questions: dict[int, list[QuestionRecord]] = {}
     reviews: dict[tuple[int, str], ReviewRecord] = {}
+    switches: dict[int, ModelSwitchRecord] = {}
     for rec in records:
-        if isinstance(rec, RunRecord):
+        if isinstance(rec, ModelSwitchRecord):
+            switches[rec.stage] = rec
+        elif isinstance(rec, RunRecord):
             lines.append(f"run {rec.run_id}: study {rec.study_id}, model {rec.model_id}, "
                          f"{rec.mode} mode, context {rec.settings.get('context')}"
                          + (f", forked from {rec.forked_from['run_id']} after stage "
@@ -210,6 +232,11 @@ def playback(records: Sequence[TraceRecord]) -> str:
     for spec in STAGES:
         st = stages.get(spec.number)
         qs = questions.get(spec.number, [])
+        switch = switches.get(spec.number - 1)
+        if switch is not None:
+            lines.append(f"model switched after stage {switch.stage}: "
+                         f"{_backend_name(switch.before)} -> {_backend_name(switch.after)} "
+                         "(asked for on resume)")
         if st is None and not qs:
             lines.append(f"stage {spec.number} {spec.title}: not run")
             continue
@@ -241,6 +268,11 @@ def playback(records: Sequence[TraceRecord]) -> str:
             lines.append(f"follow-up {rec.turn}: {rec.question}")
             lines.append(f"  -> {rec.answer}  (context {len(rec.context)})")
     return "\n".join(lines)
+
+
+def _backend_name(info: dict[str, object]) -> str:
+    spec, model = info.get("spec"), info.get("model_id")
+    return f"{spec} (model {model})" if spec else f"model {model}"
 
 
 # --- error attribution -----------------------------------------------------------------------

@@ -142,6 +142,15 @@ class RunContext:
     image_bytes: dict[str, bytes] = field(default_factory=dict)
     """In-memory image bytes by SHA-256: checkpoints keep only an image's hash (and path),
     so images given as bytes are served from here, in this process."""
+    backend_info: dict[str, Any] | None = None
+    """What the run records of ``backend`` (a :class:`cxrtrek.backends.registry.BackendInfo`
+    as JSON: the spec it was loaded from, its model id, dialect and device); None: its model
+    id only."""
+
+    def backend_record(self) -> dict[str, Any]:
+        """The ``backend`` the state records for the stages this context answers."""
+        return dict(self.backend_info) if self.backend_info else {
+            "spec": None, "model_id": self.backend.model_id}
 
 
 def merge_results(old: dict[str, Any] | None, new: dict[str, Any] | None) -> dict[str, Any]:
@@ -174,6 +183,9 @@ class ReadState(TypedDict, total=False):
     """Why the reading stopped early (the non-diagnostic ``stop`` policy), or None."""
     last_stage: int
     report: dict[str, Any]
+    backend: dict[str, Any]
+    """The backend that answered the latest stage (see :attr:`RunContext.backend_info`): a
+    resumed run goes on with it unless a switch is asked for."""
 
 
 def results_of(state: ReadState) -> dict[int, StageResult]:

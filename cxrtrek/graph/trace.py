@@ -10,6 +10,9 @@ the union :data:`TraceRecord` told apart by ``kind``:
   output with its parse status, latency, retries and the checkpoint the stage started from;
 * ``stage``: a stage's outcome (ran, skipped with the reason, failed with the error);
 * ``review``: a person's edit of an answer;
+* ``model_switch``: a resume that went on with another backend than the run's own, asked for
+  explicitly (``cxrtrek resume --switch-backend``): the stages after ``stage`` were answered
+  by ``after``;
 * ``end``: the run's outcome;
 * ``followup``: a question asked after the reading (``cxrtrek chat``, ``agent.ask``),
   answered with the run's images and every stage's answers as context.
@@ -51,6 +54,7 @@ __all__ = [
     "FollowupRecord",
     "JsonlTracer",
     "MemoryTracer",
+    "ModelSwitchRecord",
     "QuestionRecord",
     "ReviewRecord",
     "RunRecord",
@@ -120,6 +124,10 @@ class RunRecord(BaseRecord):
     mode: str
     settings: dict[str, Any]
     model_id: str
+    """The model that answered the run's first stages (a ``model_switch`` record names any
+    later one)."""
+    backend: str | None = None
+    """The backend spec it was loaded from (None: given as an object)."""
     forked_from: dict[str, Any] | None = None
 
 
@@ -181,6 +189,15 @@ class ReviewRecord(BaseRecord):
     after: str
 
 
+class ModelSwitchRecord(BaseRecord):
+    kind: Literal["model_switch"] = "model_switch"
+    stage: int
+    """The last stage done before the switch: later stages are answered by ``after``."""
+    before: dict[str, Any]
+    """The backend the run had (:class:`cxrtrek.backends.registry.BackendInfo` as JSON)."""
+    after: dict[str, Any]
+
+
 class EndRecord(BaseRecord):
     kind: Literal["end"] = "end"
     status: Literal["completed", "stopped"]
@@ -207,7 +224,8 @@ class FollowupRecord(BaseRecord):
 
 
 TraceRecord = Annotated[
-    RunRecord | QuestionRecord | StageRecord | ReviewRecord | EndRecord | FollowupRecord,
+    RunRecord | QuestionRecord | StageRecord | ReviewRecord | ModelSwitchRecord | EndRecord
+    | FollowupRecord,
     Field(discriminator="kind"),
 ]
 _ADAPTER: TypeAdapter[TraceRecord] = TypeAdapter(TraceRecord)

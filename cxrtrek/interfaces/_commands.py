@@ -10,11 +10,31 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["cmd_inspect", "cmd_phantoms", "cmd_serve", "cmd_train"]
+__all__ = ["cli_words", "cmd_inspect", "cmd_phantoms", "cmd_serve", "cmd_train"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 _DOC_SUFFIXES = {".md", ".txt", ".json", ".jsonl", ".py", ".toml", ".yaml", ".yml"}
+
+# What an error of the library says to widen a check (Python settings), as the command line
+# says it: the flag of the command that has one, else what can be done.
+_CLI_WORDS: tuple[tuple[str, dict[str, str], str], ...] = (
+    ("; DecodeLimits(allowed_body_parts=...) widens this, None disables the check",
+     {"inspect": "; --any-body-part decodes it anyway"},
+     "; only chest images are read (cxrtrek inspect --any-body-part shows what it holds)"),
+    ("; DecodeLimits(allowed_modalities=...) widens this", {}, ""),
+    ("pass the folder that holds it, or allow missing images", {},
+     "pass the folder that holds it with --image-root DIR, or add --allow-missing-images"),
+)
+
+
+def cli_words(command: str, message: str) -> str:
+    """An error message with the Python settings it names replaced by the flags of
+    ``command`` (``cxrtrek COMMAND``) that do the same."""
+    for python, flags, otherwise in _CLI_WORDS:
+        if python in message:
+            message = message.replace(python, flags.get(command, otherwise))
+    return message
 
 
 def _expand(paths: Sequence[str]) -> list[tuple[Path, str]]:
@@ -70,7 +90,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             img = decode_image(path, limits=limits)
         except CXRTrekError as exc:
             rows.append({"file": str(path), "label": label, "ok": False,
-                         "error": type(exc).__name__, "message": str(exc)})
+                         "error": type(exc).__name__,
+                         "message": cli_words("inspect", str(exc))})
             continue
         except OSError as exc:
             rows.append({"file": str(path), "label": label, "ok": False, "error": "OSError",

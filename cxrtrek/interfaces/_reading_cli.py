@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shlex
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
@@ -12,10 +15,10 @@ from rich.markup import escape
 
 from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent, RunReport, StageEvent
 from cxrtrek.agent.store import RunStore
-from cxrtrek.backends.registry import BackendOptions, load_backend
-from cxrtrek.errors import ConfigError, FormatError
+from cxrtrek.backends.registry import BackendInfo, BackendOptions, check_spec, load_backend
+from cxrtrek.errors import BackendMismatchError, ConfigError, FormatError
 from cxrtrek.protocol import VLMBackend
-from cxrtrek.schema import StageResult, Study
+from cxrtrek.schema import Answer, StageResult, Study
 from cxrtrek.stages import STAGES
 
 __all__ = [
@@ -25,9 +28,10 @@ __all__ = [
     "load_study_file",
     "print_report",
     "print_stage",
+    "unparsed_note",
 ]
 
-EXIT_OK, EXIT_FAILED = 0, 1
+EXIT_OK, EXIT_FAILED, EXIT_PAUSED, EXIT_INTERRUPTED = 0, 1, 3, 130
 
 _STUDY_FILE_SUFFIXES = {".json", ".jsonl"}
 _TITLES = {spec.number: spec.title for spec in STAGES}
@@ -83,7 +87,15 @@ def print_stage(console: Console, result: StageResult, elapsed_s: float | None, 
     for answer in result.answers:
         question = texts.get(answer.question_id, answer.question_id)
         console.print(f"  [cyan]Q[/cyan] {escape(question)}\n  [cyan]A[/cyan] "
-                      f"{escape(answer.text)}")
+                      f"{escape(answer.text)}{unparsed_note(answer)}")
+
+
+def unparsed_note(answer: Answer) -> str:
+    """Rich markup marking an answer that did not parse as its question's form, with why
+    ("" for one that parsed)."""
+    if answer.parsed.kind != "unparsed":
+        return ""
+    return f"  [yellow](not parsed: {escape(answer.parsed.reason)})[/yellow]"
 
 
 def print_report(console: Console, report: RunReport, trace: Path | None) -> None:
@@ -98,8 +110,9 @@ def print_report(console: Console, report: RunReport, trace: Path | None) -> Non
         console.print(f"[dim]trace: {escape(str(trace))}[/dim]")
 
 
-def _ask_review(console: Console, report: RunReport) -> dict[str, str]:
-    """Ask a person for each answer of the paused stage: Enter keeps it, text replaces it."""
+def _ask_review(console: Console, report: RunReport) -> dict[str, str] | None:
+    """Ask a person for each answer of the paused stage: Enter keeps it, text replaces it.
+    None when the input ends first (no one is there to answer: nothing is approved)."""
     review = report.review or {}
     console.print()
     console.print(f"[bold]Review of stage {review.get('stage')}[/bold] "
@@ -110,7 +123,9 @@ def _ask_review(console: Console, report: RunReport) -> dict[str, str]:
         qid = answer["question_id"]
         console.print(f"[cyan]{escape(qid)}[/cyan] {escape(texts.get(qid, ''))}\n  -> "
                       f"{escape(answer['text'])}")
-        line = sys.stdin.readline()
+        line = sys.stdin.readline() if sys.stdin is not None else ""
+        if not line:  # end of input: an Enter was never typed
+            return None
         if line.strip():
             edits[qid] = line.strip()
     return edits
@@ -128,13 +143,73 @@ def _follow(console: Console, events: Iterable[StageEvent]) -> RunReport:
     return report
 
 
+def resume_command(settings: AgentSettings, run_id: str, *extra: str) -> str:
+    """The command line that continues ``run_id`` (with the --home or --checkpoint-db this
+    command was given)."""
+    words = ["cxrtrek", "resume", run_id, *extra]
+    if settings.checkpoint_db:
+        words += ["--checkpoint-db", settings.checkpoint_db]
+    elif settings.home:
+        words += ["--home", settings.home]
+    if settings.trace_dir:
+        words += ["--trace-dir", settings.trace_dir]
+    return " ".join(shlex.quote(w) for w in words)
+
+
 def _until_done(agent: CXRTrekAgent, console: Console, report: RunReport, *,
-                approve: bool = False) -> RunReport:
-    """Answer review pauses (from stdin, or approving with ``approve``) until the run ends."""
+                approve: bool = False, switch_backend: bool = False) -> RunReport:
+    """Answer review pauses (from stdin, or approving with ``approve``) until the run ends.
+    When the input ends at a review, the run stays paused (the report says so)."""
     while report.status == "awaiting_review" and report.run_id is not None:
         edits = {} if approve else _ask_review(console, report)
-        report = _follow(console, agent.stream_resume(report.run_id, {"edits": edits}))
+        if edits is None:
+            stage = (report.review or {}).get("stage")
+            err = Console(stderr=True, highlight=False, soft_wrap=True)
+            err.print(f"\nrun {report.run_id} stays paused for the review of stage {stage}: "
+                      "the input ended before the answers were approved. Continue it with\n"
+                      f"  {resume_command(agent.settings, report.run_id, '--approve')}   "
+                      "(approve them as they are)\n"
+                      f"  {resume_command(agent.settings, report.run_id)}   (at a terminal: "
+                      "approve or correct each answer)", markup=False)
+            return report
+        report = _follow(console, agent.stream_resume(report.run_id, {"edits": edits},
+                                                      switch_backend=switch_backend))
+        switch_backend = False  # the switch is traced once; the run now records the new one
     return report
+
+
+def _exit_code(reports: Sequence[RunReport]) -> int:
+    if any(r.status == "awaiting_review" for r in reports):
+        return EXIT_PAUSED
+    return EXIT_OK if all(r.status in ("completed", "stopped") for r in reports) else EXIT_FAILED
+
+
+def _close(backend: VLMBackend | None) -> None:
+    """Stop a backend's worker threads, if it has any (before the interpreter exits)."""
+    close = getattr(backend, "close", None)
+    if callable(close):
+        close()
+
+
+@contextmanager
+def _interruptible(settings: AgentSettings, running: list[str]) -> Iterator[None]:
+    """Ctrl-C: one line naming the command that continues the run in progress (the last
+    id in ``running``), then :class:`_Interrupted` (exit 130)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        err = Console(stderr=True, highlight=False, soft_wrap=True)
+        if running:
+            err.print(f"\ninterrupted: run {running[-1]} keeps the stages it completed; "
+                      f"continue it with\n  {resume_command(settings, running[-1])}",
+                      markup=False)
+        else:
+            err.print("\ninterrupted", markup=False)
+        raise _Interrupted from None
+
+
+class _Interrupted(Exception):
+    """Ctrl-C, reported (see :func:`_interruptible`)."""
 
 
 def _finish(store: RunStore, console: Console, report: RunReport, json_out: bool) -> None:
@@ -166,11 +241,16 @@ def _write_overlays(console: Console, study: Study, report: RunReport, folder: P
 # --- commands ------------------------------------------------------------------------------------
 
 
+def _loading(console: Console, spec: str) -> None:
+    console.print(f"[dim]loading the model ({escape(spec)}) ...[/dim]")
+
+
 def cmd_run(paths: Sequence[Path], *, prior: Sequence[Path], indication: str | None,
             backend: str, settings: AgentSettings, json_out: bool,
             image_root: Path | None = None, allow_missing_images: bool = False,
             options: BackendOptions | None = None, overlay: Path | None = None) -> int:
-    """``cxrtrek run``: read each study, printing stages as they complete, then the report."""
+    """``cxrtrek run``: read each study, printing stages as they complete, then the report.
+    Exit 3 when a review pause was left unanswered (the run waits), 130 on Ctrl-C."""
     console = Console(stderr=json_out, highlight=False, soft_wrap=True)
     studies = _studies(paths, prior, indication, image_root, allow_missing_images)
     if overlay is not None:  # a folder that cannot be made fails before any run
@@ -181,30 +261,81 @@ def cmd_run(paths: Sequence[Path], *, prior: Sequence[Path], indication: str | N
                               f"{exc.strerror or exc}") from exc
     shared: VLMBackend | None = None
     reports: list[RunReport] = []
-    for study in studies:
-        if backend == "scripted-oracle":
-            model = load_backend(backend, study, options=options)
-        else:  # one model for all the studies
-            shared = shared or load_backend(backend, study, options=options)
-            model = shared
-        agent = CXRTrekAgent(model, settings=settings)
-        run_id = agent.new_run_id(study)
-        console.print(f"[bold]study {escape(study.study_id)}[/bold]  run {escape(run_id)}  "
-                      f"model {escape(model.model_id)}"
-                      + ("  (with a prior study)" if study.has_prior else ""))
-        report = _follow(console, agent.stream(study, run_id=run_id))
-        report = _until_done(agent, console, report)
-        _finish(agent.store, console, report, json_out)
-        if overlay is not None:
-            _write_overlays(console, study, report, overlay)
-        reports.append(report)
-    done = all(r.status in ("completed", "stopped") for r in reports)
-    return EXIT_OK if done else EXIT_FAILED
+    running: list[str] = []
+    try:
+        with _interruptible(settings, running):
+            for study in studies:
+                if backend == "scripted-oracle":
+                    model = load_backend(backend, study, options=options)
+                else:  # one model for all the studies
+                    if shared is None:
+                        _loading(console, backend)
+                    shared = shared or load_backend(backend, study, options=options)
+                    model = shared
+                agent = CXRTrekAgent(model, settings=settings, backend_spec=backend,
+                                     backend_options=options)
+                run_id = agent.new_run_id(study)
+                console.print(f"[bold]study {escape(study.study_id)}[/bold]  run "
+                              f"{escape(run_id)}  model {escape(model.model_id)}"
+                              + ("  (with a prior study)" if study.has_prior else ""))
+                running.append(run_id)
+                report = _follow(console, agent.stream(study, run_id=run_id))
+                report = _until_done(agent, console, report)
+                _finish(agent.store, console, report, json_out)
+                if overlay is not None:
+                    _write_overlays(console, study, report, overlay)
+                reports.append(report)
+    except _Interrupted:
+        return EXIT_INTERRUPTED
+    finally:
+        _close(shared)
+    return _exit_code(reports)
 
 
-def cmd_resume(run_id: str, *, backend: str, settings: AgentSettings, approve: bool,
-               json_out: bool, options: BackendOptions | None = None) -> int:
-    """``cxrtrek resume``: continue an interrupted or paused run."""
+def _resume_backend(store: RunStore, run_id: str, backend: str | None, switch_backend: bool,
+                    options: BackendOptions | None) -> tuple[str, BackendOptions | None]:
+    """The backend spec (and options) to go on with: the run's own unless ``backend`` names
+    another and ``switch_backend`` allows it. Options given on the command line override
+    the recorded ones field by field."""
+    raw = store.backend_of(run_id)
+    recorded = BackendInfo.model_validate(raw) if raw else None
+
+    def merged(base: BackendOptions | None) -> BackendOptions | None:
+        if options is None:
+            return base
+        if base is None:
+            return options
+        given = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)
+                 if getattr(options, f.name) is not None}
+        return dataclasses.replace(base, **given)
+
+    if backend is None:
+        if switch_backend:
+            raise ConfigError("--switch-backend goes with --backend SPEC (the backend to go "
+                              "on with)")
+        if recorded is None or recorded.spec is None:
+            raise ConfigError(f"run {run_id!r} does not record the backend spec it was read "
+                              "with; name it with --backend SPEC")
+        return recorded.spec, merged(recorded.options())
+    spec = backend.strip()
+    if recorded is None or recorded.spec is None:
+        return spec, options
+    if spec == recorded.spec:
+        return spec, merged(recorded.options())
+    if not switch_backend:
+        raise BackendMismatchError(
+            f"run {run_id!r} was read with {recorded.describe()}; expected the same "
+            f"backend to go on with, got {spec!r}. Leave out --backend to go on with its own, "
+            "or add --switch-backend to finish it on the other (the trace records the "
+            "switch)")
+    return spec, options
+
+
+def cmd_resume(run_id: str, *, backend: str | None, settings: AgentSettings, approve: bool,
+               json_out: bool, switch_backend: bool = False,
+               options: BackendOptions | None = None) -> int:
+    """``cxrtrek resume``: continue an interrupted or paused run, with the backend it was
+    read with (another only with ``switch_backend``)."""
     console = Console(stderr=json_out, highlight=False, soft_wrap=True)
     store = RunStore.of(settings)
     before = store.report(run_id)  # no model is loaded for a run that has ended
@@ -212,17 +343,35 @@ def cmd_resume(run_id: str, *, backend: str, settings: AgentSettings, approve: b
         console.print(f"run {escape(run_id)} is already {before.status}; nothing to resume")
         _finish(store, console, before, json_out)
         return EXIT_OK
-    model = (load_backend("scripted-oracle", store.study_of(run_id))
-             if backend == "scripted-oracle" else load_backend(backend, None, options=options))
-    agent = CXRTrekAgent(model, settings=settings, store=store)
-    if before.status == "awaiting_review":
-        report = _until_done(agent, console, before, approve=approve)
-    else:
-        console.print(f"resuming run {escape(run_id)}")
-        report = _until_done(agent, console, _follow(console, agent.stream_resume(run_id)),
-                             approve=approve)
-    _finish(store, console, report, json_out)
-    return EXIT_OK if report.status in ("completed", "stopped") else EXIT_FAILED
+    spec, options = _resume_backend(store, run_id, backend, switch_backend, options)
+    if spec != "scripted-oracle":
+        _loading(console, spec)
+    try:
+        model = (load_backend(spec, store.study_of(run_id)) if spec == "scripted-oracle"
+                 else load_backend(spec, None, options=options))
+    except ConfigError as exc:
+        if backend is not None:
+            raise
+        raise ConfigError(f"run {run_id!r} goes on with the backend it was read with, "
+                          f"{spec!r}, which cannot be loaded here: {exc}. To finish it on "
+                          "another, name it: --backend SPEC --switch-backend") from exc
+    agent = CXRTrekAgent(model, settings=settings, store=store, backend_spec=spec,
+                         backend_options=options)
+    try:
+        with _interruptible(settings, [run_id]):
+            if before.status == "awaiting_review":
+                report = _until_done(agent, console, before, approve=approve,
+                                     switch_backend=switch_backend)
+            else:
+                console.print(f"resuming run {escape(run_id)} on {escape(spec)}")
+                report = _until_done(agent, console, _follow(console, agent.stream_resume(
+                    run_id, switch_backend=switch_backend)), approve=approve)
+            _finish(store, console, report, json_out)
+    except _Interrupted:
+        return EXIT_INTERRUPTED
+    finally:
+        _close(model)
+    return _exit_code([report])
 
 
 def cmd_delete(run_ids: Sequence[str], *, settings: AgentSettings, yes: bool,
@@ -282,8 +431,12 @@ def cmd_replay(trace: Path, *, against: str | None, fork: int | None, edits: Seq
     changes = _parse_edits(edits)
     if fork is not None and not changes:
         raise ConfigError("--fork needs at least one --edit QUESTION_ID=TEXT")
+    if against is not None and against != "recorded":
+        check_spec(against)  # (the arguments are checked before the trace is played)
     records = read_trace(trace)
     head = next((r for r in records if isinstance(r, RunRecord)), None)
+    if fork is not None:
+        _check_fork(trace, records, fork, changes)
     console.print(playback(records), markup=False)
     chosen: Study | None = None
     if study is not None:
@@ -293,11 +446,10 @@ def cmd_replay(trace: Path, *, against: str | None, fork: int | None, edits: Seq
         chosen = next((s for s in studies if s.study_id == wanted), studies[0])
         if chosen.references:
             console.print(attribute_errors(records, chosen.references).render(), markup=False)
-    if fork is not None:
-        if head is None:
-            raise ConfigError(f"{trace}: the trace has no run record; cannot fork it")
+    if fork is not None and head is not None:
         backend = _backend_for(against or "demo", chosen, records)
-        result = CXRTrekAgent(backend, settings=settings).fork(head.run_id, fork, changes)
+        forker = CXRTrekAgent(backend, settings=settings, backend_spec=against or "demo")
+        result = forker.fork(head.run_id, fork, changes)
         console.print(result.diff.render(), markup=False)
         _emit(json_out, {"run_id": result.run_id, "forked_from": result.forked_from,
                          "changed_stages": result.diff.changed_stages})
@@ -311,6 +463,26 @@ def cmd_replay(trace: Path, *, against: str | None, fork: int | None, edits: Seq
     _emit(json_out, {"first_divergent_stage": outcome.diff.first_divergent_stage,
                      "replay_run_id": outcome.replay_run_id})
     return EXIT_OK if outcome.diff.first_divergent_stage is None else EXIT_FAILED
+
+
+def _check_fork(trace: Path, records: Sequence[object], stage: int,
+                changes: dict[str, str]) -> None:
+    """--fork STAGE names a stage the run answered, and each --edit one of its questions."""
+    from cxrtrek.graph.trace import QuestionRecord, RunRecord
+
+    if not any(isinstance(r, RunRecord) for r in records):
+        raise ConfigError(f"{trace}: the trace has no run record; cannot fork it")
+    asked = [r.question_id for r in records
+             if isinstance(r, QuestionRecord) and r.stage == stage]
+    answered = sorted({r.stage for r in records if isinstance(r, QuestionRecord)})
+    if not asked:
+        raise ConfigError(f"--fork {stage}: expected a stage the run answered "
+                          f"({', '.join(map(str, answered)) or 'none'}); stage {stage} has no "
+                          "answers in the trace")
+    unknown = [qid for qid in changes if qid not in asked]
+    if unknown:
+        raise ConfigError(f"--edit {unknown[0]}=...: stage {stage} asked no question "
+                          f"{unknown[0]!r}; expected one of {', '.join(asked)}")
 
 
 def _backend_for(spec: str, study: Study | None, records: Sequence[object]) -> VLMBackend:

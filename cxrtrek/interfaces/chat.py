@@ -21,13 +21,14 @@ function, so that it runs without a terminal. :func:`cmd_chat` is the command's 
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,8 +46,8 @@ if TYPE_CHECKING:
     from cxrtrek.backends.registry import BackendOptions
     from cxrtrek.graph.state import RunSettings
 
-__all__ = ["HISTORY_FILE", "HISTORY_LENGTH", "PROMPT", "ChatSession", "cmd_chat",
-           "report_markdown"]
+__all__ = ["HISTORY_FILE", "HISTORY_LENGTH", "PROMPT", "REPORTS_DIR", "RESEARCH_NOTICE",
+           "ChatSession", "cmd_chat", "report_json", "report_markdown"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,11 @@ HISTORY_FILE = "chat_history"
 """The input history, under the cxrtrek home folder."""
 HISTORY_LENGTH = 1000
 """At most this many lines of input history are kept."""
+REPORTS_DIR = "reports"
+"""Where ``/save`` writes without a path, under the cxrtrek home folder."""
+RESEARCH_NOTICE = ("For research use only: machine-generated, not a medical device and not a "
+                   "diagnosis. A qualified clinician must review every finding.")
+"""The notice every saved report carries."""
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 ALL_STAGES = tuple(spec.number for spec in STAGES)
@@ -76,6 +82,8 @@ class _StageView:
     title: str
     items: tuple[tuple[str, str, str], ...]
     """(question id, question, answer) in asking order."""
+    unparsed: dict[str, str] = field(default_factory=dict)
+    """Why an answer did not parse as its question's form, by question id."""
     skipped: str | None = None
     elapsed_s: float | None = None
 
@@ -84,7 +92,10 @@ def _view(result: StageResult, elapsed_s: float | None) -> _StageView:
     """The view of a stage's result."""
     texts = {q.id: q.text for q in result.questions}
     items = tuple((a.question_id, texts.get(a.question_id, ""), a.text) for a in result.answers)
-    return _StageView(result.stage, result.name, items, result.skipped, elapsed_s)
+    unparsed = {a.question_id: a.parsed.reason for a in result.answers
+                if a.parsed.kind == "unparsed"}
+    return _StageView(result.stage, result.name, items, skipped=result.skipped,
+                      elapsed_s=elapsed_s, unparsed=unparsed)
 
 
 def _seconds(value: float | None) -> str:
@@ -119,7 +130,8 @@ class ChatSession:
     ``agent`` reads and answers; ``console`` shows; ``input_fn`` reads a line after a prompt
     (``input``, with readline in a terminal). ``review`` pauses readings and re-runs after
 each stage.
-    ``save_dir``: where ``/save`` writes without a path (default: the current folder).
+    ``save_dir``: where ``/save`` writes without a path (default: ``reports/`` in the home
+    folder).
     """
 
     def __init__(self, agent: CXRTrekAgent, console: Console, input_fn: InputFn = input, *,
@@ -313,14 +325,16 @@ each stage.
         run_id = self._current()
         markdown_path = self._save_path(arg, run_id)
         report = self.agent.report(run_id)
+        corrected = self._corrected(run_id, report)
         json_path = markdown_path.with_suffix(".json")
         try:
             markdown_path.parent.mkdir(parents=True, exist_ok=True)
             images = self._save_images(run_id, report, markdown_path)
             markdown_path.write_text(report_markdown(
-                report, model_id=self.agent.backend.model_id)
+                report, model_id=self.agent.backend.model_id, corrected=corrected)
                 + overlay_markdown(images, markdown_path.parent), encoding="utf-8")
-            json_path.write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
+            json_path.write_text(json.dumps(report_json(report, corrected=corrected),
+                                            indent=2) + "\n", encoding="utf-8")
         except OSError as exc:
             raise UsageError(f"/save: cannot write {exc.filename or markdown_path}: "
                              f"{exc.strerror or exc}") from exc
@@ -482,12 +496,22 @@ each stage.
                         f"1-{len(ids)} or one of {', '.join(ids)}")
         return None
 
+    def _corrected(self, run_id: str, report: Report) -> dict[tuple[int, str], str]:
+        """The answers of ``report`` that a person corrected (at a review, or with /edit),
+        by (stage, question id): what the model had answered."""
+        from cxrtrek.graph.trace import ReviewRecord
+
+        now = {(r.stage, a.question_id): a.text for r in report.stages for a in r.answers}
+        return {(r.stage, r.question_id): r.before for r in self.agent.trace_records(run_id)
+                if isinstance(r, ReviewRecord) and now.get((r.stage, r.question_id)) == r.after}
+
     def _save_path(self, arg: str, run_id: str) -> Path:
         """Where /save writes the Markdown: PATH, a folder's ``<run id>.md``, or the
         default folder's."""
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", run_id)
         if not arg:
-            return (self.save_dir or Path.cwd()) / f"{safe}.md"
+            folder = self.save_dir or self.agent.settings.home_dir() / REPORTS_DIR
+            return folder.absolute() / f"{safe}.md"
         path = Path(arg).expanduser()
         if path.is_dir() or arg.endswith(("/", "\\")):
             return path / f"{safe}.md"
@@ -507,7 +531,9 @@ each stage.
         self.console.print(f"{head}  [dim]({_seconds(view.elapsed_s)})[/dim]")
         for n, (qid, question, answer) in enumerate(view.items, start=1):
             self.console.print(f"  {n}. [cyan]\\[{escape(qid)}][/cyan] {escape(question)}")
-            self.console.print(f"     -> {escape(answer)}")
+            why = view.unparsed.get(qid)
+            note = f"  [yellow](not parsed: {escape(why)})[/yellow]" if why else ""
+            self.console.print(f"     -> {escape(answer)}{note}")
 
     def _show_report(self, report: Report) -> None:
         """The report sections and limitations of a run."""
@@ -554,11 +580,18 @@ def _stage_number(arg: str, usage: str) -> int:
     return int(arg)
 
 
-def report_markdown(report: Report, *, model_id: str | None = None) -> str:
-    """A report as Markdown: the sections, the limitations and every stage's answers."""
+def report_markdown(report: Report, *, model_id: str | None = None,
+                    corrected: dict[tuple[int, str], str] | None = None) -> str:
+    """A report as Markdown: the research-use notice, the sections, the limitations and every
+    stage's answers (those in ``corrected``, by (stage, question id), marked as a person's
+    correction, with what the model had answered)."""
     status = getattr(report, "status", "completed")
-    lines = [f"# Chest X-ray report: study {report.study_id}", "",
+    corrected = corrected or {}
+    lines = [f"# Chest X-ray report: study {report.study_id}", "", f"> {RESEARCH_NOTICE}", "",
              f"- run: `{report.run_id}` ({status})"]
+    if corrected:
+        lines.append(f"- answers corrected by a person: {len(corrected)} (marked below); the "
+                     "others are the model's")
     if model_id:
         lines.append(f"- model: `{model_id}`")
     for label, text in (("Findings", report.findings), ("Impression", report.impression)):
@@ -574,8 +607,26 @@ def report_markdown(report: Report, *, model_id: str | None = None) -> str:
         texts = {q.id: q.text for q in result.questions}
         for answer in result.answers:
             lines.append(f"- **{texts.get(answer.question_id, answer.question_id)}**  ")
-            lines.append(f"  {answer.text}")
+            before = corrected.get((result.stage, answer.question_id))
+            if before is None:
+                lines.append(f"  {answer.text}")
+            else:
+                lines.append(f"  {answer.text}  ")
+                lines.append(f"  _(corrected by a person; the model answered: {before})_")
     return "\n".join(lines) + "\n"
+
+
+def report_json(report: Report, *,
+                corrected: dict[tuple[int, str], str] | None = None) -> dict[str, object]:
+    """A report as saved JSON: the research-use notice, the report, and the answers a person
+    corrected (stage, question id, the model's answer, the person's)."""
+    corrected = corrected or {}
+    now = {(r.stage, a.question_id): a.text for r in report.stages for a in r.answers}
+    return {"notice": RESEARCH_NOTICE, **report.model_dump(mode="json"),
+            "corrected_answers": [
+                {"stage": stage, "question_id": qid, "model_answer": before,
+                 "answer": now.get((stage, qid))}
+                for (stage, qid), before in sorted(corrected.items())]}
 
 
 # --- the command -----------------------------------------------------------------------------
@@ -614,9 +665,11 @@ def cmd_chat(images: list[Path], prior: list[Path], indication: str | None, back
         study = study_from_images(images, prior=prior, indication=indication)
         vlm = load_backend(backend, study, options=options)
     except CXRTrekError as exc:
-        sys.stderr.write(f"cxrtrek chat: error: {_one_line(str(exc))}\n")
+        from cxrtrek.interfaces._commands import cli_words
+
+        sys.stderr.write(f"cxrtrek chat: error: {_one_line(cli_words('chat', str(exc)))}\n")
         return EXIT_USAGE
-    agent = CXRTrekAgent(vlm, settings=settings)
+    agent = CXRTrekAgent(vlm, settings=settings, backend_spec=backend)
     with _line_input(settings.home_dir() / HISTORY_FILE) as input_fn:
         session = ChatSession(agent, Console(highlight=False), input_fn, review=review)
         return session.main(study)

@@ -8,8 +8,10 @@ in :mod:`cxrtrek.interfaces._view_cli`), the MCP server in :mod:`cxrtrek.interfa
 in :mod:`cxrtrek.interfaces._commands` and :mod:`cxrtrek.interfaces.eval_cli`.
 
 Exit codes: 0 done; 1 the command ran and some of its work failed (a file did not decode, a
-run did not complete, a replay diverged); 2 bad arguments or input (nothing was done); 130
-interrupted. An error prints one line; a traceback only with ``--debug``.
+run did not complete, the backend could not be reached, a replay diverged, an evaluation
+scored nothing); 2 bad arguments or input (nothing was done); 3 a run paused for a review that
+no one answered (the input ended; it waits for ``cxrtrek resume``); 130 interrupted (the run
+keeps its completed stages). An error prints one line; a traceback only with ``--debug``.
 """
 
 from __future__ import annotations
@@ -29,13 +31,15 @@ if TYPE_CHECKING:
     from cxrtrek.agent.agent import AgentSettings
     from cxrtrek.backends.registry import BackendOptions
 
-__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "app", "main"]
+__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PAUSED", "EXIT_USAGE", "app",
+           "main"]
 
 log = logging.getLogger("cxrtrek")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_PAUSED = 3
 EXIT_INTERRUPTED = 130
 
 
@@ -253,7 +257,14 @@ def read_cmd(
 @app.command("resume")
 def resume_cmd(
     run_id: Annotated[str, typer.Argument(metavar="RUN_ID", show_default=False)],
-    backend: Backend = "demo",
+    backend: Annotated[str | None, typer.Option(
+        "--backend", metavar="SPEC",
+        help="the backend to go on with (default: the one the run was read with); another "
+             "than the run's own only with --switch-backend")] = None,
+    switch_backend: Annotated[bool, typer.Option(
+        "--switch-backend",
+        help="finish the run on the --backend named although it was read with another (the "
+             "trace records the switch)")] = False,
     device: Device = None,
     dtype: Dtype = None,
     dialect: Dialect = None,
@@ -264,13 +275,15 @@ def resume_cmd(
     trace_dir: TraceDir = None,
     json_out: Json = False,
 ) -> int:
-    """Continue a run: an interrupted one from its last completed stage, or one paused for
-    review (asks for each answer on stdin: Enter keeps it, text replaces it)."""
+    """Continue a run, on the backend it was read with: an interrupted one from its last
+    completed stage, or one paused for review (asks for each answer on stdin: Enter keeps
+    it, text replaces it; exit 3 if the input ends first, and the run waits)."""
     from cxrtrek.interfaces._reading_cli import cmd_resume
 
     settings = _agent_settings(home=home, checkpoint_db=checkpoint_db, trace_dir=trace_dir)
     return cmd_resume(run_id, backend=backend, settings=settings, approve=approve,
-                      json_out=json_out, options=_backend_options(device, dtype, dialect))
+                      json_out=json_out, switch_backend=switch_backend,
+                      options=_backend_options(device, dtype, dialect))
 
 
 @app.command("delete")
@@ -673,7 +686,8 @@ def eval_cmd(
         "--image-root", metavar="DIR")] = None,
     backend: Annotated[str, typer.Option(
         "--backend", metavar="SPEC",
-        help="scripted-oracle (default), demo, inprocess:PATH, hf:PATH or http:URL")
+        help="scripted-oracle (default: each study's reference answers, no model), demo, "
+             "inprocess:PATH, hf:PATH, http:URL or scripted, as --backend names them everywhere")
     ] = "scripted-oracle",
     device: Device = None,
     dtype: Dtype = None,
@@ -760,8 +774,12 @@ def _report_error(exc: Exception, command: str, debug: bool) -> int:
     if debug:
         raise exc
     if isinstance(exc, CXRTrekError):
-        sys.stderr.write(f"cxrtrek {command}: error: {exc}\n")
-        return EXIT_USAGE
+        from cxrtrek.errors import BackendError
+        from cxrtrek.interfaces._commands import cli_words
+
+        sys.stderr.write(f"cxrtrek {command}: error: {cli_words(command, str(exc))}\n")
+        # the backend failing (unreachable, crashed) is not bad input: the work failed
+        return EXIT_FAILED if isinstance(exc, BackendError) else EXIT_USAGE
     from pydantic import ValidationError
 
     if isinstance(exc, ValidationError):  # an option value the settings refuse

@@ -16,7 +16,13 @@ from cxrtrek._progress import progress_bar
 from cxrtrek.errors import ConfigError
 from cxrtrek.evals.benchmark_metrics import BENCH_METRICS
 from cxrtrek.evals.metrics import METRICS
-from cxrtrek.evals.results import Comparison, EvalResults, compare_results, load_results
+from cxrtrek.evals.results import (
+    Comparison,
+    EvalResults,
+    QuestionRow,
+    compare_results,
+    load_results,
+)
 from cxrtrek.evals.runner import EvalConfig, run_eval
 from cxrtrek.stages import STAGES
 
@@ -184,7 +190,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             dialect=args.dialect)
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise ConfigError(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from exc
+        where = "--" + ".".join(str(p) for p in err["loc"]).replace("_", "-")
+        message = str(err["msg"]).removeprefix("Value error, ")
+        raise ConfigError(f"{where}: {message}") from None
     with progress_bar(transient=True) as progress:
         outcome = run_eval(config, args.out, progress_factory=_progress_factory(progress))
     if args.json:
@@ -196,5 +204,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for note in outcome.results.notes:
             console.print(f"[dim]note: {note}[/dim]")
         console.print(f"wrote {', '.join(str(p) for p in outcome.files.values())}")
+    nothing = _why_nothing_scored(outcome.rows, args.backend, outcome.results.notes)
+    if nothing is not None:
+        sys.stderr.write(f"cxrtrek eval: error: nothing was scored: {nothing}\n")
+        return EXIT_FAILED
     failed = any(n.startswith("run failed") for n in outcome.results.notes)
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _why_nothing_scored(rows: Sequence[QuestionRow], backend: str,
+                        notes: Sequence[str]) -> str | None:
+    """Why an evaluation answered no question at all (None when it answered some)."""
+    if any(r.parse_status in ("ok", "unparsed") for r in rows):
+        return None
+    if not rows:
+        return "the dataset holds no questions"
+    skipped = sum(r.parse_status == "skipped_missing_image" for r in rows)
+    if skipped:
+        return (f"{skipped} of {len(rows)} question(s) skipped: their images are missing and "
+                f"backend {backend} needs them (pass the folder that holds them with "
+                "--image-root DIR)")
+    failures = [n.removeprefix("run failed: ") for n in notes if n.startswith("run failed")]
+    first = f"; the first: {failures[0]}" if failures else ""
+    return f"no question of {len(rows)} was answered ({len(failures)} run(s) failed{first})"

@@ -102,7 +102,8 @@ class _Reader:
             except (CXRTrekError, OSError) as exc:
                 raise ToolError(f"Cannot load the backend {self.spec!r}: {exc}. Expected "
                                 f"{BACKEND_SPECS}.") from exc
-            self.agent = CXRTrekAgent(backend, settings=self.settings, store=self.store)
+            self.agent = CXRTrekAgent(backend, settings=self.settings, store=self.store,
+                                      backend_spec=self.spec, backend_options=self.options)
             log.info("backend %r loaded (model %s)", self.spec, backend.model_id)
         return self.agent
 

@@ -48,6 +48,7 @@ from starlette.requests import ClientDisconnect, Request
 
 from cxrtrek.errors import (
     BackendError,
+    BackendMismatchError,
     ConfigError,
     CXRTrekError,
     DataError,
@@ -100,7 +101,7 @@ def invalid(message: str, code: str = "invalid_request") -> HttpProblem:
 
 
 STATUS_OF: tuple[tuple[type[CXRTrekError], int], ...] = (
-    (NotAnImageError, 415), (UnsupportedTransferSyntaxError, 415),
+    (BackendMismatchError, 409), (NotAnImageError, 415), (UnsupportedTransferSyntaxError, 415),
     (DecompressionBombError, 413), (DataError, 422),
     (TransientError, 503), (BackendError, 502), (ParseError, 502))
 """The first class that matches decides (subclasses before their bases); else 500."""

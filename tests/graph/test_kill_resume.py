@@ -77,7 +77,9 @@ def test_sigkill_mid_stage_then_resume(tmp_path: Path, prior_study: Study) -> No
     backend = ScriptedBackend(clinical_answer)
     agent = CXRTrekAgent(backend, settings=AgentSettings(home=str(home)))
     assert agent.report("killed").status == "incomplete"
-    report = agent.resume("killed")
+    # the killed run's own backend is gone with its process: going on with another one is
+    # asked for, and traced
+    report = agent.resume("killed", switch_backend=True)
     assert report.status == "completed"
     assert stages_asked(backend) == [4, 5, 6, 7, 8]  # no completed stage asked again
     assert [s.stage for s in report.stages if s.answers] == [1, 2, 3, 4, 5, 6, 7, 8]
@@ -91,3 +93,6 @@ def test_sigkill_mid_stage_then_resume(tmp_path: Path, prior_study: Study) -> No
     per_stage = Counter(r.stage for r in after if r.kind == "stage")
     assert per_stage == dict.fromkeys(range(1, 9), 1)
     assert [r.kind for r in after].count("run") == 1 and after[-1].kind == "end"
+    switches = [r for r in after if r.kind == "model_switch"]
+    assert [(r.stage, r.before["model_id"], r.after["model_id"])  # type: ignore[union-attr]
+            for r in switches] == [(3, "blocking", "scripted")]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,13 +26,20 @@ UP = "\x1b[A"
 WAIT = 30  # seconds, at most, for any one thing to appear
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _spawn(args: list[str], cwd: Path, home: Path) -> tuple[Child, io.StringIO]:
     # TERM=dumb: no colours or cursor moves; rich then assumes 80x25 unless told the size
     env = {**os.environ, "TERM": "dumb", "NO_COLOR": "1", "COLUMNS": "160", "LINES": "50",
            "CXRTREK_HOME": str(home), "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1"}
+    # Ctrl-C must reach the child as a person's would, even when the tests run with SIGINT
+    # ignored (a background job): an ignored disposition would be inherited through exec
     child = pexpect.spawn(sys.executable, [*CHAT, *args], cwd=str(cwd), env=env,
-                          dimensions=(50, 160), encoding="utf-8", timeout=WAIT)
+                          dimensions=(50, 160), encoding="utf-8", timeout=WAIT,
+                          preexec_fn=_default_sigint)
     log = io.StringIO()
     child.logfile_read = log
     return child, log
@@ -127,11 +135,12 @@ def test_a_session_typed_at_a_terminal(tmp_path: Path) -> None:
     lines = [json.loads(x) for x in (traces / f"{reading}.jsonl").read_text().splitlines()]
     followups = [x for x in lines if x["kind"] == "followup"]
     assert [x["question"] for x in followups] == ["Is there a pneumothorax?"] * 2
-    report = json.loads((tmp_path / f"{final}.json").read_text(encoding="utf-8"))
+    report = json.loads((home / "reports" / f"{final}.json").read_text(encoding="utf-8"))
     answers = {a["question_id"]: a["text"] for s in report["stages"] for a in s["answers"]}
     assert answers["s2-findings"] == "No abnormality."
     assert answers["s7-diagnosis"] == "Heart failure; start diuretics."
-    assert (tmp_path / f"{final}.md").read_text(encoding="utf-8").startswith("# Chest X-ray")
+    saved = (home / "reports" / f"{final}.md").read_text(encoding="utf-8")
+    assert saved.startswith("# Chest X-ray")
     history = (home / "chat_history").read_text(encoding="utf-8").splitlines()
     assert "Is there a pneumothorax?" in history and "/quit" in history
     assert "a question I think better of" not in history

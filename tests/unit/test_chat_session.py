@@ -137,6 +137,18 @@ def test_ctrl_c_during_a_followup_cancels_it_and_the_question_is_kept(
         await asyncio.sleep(30)
         raise AssertionError("not cancelled")
 
+    # Ctrl-C raises KeyboardInterrupt here, also when the tests run with SIGINT ignored (a
+    # background job: Python then installs no handler of its own)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _ask_interrupted(agent, study, monkeypatch, interrupted)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _ask_interrupted(agent: CXRTrekAgent, study: Study, monkeypatch: pytest.MonkeyPatch,
+                     interrupted: object) -> None:
+    backend = agent.backend
     t = Transcript(agent, ["Is the heart enlarged?", "Is the heart enlarged now?"])
     t.session.start(study)
     monkeypatch.setattr(backend, "generate", interrupted)
@@ -293,6 +305,39 @@ def test_save_writes_markdown_and_json(agent: CXRTrekAgent, study: Study,
     assert saved["run_id"] == run_id and saved["status"] == "completed"
     assert "expected a Markdown path" in t.text
     assert f"error: /save: cannot write {blocker}/inside" in t.text
+
+
+def test_saved_reports_carry_the_notice_and_mark_corrected_answers(
+        agent: CXRTrekAgent, study: Study, monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    from cxrtrek.interfaces.chat import RESEARCH_NOTICE
+
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    # stage 2 corrected at its review pause; stage 7 corrected afterwards with /edit
+    t = Transcript(agent, ["", "1", "No abnormality.", "", *[""] * 8,
+                           "/edit 7", "1", "Heart failure; start diuretics.", "", "/save"],
+                   review=True)
+    assert t.run(study) == 0
+    fork = t.session.run_id
+    assert fork is not None and "-fork-" in fork
+    md = agent.settings.home_dir().absolute() / "reports" / f"{fork}.md"
+    assert f"saved the report to {md} and {md.with_suffix('.json')}" in " ".join(
+        t.text.split())
+    assert not list(elsewhere.iterdir())  # nothing in the current folder
+    markdown = md.read_text(encoding="utf-8")
+    assert f"> {RESEARCH_NOTICE}" in markdown
+    assert "answers corrected by a person: 2" in markdown
+    assert ("No abnormality.  \n  _(corrected by a person; the model answered: Cardiomegaly "
+            "and left pleural effusion.)_") in markdown
+    assert "Heart failure; start diuretics.  \n  _(corrected by a person" in markdown
+    saved = json.loads(md.with_suffix(".json").read_text(encoding="utf-8"))
+    assert saved["notice"] == RESEARCH_NOTICE and saved["run_id"] == fork
+    assert [(c["stage"], c["answer"]) for c in saved["corrected_answers"]] == [
+        (2, "No abnormality."), (7, "Heart failure; start diuretics.")]
+    assert saved["corrected_answers"][0]["model_answer"] == ("Cardiomegaly and left pleural "
+                                                             "effusion.")
 
 
 def test_unknown_commands_and_bad_arguments_do_not_end_the_session(

@@ -173,12 +173,14 @@ def create_app(agent: CXRTrekAgent, settings: ApiSettings | None = None) -> Fast
     async def review(run_id: str, request: Request) -> Response:
         run = await runs.find(run_id)
         body = await _read_json(request, bodies, ReviewBody)
+        await agent.acheck_backend(run_id)  # a run goes on with its own backend (409)
         runs.review(run, body.edits)
         return JSONResponse(run.summary(), status_code=202)
 
     @v1.post("/runs/{run_id}/resume", response_model=None)
     async def resume(run_id: str) -> Response:
         run = await runs.find(run_id)
+        await agent.acheck_backend(run_id)  # a run goes on with its own backend (409)
         runs.resume(run)
         return JSONResponse(run.summary(), status_code=202)
 
@@ -271,9 +273,11 @@ def serve_api(settings: ApiSettings) -> None:
     the event streams, let runs in flight finish within ``drain_timeout_s``, and return)."""
     from cxrtrek.backends.registry import BackendOptions, load_backend
 
-    backend = load_backend(settings.backend, options=BackendOptions(
-        device=settings.device, dtype=settings.dtype, dialect=settings.dialect))
-    agent = CXRTrekAgent(backend, settings=settings.agent_settings())
+    options = BackendOptions(device=settings.device, dtype=settings.dtype,
+                             dialect=settings.dialect)
+    backend = load_backend(settings.backend, options=options)
+    agent = CXRTrekAgent(backend, settings=settings.agent_settings(),
+                         backend_spec=settings.backend, backend_options=options)
     app = create_app(agent, settings)
     log.info("listening on http://%s:%d (backend %s, token %s, home %s)", settings.host,
              settings.port, settings.backend, "required" if settings.token else "not required",
