@@ -212,7 +212,7 @@ class CXRTrekAgent:
                     backend: VLMBackend | None) -> RunReport:
         ctx = self.context(backend)
         inputs = self._inputs(study, settings, ctx)
-        async with self.store.compiled() as graph:
+        async with self.store.compiled(create=True) as graph:
             await graph.ainvoke(inputs, run_config(run_id), context=ctx,
                                 durability="sync")
             return await self.store.outcome(graph, run_id)
@@ -283,7 +283,7 @@ class CXRTrekAgent:
         run_id = run_id or self.new_run_id(study)
         ctx = self.context()
         inputs = self._inputs(study, settings, ctx)
-        async with self.store.compiled() as graph:
+        async with self.store.compiled(create=True) as graph:
             async for event in self._events(graph, inputs, run_id, ctx):
                 yield event
 
@@ -293,7 +293,7 @@ class CXRTrekAgent:
                              ) -> AsyncGenerator[StageEvent, None]:
         """:meth:`aresume` as :meth:`astream` does it: stage events, then the outcome."""
         ctx = self.context()
-        async with self.store.compiled(create=False) as graph:
+        async with self.store.compiled() as graph:
             payload, _ = await self._resume_payload(graph, run_id, decision, ctx,
                                                     switch_backend)
             async for event in self._events(graph, payload, run_id, ctx):
@@ -322,7 +322,7 @@ class CXRTrekAgent:
     async def acheck_backend(self, run_id: str) -> None:
         """:class:`~cxrtrek.errors.BackendMismatchError` when ``run_id`` was read with
         another backend than this agent's (a resume would then need ``switch_backend``)."""
-        async with self.store.compiled(create=False) as graph:
+        async with self.store.compiled() as graph:
             snap = await graph.aget_state(run_config(run_id))
         if snap.values and snap.next:
             self._check_backend(run_id, dict(snap.values), self.context(), False)
@@ -386,7 +386,7 @@ class CXRTrekAgent:
     async def _aresume(self, run_id: str, decision: ReviewDecision | dict[str, Any] | None,
                        backend: VLMBackend | None, switch_backend: bool = False) -> RunReport:
         ctx = self.context(backend)
-        async with self.store.compiled(create=False) as graph:
+        async with self.store.compiled() as graph:
             payload, pending = await self._resume_payload(graph, run_id, decision, ctx,
                                                           switch_backend)
             if pending:

@@ -120,11 +120,10 @@ class RunStore:
         return self.checkpoint_db == MEMORY or Path(self.checkpoint_db).is_file()
 
     @asynccontextmanager
-    async def compiled(self, *, create: bool = True) -> AsyncIterator[CompiledReadGraph]:
+    async def compiled(self, *, create: bool = False) -> AsyncIterator[CompiledReadGraph]:
         """The graph bound to the checkpointer (SQLite, opened for the block). ``create``:
-        make the database when it is missing (for a new run); otherwise a missing database
-        is a :class:`DataError` that leaves nothing behind (resume and review look for runs
-        that must already be there)."""
+        make the database when it is missing (a new run); otherwise a missing database is
+        a :class:`DataError` that leaves nothing behind (looking for a run never makes one)."""
         if self.checkpoint_db == MEMORY:
             if self._memory_saver is None:
                 from langgraph.checkpoint.memory import InMemorySaver

@@ -48,6 +48,11 @@ def check_spec(spec: str) -> str:
     name = spec.strip()
     if name in _NAMES or (name.startswith(_PREFIXES) and name.split(":", 1)[1].strip()):
         return name
+    if name.startswith(_PREFIXES):
+        prefix = name.split(":", 1)[0]
+        form = "http:URL" if prefix in ("http", "https") else f"{prefix}:PATH"
+        raise ConfigError(f"backend {spec!r} names nothing after {prefix + ':'!r}; expected "
+                          f"{form}")
     raise ConfigError(f"unknown backend {spec!r}; expected {BACKEND_SPECS}")
 
 

@@ -20,17 +20,20 @@ DATASET = STUDIES / "phantom_with_prior" / "phantoms.json"
 
 def _help_backends(capsys: pytest.CaptureFixture[str]) -> list[str]:
     assert main(["eval", "--help"]) == EXIT_OK
-    text = " ".join(capsys.readouterr().out.split())
+    # the help is drawn in boxes that wrap its text: read the words without the frame
+    text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", capsys.readouterr().out).split())
     found = re.search(r"--backend SPEC\W+(.+?) as --backend names them", text)
     assert found, text
-    return re.findall(r"\b(scripted-oracle|scripted|demo|inprocess:PATH|http:URL|[a-z-]+:[A-Z]+)",
+    return re.findall(r"\b(scripted-oracle|scripted|demo|inprocess:PATH|hf:PATH|http:URL|"
+                      r"[a-z-]+:[A-Z]+)",
                       found.group(1))
 
 
 def test_every_backend_the_help_lists_is_a_registry_name(
         capsys: pytest.CaptureFixture[str]) -> None:
     names = _help_backends(capsys)
-    assert set(names) == {"scripted-oracle", "demo", "inprocess:PATH", "http:URL", "scripted"}
+    assert set(names) == {"scripted-oracle", "demo", "inprocess:PATH", "hf:PATH", "http:URL",
+                          "scripted"}
     for name in names:
         assert check_spec(name) == name
     with pytest.raises(ConfigError, match="unknown backend 'oracle'; expected demo"):
