@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ENDPOINT_VARIABLES",
+    "enabled",
     "fail",
     "inject_headers",
     "request_spans",
@@ -69,6 +70,22 @@ def use_provider(provider: TracerProvider | None) -> None:
     _provider = provider
 
 
+def _current_provider() -> TracerProvider | None:
+    """The provider spans go to; None while only OpenTelemetry's default (no-op) one is
+    there, so that a reading without telemetry pays one check a span, not a span."""
+    if _provider is not None:
+        return _provider
+    from opentelemetry import trace
+
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
+        return None
+    return provider
+
+
+_tracers: dict[int, Tracer] = {}
+
+
 def tracer() -> Tracer:
     """cxrtrek's tracer: from :func:`use_provider`'s provider, else the global one (the no-op
     tracer until someone installs a provider)."""
@@ -76,8 +93,23 @@ def tracer() -> Tracer:
 
     from cxrtrek import __version__
 
-    provider = _provider if _provider is not None else trace.get_tracer_provider()
-    return provider.get_tracer(_SCOPE, __version__)
+    provider = _current_provider() or trace.get_tracer_provider()
+    key = id(provider)
+    if key not in _tracers:
+        _tracers.clear()  # one provider at a time
+        _tracers[key] = provider.get_tracer(_SCOPE, __version__)
+    return _tracers[key]
+
+
+def enabled() -> bool:
+    """Whether spans are recorded (a provider other than OpenTelemetry's default is set)."""
+    return _current_provider() is not None
+
+
+def _off() -> Span:
+    from opentelemetry.trace import INVALID_SPAN
+
+    return INVALID_SPAN
 
 
 def setup(service_name: str = "cxrtrek") -> bool:
@@ -159,6 +191,9 @@ def run_span(run_id: str, operation: str, *, model: str | None = None,
     current: the graph's stages take it from the run context (:func:`span_context`), so it
     holds across an async generator's yields. Ended, and marked failed on an error, on exit.
     """
+    if not enabled():
+        yield _off()
+        return
     span = tracer().start_span(f"invoke_agent {_SCOPE}", attributes=_clean({
         "gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": _SCOPE,
         "gen_ai.request.model": model, "cxrtrek.run.id": run_id,
@@ -180,6 +215,9 @@ def stage_span(run_id: str, stage: int, name: str, *, parent: Context | None = N
                checkpoint_id: str | None = None) -> Iterator[Span]:
     """The current span of one stage node (a child of ``parent``, else of the current span).
     An error leaving it marks it failed."""
+    if not enabled():
+        yield _off()
+        return
     with tracer().start_as_current_span(
             f"stage {stage} {name}", context=parent, record_exception=False,
             set_status_on_exception=False, attributes=_clean({
@@ -216,6 +254,8 @@ class RequestSpans:
     def answered(self, responses: Sequence[VLMResponse], *, retries: int,
                  parse_ok: Sequence[bool]) -> None:
         """Record each request's response on its span."""
+        if not self.spans:
+            return
         for span, resp, ok in zip(self.spans, responses, parse_ok, strict=True):
             prompt_sha = None
             if resp.prompt is not None:
@@ -239,6 +279,9 @@ def request_spans(run_id: str, requests: Sequence[VLMRequest], model: str,
     """One span per VLM request (``chat <model>``, a child of the current span), open while
     the backend answers; the HTTP backend finds each request's span by its request id
     (:func:`inject_headers`). An error leaving the block marks every one failed."""
+    if not enabled():
+        yield RequestSpans([])
+        return
     from opentelemetry import trace
     from opentelemetry.trace import SpanKind
 
@@ -263,6 +306,8 @@ def request_spans(run_id: str, requests: Sequence[VLMRequest], model: str,
 def inject_headers(headers: dict[str, str], request_id: str | None = None) -> dict[str, str]:
     """``headers`` plus the W3C trace context (``traceparent``) of the request's span (of
     the current span when the request has none); unchanged when there is no span."""
+    if not enabled():
+        return headers
     from opentelemetry import propagate
 
     contexts = _request_contexts.get()
@@ -275,6 +320,9 @@ def inject_headers(headers: dict[str, str], request_id: str | None = None) -> di
 def server_span(headers: Mapping[str, str], model: str) -> Iterator[Span]:
     """The model server's span of one chat completion (``chat <model>``, kind SERVER), a
     child of the caller's span when the request carries a ``traceparent``."""
+    if not enabled():
+        yield _off()
+        return
     from opentelemetry import propagate
     from opentelemetry.trace import SpanKind
 
