@@ -7,7 +7,7 @@
 2. Whole readings (scripted backend, zero latency, checkpoints and trace in memory): the
    median time per reading with no provider and with the SDK, alternated in one process.
 
-    .venv/bin/python benchmarks/bench_telemetry.py [--stages 2000] [--readings 20]
+    .venv/bin/python benchmarks/bench_telemetry.py [--stages 2000] [--readings 20] [--quick]
 """
 
 from __future__ import annotations
@@ -53,7 +53,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stages", type=int, default=2000)
     parser.add_argument("--readings", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="200 stages, 3 readings")
     args = parser.parse_args()
+    if args.quick:
+        args.stages, args.readings = 200, 3
     logging.basicConfig(level=logging.WARNING)
 
     exporter = InMemorySpanExporter()
