@@ -203,6 +203,9 @@ def run_span(run_id: str, operation: str, *, model: str | None = None,
         log.info("run %s (%s): OpenTelemetry trace %s", run_id, operation, trace_id)
     try:
         yield span
+    except GeneratorExit:  # a stream's reader stopped reading: not the run's failure
+        span.set_attribute("cxrtrek.run.status", "abandoned")
+        raise
     except BaseException as exc:
         fail(span, exc)
         raise

@@ -192,6 +192,17 @@ def test_a_resume_and_a_fork_have_run_spans_of_their_own(
     assert _attrs(runs[2])["cxrtrek.run.forked_from"] == paused.run_id
 
 
+def test_a_stream_left_part_read_ends_its_run_span_without_an_error(
+        tmp_path: Path, scripted: Scripted, clinical_study: Study,
+        spans: InMemorySpanExporter) -> None:
+    events = _agent(scripted(), tmp_path).stream(clinical_study)
+    assert next(events).stage == 1
+    events.close()
+    [run] = [s for s in spans.get_finished_spans() if s.name == RUN_SPAN]
+    assert run.status.status_code != StatusCode.ERROR
+    assert _attrs(run)["cxrtrek.run.status"] == "abandoned"
+
+
 def test_the_model_servers_spans_join_the_readings_trace(
         tmp_path: Path, spans: InMemorySpanExporter) -> None:
     png = next(p for p in example_images() if p.suffix == ".png")
