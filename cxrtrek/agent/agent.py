@@ -28,6 +28,7 @@ The sync methods (``run``, ``resume``, ...) run an event loop; inside one, use t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import uuid
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict
 
+from cxrtrek import telemetry
 from cxrtrek.agent.store import DeletedRun, RunReport, RunStatus, RunStore, run_config
 from cxrtrek.backends.registry import BackendInfo, BackendOptions
 from cxrtrek.errors import BackendMismatchError, ConfigError, CXRTrekError, DataError
@@ -52,6 +54,7 @@ from cxrtrek.schema import StageResult, Study
 
 if TYPE_CHECKING:
     from langchain_core.tools import StructuredTool
+    from opentelemetry.trace import Span
 
     from cxrtrek.graph.context import ContextRetriever
     from cxrtrek.graph.graph import CompiledReadGraph
@@ -195,6 +198,15 @@ class CXRTrekAgent:
                           image_bytes=self._image_cache,
                           backend_info=info.model_dump(mode="json"))
 
+    @contextlib.contextmanager
+    def _run_span(self, ctx: RunContext, run_id: str, operation: str) -> Iterator[Span]:
+        """The OpenTelemetry span of one pass of the graph over ``run_id``; the stages' spans
+        are its children (through ``ctx``)."""
+        with telemetry.run_span(run_id, operation, model=ctx.backend.model_id,
+                                backend=ctx.backend_record().get("spec")) as span:
+            ctx.span_parent = telemetry.span_context(span)
+            yield span
+
     @staticmethod
     def new_run_id(study: Study) -> str:
         return f"{study.study_id}-{uuid.uuid4().hex[:8]}"
@@ -212,10 +224,13 @@ class CXRTrekAgent:
                     backend: VLMBackend | None) -> RunReport:
         ctx = self.context(backend)
         inputs = self._inputs(study, settings, ctx)
-        async with self.store.compiled(create=True) as graph:
-            await graph.ainvoke(inputs, run_config(run_id), context=ctx,
-                                durability="sync")
-            return await self.store.outcome(graph, run_id)
+        with self._run_span(ctx, run_id, "read") as span:
+            async with self.store.compiled(create=True) as graph:
+                await graph.ainvoke(inputs, run_config(run_id), context=ctx,
+                                    durability="sync")
+                report = await self.store.outcome(graph, run_id)
+            span.set_attribute("cxrtrek.run.status", report.status)
+            return report
 
     # --- runs --------------------------------------------------------------------------------
 
@@ -230,7 +245,7 @@ class CXRTrekAgent:
         return asyncio.run(self.arun(study, run_id=run_id, settings=settings))
 
     async def _events(self, graph: CompiledReadGraph, payload: Any, run_id: str,
-                      ctx: RunContext) -> AsyncGenerator[StageEvent, None]:
+                      ctx: RunContext, operation: str) -> AsyncGenerator[StageEvent, None]:
         """Run the graph on ``payload`` (inputs, a resume command or None); stage events as
         the stages complete, then the report (or the pending review).
 
@@ -254,20 +269,22 @@ class CXRTrekAgent:
                                elapsed_s=0.0) for j in due]
 
         last = time.perf_counter()
-        async for chunk in graph.astream(payload, run_config(run_id), context=ctx,
-                                         stream_mode="updates", durability="sync"):
-            for node, update in chunk.items():
-                if not node.startswith("stage_") or not isinstance(update, dict):
-                    continue
-                for key, value in (update.get("results") or {}).items():
-                    for event in before(int(key)):
-                        yield event
-                    now = time.perf_counter()
-                    yield StageEvent(run_id=run_id, kind="stage", stage=int(key),
-                                     result=StageResult.model_validate(value),
-                                     elapsed_s=now - last)
-                    last = now
-        report = await self.store.outcome(graph, run_id)
+        with self._run_span(ctx, run_id, operation) as span:
+            async for chunk in graph.astream(payload, run_config(run_id), context=ctx,
+                                             stream_mode="updates", durability="sync"):
+                for node, update in chunk.items():
+                    if not node.startswith("stage_") or not isinstance(update, dict):
+                        continue
+                    for key, value in (update.get("results") or {}).items():
+                        for event in before(int(key)):
+                            yield event
+                        now = time.perf_counter()
+                        yield StageEvent(run_id=run_id, kind="stage", stage=int(key),
+                                         result=StageResult.model_validate(value),
+                                         elapsed_s=now - last)
+                        last = now
+            report = await self.store.outcome(graph, run_id)
+            span.set_attribute("cxrtrek.run.status", report.status)
         if report.status == "completed":
             for event in before(len(STAGES) + 1):
                 yield event
@@ -284,7 +301,7 @@ class CXRTrekAgent:
         ctx = self.context()
         inputs = self._inputs(study, settings, ctx)
         async with self.store.compiled(create=True) as graph:
-            async for event in self._events(graph, inputs, run_id, ctx):
+            async for event in self._events(graph, inputs, run_id, ctx, "read"):
                 yield event
 
     async def astream_resume(self, run_id: str,
@@ -296,7 +313,7 @@ class CXRTrekAgent:
         async with self.store.compiled() as graph:
             payload, _ = await self._resume_payload(graph, run_id, decision, ctx,
                                                     switch_backend)
-            async for event in self._events(graph, payload, run_id, ctx):
+            async for event in self._events(graph, payload, run_id, ctx, "resume"):
                 yield event
 
     def stream(self, study: Study, *, run_id: str | None = None,
@@ -390,7 +407,12 @@ class CXRTrekAgent:
             payload, pending = await self._resume_payload(graph, run_id, decision, ctx,
                                                           switch_backend)
             if pending:
-                await graph.ainvoke(payload, run_config(run_id), context=ctx, durability="sync")
+                with self._run_span(ctx, run_id, "resume") as span:
+                    await graph.ainvoke(payload, run_config(run_id), context=ctx,
+                                        durability="sync")
+                    report = await self.store.outcome(graph, run_id)
+                    span.set_attribute("cxrtrek.run.status", report.status)
+                    return report
             return await self.store.outcome(graph, run_id)
 
     async def aresume(self, run_id: str,
@@ -580,7 +602,7 @@ class CXRTrekAgent:
         ctx = self.context()
         async with self.store.compiled() as graph:
             await self._start_fork(graph, run_id, stage, edits, fork_id, settings)
-            async for event in self._events(graph, None, fork_id, ctx):
+            async for event in self._events(graph, None, fork_id, ctx, "fork"):
                 yield event
 
     def stream_fork(self, run_id: str, stage: int, edits: dict[str, str], *,
@@ -605,8 +627,11 @@ class CXRTrekAgent:
             before = await self.store.outcome(graph, run_id)
             checkpoint_id = await self._start_fork(graph, run_id, stage, edits, fork_id,
                                                    settings)
-            await graph.ainvoke(None, run_config(fork_id), context=ctx, durability="sync")
-            after = await self.store.outcome(graph, fork_id)
+            with self._run_span(ctx, fork_id, "fork") as span:
+                span.set_attribute("cxrtrek.run.forked_from", run_id)
+                await graph.ainvoke(None, run_config(fork_id), context=ctx, durability="sync")
+                after = await self.store.outcome(graph, fork_id)
+                span.set_attribute("cxrtrek.run.status", after.status)
         diff = diff_answers(answers_from_report(before), answers_from_report(after),
                             before_name=run_id, after_name=fork_id)
         return ForkResult(run_id=fork_id, forked_from=run_id, stage=stage,

@@ -24,6 +24,9 @@ client drives vLLM or a hosted VLM:
   cached; asked again if a server answers 404 to it, e.g. replaced by one serving another
   model; a server that lists none is a :class:`~cxrtrek.errors.BackendError`);
 - ``max_tokens``, ``temperature`` (0: greedy), ``top_p`` and ``seed`` from the request;
+- a W3C ``traceparent`` header carrying the request's OpenTelemetry span, when there is one
+  (:mod:`cxrtrek.telemetry`), so that a server that continues it (``cxrtrek serve``) joins
+  the reading's trace;
 - with ``constrain_choices=True``, a closed question's allowed answers (the dialect's
   :meth:`~cxrtrek.prompts.dialects.Dialect.choices`: yes/no, a single choice's options) as
   vLLM's ``"structured_outputs": {"choice": [...]}``. Servers that do not know the field
@@ -61,6 +64,7 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cxrtrek import telemetry
 from cxrtrek.errors import BackendError, ConfigError, CXRTrekError, DataError, TransientError
 from cxrtrek.protocol import VLMRequest, VLMResponse
 
@@ -399,6 +403,8 @@ class HTTPBackend:
         payload, prompt, choices = self._payload(request, urls)
         client = self._http()
         failures: list[str] = []
+        # the request's span (W3C traceparent), so that the server's spans join the reading's
+        headers = telemetry.inject_headers({}, request.request_id)
         t0 = time.perf_counter()
         start = next(self._turn)  # round robin; each retry moves on to the next replica
         for attempt in range(self.max_retries + 1):
@@ -406,13 +412,13 @@ class HTTPBackend:
             url = f"{base}/chat/completions"
             retry_after: float | None = None
             try:
-                response = await client.post(url, json=payload)
+                response = await client.post(url, json=payload, headers=headers)
                 if response.status_code == 404 and self._discovered and "model" in payload:
                     # the server behind the URL changed model: ask it again, once
                     fresh = await self._discover_model(stale=payload["model"])
                     if fresh != payload["model"]:
                         payload["model"] = fresh
-                        response = await client.post(url, json=payload)
+                        response = await client.post(url, json=payload, headers=headers)
             except _RETRY_TRANSPORT as exc:
                 failures.append(f"{base}: {type(exc).__name__}: {exc}".rstrip(": "))
             except httpx.TimeoutException as exc:

@@ -18,12 +18,13 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from langgraph.runtime import Runtime
 from langgraph.types import interrupt
 from pydantic import BaseModel, ConfigDict, Field
 
+from cxrtrek import telemetry
 from cxrtrek.errors import BackendError, CXRTrekError, DataError, TransientError
 from cxrtrek.graph.context import ScoredContext, context_items, select_context
 from cxrtrek.graph.planner import (
@@ -58,6 +59,9 @@ from cxrtrek.schema import (
     sha256_bytes,
 )
 from cxrtrek.stages import STAGES, StageSpec
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 __all__ = [
     "ReviewDecision",
@@ -286,7 +290,8 @@ async def intake(state: ReadState, runtime: Runtime[RunContext]) -> Update:
         images=[r.sha256 for r in study.images],
         prior_images=[r.sha256 for r in study.prior.images] if study.prior else [],
         mode=mode, settings=settings.model_dump(mode="json"),
-        model_id=ctx.backend.model_id, backend=ctx.backend_record().get("spec"))])
+        model_id=ctx.backend.model_id, backend=ctx.backend_record().get("spec"),
+        otel_trace_id=telemetry.trace_id_in(ctx.span_parent))])
     return {"study": study.model_dump(mode="json"), "settings": settings.model_dump(mode="json"),
             "results": {}, "limitations": [], "stopped": None, "last_stage": 0,
             "backend": ctx.backend_record()}
@@ -296,76 +301,93 @@ def make_stage_node(spec: StageSpec) -> StageNode:
     """The node of one stage (all eight come from here)."""
 
     async def stage_node(state: ReadState, runtime: Runtime[RunContext]) -> Update:
-        ctx = runtime.context
-        settings = _settings(state)
-        study = Study.model_validate(state["study"])
         run_id = _run_id(runtime, state)
         checkpoint = _checkpoint_id(runtime)
-        results = results_of(state)
-        questions = plan_questions(study, spec.number, results, mode=settings.mode,
-                                   max_findings=settings.max_findings)
-        base: Update = {"last_stage": spec.number}
-        if not questions:
-            result = StageResult(stage=spec.number, name=spec.title,
-                                 skipped="no questions for this stage")
-            _trace(runtime, [StageRecord(run_id=run_id, stage=spec.number, name=spec.key,
-                                         status="skipped", reason=result.skipped,
-                                         checkpoint_id=checkpoint)])
-            return {**base, "results": {str(spec.number): result.model_dump(mode="json")}}
-        tags = image_tags_of(study) if resolve_mode(settings.mode, study) == "dataset" else {}
-        candidates = context_items(results, spec.number)
-        retriever = ctx.retriever or (ctx.memory.retriever_for(run_id)
-                                      if ctx.memory is not None else None)
-        contexts: list[list[ScoredContext]] = [
-            select_context(settings.context, q.text, candidates, top_k=settings.top_k,
-                           retriever=retriever) for q in questions]
-        system = settings.resolved_system()
-        requests: list[VLMRequest] = []
-        for q, chosen in zip(questions, contexts, strict=True):
-            shown = [i for c in chosen for i in tags.get(c.item.id.split(":", 1)[1], [])]
-            images, image_tags = request_images(study, spec.number, ctx.image_bytes,
-                                                [*shown, *tags.get(q.id, [])])
-            requests.append(VLMRequest(
-                request_id=request_id(run_id, spec.number, q.id), stage=spec.number,
-                question=q.text, images=images, system=system,
-                context=[ContextPair(stage=c.item.stage, question=c.item.question,
-                                     answer=c.item.answer) for c in chosen],
-                max_new_tokens=settings.max_new_tokens, decoding=settings.decoding,
-                qtype=q.qtype, options=q.options, image_tags=image_tags))
-        errors: list[str] = []
-        t0 = time.perf_counter()
-        try:
-            responses, retries = await _generate(ctx, requests, spec, settings, errors)
-        except CXRTrekError as exc:
-            _trace(runtime, [StageRecord(
-                run_id=run_id, stage=spec.number, name=spec.key, status="failed",
-                question_ids=[q.id for q in questions], errors=[*errors, str(exc)],
-                latency_s=time.perf_counter() - t0, checkpoint_id=checkpoint)])
-            raise
-        latency = time.perf_counter() - t0
-        answers = [Answer(question_id=q.id, text=r.text, parsed=_parse(q, r.text))
-                   for q, r in zip(questions, responses, strict=True)]
-        result = _with_findings(spec.number, StageResult(
-            stage=spec.number, name=spec.title, questions=questions, answers=answers), results)
-        if runtime.context.tracer is not None:
-            _trace(runtime, _question_records(
-                run_id, questions, requests, responses, answers, contexts,
-                latency=latency, retries=retries, checkpoint=checkpoint))
-            _trace(runtime, [StageRecord(
-                run_id=run_id, stage=spec.number, name=spec.key, status="ran",
-                question_ids=[q.id for q in questions], latency_s=latency, retries=retries,
-                errors=errors, checkpoint_id=checkpoint)])
-        if ctx.memory is not None:
-            ctx.memory.record_stage(run_id, study, result)
-        update = {**base, "results": {str(spec.number): result.model_dump(mode="json")},
-                  "backend": ctx.backend_record()}
-        if spec.number == 1:
-            update.update(_quality_update(result, settings))
-        return update
+        with telemetry.stage_span(run_id, spec.number, spec.key,
+                                  parent=runtime.context.span_parent,
+                                  checkpoint_id=checkpoint) as span:
+            return await _run_stage(spec, state, runtime, run_id, checkpoint, span)
 
     stage_node.__name__ = stage_node_name(spec.number)
     stage_node.__doc__ = f"Stage {spec.number}: {spec.title}."
     return stage_node
+
+
+async def _run_stage(spec: StageSpec, state: ReadState, runtime: Runtime[RunContext],
+                     run_id: str, checkpoint: str | None, span: Span) -> Update:
+    ctx = runtime.context
+    settings = _settings(state)
+    study = Study.model_validate(state["study"])
+    results = results_of(state)
+    questions = plan_questions(study, spec.number, results, mode=settings.mode,
+                               max_findings=settings.max_findings)
+    base: Update = {"last_stage": spec.number}
+    if not questions:
+        result = StageResult(stage=spec.number, name=spec.title,
+                             skipped="no questions for this stage")
+        _trace(runtime, [StageRecord(run_id=run_id, stage=spec.number, name=spec.key,
+                                     status="skipped", reason=result.skipped,
+                                     checkpoint_id=checkpoint)])
+        span.set_attributes({"cxrtrek.stage.status": "skipped", "cxrtrek.stage.questions": 0})
+        return {**base, "results": {str(spec.number): result.model_dump(mode="json")}}
+    tags = image_tags_of(study) if resolve_mode(settings.mode, study) == "dataset" else {}
+    candidates = context_items(results, spec.number)
+    retriever = ctx.retriever or (ctx.memory.retriever_for(run_id)
+                                  if ctx.memory is not None else None)
+    contexts: list[list[ScoredContext]] = [
+        select_context(settings.context, q.text, candidates, top_k=settings.top_k,
+                       retriever=retriever) for q in questions]
+    system = settings.resolved_system()
+    requests: list[VLMRequest] = []
+    for q, chosen in zip(questions, contexts, strict=True):
+        shown = [i for c in chosen for i in tags.get(c.item.id.split(":", 1)[1], [])]
+        images, image_tags = request_images(study, spec.number, ctx.image_bytes,
+                                            [*shown, *tags.get(q.id, [])])
+        requests.append(VLMRequest(
+            request_id=request_id(run_id, spec.number, q.id), stage=spec.number,
+            question=q.text, images=images, system=system,
+            context=[ContextPair(stage=c.item.stage, question=c.item.question,
+                                 answer=c.item.answer) for c in chosen],
+            max_new_tokens=settings.max_new_tokens, decoding=settings.decoding,
+            qtype=q.qtype, options=q.options, image_tags=image_tags))
+    errors: list[str] = []
+    span.set_attribute("cxrtrek.stage.questions", len(questions))
+    t0 = time.perf_counter()
+    try:
+        with telemetry.request_spans(run_id, requests, ctx.backend.model_id,
+                                     [q.id for q in questions]) as asked:
+            responses, retries = await _generate(ctx, requests, spec, settings, errors)
+            answers = [Answer(question_id=q.id, text=r.text, parsed=_parse(q, r.text))
+                       for q, r in zip(questions, responses, strict=True)]
+            asked.answered(responses, retries=retries, parse_ok=[a.ok for a in answers])
+    except CXRTrekError as exc:
+        _trace(runtime, [StageRecord(
+            run_id=run_id, stage=spec.number, name=spec.key, status="failed",
+            question_ids=[q.id for q in questions], errors=[*errors, str(exc)],
+            latency_s=time.perf_counter() - t0, checkpoint_id=checkpoint)])
+        span.set_attributes({"cxrtrek.stage.status": "failed",
+                             "cxrtrek.retries": len(errors)})
+        raise
+    latency = time.perf_counter() - t0
+    span.set_attributes({"cxrtrek.stage.status": "ran", "cxrtrek.retries": retries,
+                         "cxrtrek.stage.unparsed": sum(not a.ok for a in answers)})
+    result = _with_findings(spec.number, StageResult(
+        stage=spec.number, name=spec.title, questions=questions, answers=answers), results)
+    if runtime.context.tracer is not None:
+        _trace(runtime, _question_records(
+            run_id, questions, requests, responses, answers, contexts,
+            latency=latency, retries=retries, checkpoint=checkpoint))
+        _trace(runtime, [StageRecord(
+            run_id=run_id, stage=spec.number, name=spec.key, status="ran",
+            question_ids=[q.id for q in questions], latency_s=latency, retries=retries,
+            errors=errors, checkpoint_id=checkpoint)])
+    if ctx.memory is not None:
+        ctx.memory.record_stage(run_id, study, result)
+    update = {**base, "results": {str(spec.number): result.model_dump(mode="json")},
+              "backend": ctx.backend_record()}
+    if spec.number == 1:
+        update.update(_quality_update(result, settings))
+    return update
 
 
 def _question_records(run_id: str, questions: Sequence[Question],

@@ -30,6 +30,8 @@ from cxrtrek.protocol import DecodingSettings, VLMBackend
 from cxrtrek.schema import Report, StageResult, Study
 
 if TYPE_CHECKING:
+    from opentelemetry.context import Context as SpanParent
+
     from cxrtrek.graph.context import ContextRetriever
     from cxrtrek.graph.trace import Tracer
 
@@ -146,6 +148,9 @@ class RunContext:
     """What the run records of ``backend`` (a :class:`cxrtrek.backends.registry.BackendInfo`
     as JSON: the spec it was loaded from, its model id, dialect and device); None: its model
     id only."""
+    span_parent: SpanParent | None = None
+    """The OpenTelemetry context of the run's span (:func:`cxrtrek.telemetry.run_span`): the
+    stages' spans are its children. None: children of the current span, if any."""
 
     def backend_record(self) -> dict[str, Any]:
         """The ``backend`` the state records for the stages this context answers."""

@@ -4,7 +4,7 @@ One file per run (``<trace_dir>/<run_id>.jsonl``), one JSON object a line, each 
 the union :data:`TraceRecord` told apart by ``kind``:
 
 * ``run``: the study (by id; images by SHA-256; the patient id only hashed), the model, the
-  settings, and where a fork came from;
+  settings, where a fork came from, and the OpenTelemetry trace id of its spans;
 * ``question``: one question of one stage: the rendered prompt and its SHA-256, the context
   ids with their retrieval scores, the model id and decoding settings, the raw and parsed
   output with its parse status, latency, retries and the checkpoint the stage started from;
@@ -129,6 +129,9 @@ class RunRecord(BaseRecord):
     backend: str | None = None
     """The backend spec it was loaded from (None: given as an object)."""
     forked_from: dict[str, Any] | None = None
+    otel_trace_id: str | None = None
+    """The OpenTelemetry trace id of the reading's spans (32 hex digits; None: no spans were
+    exported). A resume or fork has a trace of its own: its spans carry the run id."""
 
 
 class QuestionRecord(BaseRecord):

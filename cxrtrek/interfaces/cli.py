@@ -67,6 +67,10 @@ def _version(value: bool) -> None:
         raise typer.Exit(EXIT_OK)
 
 
+_TRACED = frozenset({"run", "read", "resume", "chat", "api", "mcp", "eval", "serve"})
+"""The commands that read studies or serve a model: their spans can be exported."""
+
+
 @app.callback()
 def _root(
     ctx: typer.Context,
@@ -82,6 +86,11 @@ def _root(
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    if ctx.invoked_subcommand in _TRACED:
+        from cxrtrek import telemetry
+
+        # spans go out over OTLP only when OTEL_EXPORTER_OTLP_ENDPOINT is set
+        telemetry.setup(f"cxrtrek-{ctx.invoked_subcommand}")
 
 
 # --- options shared by the reading commands ----------------------------------------------------

@@ -16,6 +16,9 @@ Endpoints (errors are OpenAI-style ``{"error": {"message", "type", "code"}}``):
 - ``GET /health``: ``{"status": "ok", ...}`` (no token needed; 503 while shutting down);
 - ``GET /metrics``: Prometheus text (:mod:`cxrtrek.serve.metrics`).
 
+Each chat completion has an OpenTelemetry span (``chat <model>``, kind SERVER, GenAI
+attributes; :mod:`cxrtrek.telemetry`) that continues the caller's W3C ``traceparent``.
+
 The answer is a standard ``chat.completion``, plus a ``cxrtrek`` object (stage, or null for a
 free question; vision-cache hits, queue wait, batch size) that OpenAI clients ignore.
 
@@ -57,6 +60,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cxrtrek import telemetry
 from cxrtrek.backends.openai_wire import (
     DEFAULT_MAX_TOKENS,
     ChatCompletionRequest,
@@ -81,6 +85,8 @@ from cxrtrek.serve.http_common import (
 from cxrtrek.serve.metrics import Metrics
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
     from cxrtrek.model.modeling import CXRTrekNetForConditionalGeneration
     from cxrtrek.model.processing import CXRTrekNetProcessor
 
@@ -182,6 +188,18 @@ def _error_response(exc: BaseException) -> Response:
                                    "code": code}}, status_code=status, headers=headers)
 
 
+def _answered(span: Span, body: dict[str, Any]) -> None:
+    """A chat completion's GenAI attributes on the server's span."""
+    usage, extra = body["usage"], body["cxrtrek"]
+    span.set_attributes({
+        "gen_ai.usage.input_tokens": usage["prompt_tokens"],
+        "gen_ai.usage.output_tokens": usage["completion_tokens"],
+        "gen_ai.response.finish_reasons": [c["finish_reason"] for c in body["choices"]],
+        "cxrtrek.request.id": extra["request_id"], "cxrtrek.stage.number": extra["stage"] or 0,
+        "cxrtrek.serve.batch_size": extra["batch_size"],
+        "cxrtrek.serve.queue_s": extra["queue_s"]})
+
+
 def create_app(backend_or_model: BackendOrModel,
                settings: ServerSettings | None = None) -> FastAPI:
     """The FastAPI app serving a backend (usually an
@@ -251,15 +269,20 @@ def create_app(backend_or_model: BackendOrModel,
     async def chat_completions(request: Request) -> Response:
         t0 = time.perf_counter()
         metrics.in_flight += 1
-        try:
-            response: Response = JSONResponse(await answer(request))
-            metrics.latency.observe(time.perf_counter() - t0)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            response = _error_response(exc)
-        finally:
-            metrics.in_flight -= 1
+        with telemetry.server_span(request.headers, model_id) as span:
+            try:
+                body = await answer(request)
+                response: Response = JSONResponse(body)
+                metrics.latency.observe(time.perf_counter() - t0)
+                _answered(span, body)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                response = _error_response(exc)
+                telemetry.fail(span, exc)
+            finally:
+                metrics.in_flight -= 1
+            span.set_attribute("http.response.status_code", response.status_code)
         metrics.requests[response.status_code] = metrics.requests.get(
             response.status_code, 0) + 1
         return response

@@ -24,7 +24,8 @@ _AT = "2025-01-02T03:04:05.678+00:00"
 LINES = [
     '{"kind":"run","schema_version":1,"run_id":"r1","study_id":"s1","patient_hash":"ab",'
     '"images":["' + "f" * 64 + '"],"prior_images":[],"mode":"full","settings":{"k":1},'
-    '"model_id":"m","backend":null,"forked_from":null,"created_at":"' + _AT + '"}',
+    '"model_id":"m","backend":null,"forked_from":null,"otel_trace_id":null,'
+    '"created_at":"' + _AT + '"}',
     '{"kind":"question","schema_version":1,"run_id":"r1","stage":2,"question_id":"q1",'
     '"request_id":"r1/2/q1","task_type":"Findings_Identification","qtype":"yes_no",'
     '"question":"Any?","options":[],"target":null,"prompt":"P","prompt_sha256":"' + "0" * 64
@@ -63,7 +64,7 @@ def test_a_schema_1_trace_reads_and_writes_back_the_same_lines(tmp_path: Path) -
 
 def test_a_question_line_from_before_the_newer_fields_still_reads(tmp_path: Path) -> None:
     # traces written before records gained ``backend``, ``dialect`` and ``constrained``
-    old = [LINES[0].replace(',"backend":null', ""),
+    old = [LINES[0].replace(',"backend":null', "").replace(',"otel_trace_id":null', ""),
            LINES[1].replace(',"dialect":"cxrtrek","constrained":null', "")]
     path = tmp_path / "old.jsonl"
     path.write_text("".join(f"{x}\n" for x in old), encoding="utf-8")
@@ -71,6 +72,16 @@ def test_a_question_line_from_before_the_newer_fields_still_reads(tmp_path: Path
     assert isinstance(run, RunRecord) and run.backend is None
     assert isinstance(question, QuestionRecord)
     assert question.dialect is None and question.constrained is None
+
+
+def test_a_run_line_from_before_the_newer_fields_still_reads(tmp_path: Path) -> None:
+    # traces written before a run record gained ``backend`` and ``otel_trace_id``
+    old = LINES[0].replace('"backend":null,', "").replace('"otel_trace_id":null,', "")
+    path = tmp_path / "old.jsonl"
+    path.write_text(old + "\n", encoding="utf-8")
+    [run] = read_trace(path)
+    assert isinstance(run, RunRecord)
+    assert run.backend is None and run.otel_trace_id is None
 
 
 def test_rewriting_a_read_trace_leaves_the_file_unchanged(tmp_path: Path) -> None:
