@@ -254,17 +254,23 @@ def _save_checkpoint(out: Path, step: int, model: Any, optimizer: Any, scheduler
     return folder
 
 
-def _load_checkpoint(folder: Path, model: Any, optimizer: Any, scheduler: Any,
-                     cfg: HFTrainConfig) -> tuple[int, list[float]]:
-    import torch
-
-    state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+def _check_resume(folder: Path, cfg: HFTrainConfig) -> dict[str, Any]:
+    """The checkpoint's state, after checking that it was written with ``cfg``'s settings."""
+    state: dict[str, Any] = json.loads((folder / "state.json").read_text(encoding="utf-8"))
     if state["config"] != _identity(cfg):
         changed = sorted(k for k in _identity(cfg)
                          if state["config"].get(k) != _identity(cfg).get(k))
         raise ConfigError(f"{folder} was written by a run with other settings "
                           f"({', '.join(changed)} differ); expected the same settings to "
                           "resume, or --no-resume to start over")
+    return state
+
+
+def _load_checkpoint(folder: Path, model: Any, optimizer: Any, scheduler: Any,
+                     cfg: HFTrainConfig) -> tuple[int, list[float]]:
+    import torch
+
+    state = _check_resume(folder, cfg)
     weights = torch.load(folder / "trainable.pt", map_location="cpu")
     params = _trainable(model)
     if set(weights) != set(params):
@@ -342,6 +348,9 @@ def train_hf(cfg: HFTrainConfig) -> HFTrainResult:
         raise ConfigError(f"--model hf:{cfg.model} is a LoRA adapter; expected the full model "
                           "folder to train (merge the adapter first, --merge)")
     raw = folder_config(cfg.model)
+    latest = _latest(cfg.output_dir) if cfg.resume else None
+    if latest is not None:
+        _check_resume(latest, cfg)  # before the model loads
     dist = _dist_init(cfg.device)
     device_name = cfg.device
     if dist.world > 1 and torch.cuda.is_available() and cfg.device != "cpu":
@@ -377,7 +386,6 @@ def train_hf(cfg: HFTrainConfig) -> HFTrainResult:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     out = cfg.output_dir
     start, losses = 0, list[float]()
-    latest = _latest(out) if cfg.resume else None
     if latest is not None:
         start, losses = _load_checkpoint(latest, model, optimizer, scheduler, cfg)
         log.info("resuming from %s (step %d)", latest, start)
