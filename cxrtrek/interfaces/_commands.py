@@ -174,7 +174,7 @@ def cmd_train_hf(args: argparse.Namespace) -> int:
         name = _flag(str(first["loc"][0])) if first["loc"] else "an option"
         raise ConfigError(f"{name}: {first['msg']}; got {first.get('input')!r}") from None
     result = train_hf(cfg)
-    if result.steps < cfg.steps:
+    if result.steps < cfg.steps or result.rank != 0:
         return EXIT_OK
     sys.stdout.write(f"{result.output_dir}\n")
     if result.merged is not None:

@@ -42,7 +42,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cxrtrek.errors import ConfigError, DataError
 
-__all__ = ["PROJECTORS", "TARGETS", "HFTrainConfig", "HFTrainResult", "train_hf"]
+__all__ = ["PROJECTORS", "TARGETS", "HFTrainConfig", "HFTrainResult", "micro_batch",
+           "train_hf"]
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,8 @@ class HFTrainResult:
     eval_loss: float | None = None
     examples: int = 0
     merged: Path | None = None
+    rank: int = 0
+    """This process's rank (0 alone writes)."""
 
     @property
     def final_loss(self) -> float | None:
@@ -215,6 +218,13 @@ class _Stream:
         if epoch not in self._orders:
             self._orders = {epoch: _order(self.n, self.seed, epoch)}
         return self._orders[epoch][k]
+
+
+def micro_batch(j: int, rank: int, world: int, size: int) -> range:
+    """The positions in a step's global batch of micro-batch ``j`` on ``rank``: micro-batch
+    ``j`` of a single process with batch ``size * world``, split between the ranks."""
+    at = j * size * world + rank * size
+    return range(at, at + size)
 
 
 # --- checkpoints -------------------------------------------------------------------------------
@@ -419,8 +429,7 @@ def train_hf(cfg: HFTrainConfig) -> HFTrainResult:
             optimizer.zero_grad(set_to_none=True)
             step_sum = torch.zeros((), dtype=torch.float64)
             for j in range(cfg.grad_accum):
-                at = j * micro * dist.world + dist.rank * micro
-                batch = chosen[at:at + micro]
+                batch = [chosen[k] for k in micro_batch(j, dist.rank, dist.world, micro)]
                 loss = _loss_sum(net, _to(collate(batch, pad_id), device, dtype))
                 step_sum += float(loss.detach())
                 (loss * dist.world / max(tokens, 1)).backward()
@@ -446,10 +455,10 @@ def train_hf(cfg: HFTrainConfig) -> HFTrainResult:
         if dist.main:
             _save_checkpoint(out, end, model, optimizer, scheduler, cfg, losses)
         _barrier(dist)
-        return HFTrainResult(out, end, losses, None, len(examples))
+        return HFTrainResult(out, end, losses, None, len(examples), rank=dist.rank)
     if evals and dist.main:
         eval_loss = _evaluate(model, evals, pad_id, micro, device, dtype)
-    result = HFTrainResult(out, cfg.steps, losses, eval_loss, len(examples))
+    result = HFTrainResult(out, cfg.steps, losses, eval_loss, len(examples), rank=dist.rank)
     if dist.main:
         log.info("trained %d steps in %.1f s", cfg.steps - start, time.perf_counter() - t0)
         _write_outputs(model, processor, cfg, result, raw)

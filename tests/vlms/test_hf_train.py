@@ -7,7 +7,11 @@ one-line errors."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +29,7 @@ from cxrtrek.interfaces._commands import serve_spec
 from cxrtrek.interfaces.cli import EXIT_USAGE, main
 from cxrtrek.model.hf_examples import IGNORE, Encoder
 from cxrtrek.model.hf_loading import load_processor
-from cxrtrek.model.hf_train import HFTrainConfig, HFTrainResult, train_hf
+from cxrtrek.model.hf_train import HFTrainConfig, HFTrainResult, micro_batch, train_hf
 from cxrtrek.protocol import VLMRequest
 
 END_OF_TURN = {"qwen2_vl": "<|im_end|>\n", "gemma3": "<end_of_turn>\n"}
@@ -212,3 +216,41 @@ def test_bad_flags_and_a_folder_that_is_not_a_vlm_give_one_error_line(
         lines = [line for line in err.splitlines() if line.startswith("cxrtrek")]
         assert code == EXIT_USAGE and expected in err and "Traceback" not in err, err
         assert len(lines) == 1, err
+
+
+def test_ranks_take_disjoint_parts_of_the_single_process_micro_batches() -> None:
+    for j in range(3):
+        single = list(micro_batch(j, 0, 1, 4))
+        parts = [list(micro_batch(j, r, 2, 2)) for r in range(2)]
+        assert parts[0] != parts[1] and not set(parts[0]) & set(parts[1])
+        assert sorted(parts[0] + parts[1]) == single
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(
+        vlm_folders: dict[str, Path], phantoms: Path, tmp_path: Path) -> None:
+    folder = vlm_folders["qwen2_vl"]
+    flags = ["--steps", "2", "--lora-dropout", "0", "--device", "cpu", "--max-length", "1024",
+             "--lr", "5e-3", "--lora-r", "4", "--lora-alpha", "8", "--seed", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+         "-m", "cxrtrek", "train", str(phantoms), str(tmp_path / "two"),
+         "--model", f"hf:{folder}", "--batch-size", "1", *flags],
+        env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines() == [str(tmp_path / "two")]  # rank 0 alone writes
+    one = _train(folder, phantoms, tmp_path / "one", steps=2, batch_size=2, lora_dropout=0.0)
+    logged = [json.loads(line)["loss"] for line in
+              (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx(one.losses, rel=1e-4)
+    a = load_file(tmp_path / "two" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
