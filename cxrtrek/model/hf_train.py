@@ -403,6 +403,7 @@ def train_hf(cfg: HFTrainConfig) -> HFTrainResult:
         shutil.rmtree(out / "checkpoints")
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
+        _trim_log(out, start)
 
     net: Any = model
     if dist.world > 1:
@@ -472,6 +473,17 @@ def _barrier(dist: _Dist) -> None:
 
         tdist.barrier()
         tdist.destroy_process_group()
+
+
+def _trim_log(out: Path, start: int) -> None:
+    """Keep the log's lines up to ``start`` (a run resumed from its checkpoint at ``start``
+    logs the later steps again; a fresh run starts an empty log)."""
+    path = out / "train_log.jsonl"
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and int(json.loads(line).get("step", 0)) <= start]
+    path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
 
 
 def _log_line(out: Path, record: dict[str, Any]) -> None:

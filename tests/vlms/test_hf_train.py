@@ -187,6 +187,9 @@ def test_a_resumed_run_equals_an_uninterrupted_one(vlm_folders: dict[str, Path],
     assert not (tmp_path / "cut" / "adapter_model.safetensors").exists()
     resumed = _train(folder, phantoms, tmp_path / "cut", **kw)
     assert resumed.losses == pytest.approx(whole.losses, rel=1e-5)
+    logged = [json.loads(line) for line in
+              (tmp_path / "cut" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 2, 3]
     a = load_file(tmp_path / "whole" / "adapter_model.safetensors")
     b = load_file(tmp_path / "cut" / "adapter_model.safetensors")
     assert set(a) == set(b)
