@@ -35,19 +35,11 @@ from cxrtrek.protocol import VLMRequest
 END_OF_TURN = {"qwen2_vl": "<|im_end|>\n", "gemma3": "<end_of_turn>\n"}
 
 
-def _sample() -> Path:
-    for base in Path(__file__).resolve().parents:
-        path = base / "shared" / "data" / "cxrtrek_sample" / "cxrtrek_sample.json"
-        if path.is_file():
-            return path
-    pytest.skip("the shared CXRTrek sample is not here")
-
-
 @pytest.fixture(scope="module")
-def sample_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def sample_copy(tmp_path_factory: pytest.TempPathFactory, sample_path: Path) -> Path:
     """The shared sample beside images made here in place of its absent ones."""
     root = tmp_path_factory.mktemp("sample")
-    src = _sample()
+    src = sample_path
     rng = np.random.default_rng(0)
     for record in json.loads(src.read_text(encoding="utf-8")):
         for rel in record["data_dict"]["cxrtrek_data"]["image"]:
