@@ -20,7 +20,12 @@ Measured, each on phantom studies with a prior (all eight stages):
 - the same reading one question at a time (batches of one row), the baseline;
 - readings per hour through ``cxrtrek serve`` on 127.0.0.1 (the HTTP backend against the
   OpenAI-compatible server in this process) when the time budget allows;
-- peak GPU memory.
+- peak GPU memory;
+- LoRA training (``cxrtrek train --model hf:PATH``'s loop, :mod:`cxrtrek.model.hf_train`):
+  steps per second and peak GPU memory on the phantom studies' chats of about 2-4k tokens
+  (the longest up to ``--lora-max-length``), batch 1 with ``--lora-grad-accum`` micro-batches
+  a step, gradient checkpointing, LoRA r 16 on the language model's attention and MLP
+  projections (``--no-lora`` skips it).
 
 Prints a table (and writes it as JSON with ``--json FILE``). Configurations that would start
 after ``--budget-s`` are skipped and say so.
@@ -208,6 +213,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="no new configuration starts after this many seconds")
     parser.add_argument("--no-serve", action="store_true", help="skip cxrtrek serve")
     parser.add_argument("--json", type=Path, default=None, help="also write the table here")
+    parser.add_argument("--no-lora", action="store_true", help="skip the LoRA training check")
+    parser.add_argument("--lora-steps", type=int, default=None,
+                        help="timed LoRA steps after one warm-up step (default 5, tiny 2)")
+    parser.add_argument("--lora-grad-accum", type=int, default=4)
+    parser.add_argument("--lora-max-length", type=int, default=4096)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     for noisy in ("httpx", "transformers", "cxrtrek"):
@@ -253,6 +263,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.no_serve:
             rows.extend(_through_serve(batched, lengths, studies, levels, home, deadline))
         peak = (torch.cuda.max_memory_allocated() / 2**30) if device == "cuda" else None
+        lora = None if args.no_lora else lora_check(
+            model, processor, studies, device, steps=args.lora_steps or (2 if args.tiny else 5),
+            grad_accum=args.lora_grad_accum, max_length=args.lora_max_length)
     device_name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
     latency = next((r.wall_s for r in rows if r.config.startswith("hf in process")
                     and r.readings_at_once == 1 and not r.skipped), None)
@@ -264,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "questions_per_reading": len(studies[0].questions), "answer_tokens": lengths,
         "reading_latency_s": round(latency, 2) if latency is not None else None,
         "peak_gpu_memory_gib": round(peak, 2) if peak is not None else None,
-        "total_s": round(time.monotonic() - started, 1),
+        "total_s": round(time.monotonic() - started, 1), "lora": lora,
         "rows": [dict(config=r.config, readings_at_once=r.readings_at_once,
                       wall_s=round(r.wall_s, 2), readings_per_hour=round(r.per_hour, 1),
                       tokens_per_s=round(r.tokens / r.wall_s, 1) if r.wall_s else 0.0,
@@ -274,6 +287,63 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     return 0
+
+
+def lora_check(model: Any, processor: Any, studies: Sequence[Study], device: str, *,
+               steps: int, grad_accum: int, max_length: int) -> dict[str, Any]:
+    """LoRA training steps per second and peak GPU memory, on the longest training chats of
+    the phantom studies (batch 1, ``grad_accum`` micro-batches a step, gradient
+    checkpointing). Run last: it adds LoRA layers to ``model``."""
+    import torch
+
+    from cxrtrek.model.hf_examples import Encoder, collate
+    from cxrtrek.model.hf_train import HFTrainConfig, _lora_model, _loss_sum, _to
+
+    encoder = Encoder(processor, max_length=max_length)
+    chats = sorted(encoder.studies(studies), key=len, reverse=True)[:grad_accum]
+    while len(chats) < grad_accum:
+        chats = chats + chats[:grad_accum - len(chats)]
+    cfg = HFTrainConfig(model=Path("."), data=Path("."), output_dir=Path("."),
+                        gradient_checkpointing=True)
+    peft_model = _lora_model(model, "qwen2_vl", cfg)
+    peft_model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_model.train()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    pad = processor.tokenizer.pad_token_id
+    dtype = peft_model.dtype
+    losses: list[float] = []
+
+    def step() -> None:
+        tokens = sum(c.label_tokens for c in chats)
+        total = 0.0
+        optimizer.zero_grad(set_to_none=True)
+        for chat in chats:
+            loss = _loss_sum(peft_model, _to(collate([chat], pad), device, dtype))
+            (loss / tokens).backward()
+            total += float(loss.detach())
+        optimizer.step()
+        losses.append(total / tokens)
+
+    step()  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    tokens = sum(len(c) for c in chats) * steps
+    return {"steps": steps, "grad_accum": grad_accum, "batch_size": 1,
+            "chat_tokens": [len(c) for c in chats], "wall_s": round(wall, 2),
+            "steps_per_s": round(steps / wall, 4), "tokens_per_s": round(tokens / wall, 1),
+            "trainable_params_m": round(sum(p.numel() for p in params) / 1e6, 2),
+            "peak_gpu_memory_gib": round(peak, 2) if peak is not None else None,
+            "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4)}
 
 
 def _through_serve(backend: HFBackend, lengths: dict[str, int], studies: Sequence[Study],
@@ -311,6 +381,13 @@ def _print_table(summary: dict[str, Any]) -> None:
     out.write(f"\none 8-stage reading: {summary['reading_latency_s']} s; peak GPU memory: "
               f"{'n/a (CPU)' if peak is None else f'{peak} GiB'}; total "
               f"{summary['total_s']} s\n")
+    lora = summary.get("lora")
+    if lora:
+        lpeak = lora["peak_gpu_memory_gib"]
+        out.write(f"LoRA training: {lora['steps_per_s']} steps/s ({lora['tokens_per_s']} "
+                  f"tokens/s; batch 1 x {lora['grad_accum']} chats of {lora['chat_tokens']} "
+                  f"tokens, gradient checkpointing, {lora['trainable_params_m']} M trainable); "
+                  f"peak GPU memory: {'n/a (CPU)' if lpeak is None else f'{lpeak} GiB'}\n")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,10 @@ the dialect for general instruction-tuned models (``cxrtrek`` where that dialect
 available). ``--dialect`` overrides both.
 
 The Qwen2-VL and Qwen2.5-VL processors load image-only (see
-:mod:`cxrtrek.backends._hf_processors`): their stock processors need torchvision for video.
+:mod:`cxrtrek.model._hf_processors`): their stock processors need torchvision for video.
+Loading is shared with training (:mod:`cxrtrek.model.hf_loading`); a LoRA adapter folder
+(``adapter_config.json``, as ``cxrtrek train --model hf:PATH`` writes it) loads as its base
+model with the adapter merged in.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import functools
-import json
 import logging
 import re
 import threading
@@ -43,6 +45,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cxrtrek.errors import BackendError, ConfigError, DataError
+from cxrtrek.model.hf_loading import (
+    chat_messages,
+    folder_config,
+    load_hf_parts,
+    structural_pattern,
+    to_pil,
+)
 from cxrtrek.protocol import VLMRequest, VLMResponse
 from cxrtrek.schema import ImageRef
 
@@ -58,142 +67,19 @@ log = logging.getLogger(__name__)
 DIALECT_KEY = "cxrtrek_dialect"
 """The ``config.json`` key through which a model folder names its default dialect."""
 
-_QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
-_DTYPES = ("float32", "bfloat16", "float16")
-
-
-# --- images ------------------------------------------------------------------------------------
-
-
-def to_pil(ref: ImageRef) -> PILImage.Image:
-    """The image as cxrtrek decodes it, as an 8-bit RGB PIL image (0 black)."""
-    import numpy as np
-    from PIL import Image
-
-    from cxrtrek.data.images import decode_image
-
-    source: str | bytes | None = ref.data if ref.data is not None else ref.path
-    if source is None:
-        raise DataError(f"image {ref.sha256}: expected its bytes or a path to decode; got "
-                        "neither")
-    pixels = decode_image(source).pixels  # float32 in [0, 1], windowed
-    gray = np.round(np.asarray(pixels, dtype=np.float64) * 255.0).astype(np.uint8)
-    return Image.fromarray(gray).convert("RGB")
-
-
-# --- loading -----------------------------------------------------------------------------------
-
-
-def _folder_config(folder: Path) -> dict[str, Any]:
-    """The folder's ``config.json``, after checking that it is a model folder."""
-    expected = ("expected a transformers image-text-to-text model folder (config.json, "
-                "weights, tokenizer and processor files)")
-    if not folder.is_dir():
-        raise ConfigError(f"hf backend: {folder} is not a folder; {expected}")
-    path = folder / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"hf backend: {folder} has no config.json; {expected}")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"hf backend: {path} is not readable JSON ({exc}); {expected}") \
-            from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"hf backend: {path} holds {type(raw).__name__}, not an object; "
-                          f"{expected}")
-    if raw.get("model_type") == "cxrtrek_net":
-        raise ConfigError(f"hf backend: {folder} is a CXRTrekNet folder; load it with "
-                          f"inprocess:{folder}")
-    return raw
-
-
 def default_dialect(folder: str | Path) -> str:
-    """The dialect a model folder asks for (``config.json``'s ``cxrtrek_dialect``), else
-    ``instruct`` (or ``cxrtrek`` where ``instruct`` is not available)."""
+    """The dialect a model folder asks for (``config.json``'s ``cxrtrek_dialect``; an
+    adapter folder's ``cxrtrek.json``), else ``instruct`` (or ``cxrtrek`` where
+    ``instruct`` is not available)."""
     from cxrtrek.prompts.dialects import DIALECTS
 
-    named = _folder_config(Path(folder)).get(DIALECT_KEY)
+    named = folder_config(Path(folder)).get(DIALECT_KEY)
     if named is not None:
         if not isinstance(named, str) or named not in DIALECTS:
-            raise ConfigError(f"{Path(folder) / 'config.json'}: {DIALECT_KEY} must be one of "
+            raise ConfigError(f"{Path(folder)}: {DIALECT_KEY} must be one of "
                               f"{', '.join(DIALECTS)}; got {named!r}")
         return named
     return "instruct" if "instruct" in DIALECTS else "cxrtrek"
-
-
-def _placement(device: str | None, dtype: str | None) -> tuple[str, Any, str | None]:
-    """(device, torch dtype, device_map) for the options: auto is CUDA with bfloat16 when
-    available, else CPU with float32; several GPUs (device ``cuda`` or auto) share the
-    model through ``device_map="auto"``."""
-    import torch
-
-    cuda = torch.cuda.is_available()
-    if device in (None, "auto"):
-        device = "cuda" if cuda else "cpu"
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ConfigError(f"device must be cpu, cuda, cuda:N or auto; got {device!r}")
-    if device.startswith("cuda") and not cuda:
-        raise ConfigError(f"device {device!r} was asked for, but CUDA is not available here; "
-                          "expected cpu or auto")
-    if dtype in (None, "auto"):
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    if dtype not in _DTYPES:
-        raise ConfigError(f"dtype must be {', '.join(_DTYPES)} or auto; got {dtype!r}")
-    device_map = "auto" if device == "cuda" and torch.cuda.device_count() > 1 else None
-    return device, getattr(torch, dtype), device_map
-
-
-def load_hf_parts(folder: str | Path, *, device: str | None = None,
-                  dtype: str | None = None) -> tuple[Any, Any]:
-    """(model, processor) of a transformers image-text-to-text folder, ready to generate;
-    :class:`ConfigError` for a folder that is not one."""
-    folder = Path(folder)
-    raw = _folder_config(folder)
-    device_, torch_dtype, device_map = _placement(device, dtype)
-    import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-
-    tf: Any = transformers  # its classes are used untyped here
-
-    try:
-        config = tf.AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (ValueError, KeyError, OSError) as exc:
-        raise ConfigError(f"hf backend: {folder}: transformers cannot read its config "
-                          f"(model_type {raw.get('model_type')!r}): {exc}") from exc
-    model_type = str(config.model_type)
-    if model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
-        raise ConfigError(f"hf backend: {folder} holds a {model_type!r} model, which is not an "
-                          "image-text-to-text model; expected one of transformers' "
-                          "AutoModelForImageTextToText families (e.g. qwen2_vl, qwen2_5_vl, "
-                          "gemma3, llava, idefics3)")
-    try:
-        if model_type in _QWEN_FAMILIES:
-            from cxrtrek.backends import _hf_processors
-
-            _hf_processors.register()
-            cls = (_hf_processors.Qwen2VLImageProcessor if model_type == "qwen2_vl"
-                   else _hf_processors.Qwen2_5_VLImageProcessor)
-            processor = cls.from_pretrained(folder, local_files_only=True)
-        else:
-            processor = tf.AutoProcessor.from_pretrained(folder, local_files_only=True)
-    except (ValueError, OSError, TypeError, AttributeError) as exc:
-        raise ConfigError(f"hf backend: {folder}: its processor did not load: {exc}") from exc
-    if getattr(processor, "image_processor", None) is None or \
-            getattr(processor, "tokenizer", None) is None:
-        raise ConfigError(f"hf backend: {folder}: expected a processor with an image processor "
-                          f"and a tokenizer; AutoProcessor gave {type(processor).__name__}")
-    if not (processor.chat_template or getattr(processor.tokenizer, "chat_template", None)):
-        raise ConfigError(f"hf backend: {folder}: the model has no chat template (expected "
-                          "chat_template.jinja, chat_template.json or one in "
-                          "tokenizer_config.json)")
-    try:
-        model = tf.AutoModelForImageTextToText.from_pretrained(
-            folder, dtype=torch_dtype, device_map=device_map, local_files_only=True)
-    except (ValueError, OSError) as exc:
-        raise ConfigError(f"hf backend: {folder}: the model did not load: {exc}") from exc
-    if device_map is None:
-        model = model.to(device_)
-    return model.eval(), processor
 
 
 # --- the backend -------------------------------------------------------------------------------
@@ -263,22 +149,8 @@ class HFBackend:
                    max_batch_size=max_batch_size, force_answer_length=force_answer_length)
 
     def _structural_pattern(self) -> re.Pattern[str] | None:
-        """The model's structural tokens (image placeholders, turn and sequence markers: its
-        special tokens, less grounding markers such as Qwen's box tokens), which free text
-        must not carry: a question that contains ``<image>`` (the CXRTrek data does) would
-        otherwise ask the processor for an image that is not there."""
-        tokens: set[str] = set(getattr(self.tokenizer, "all_special_tokens", []) or [])
-        added = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
-        tokens.update(str(t) for t in added.values() if getattr(t, "special", False))
-        for owner in (self.processor, self.tokenizer):
-            for name in ("image_token", "video_token", "boi_token", "eoi_token"):
-                value = getattr(owner, name, None)
-                if isinstance(value, str):
-                    tokens.add(value)
-        tokens = {t for t in tokens if t and not re.search(r"box|ref|quad|obj|point", t)}
-        if not tokens:
-            return None
-        return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
+        """See :func:`cxrtrek.model.hf_loading.structural_pattern`."""
+        return structural_pattern(self.processor)
 
     def _stop_ids(self) -> list[int]:
         ids: list[int] = []
@@ -338,20 +210,7 @@ class HFBackend:
         """A dialect's turns as transformers chat messages: every content a list of
         ``{"type": "image"}`` and ``{"type": "text"}`` parts in order (empty text left out;
         the model's structural tokens removed from text)."""
-        from cxrtrek.prompts.dialects import ImageSlot
-
-        messages: list[dict[str, Any]] = []
-        for turn in turns:
-            content: list[dict[str, Any]] = []
-            for part in turn.parts:
-                if isinstance(part, ImageSlot):
-                    content.append({"type": "image"})
-                else:
-                    text = part if self._structural is None else self._structural.sub("", part)
-                    if text:
-                        content.append({"type": "text", "text": text})
-            messages.append({"role": turn.role, "content": content})
-        return messages
+        return chat_messages(turns, self._structural)
 
     def _prepare_all(self, requests: Sequence[VLMRequest],
                      ) -> list[tuple[str, list[PILImage.Image]]]:

@@ -130,9 +130,71 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     console.print(table)
     return EXIT_FAILED if failed else EXIT_OK
 
+_HF_ONLY = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "train_projector",
+            "gradient_checkpointing", "max_length", "warmup_steps", "merge")
+_NET_ONLY = ("vision_path", "lm_path", "lm_mode", "train_vision", "pack_questions",
+             "image_size", "image_token_norm", "cache_image_features", "caption_keep",
+             "max_minutes", "question_types", "context_fraction", "images_by_stage",
+             "describe", "group_by_length")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def cmd_train_hf(args: argparse.Namespace) -> int:
+    """``cxrtrek train DATA OUT --model hf:PATH``: LoRA on a transformers VLM."""
+    from cxrtrek.errors import ConfigError
+    from cxrtrek.model.hf_train import HFTrainConfig, train_hf
+
+    bad = [_flag(k) for k in _NET_ONLY if getattr(args, k, None) is not None]
+    if args.phase != "lm":
+        bad.insert(0, "--phase")
+    if bad:
+        raise ConfigError(f"{', '.join(bad)} set{'s' if len(bad) == 1 else ''} CXRTrekNet "
+                          "training; with --model hf:PATH expected the LoRA options "
+                          f"({', '.join(_flag(k) for k in _HF_ONLY)})")
+    folder = args.model.split(":", 1)[1]
+    if not folder:
+        raise ConfigError("--model hf:PATH: expected a model folder after hf:")
+    fields = ("eval_data", "image_root", "steps", "batch_size", "grad_accum", "lr", "dtype",
+              "device", "seed", "eval_every", "checkpoint_every", *_HF_ONLY)
+    values = {k: getattr(args, k) for k in fields if getattr(args, k, None) is not None}
+    if "target_modules" in values:
+        values["target_modules"] = [t.strip() for t in values["target_modules"].split(",")
+                                    if t.strip()]
+    from pydantic import ValidationError
+
+    try:
+        cfg = HFTrainConfig(model=Path(folder), data=args.train_data,
+                            output_dir=args.output_dir, resume=not args.no_resume,
+                            command=" ".join(["cxrtrek", *sys.argv[1:]]), **values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = _flag(str(first["loc"][0])) if first["loc"] else "an option"
+        raise ConfigError(f"{name}: {first['msg']}; got {first.get('input')!r}") from None
+    result = train_hf(cfg)
+    if result.steps < cfg.steps or result.rank != 0:
+        return EXIT_OK
+    sys.stdout.write(f"{result.output_dir}\n")
+    if result.merged is not None:
+        sys.stdout.write(f"{result.merged}\n")
+    return EXIT_OK
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from cxrtrek.model.train import TrainConfig, train
 
+    if isinstance(args.model, str) and args.model.startswith("hf:"):
+        return cmd_train_hf(args)
+    given = [_flag(k) for k in _HF_ONLY if getattr(args, k, None) is not None]
+    if given:
+        from cxrtrek.errors import ConfigError
+
+        verb = "applies" if len(given) == 1 else "apply"
+        raise ConfigError(f"{', '.join(given)} {verb} to --model hf:PATH (LoRA on a "
+                          "transformers VLM); CXRTrekNet training takes --lm-mode and its own "
+                          "options")
     if args.phase == "vision":
         from cxrtrek.model.pretrain import VisionPretrainConfig, pretrain_vision
 
@@ -185,8 +247,11 @@ def serve_spec(model: str) -> str:
 
 
 def _transformers_folder(folder: Path) -> bool:
+    """A transformers model folder, or a LoRA adapter folder (which loads through hf:)."""
     import json
 
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        return True
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):

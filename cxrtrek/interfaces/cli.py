@@ -661,11 +661,38 @@ def train_cmd(
         "--group-by-length",
         help="batch examples of similar length together, so short ones are not padded to "
              "the longest of a batch")] = None,
+    lora_r: Annotated[int | None, typer.Option(
+        "--lora-r", help="hf: models: the LoRA rank (default 16)")] = None,
+    lora_alpha: Annotated[int | None, typer.Option(
+        "--lora-alpha", help="hf: models: the LoRA alpha (default 32)")] = None,
+    lora_dropout: Annotated[float | None, typer.Option(
+        "--lora-dropout", help="hf: models: dropout on the LoRA input (default 0.05)")] = None,
+    target_modules: Annotated[str | None, typer.Option(
+        "--target-modules", metavar="NAME,NAME",
+        help="hf: models: the language model's linear layers LoRA adapts (default: the "
+             "family's attention and MLP projections)")] = None,
+    train_projector: Annotated[bool | None, typer.Option(
+        "--train-projector", help="hf: models: train the vision-language projector too")] = None,
+    gradient_checkpointing: Annotated[bool | None, typer.Option(
+        "--gradient-checkpointing", help="hf: models: recompute activations in the backward "
+                                         "pass (less memory, slower)")] = None,
+    max_length: Annotated[int | None, typer.Option(
+        "--max-length", metavar="TOKENS",
+        help="hf: models: the longest training chat; longer studies are cut at whole turns "
+             "(default 4096)")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(
+        "--warmup-steps", help="hf: models: linear warmup steps (default 0)")] = None,
+    merge: Annotated[bool | None, typer.Option(
+        "--merge", help="hf: models: also write the merged full weights to OUTPUT_DIR/merged")
+    ] = None,
 ) -> int:
     """Train CXRTrekNet (LoRA on the LM and the projector by default) on CXRTrek-format data.
 
     Checkpoints into OUTPUT_DIR and resumes from there; the finished folder loads with
-    --backend inprocess:OUTPUT_DIR.
+    --backend inprocess:OUTPUT_DIR. With --model hf:PATH, fine-tunes that transformers
+    image-text-to-text model with LoRA instead (several processes: torchrun
+    --nproc-per-node N -m cxrtrek train ...); OUTPUT_DIR is then the adapter, which loads
+    with --backend hf:OUTPUT_DIR.
     """
     params = dict(locals())  # the options, before anything else is bound here
     from cxrtrek.interfaces._commands import cmd_train

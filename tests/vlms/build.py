@@ -66,7 +66,7 @@ def _qwen(family: str) -> tuple[Any, Any, dict[str, Any]]:
         Qwen2VLImageProcessorPil,
     )
 
-    from cxrtrek.backends._hf_processors import Qwen2_5_VLImageProcessor, Qwen2VLImageProcessor
+    from cxrtrek.model._hf_processors import Qwen2_5_VLImageProcessor, Qwen2VLImageProcessor
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                 "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|box_start|>",

@@ -30,5 +30,9 @@ def test_the_gpu_check_runs_tiny_on_cpu(tmp_path: Path, monkeypatch: pytest.Monk
     assert all(r["skipped"] is None and r["readings_per_hour"] > 0 for r in summary["rows"])
     assert summary["reading_latency_s"] > 0 and summary["peak_gpu_memory_gib"] is None
     assert summary["device"] == "CPU" and summary["questions_per_reading"] > 8
+    lora = summary["lora"]
+    assert lora["steps"] == 2 and lora["steps_per_s"] > 0 and lora["trainable_params_m"] > 0
+    assert lora["peak_gpu_memory_gib"] is None and len(lora["chat_tokens"]) == 4
     table = capsys.readouterr().out
     assert "readings/h" in table and "one 8-stage reading" in table
+    assert "LoRA training:" in table
