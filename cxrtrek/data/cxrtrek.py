@@ -154,6 +154,20 @@ def _is_jsonl(path: Path, text: str) -> bool:
     return not text.lstrip().startswith("[")
 
 
+def read_text(path: Path, kind: str) -> str:
+    """A data file's text; :class:`FormatError` naming the file when it is missing,
+    unreadable as UTF-8 or empty (``kind``: whose records it should hold, e.g. "CXRTrek")."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise FormatError(f"{path}: no such {kind} file") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{path}: cannot be read as UTF-8 text ({exc})") from exc
+    if not text.strip():
+        raise FormatError(f"{path}: the file is empty; expected {kind} records")
+    return text
+
+
 def read_records(path: str | Path) -> list[CXRTrekRecord]:
     """Read a CXRTrek file: a JSON array of records, one record, or JSONL.
 
@@ -161,14 +175,7 @@ def read_records(path: str | Path) -> list[CXRTrekRecord]:
     :class:`FormatError` naming the file, the record (index or line) and what was wrong.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise FormatError(f"{path}: no such CXRTrek file") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{path}: cannot be read as UTF-8 text ({exc})") from exc
-    if not text.strip():
-        raise FormatError(f"{path}: the file is empty; expected CXRTrek records")
+    text = read_text(path, "CXRTrek")
     if _is_jsonl(path, text):
         records = []
         for lineno, line in enumerate(text.splitlines(), start=1):

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from cxrtrek.data.cxrtrek import read_text
 from cxrtrek.errors import FormatError, MissingImageError
 from cxrtrek.evals.benchmark_metrics import BenchTag, Scoring
 from cxrtrek.schema import (
@@ -145,14 +146,7 @@ class Reader:
 def read_json_records(path: Path) -> list[dict[str, Any]]:
     """The records of a JSON array, a JSON object keyed by record id (each value a record; the
     key is kept as ``_key``), one JSON record, or JSONL (one record a line)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise FormatError(f"{path}: no such file") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{path}: cannot be read as UTF-8 text ({exc})") from exc
-    if not text.strip():
-        raise FormatError(f"{path}: the file is empty; expected benchmark records")
+    text = read_text(path, "benchmark")
     jsonl = path.suffix.lower() == ".jsonl"
     if not jsonl:
         try:
