@@ -238,10 +238,6 @@ def load_backend(spec: str, study: Study | None = None, *,
     if spec.startswith("hf:"):
         from cxrtrek.backends.hf import HFBackend
 
-        target = spec[len("hf:"):].strip()
-        if not target:
-            raise ConfigError(f"backend {spec!r}: expected hf:PATH (a transformers "
-                              "image-text-to-text model folder)")
-        return HFBackend.load(target, device=_auto(options.device), dtype=_auto(options.dtype),
+        return HFBackend.load(spec[len("hf:"):].strip(), device=_auto(options.device), dtype=_auto(options.dtype),
                               dialect=options.dialect, max_batch_size=options.max_batch_size)
     raise ConfigError(f"unknown backend {spec!r}; expected {BACKEND_SPECS}")
