@@ -238,6 +238,7 @@ def load_backend(spec: str, study: Study | None = None, *,
     if spec.startswith("hf:"):
         from cxrtrek.backends.hf import HFBackend
 
-        return HFBackend.load(spec[len("hf:"):].strip(), device=_auto(options.device), dtype=_auto(options.dtype),
-                              dialect=options.dialect, max_batch_size=options.max_batch_size)
+        return HFBackend.load(spec[len("hf:"):].strip(), device=_auto(options.device),
+                              dtype=_auto(options.dtype), dialect=options.dialect,
+                              max_batch_size=options.max_batch_size)
     raise ConfigError(f"unknown backend {spec!r}; expected {BACKEND_SPECS}")
