@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +131,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 _HF_ONLY = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "train_projector",
-            "gradient_checkpointing", "max_length", "warmup_steps", "merge")
+            "gradient_checkpointing", "max_length", "warmup_steps", "merge", "eval_limit")
 _NET_ONLY = ("vision_path", "lm_path", "lm_mode", "train_vision", "pack_questions",
              "image_size", "image_token_norm", "cache_image_features", "caption_keep",
              "max_minutes", "question_types", "context_fraction", "images_by_stage",
@@ -140,6 +140,40 @@ _NET_ONLY = ("vision_path", "lm_path", "lm_mode", "train_vision", "pack_question
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+_EVAL_FIGURES = ("stage_score", "yes_no_acc", "single_choice_acc", "multi_choice_exact",
+                 "det_acc50", "rougeL")
+"""The headline figures of a periodic evaluation: the mean per-question score over every
+question (``stage_score``) and each question type's primary metric, all under the ``full``
+context policy."""
+
+
+def eval_hook(data: Path, *, limit: int, image_root: Path | None = None,
+              device: str | None = None, dtype: str | None = None) -> Callable[[Path, int],
+                                                                             dict[str, float]]:
+    """The ``on_eval`` hook of :func:`cxrtrek.model.hf_train.train_hf` that ``cxrtrek train
+    --eval-data FILE`` passes: ``cxrtrek eval`` of the adapter saved at a step (the first
+    ``limit`` studies of ``data``, full context, the ``cxrtrek-chat`` dialect), written beside
+    it (``OUT/evals/step-N/results.json``); the headline figures, as ``eval_<figure>``, plus
+    ``eval_parsed`` (the share of scored answers that parsed)."""
+    from cxrtrek.evals.runner import EvalConfig, run_eval
+    from cxrtrek.model.hf_examples import DIALECT
+
+    def hook(adapter: Path, step: int) -> dict[str, float]:
+        config = EvalConfig(data=str(data), backend=f"hf:{adapter}", contexts=("full",),
+                            limit=limit, device=device, dtype=dtype, dialect=DIALECT,
+                            image_root=str(image_root) if image_root is not None else None)
+        summary = run_eval(config, out_dir=adapter.parent).results.policies["full"]
+        overall = {"stage_score": summary.overall.stage_score, **summary.overall.metrics}
+        figures = {f"eval_{k}": float(v) for k in _EVAL_FIGURES
+                   if (v := overall.get(k)) is not None}
+        scored = summary.counts.get("scored", 0)
+        if scored:
+            figures["eval_parsed"] = summary.counts.get("ok", 0) / scored
+        return figures
+
+    return hook
 
 
 def cmd_train_hf(args: argparse.Namespace) -> int:
@@ -158,8 +192,13 @@ def cmd_train_hf(args: argparse.Namespace) -> int:
     if not folder:
         raise ConfigError("--model hf:PATH: expected a model folder after hf:")
     fields = ("eval_data", "image_root", "steps", "batch_size", "grad_accum", "lr", "dtype",
-              "device", "seed", "eval_every", "checkpoint_every", *_HF_ONLY)
+              "device", "seed", "eval_every", "checkpoint_every",
+              *(k for k in _HF_ONLY if k != "eval_limit"))
     values = {k: getattr(args, k) for k in fields if getattr(args, k, None) is not None}
+    eval_limit = getattr(args, "eval_limit", None)
+    eval_limit = 8 if eval_limit is None else int(eval_limit)
+    if eval_limit < 1:
+        raise ConfigError(f"--eval-limit: expected at least 1 study; got {eval_limit}")
     if "target_modules" in values:
         values["target_modules"] = [t.strip() for t in values["target_modules"].split(",")
                                     if t.strip()]
@@ -173,7 +212,10 @@ def cmd_train_hf(args: argparse.Namespace) -> int:
         first = exc.errors()[0]
         name = _flag(str(first["loc"][0])) if first["loc"] else "an option"
         raise ConfigError(f"{name}: {first['msg']}; got {first.get('input')!r}") from None
-    result = train_hf(cfg)
+    hook = (eval_hook(cfg.eval_data, limit=eval_limit, image_root=cfg.image_root,
+                      device=cfg.device, dtype=cfg.dtype)
+            if cfg.eval_data is not None else None)
+    result = train_hf(cfg, on_eval=hook)
     if result.steps < cfg.steps or result.rank != 0:
         return EXIT_OK
     sys.stdout.write(f"{result.output_dir}\n")

@@ -603,7 +603,11 @@ def train_cmd(
         "--phase", metavar="lm|vision",
         help="lm: projector and LM on Q&A; vision: supervised vision-encoder pretraining on "
              "a phantom dataset's truth.jsonl")] = "lm",
-    eval_data: Annotated[Path | None, typer.Option("--eval-data")] = None,
+    eval_data: Annotated[Path | None, typer.Option(
+        "--eval-data", metavar="FILE",
+        help="held-out CXRTrek-format file, evaluated every --eval-every steps and at the "
+             "end (answer-token loss; hf: models also run cxrtrek eval on the adapter of "
+             "that step, into OUTPUT_DIR/evals/step-N)")] = None,
     image_root: Annotated[Path | None, typer.Option("--image-root")] = None,
     model: Annotated[str | None, typer.Option(
         "--model", help="preset (tiny, demo) or a saved model folder (default tiny)")] = None,
@@ -685,6 +689,10 @@ def train_cmd(
     merge: Annotated[bool | None, typer.Option(
         "--merge", help="hf: models: also write the merged full weights to OUTPUT_DIR/merged")
     ] = None,
+    eval_limit: Annotated[int | None, typer.Option(
+        "--eval-limit", metavar="N",
+        help="hf: models: studies of --eval-data that each periodic cxrtrek eval reads "
+             "(default 8)")] = None,
 ) -> int:
     """Train CXRTrekNet (LoRA on the LM and the projector by default) on CXRTrek-format data.
 

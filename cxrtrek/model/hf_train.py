@@ -22,6 +22,10 @@ the model's own template, the loss on the answer tokens only
   names the dialect); ``merge`` also writes the merged full weights to ``OUT/merged``. Both
   load with ``--backend hf:OUT`` (or ``hf:OUT/merged``). A model card (``README.md``) sits
   beside the weights.
+* Periodic evaluation: the mean answer-token loss on ``eval_data``, and, through the caller's
+  ``on_eval`` hook, any evaluation of the adapter saved at that step under
+  ``OUT/evals/step-N/adapter`` (the CLI runs ``cxrtrek eval`` on it); its figures go into the
+  step's line of ``train_log.jsonl`` and into the model card.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,8 +46,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cxrtrek.errors import ConfigError, DataError
 
-__all__ = ["PROJECTORS", "TARGETS", "HFTrainConfig", "HFTrainResult", "micro_batch",
-           "train_hf"]
+__all__ = ["PROJECTORS", "TARGETS", "EvalHook", "HFTrainConfig", "HFTrainResult",
+           "micro_batch", "train_hf"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,9 @@ PROJECTORS: dict[str, str] = {
     "idefics3": "connector",
 }
 """The module that maps vision features into the language model, by ``model_type``."""
+EvalHook = Callable[[Path, int], dict[str, float]]
+"""Called on rank 0 with a folder holding the adapter of the step just done (it loads through
+``hf:FOLDER``) and the step; returns figures (name -> value) for the log and the card."""
 _NOT_LM = r".*(visual|vision_tower|vision_model|multi_modal_projector|merger|connector).*"
 _VOLATILE = {"steps_stop", "progress", "resume", "eval_every", "checkpoint_every", "merge",
              "command", "output_dir", "keep_checkpoints"}
@@ -119,6 +126,8 @@ class HFTrainResult:
     merged: Path | None = None
     rank: int = 0
     """This process's rank (0 alone writes)."""
+    evaluation: dict[str, float] = field(default_factory=dict)
+    """The ``on_eval`` hook's figures of the last evaluation (empty without a hook)."""
 
     @property
     def final_loss(self) -> float | None:
@@ -347,8 +356,12 @@ def _evaluate(model: Any, examples: Sequence[Any], pad_id: int, batch_size: int,
     return total / max(count, 1)
 
 
-def train_hf(cfg: HFTrainConfig) -> HFTrainResult:
-    """Fine-tune ``cfg.model`` with LoRA on ``cfg.data`` (see the module's docstring)."""
+def train_hf(cfg: HFTrainConfig, *, on_eval: EvalHook | None = None) -> HFTrainResult:
+    """Fine-tune ``cfg.model`` with LoRA on ``cfg.data`` (see the module's docstring).
+
+    ``on_eval``, if given, is called on rank 0 every ``eval_every`` steps and after the last
+    step, with ``OUT/evals/step-N/adapter`` (the adapter as it stands) and the step.
+    """
     import torch
 
     from cxrtrek.model.hf_examples import Encoder, collate
@@ -416,6 +429,7 @@ def train_hf(cfg: HFTrainConfig) -> HFTrainResult:
     global_batch = micro * cfg.grad_accum * dist.world
     end = min(cfg.steps, cfg.steps_stop or cfg.steps)
     eval_loss: float | None = None
+    figures: dict[str, float] = {}
     from cxrtrek._progress import progress_bar
 
     bar = progress_bar("train", fields=("loss",), eta=True,
@@ -444,12 +458,18 @@ def train_hf(cfg: HFTrainConfig) -> HFTrainResult:
             losses.append(float(step_sum) / max(tokens, 1))
             done = step + 1
             bar.update(task, advance=1, loss=f"{losses[-1]:.4f}")
-            if cfg.eval_every and evals and done % cfg.eval_every == 0 and dist.main:
-                eval_loss = _evaluate(model, evals, pad_id, micro, device, dtype)
+            due = done == cfg.steps or bool(cfg.eval_every and done % cfg.eval_every == 0)
+            step_figures: dict[str, float] = {}
+            if due and dist.main:
+                if evals:
+                    eval_loss = _evaluate(model, evals, pad_id, micro, device, dtype)
+                if on_eval is not None:
+                    figures = step_figures = _run_hook(on_eval, model, processor, cfg, done)
             if dist.main:
                 _log_line(out, {"step": done, "loss": losses[-1],
                                 "lr": scheduler.get_last_lr()[0],
-                                **({"eval_loss": eval_loss} if eval_loss is not None else {})})
+                                **({"eval_loss": eval_loss} if eval_loss is not None else {}),
+                                **step_figures})
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
                     _save_checkpoint(out, done, model, optimizer, scheduler, cfg, losses)
     if end < cfg.steps:
@@ -457,14 +477,37 @@ def train_hf(cfg: HFTrainConfig) -> HFTrainResult:
             _save_checkpoint(out, end, model, optimizer, scheduler, cfg, losses)
         _barrier(dist)
         return HFTrainResult(out, end, losses, None, len(examples), rank=dist.rank)
-    if evals and dist.main:
-        eval_loss = _evaluate(model, evals, pad_id, micro, device, dtype)
-    result = HFTrainResult(out, cfg.steps, losses, eval_loss, len(examples), rank=dist.rank)
+    result = HFTrainResult(out, cfg.steps, losses, eval_loss, len(examples), rank=dist.rank,
+                           evaluation=figures)
     if dist.main:
         log.info("trained %d steps in %.1f s", cfg.steps - start, time.perf_counter() - t0)
         _write_outputs(model, processor, cfg, result, raw)
     _barrier(dist)
     return result
+
+
+def _run_hook(on_eval: EvalHook, model: Any, processor: Any, cfg: HFTrainConfig,
+              step: int) -> dict[str, float]:
+    """Save the adapter as it stands to ``OUT/evals/step-N/adapter`` and call the hook on it.
+    The random state is kept, so that a run with a hook trains as one without."""
+    import torch
+
+    folder = cfg.output_dir / "evals" / f"step-{step:07d}" / "adapter"
+    shutil.rmtree(folder, ignore_errors=True)
+    _save_adapter(model, processor, cfg, folder)
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    was = model.training
+    try:
+        figures = {str(k): float(v) for k, v in on_eval(folder, step).items()}
+    finally:
+        model.train(was)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+    log.info("step %d evaluation: %s", step,
+             ", ".join(f"{k} {v:.4f}" for k, v in figures.items()) or "no figures")
+    return figures
 
 
 def _barrier(dist: _Dist) -> None:
@@ -494,18 +537,25 @@ def _log_line(out: Path, record: dict[str, Any]) -> None:
 # --- outputs -----------------------------------------------------------------------------------
 
 
-def _write_outputs(model: Any, processor: Any, cfg: HFTrainConfig, result: HFTrainResult,
-                   raw: dict[str, Any]) -> None:
+def _save_adapter(model: Any, processor: Any, cfg: HFTrainConfig, folder: Path) -> None:
+    """The peft adapter with the processor and ``cxrtrek.json`` (loads through ``hf:``)."""
     from cxrtrek.model.hf_examples import DIALECT
     from cxrtrek.model.hf_loading import CXRTREK_JSON
 
+    model.peft_config["default"].base_model_name_or_path = str(cfg.model.resolve())
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    (folder / CXRTREK_JSON).write_text(json.dumps({"cxrtrek_dialect": DIALECT}, indent=1)
+                                       + "\n", encoding="utf-8")
+
+
+def _write_outputs(model: Any, processor: Any, cfg: HFTrainConfig, result: HFTrainResult,
+                   raw: dict[str, Any]) -> None:
+    from cxrtrek.model.hf_examples import DIALECT
+
     out = cfg.output_dir
-    base = str(cfg.model.resolve())
-    model.peft_config["default"].base_model_name_or_path = base
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    (out / CXRTREK_JSON).write_text(json.dumps({"cxrtrek_dialect": DIALECT}, indent=1) + "\n",
-                                    encoding="utf-8")
+    _save_adapter(model, processor, cfg, out)
     (out / "README.md").write_text(_card(cfg, result, raw, merged=False), encoding="utf-8")
     if cfg.merge:
         merged = model.merge_and_unload()
@@ -525,6 +575,9 @@ def _card(cfg: HFTrainConfig, result: HFTrainResult, raw: dict[str, Any], *,
     evaluation = (f"{result.eval_loss:.4f} (mean answer-token loss on {cfg.eval_data.name})"
                   if result.eval_loss is not None and cfg.eval_data is not None
                   else "none (no --eval-data)")
+    if result.evaluation:
+        evaluation += "; at the last step: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in result.evaluation.items())
     what = ("the base model with the LoRA adapter merged into its weights" if merged
             else "a LoRA adapter (peft format) over the base model")
     load = "hf:OUT/merged" if merged else "hf:OUT"

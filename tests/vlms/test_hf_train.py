@@ -193,6 +193,43 @@ def test_a_resumed_run_equals_an_uninterrupted_one(vlm_folders: dict[str, Path],
                **{k: v for k, v in kw.items() if k != "steps"})
 
 
+def test_eval_data_runs_cxrtrek_eval_on_the_adapter_of_each_evaluated_step(
+        vlm_folders: dict[str, Path], phantoms: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    held = generate(4, 1, tmp_path / "held", size=128)
+    out = tmp_path / "out"
+    code = main(["train", str(phantoms), str(out), "--model", f"hf:{vlm_folders['qwen2_vl']}",
+                 "--steps", "3", "--eval-every", "2", "--eval-data", str(held),
+                 "--eval-limit", "2", "--device", "cpu", "--max-length", "1024",
+                 "--lora-r", "4", "--lora-alpha", "8", "--lr", "5e-3"])
+    assert code == 0, capsys.readouterr().err
+    logged = {r["step"]: r for r in map(json.loads,
+                                        (out / "train_log.jsonl").read_text().splitlines())}
+    assert sorted(logged) == [1, 2, 3]
+    assert not any(k.startswith("eval_") for k in logged[1])
+    for step in (2, 3):  # every --eval-every steps, and at the end
+        folder = out / "evals" / f"step-{step:07d}"
+        results = json.loads((folder / "results.json").read_text())
+        # the real runner read the adapter of that step, through hf:, on the first 2 studies
+        assert results["config"]["backend"] == f"hf:{folder / 'adapter'}"
+        assert results["config"]["dialect"] == "cxrtrek-chat"
+        assert results["dataset"]["studies"] == 2
+        assert (folder / "adapter" / "adapter_model.safetensors").is_file()
+        full = results["policies"]["full"]
+        line = logged[step]
+        assert line["eval_stage_score"] == pytest.approx(full["overall"]["stage_score"])
+        assert line["eval_rougeL"] == pytest.approx(full["overall"]["metrics"]["rougeL"])
+        assert line["eval_parsed"] == pytest.approx(full["counts"]["ok"]
+                                                    / full["counts"]["scored"])
+        assert "eval_loss" in line  # the held-out loss is kept
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert f"eval_stage_score {logged[3]['eval_stage_score']:.4f}" in card
+    # the last adapter evaluated is the one the run writes
+    final = load_file(out / "adapter_model.safetensors")
+    last = load_file(out / "evals" / "step-0000003" / "adapter" / "adapter_model.safetensors")
+    assert set(final) == set(last) and all(torch.equal(final[k], last[k]) for k in final)
+
+
 def test_bad_flags_and_a_folder_that_is_not_a_vlm_give_one_error_line(
         vlm_folders: dict[str, Path], phantoms: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -203,6 +240,7 @@ def test_bad_flags_and_a_folder_that_is_not_a_vlm_give_one_error_line(
         (["--model", model, "--target-modules", "nonsense"], "nonsense is not a linear layer"),
         (["--model", model, "--pack-questions", "2"], "--pack-questions sets CXRTrekNet"),
         (["--lora-r", "4"], "--lora-r applies to --model hf:PATH"),
+        (["--model", model, "--eval-limit", "0"], "--eval-limit"),
         (["--model", f"hf:{phantoms.parent}"], "has no config.json"),
     ]
     for flags, expected in cases:
