@@ -18,7 +18,7 @@ written back is equal to the one read. :func:`load_studies` turns records into
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
@@ -168,6 +168,18 @@ def read_text(path: Path, kind: str) -> str:
     return text
 
 
+def json_lines(text: str, path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of each non-blank line of a JSONL text; :class:`FormatError`
+    naming the file and line for one that is not JSON."""
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise FormatError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
+
+
 def read_records(path: str | Path) -> list[CXRTrekRecord]:
     """Read a CXRTrek file: a JSON array of records, one record, or JSONL.
 
@@ -177,16 +189,7 @@ def read_records(path: str | Path) -> list[CXRTrekRecord]:
     path = Path(path)
     text = read_text(path, "CXRTrek")
     if _is_jsonl(path, text):
-        records = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise FormatError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
-            records.append(_parse_record(obj, f"{path}:{lineno}"))
-        return records
+        return [_parse_record(obj, f"{path}:{lineno}") for lineno, obj in json_lines(text, path)]
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:

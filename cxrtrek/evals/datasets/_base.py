@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from cxrtrek.data.cxrtrek import read_text
+from cxrtrek.data.cxrtrek import json_lines, read_text
 from cxrtrek.errors import FormatError, MissingImageError
 from cxrtrek.evals.benchmark_metrics import BenchTag, Scoring
 from cxrtrek.schema import (
@@ -159,13 +159,7 @@ def read_json_records(path: Path) -> list[dict[str, Any]]:
         else:
             return _records_of(obj, path)
     out: list[dict[str, Any]] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise FormatError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
+    for lineno, rec in json_lines(text, path):
         if not isinstance(rec, dict):
             raise FormatError(f"{path}:{lineno}: expected a JSON object (a record), found "
                               f"{type(rec).__name__}")
