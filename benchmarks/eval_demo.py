@@ -33,11 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--json", type=Path, help="also write every figure as JSON here")
+    parser.add_argument("--describe", action=argparse.BooleanOptionalAction, default=None,
+                        help="describe-then-answer (default: as the checkpoint prefers)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     ev = evaluate_phantoms(args.model, args.data, max_studies=args.max_studies,
-                           max_closed=args.max_closed, batch_size=args.batch_size)
+                           max_closed=args.max_closed, batch_size=args.batch_size,
+                           describe=args.describe)
     if args.json is not None:
         args.json.write_text(json.dumps(ev.as_dict(), indent=1) + "\n")
     sys.stdout.write(format_markdown(ev))

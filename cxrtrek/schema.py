@@ -294,6 +294,10 @@ class StageResult(BaseModel):
     findings: list[Finding] = Field(default_factory=list)
     skipped: str | None = None
     """Why the stage did not run (e.g. no prior study for stage 5), or None when it ran."""
+    descriptions: dict[str, str] = Field(default_factory=dict)
+    """Describe-then-answer: the model's description of each image it first saw in this
+    stage (image SHA-256 -> text), written from the image alone before the stage's questions;
+    those and the earlier stages' are the context of every question from here on."""
 
 
 class Report(BaseModel):

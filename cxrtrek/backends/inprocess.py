@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cxrtrek.errors import BackendError, DataError
+from cxrtrek.prompts import is_description_question
 from cxrtrek.protocol import VLMRequest, VLMResponse
 from cxrtrek.schema import ImageRef
 
@@ -93,6 +94,8 @@ class InProcessBackend:
         self.processor = processor
         self.model_id = model_id or (str(model.config.name_or_path) or "cxrtrek-net")
         self.max_batch_size = max_batch_size
+        self.describes_first = bool(getattr(model.config, "describe_first", False))
+        """Readings describe each image first (the checkpoint was trained for it)."""
         self.cache_size = cache_size
         self.share_prefix = share_prefix
         self.prefix_batches = 0
@@ -211,15 +214,21 @@ class InProcessBackend:
         stage = FREE_QUESTION_STAGE if request.stage is None else request.stage
         turns = [ContextTurn(FREE_QUESTION_STAGE if c.stage is None else c.stage, c.question,
                              c.answer) for c in request.context]
-        # context is dropped oldest first, a stage's pairs together; a free pair goes alone
-        groups = [c.stage if c.stage is not None else -k for k, c in enumerate(request.context)]
+        # the images' descriptions (describe-then-answer) lead the context and are kept;
+        # the rest is dropped oldest first, a stage's pairs together; a free pair goes alone
+        pinned = 0
+        while pinned < len(turns) and is_description_question(turns[pinned].question):
+            pinned += 1
+        head, turns = turns[:pinned], turns[pinned:]
+        groups = [c.stage if c.stage is not None else -k
+                  for k, c in enumerate(request.context)][pinned:]
         limit = self.processor.context_length
         # Room kept for the answer when context has to be dropped to fit the window.
         reserve = min(request.max_new_tokens, limit // 4)
         while True:
             enc = self.processor.encode_prompt(
                 stage=stage, question=request.question, n_images=len(request.images),
-                context=turns, system=request.system)
+                context=[*head, *turns], system=request.system)
             if not turns or len(enc) + reserve <= limit:
                 break
             # the oldest stage's pairs go first, together: prompts of later stages then keep
@@ -231,10 +240,11 @@ class InProcessBackend:
             raise DataError(f"request {rid!r}: the prompt is {len(enc)} tokens (with "
                             f"{len(request.images)} images and no context left); the model "
                             f"takes fewer than {limit} (prompt plus answer)")
-        if len(turns) < len(request.context):
-            log.info("request %s: kept the last %d of %d context pairs to fit %d tokens",
-                     rid, len(turns), len(request.context), limit)
-        return _Fitted(enc, len(turns))
+        kept = len(head) + len(turns)
+        if kept < len(request.context):
+            log.info("request %s: kept %d of %d context pairs (the last, and any image "
+                     "descriptions) to fit %d tokens", rid, kept, len(request.context), limit)
+        return _Fitted(enc, kept)
 
     def _image_embeds(self, requests: Sequence[VLMRequest]) -> tuple[torch.Tensor, list[int]]:
         """Visual tokens of every image of the batch, in order, and cache hits per request."""

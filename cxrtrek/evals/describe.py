@@ -20,7 +20,7 @@ from pathlib import Path
 from cxrtrek.data.phantoms import DESCRIBE_PROMPT, NAMES, SCALES, PhantomTruth, truth_images
 from cxrtrek.evals.phantom_eval import box_iou
 
-__all__ = ["DescriptionScores", "evaluate_descriptions", "parse_description",
+__all__ = ["DescriptionScores", "describe_images", "evaluate_descriptions", "parse_description",
            "score_descriptions"]
 
 _BOX = r"<\|box\|>\(([\d.]+), ([\d.]+)\), \(([\d.]+), ([\d.]+)\)<\|/box\|>"
@@ -108,26 +108,42 @@ def score_descriptions(truths: Sequence[PhantomTruth], texts: Sequence[str]) -> 
     return out
 
 
+def describe_images(model_dir: str | Path, paths: Sequence[Path], *, batch_size: int = 32,
+                    progress: bool = False) -> list[str]:
+    """The model's greedy description of each image, asked alone
+    (:data:`~cxrtrek.data.phantoms.DESCRIBE_PROMPT`), in order."""
+    from cxrtrek._progress import progress_bar
+    from cxrtrek.backends.inprocess import InProcessBackend
+    from cxrtrek.protocol import VLMRequest
+    from cxrtrek.schema import ImageRef
+
+    backend = InProcessBackend.load(model_dir, device="cpu", dtype="float32",
+                                    max_batch_size=batch_size)
+    requests = [VLMRequest(request_id=str(i), stage=2, question=DESCRIBE_PROMPT,
+                           images=[ImageRef(path=str(path))], max_new_tokens=320)
+                for i, path in enumerate(paths)]
+    texts: list[str] = []
+    try:
+        with progress_bar("describing images", eta=True, enabled=progress) as bar:
+            task = bar.add_task("describe", total=len(requests))
+            for i in range(0, len(requests), batch_size):
+                chunk = requests[i:i + batch_size]
+                texts += [r.text for r in backend.generate_sync(chunk)]
+                bar.advance(task, len(chunk))
+    finally:
+        backend.close()
+    return texts
+
+
 def evaluate_descriptions(model_dir: str | Path, data: str | Path, *,
                           max_images: int | None = 64, batch_size: int = 32) -> DescriptionScores:
     """Describe the first ``max_images`` images of a phantom dataset (priors included, in the
     order of its truth file) with greedy decoding, and score the descriptions."""
     import time
 
-    from cxrtrek.backends.inprocess import InProcessBackend
-    from cxrtrek.protocol import VLMRequest
-    from cxrtrek.schema import ImageRef
-
     started = time.monotonic()
     items = truth_images(Path(data))[:max_images]
-    backend = InProcessBackend.load(model_dir, device="cpu", dtype="float32",
-                                    max_batch_size=batch_size)
-    requests = [VLMRequest(request_id=str(i), stage=2, question=DESCRIBE_PROMPT,
-                           images=[ImageRef(path=str(path))], max_new_tokens=320)
-                for i, (path, _) in enumerate(items)]
-    texts: list[str] = []
-    for i in range(0, len(requests), batch_size):
-        texts += [r.text for r in backend.generate_sync(requests[i:i + batch_size])]
+    texts = describe_images(model_dir, [path for path, _ in items], batch_size=batch_size)
     scores = score_descriptions([t for _, t in items], texts)
     scores.seconds = time.monotonic() - started
     return scores

@@ -211,8 +211,12 @@ def _det_targets(t: dict[str, Any]) -> list[tuple[str, list[list[float]]]]:
 
 def evaluate_phantoms(model_dir: str | Path, data: str | Path, *, max_studies: int | None = None,
                       max_closed: int | None = None, batch_size: int = 32,
-                      progress: bool = True) -> PhantomEval:
-    """Evaluate the model folder on a phantom dataset (``phantoms.json`` with ``truth.jsonl``)."""
+                      progress: bool = True, describe: bool | None = None) -> PhantomEval:
+    """Evaluate the model folder on a phantom dataset (``phantoms.json`` with ``truth.jsonl``).
+
+    ``describe``: ask every question by describe-then-answer, as a reading does (the model
+    first describes each image alone; each question then sees its images' descriptions);
+    None: as the checkpoint prefers (its config's ``describe_first``)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from cxrtrek.backends.inprocess import InProcessBackend
@@ -227,6 +231,10 @@ def evaluate_phantoms(model_dir: str | Path, data: str | Path, *, max_studies: i
                                     max_batch_size=batch_size)
 
     requests, meta = build_requests(studies, truths, max_closed=max_closed)
+    if describe is None:
+        describe = backend.describes_first
+    if describe:
+        requests = _described(backend, requests, batch_size)
     answers: list[str] = []
     bar = Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), disable=not progress)
@@ -242,6 +250,25 @@ def evaluate_phantoms(model_dir: str | Path, data: str | Path, *, max_studies: i
             bar.update(task, advance=len(idx))
     answers = [texts[i] for i in range(len(requests))]
     return score(studies, requests, meta, answers, started)
+
+
+def _described(backend: Any, requests: Sequence[Any], batch_size: int) -> list[Any]:
+    """The requests with their images' descriptions in context, each image described once by
+    the model from the image alone (describe-then-answer, as the stage graph reads)."""
+    from cxrtrek.graph.nodes import DESCRIPTION_TOKENS, with_descriptions
+    from cxrtrek.prompts import DESCRIBE_QUESTION
+    from cxrtrek.protocol import VLMRequest
+
+    refs = {ref.digest(): ref for r in requests for ref in r.images}
+    asks = [VLMRequest(request_id=f"describe/{sha}", stage=2, question=DESCRIBE_QUESTION,
+                       images=[ref], max_new_tokens=DESCRIPTION_TOKENS)
+            for sha, ref in refs.items()]
+    texts: dict[str, str] = {}
+    for i in range(0, len(asks), batch_size):
+        for sha, r in zip(list(refs)[i:i + batch_size],
+                          backend.generate_sync(asks[i:i + batch_size]), strict=True):
+            texts[sha] = r.text
+    return [with_descriptions(r, texts) for r in requests]
 
 
 def build_requests(studies: Sequence[Study], truths: dict[str, dict[str, Any]], *,

@@ -127,6 +127,9 @@ class EvalConfig(BaseModel):
     """An in-process model's dtype (``float32``, ``bfloat16``, ``float16``, None or ``auto``)."""
     dialect: str | None = None
     """How requests become chats (:mod:`cxrtrek.prompts.dialects`); None: the backend's own."""
+    describe: bool | None = None
+    """Describe-then-answer (:attr:`~cxrtrek.graph.state.RunSettings.describe`); None: as
+    the backend prefers."""
     top_k: int | None = Field(default=None, ge=1)
     """Context items of the ``retrieved`` policy (default: the run settings' own)."""
 
@@ -400,6 +403,8 @@ class _Runner:
             fields["max_new_tokens"] = self.config.max_new_tokens
         if self.config.top_k is not None:
             fields["top_k"] = self.config.top_k
+        if self.config.describe is not None:
+            fields["describe"] = self.config.describe
         return RunSettings.model_validate(fields)
 
     async def one(self, slot: int, index: int, study: Study, policy: Policy) -> list[QuestionRow]:

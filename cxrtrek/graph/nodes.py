@@ -46,6 +46,8 @@ from cxrtrek.graph.trace import (
     hash_patient,
 )
 from cxrtrek.parsing import parse_answer, parse_options
+from cxrtrek.prompts import DESCRIBE_QUESTION, describe_question
+from cxrtrek.prompts.render import image_labels
 from cxrtrek.protocol import ContextPair, VLMRequest, VLMResponse, request_id
 from cxrtrek.schema import (
     Answer,
@@ -259,6 +261,86 @@ async def _generate(ctx: RunContext, requests: list[VLMRequest], spec: StageSpec
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+# --- describe-then-answer --------------------------------------------------------------------
+
+DESCRIPTION = "description"
+"""Task type (and context id prefix) of an image's description in the trace."""
+
+
+def describes_first(backend: object) -> bool:
+    """Whether a backend asks to read by describe-then-answer (its ``describes_first``
+    attribute, set by checkpoints trained for it); False when it says nothing."""
+    return bool(getattr(backend, "describes_first", False))
+
+
+def descriptions_of(results: dict[int, StageResult]) -> dict[str, str]:
+    """The image descriptions written by the stages of ``results`` (SHA-256 -> text)."""
+    out: dict[str, str] = {}
+    for number in sorted(results):
+        out.update(results[number].descriptions)
+    return out
+
+
+def with_descriptions(request: VLMRequest, described: dict[str, str]) -> VLMRequest:
+    """The request with its images' descriptions first in its context (image order; the
+    question names each image when there are several)."""
+    texts = [described.get(r.sha256 or "") for r in request.images]
+    if not texts or any(t is None for t in texts):
+        return request
+    labels: list[str | None] = ([None] if len(texts) == 1
+                                else list(image_labels(len(texts))))
+    pairs = [ContextPair(stage=2, question=describe_question(label), answer=text or "")
+             for label, text in zip(labels, texts, strict=True)]
+    return request.model_copy(update={"context": [*pairs, *request.context]})
+
+
+async def _describe(spec: StageSpec, requests: Sequence[VLMRequest],
+                    results: dict[int, StageResult], settings: RunSettings,
+                    runtime: Runtime[RunContext], run_id: str, checkpoint: str | None,
+                    errors: list[str]) -> dict[str, str]:
+    """Describe each image the stage's requests show that no earlier stage described: one
+    request per image, the image alone, in one generate call; traced as questions."""
+    known = descriptions_of(results)
+    todo: dict[str, ImageRef] = {}
+    for req in requests:
+        for ref in req.images:
+            if ref.sha256 is not None and ref.sha256 not in known:
+                todo.setdefault(ref.sha256, ref)
+    if not todo:
+        return {}
+    ctx = runtime.context
+    ids = [f"{DESCRIPTION}-{sha[:12]}" for sha in todo]
+    asks = [VLMRequest(request_id=request_id(run_id, spec.number, qid),
+                       stage=2, question=DESCRIBE_QUESTION, images=[ref],
+                       system=settings.resolved_system(), max_new_tokens=DESCRIPTION_TOKENS,
+                       decoding=settings.decoding, qtype=QType.CAPTIONING.value)
+            for qid, ref in zip(ids, todo.values(), strict=True)]
+    t0 = time.perf_counter()
+    with telemetry.request_spans(run_id, asks, ctx.backend.model_id, ids) as asked:
+        responses, retries = await _generate(ctx, asks, spec, settings, errors)
+        asked.answered(responses, retries=retries, parse_ok=[True] * len(responses))
+    latency = time.perf_counter() - t0
+    if ctx.tracer is not None:
+        _trace(runtime, [QuestionRecord(
+            run_id=run_id, stage=spec.number, question_id=qid,
+            request_id=ask.request_id, task_type=DESCRIPTION, qtype=QType.CAPTIONING.value,
+            question=ask.question, prompt=resp.prompt, dialect=resp.dialect,
+            prompt_sha256=None if resp.prompt is None else sha256_bytes(resp.prompt.encode()),
+            images=[sha], model_id=resp.model_id, decoding=ask.decoding,
+            max_new_tokens=ask.max_new_tokens, raw_output=resp.text,
+            parsed=parse_answer(resp.text, qtype=QType.CAPTIONING.value,
+                                task_type="Report_Generation"),
+            parse_status="ok", finish_reason=resp.finish_reason,
+            prompt_tokens=resp.prompt_tokens, completion_tokens=resp.completion_tokens,
+            latency_s=latency, retries=retries, checkpoint_id=checkpoint)
+            for qid, sha, ask, resp in zip(ids, todo, asks, responses, strict=True)])
+    return {sha: resp.text for sha, resp in zip(todo, responses, strict=True)}
+
+
+DESCRIPTION_TOKENS = 320
+"""Room for an image's description (CXRTrekNet's canonical ones are about 180 tokens)."""
+
+
 # --- nodes -----------------------------------------------------------------------------------
 
 
@@ -283,6 +365,8 @@ async def intake(state: ReadState, runtime: Runtime[RunContext]) -> Update:
             study = study.model_copy(update={"prior": found})
     settings = (RunSettings.model_validate(state["settings"]) if state.get("settings")
                 else ctx.settings)
+    if settings.describe is None:
+        settings = settings.model_copy(update={"describe": describes_first(ctx.backend)})
     mode = resolve_mode(settings.mode, study)
     run_id = _run_id(runtime, state)
     _trace(runtime, [RunRecord(
@@ -353,6 +437,22 @@ async def _run_stage(spec: StageSpec, state: ReadState, runtime: Runtime[RunCont
     errors: list[str] = []
     span.set_attribute("cxrtrek.stage.questions", len(questions))
     t0 = time.perf_counter()
+    new_descriptions: dict[str, str] = {}
+    if settings.describe:
+        try:
+            new_descriptions = await _describe(spec, requests, results, settings, runtime,
+                                               run_id, checkpoint, errors)
+        except CXRTrekError as exc:
+            _trace(runtime, [StageRecord(
+                run_id=run_id, stage=spec.number, name=spec.key, status="failed",
+                question_ids=[q.id for q in questions], errors=[*errors, str(exc)],
+                latency_s=time.perf_counter() - t0, checkpoint_id=checkpoint)])
+            span.set_attributes({"cxrtrek.stage.status": "failed",
+                                 "cxrtrek.retries": len(errors)})
+            raise
+        described = {**descriptions_of(results), **new_descriptions}
+        requests = [with_descriptions(r, described) for r in requests]
+        span.set_attribute("cxrtrek.stage.described_images", len(new_descriptions))
     try:
         with telemetry.request_spans(run_id, requests, ctx.backend.model_id,
                                      [q.id for q in questions]) as asked:
@@ -372,7 +472,8 @@ async def _run_stage(spec: StageSpec, state: ReadState, runtime: Runtime[RunCont
     span.set_attributes({"cxrtrek.stage.status": "ran", "cxrtrek.retries": retries,
                          "cxrtrek.stage.unparsed": sum(not a.ok for a in answers)})
     result = _with_findings(spec.number, StageResult(
-        stage=spec.number, name=spec.title, questions=questions, answers=answers), results)
+        stage=spec.number, name=spec.title, questions=questions, answers=answers,
+        descriptions=new_descriptions), results)
     if runtime.context.tracer is not None:
         _trace(runtime, _question_records(
             run_id, questions, requests, responses, answers, contexts,
@@ -399,6 +500,8 @@ def _question_records(run_id: str, questions: Sequence[Question],
     for q, req, resp, ans, chosen in zip(questions, requests, responses, answers, contexts,
                                          strict=True):
         prompt = resp.prompt  # as the backend sent it (None: it renders none)
+        described = len(req.context) - len(chosen)  # descriptions come first
+        seen = [ContextRef(id=f"{DESCRIPTION}:{r.sha256}") for r in req.images][:described]
         out.append(QuestionRecord(
             run_id=run_id, stage=q.stage, question_id=q.id, request_id=req.request_id,
             task_type=q.task_type, qtype=q.qtype, question=q.text, options=q.options,
@@ -406,7 +509,7 @@ def _question_records(run_id: str, questions: Sequence[Question],
             constrained=resp.constrained,
             prompt_sha256=None if prompt is None else sha256_bytes(prompt.encode()),
             images=[r.sha256 for r in req.images],
-            context=[ContextRef(id=c.item.id, score=c.score) for c in chosen],
+            context=[*seen, *(ContextRef(id=c.item.id, score=c.score) for c in chosen)],
             context_used=resp.context_used,
             model_id=resp.model_id, decoding=req.decoding, max_new_tokens=req.max_new_tokens,
             raw_output=resp.text, parsed=ans.parsed,

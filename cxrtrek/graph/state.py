@@ -99,6 +99,12 @@ class RunSettings(BaseModel):
     """None uses :data:`cxrtrek.prompts.DEFAULT_SYSTEM_PROMPT` (CXRTrek's own)."""
     max_findings: int = Field(default=6, ge=0)
     """Clinical mode: at most this many stage-2 findings are followed up in stages 3 and 5."""
+    describe: bool | None = None
+    """Describe-then-answer: before a stage's questions, the model writes a description of
+    each image the stage shows that has none yet, from that image alone; every question is
+    then asked after its images' descriptions, whatever ``context`` says. None: as the
+    backend prefers (a CXRTrekNet checkpoint trained for it says so in its config); the
+    reading records what was chosen."""
     stages: tuple[int, ...] | None = None
     """The stages to run (None: all that apply). Stages left out are reported as not
     requested; the stages run see the context of those that ran."""

@@ -123,6 +123,11 @@ Context = Annotated[Literal["full", "retrieved", "none"], typer.Option(
     "--context", metavar="full|retrieved|none",
     help="earlier stages' answers given with each question")]
 Json = Annotated[bool, typer.Option("--json", help="print JSON for machines")]
+Describe = Annotated[bool | None, typer.Option(
+    "--describe/--no-describe",
+    help="describe-then-answer: the model describes each image first and every question "
+         "is asked after those descriptions (default: as the model prefers; the demo "
+         "checkpoint does)")]
 Prior = Annotated[list[Path] | None, typer.Option(
     "--prior", metavar="PATH", help="an image (or folder) of the prior study; repeatable")]
 Indication = Annotated[str | None, typer.Option(
@@ -185,6 +190,7 @@ def run_cmd(
     dtype: Dtype = None,
     dialect: Dialect = None,
     context: Context = "full",
+    describe: Describe = None,
     stages: Annotated[str | None, typer.Option(
         "--stages", metavar="1,2,8", help="only these stages (default: all that apply)")] = None,
     review_after: Annotated[str | None, typer.Option(
@@ -223,7 +229,7 @@ def run_cmd(
 
     settings = _agent_settings(home=home, checkpoint_db=checkpoint_db, trace_dir=trace_dir,
                                context=context, mode=mode, nondiagnostic=nondiagnostic,
-                               max_new_tokens=max_new_tokens,
+                               max_new_tokens=max_new_tokens, describe=describe,
                                stages=_stage_list(stages, "--stages"),
                                review_after=_stage_list(review_after, "--review-after") or ())
     return cmd_run(paths, prior=prior or [], indication=indication, backend=backend,
@@ -390,6 +396,7 @@ def chat_cmd(
     review: Annotated[bool, typer.Option(
         "--review", help="pause after each stage for approval or an edit")] = False,
     context: Context = "full",
+    describe: Describe = None,
     home: Home = None,
 ) -> int:
     """An interactive reading: live stages, then follow-up questions and commands.
@@ -401,7 +408,7 @@ def chat_cmd(
     """
     from cxrtrek.interfaces.chat import cmd_chat
 
-    settings = _agent_settings(home=home, context=context)
+    settings = _agent_settings(home=home, context=context, describe=describe)
     return cmd_chat(images, prior or [], indication, backend, settings, review,
                     _backend_options(device, dtype, dialect))
 
@@ -661,6 +668,11 @@ def train_cmd(
         "--describe", metavar="off|add|only",
         help="phantom data: add each image's short description from the truth as one more "
              "example (add), or train on those alone (only), an alignment stage")] = None,
+    describe_context: Annotated[str | None, typer.Option(
+        "--describe-context", metavar="off|truth|FILE",
+        help="describe-then-answer: ask every question after its images' descriptions, as "
+             "context: the truth's (truth) or the model's own from a JSONL file written by "
+             "scripts/describe_images.py (default off)")] = None,
     group_by_length: Annotated[bool | None, typer.Option(
         "--group-by-length",
         help="batch examples of similar length together, so short ones are not padded to "
@@ -740,6 +752,7 @@ def eval_cmd(
         "--context", metavar="full,retrieved,none",
         help="context policies, comma-separated; several run side by side (a benchmark's "
              "question: none asks it alone, full after reading the earlier stages)")] = "full",
+    describe: Describe = None,
     out: Annotated[Path, typer.Option("--out", metavar="DIR", help="output folder")] = Path(
         "eval-results"),
     allow_missing_images: Annotated[bool, typer.Option(

@@ -46,6 +46,10 @@ class CXRTrekNetConfig(PretrainedConfig):  # type: ignore[no-untyped-call]
     kept a large part common to all cells, at many times the norm of a word embedding, and
     did not learn to read what differs between images (see the demo model card)."""
     freeze_vision: bool = True
+    describe_first: bool = False
+    """Trained to read by describe-then-answer: a reading asks it to describe each image
+    first and asks every question after those descriptions (the graph's default for this
+    model; ``cxrtrek run --no-describe`` overrides it)."""
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     tie_word_embeddings: bool = True
 

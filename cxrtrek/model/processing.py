@@ -88,11 +88,13 @@ class CXRTrekNetProcessor:
         return dataclasses.replace(self._expand(self.tokenizer.encode(text), None), text=text)
 
     def encode_training(self, turns: Sequence[ContextTurn], *, n_images: int,
-                        system: str | None = None) -> Encoded:
-        """A packed example: every answer (and its end token) supervised, nothing else."""
+                        system: str | None = None,
+                        prefix: Sequence[ContextTurn] = ()) -> Encoded:
+        """A packed example: every answer of ``turns`` (and its end token) supervised,
+        nothing else; ``prefix`` turns come first, as context only."""
         text, spans = render_training_text(
             system=system if system is not None else self.system_prompt,
-            n_images=n_images, turns=turns)
+            n_images=n_images, turns=turns, prefix=prefix)
         ids, offsets = self.tokenizer.encode_with_offsets(text)
         labels = [IGNORE_INDEX] * len(ids)
         k = 0
@@ -104,10 +106,11 @@ class CXRTrekNetProcessor:
         return self._expand(ids, labels)
 
     def split_turn(self, encoded: Encoded) -> tuple[Encoded, Encoded]:
-        """A one-turn training example cut at its stage marker: the start it shares with any
-        question on the same images (system prompt, images), and the turn itself."""
-        cut = next((i for i, t in enumerate(encoded.input_ids) if t in self.stage_token_ids),
-                   None)
+        """A one-turn training example cut at its (last) stage marker: the start it shares
+        with any question on the same images (system prompt, images and any context-only
+        prefix turns such as their descriptions), and the turn itself."""
+        cut = next((i for i in range(len(encoded.input_ids) - 1, -1, -1)
+                    if encoded.input_ids[i] in self.stage_token_ids), None)
         if cut is None:
             raise DataError("expected a stage marker in a training turn; found none")
         labels = encoded.labels or [IGNORE_INDEX] * len(encoded)
@@ -115,12 +118,13 @@ class CXRTrekNetProcessor:
                 Encoded(encoded.input_ids[cut:], labels[cut:]))
 
     def encode_apart(self, turns: Sequence[ContextTurn], *, n_images: int,
-                     system: str | None = None) -> Encoded:
+                     system: str | None = None,
+                     prefix: Sequence[ContextTurn] = ()) -> Encoded:
         """A packed example whose turns do not see each other: each question is answered
         as if asked alone on these images (no earlier turns as context), the way a question
         is asked with the ``none`` context policy. The shared start is encoded once."""
-        return join_apart([self.encode_training([t], n_images=n_images, system=system)
-                           for t in turns], self)
+        return join_apart([self.encode_training([t], n_images=n_images, system=system,
+                                                prefix=prefix) for t in turns], self)
 
     def pixel_values(self, images: Sequence[ImageLike]) -> torch.Tensor:
         return self.images(images)

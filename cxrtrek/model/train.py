@@ -51,11 +51,12 @@ from cxrtrek.model.processing import (
     collate,
     join_apart,
 )
-from cxrtrek.prompts.render import ContextTurn
+from cxrtrek.prompts import describe_question
+from cxrtrek.prompts.render import ContextTurn, image_labels
 from cxrtrek.schema import ImageRef, QType, Study, base_qtype
 
 __all__ = ["LORA_TARGETS", "TrainConfig", "build_examples", "describe_examples",
-           "export_checkpoint", "train"]
+           "description_turns", "export_checkpoint", "load_descriptions", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,11 @@ class TrainConfig(BaseModel):
     canonical description (:func:`cxrtrek.data.phantoms.describe_image`, from the truth
     beside ``train_data``) as the answer to a fixed question; ``only`` trains on those alone,
     an alignment stage before the Q&A."""
+    describe_context: str = "off"
+    """Describe-then-answer: ask every Q&A question after the descriptions of its images,
+    as context (``off``; ``truth``: the canonical descriptions of the phantom truth; or a
+    JSONL file of the model's own, written by ``scripts/describe_images.py``). Studies with
+    an image not described in the file are left out."""
     group_by_length: bool = False
     """Batch examples of similar length together: each epoch's seeded order is cut into
     stretches of 64 batches, sorted by length within each and batched, and the batches are
@@ -153,7 +159,7 @@ def build_examples(studies: Sequence[Study], processor: CXRTrekNetProcessor, *,
                    max_images: int, pack_questions: int, caption_keep: float = 1.0,
                    seed: int = 0, question_types: Collection[QType] | None = None,
                    context_fraction: float = 1.0, images_by_stage: bool = False,
-                   ) -> list[Example]:
+                   descriptions: Mapping[str, str] | None = None) -> list[Example]:
     """Packed examples: consecutive questions of a study that fit the context length
     (free-text answers other than reports kept with probability ``caption_keep``; only
     ``question_types`` when given).
@@ -161,9 +167,14 @@ def build_examples(studies: Sequence[Study], processor: CXRTrekNetProcessor, *,
     A seeded ``context_fraction`` of the packs show each turn the earlier turns of the pack
     as context; the others pack their turns apart (each answered as if asked alone on the
     images). With ``images_by_stage``, each question gets the images inference gives it:
-    the current image in stages 1-4, the current and the prior from stage 5 on."""
+    the current image in stages 1-4, the current and the prior from stage 5 on.
+
+    With ``descriptions`` (image SHA-256 -> text), every question is asked after the
+    descriptions of its images, as describe-then-answer reads (context only, never
+    supervised: :func:`description_turns`); a study with an image that has none is left out."""
     out: list[Example] = []
     rng = random.Random(seed)
+    missing = 0
     for study in studies:
         current = list(study.images)
         prior = list(study.prior.images) if study.prior else []
@@ -177,13 +188,60 @@ def build_examples(studies: Sequence[Study], processor: CXRTrekNetProcessor, *,
                       ((current + prior)[:max_images], [t for t in turns if t.stage >= 5])]
         else:
             groups = [((current + prior)[:max_images], turns)]
+        if descriptions is not None and any(r.digest() not in descriptions
+                                            for r in current[:1] + prior):
+            missing += 1
+            continue
         for images, group in groups:
             if not images or not group:
                 continue
             apart = context_fraction < 1.0 and rng.random() >= context_fraction
             pack = _packs_apart if apart else _packs_in_context
-            packs = pack(group, len(images), processor, pack_questions, study.study_id)
+            prefix = (description_turns([descriptions[r.digest()] for r in images])
+                      if descriptions is not None else [])
+            packs = pack(group, len(images), processor, pack_questions, study.study_id,
+                         prefix)
             out.extend(Example(tuple(images), enc) for enc in packs)
+    if missing:
+        log.info("%d studies left out: an image of theirs has no description", missing)
+    return out
+
+
+def description_turns(texts: Sequence[str]) -> list[ContextTurn]:
+    """The context turns that give a prompt's images their descriptions, in image order:
+    the description question (named by image when there are several) and the text, at the
+    stage marker descriptions are trained with (2)."""
+    if len(texts) == 1:
+        return [ContextTurn(2, describe_question(), texts[0])]
+    return [ContextTurn(2, describe_question(label), text)
+            for label, text in zip(image_labels(len(texts)), texts, strict=True)]
+
+
+def load_descriptions(spec: str, train_data: Path | None) -> dict[str, str]:
+    """``describe_context``'s descriptions by image SHA-256: ``truth`` (the canonical ones of
+    the phantom truth beside ``train_data``) or a JSONL file of ``{"sha256", "description"}``
+    lines (``scripts/describe_images.py`` writes the model's own)."""
+    if spec == "truth":
+        if train_data is None:
+            raise ConfigError("describe_context=truth needs train_data: a phantom dataset "
+                              "with its truth.jsonl")
+        from cxrtrek.data.phantoms import describe_image, truth_images
+
+        return {ImageRef(path=str(path)).digest(): describe_image(t)
+                for path, t in truth_images(train_data)}
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"describe_context: expected 'off', 'truth' or a JSONL file of "
+                          f"descriptions; {spec!r} is none of these")
+    from cxrtrek.data.cxrtrek import json_lines, read_text
+
+    out: dict[str, str] = {}
+    for lineno, row in json_lines(read_text(path, "description"), path):
+        try:
+            out[str(row["sha256"])] = str(row["description"])
+        except (KeyError, TypeError) as exc:
+            raise DataError(f"{path}:{lineno}: expected a line with sha256 and "
+                            "description") from exc
     return out
 
 
@@ -229,22 +287,23 @@ def _too_long(study_id: str) -> None:
 
 def _packs_in_context(turns: Sequence[ContextTurn], n_images: int,
                       processor: CXRTrekNetProcessor, pack_questions: int,
-                      study_id: str) -> list[Encoded]:
+                      study_id: str, prefix: Sequence[ContextTurn] = ()) -> list[Encoded]:
     """Consecutive turns, each seeing the earlier ones of its pack."""
     out: list[Encoded] = []
     pack: list[ContextTurn] = []
     for turn in [*turns, None]:
         candidate = [*pack, turn] if turn is not None else pack
         fits = turn is not None and len(candidate) <= pack_questions and len(
-            processor.encode_training(candidate, n_images=n_images)
+            processor.encode_training(candidate, n_images=n_images, prefix=prefix)
         ) <= processor.context_length
         if fits:
             pack = candidate
             continue
         if pack:
-            out.append(processor.encode_training(pack, n_images=n_images))
+            out.append(processor.encode_training(pack, n_images=n_images, prefix=prefix))
         pack = [turn] if turn is not None else []
-        if pack and len(processor.encode_training(pack, n_images=n_images)) > \
+        if pack and len(processor.encode_training(pack, n_images=n_images,
+                                                  prefix=prefix)) > \
                 processor.context_length:
             _too_long(study_id)
             pack = []
@@ -253,12 +312,12 @@ def _packs_in_context(turns: Sequence[ContextTurn], n_images: int,
 
 def _packs_apart(turns: Sequence[ContextTurn], n_images: int,
                  processor: CXRTrekNetProcessor, pack_questions: int,
-                 study_id: str) -> list[Encoded]:
+                 study_id: str, prefix: Sequence[ContextTurn] = ()) -> list[Encoded]:
     """Consecutive turns packed apart (each sees the images and itself only)."""
     out: list[Encoded] = []
     pack: list[Encoded] = []
     for turn in turns:
-        enc = processor.encode_training([turn], n_images=n_images)
+        enc = processor.encode_training([turn], n_images=n_images, prefix=prefix)
         if len(enc) > processor.context_length:
             _too_long(study_id)
             continue
@@ -494,6 +553,8 @@ def export_checkpoint(output_dir: str | Path) -> Path:
     module = _prepare(cfg, model)
     module.load_state_dict(state["trainable"], strict=False)
     module.eval()
+    if cfg.describe_context != "off":
+        model.config.describe_first = True
     if cfg.lm_mode == "lora":
         module.save_pretrained(str(out / "adapter"))  # type: ignore[operator]
         model = module.merge_and_unload()  # type: ignore[operator]
@@ -510,6 +571,8 @@ def _run(cfg: TrainConfig, model: CXRTrekNetForConditionalGeneration,
          eval_studies: Sequence[Study] | None,
          on_step: Callable[[int, float], None] | None) -> Path:
     out = cfg.output_dir
+    if cfg.describe_context != "off":
+        model.config.describe_first = True  # readings then describe first by default
     device = torch.device(cfg.device) if cfg.device else (
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     torch.nn.Module.to(model, device)
@@ -518,7 +581,9 @@ def _run(cfg: TrainConfig, model: CXRTrekNetForConditionalGeneration,
     examples = [] if cfg.describe == "only" else build_examples(
         train_studies, processor, max_images=cfg.max_images, pack_questions=cfg.pack_questions,
         caption_keep=cfg.caption_keep, seed=cfg.seed, question_types=cfg.question_types,
-        context_fraction=cfg.context_fraction, images_by_stage=cfg.images_by_stage)
+        context_fraction=cfg.context_fraction, images_by_stage=cfg.images_by_stage,
+        descriptions=None if cfg.describe_context == "off" else load_descriptions(
+            cfg.describe_context, cfg.train_data))
     eval_examples = build_examples(evals, processor, max_images=cfg.max_images,
                                    pack_questions=cfg.pack_questions,
                                    context_fraction=cfg.context_fraction,

@@ -8,9 +8,30 @@ graph sends it unless a run sets another, CXRTrekNet is trained with it, and the
 puts it in the records it writes.
 """
 
-__all__ = ["DEFAULT_SYSTEM_PROMPT"]
+__all__ = ["DEFAULT_SYSTEM_PROMPT", "DESCRIBE_QUESTION", "describe_question",
+           "is_description_question"]
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful radiology assistant to help radiologists analyze, interpret medical "
     "images and answer clinical questions."
 )
+
+DESCRIBE_QUESTION = "List every finding kind of this image, with its side, zone, grade and box."
+"""The question of an image's description: asked of each image alone by describe-then-answer
+(``RunSettings.describe``), and trained with CXRTrekNet's canonical descriptions."""
+
+
+def describe_question(label: str | None = None) -> str:
+    """The description question as a context turn names its image: :data:`DESCRIBE_QUESTION`
+    when the prompt shows one image; with ``label`` (``Current image``, ``Prior image``) when it
+    shows several."""
+    if label is None:
+        return DESCRIBE_QUESTION
+    return DESCRIBE_QUESTION.replace("this image", f"the {label[:1].lower()}{label[1:]}")
+
+
+def is_description_question(text: str) -> bool:
+    """Whether a context pair's question is an image's description question (any label):
+    a backend that must shorten a prompt keeps those pairs and drops earlier stages' first."""
+    head = DESCRIBE_QUESTION.split(" this image", 1)[0]
+    return text.startswith(head)

@@ -100,13 +100,14 @@ def render_chat(*, system: str, n_images: int, stage: int, question: str,
     })
 
 
-def render_training_text(*, system: str, n_images: int,
-                         turns: Sequence[ContextTurn]) -> tuple[str, list[tuple[int, int]]]:
+def render_training_text(*, system: str, n_images: int, turns: Sequence[ContextTurn],
+                         prefix: Sequence[ContextTurn] = ()) -> tuple[str, list[tuple[int, int]]]:
     """A packed training text of several turns and the character spans of their answers.
 
-    Turn ``k`` is rendered exactly as inference would render it with turns ``0..k-1`` as its
-    context, so every answer in the pack is supervised in the inference layout. Each span
-    covers the answer and its closing :data:`ANSWER_END`.
+    Turn ``k`` is rendered exactly as inference would render it with ``prefix`` and turns
+    ``0..k-1`` as its context, so every answer in the pack is supervised in the inference
+    layout; the answers of ``prefix`` (e.g. the images' descriptions) are context only. Each
+    span covers the answer and its closing :data:`ANSWER_END`.
     """
     if not turns:
         raise DataError("a training text needs at least one question-answer turn; got none")
@@ -114,7 +115,7 @@ def render_training_text(*, system: str, n_images: int,
     text = ""
     for k, turn in enumerate(turns):
         prompt = render_chat(system=system, n_images=n_images, stage=turn.stage,
-                             question=turn.question, context=turns[:k])
+                             question=turn.question, context=[*prefix, *turns[:k]])
         if not prompt.startswith(text):  # pragma: no cover - guards edits of chat.jinja
             raise ConfigError("chat.jinja does not render context turns the way it renders "
                               "the last turn; packed training would not match inference")

@@ -22,7 +22,14 @@ from cxrtrek.data.phantoms import (
 from cxrtrek.errors import ConfigError, DataError
 from cxrtrek.evals.describe import score_descriptions
 from cxrtrek.model.processing import IGNORE_INDEX
-from cxrtrek.model.train import TrainConfig, describe_examples, train
+from cxrtrek.model.train import (
+    TrainConfig,
+    build_examples,
+    describe_examples,
+    load_descriptions,
+    train,
+)
+from cxrtrek.prompts import describe_question
 
 _BOX = r"<\|box\|>\(([\d.]+), ([\d.]+)\), \(([\d.]+), ([\d.]+)\)<\|/box\|>"
 
@@ -136,3 +143,92 @@ def test_true_descriptions_score_perfectly_and_blank_ones_score_the_majority(
     assert score_descriptions(truths[:1], ["garbled"]).presence["effusion"][0] == 0.0
     with pytest.raises(ValueError, match="one description per truth"):
         score_descriptions(truths, [])
+
+
+# --- describe-then-answer training ----------------------------------------------------------
+
+
+def _decoded(processor: object, ids: list[int]) -> str:
+    return processor.tokenizer.decode([i for i in ids if i != 3])  # type: ignore[attr-defined]
+
+
+def test_qa_examples_put_the_descriptions_first_as_context_only(dataset: Path,
+                                                                tiny: object) -> None:
+    _, processor = tiny  # type: ignore[misc]
+    studies = load_studies(dataset / "phantoms.json")
+    truth = load_descriptions("truth", dataset / "phantoms.json")
+    kwargs = dict(max_images=2, images_by_stage=True, caption_keep=0.0)
+    plain = build_examples(studies, processor, context_fraction=1.0, pack_questions=1,
+                           **kwargs)
+    described = build_examples(studies, processor, context_fraction=1.0, pack_questions=1,
+                               descriptions=truth, **kwargs)
+    apart = build_examples(studies, processor, context_fraction=0.0, pack_questions=4,
+                           descriptions=truth, **kwargs)
+    assert described and apart
+
+    def supervised(e: object) -> str:
+        enc = e.encoded  # type: ignore[attr-defined]
+        return _decoded(processor, [t for t, lab in zip(enc.input_ids, enc.labels, strict=True)
+                                    if lab != IGNORE_INDEX])
+
+    # the same answers are supervised (those that still fit the tiny model's 512 tokens),
+    # and nothing of the descriptions
+    answers = [supervised(e) for e in described]
+    assert len(answers) > len(plain) // 2 and set(answers) <= {supervised(e) for e in plain}
+    for e in [*described, *apart]:
+        texts = [truth[ref.digest()] for ref in e.images]
+        enc = e.encoded
+        first_label = next(i for i, lab in enumerate(enc.labels) if lab != IGNORE_INDEX)
+        before = _decoded(processor, enc.input_ids[:first_label])
+        # every description (and its question, naming its image) before the first answer
+        questions = ([describe_question()] if len(texts) == 1 else
+                     [describe_question(label) for label in ("Current image", "Prior image")])
+        for question, text in zip(questions, texts, strict=True):
+            assert question in before and text in before and text not in supervised(e)
+        if len(texts) == 2:
+            assert before.index(questions[0]) < before.index(questions[1])
+    # packed apart: each turn sees the shared start, which holds the descriptions
+    for e in apart:
+        enc = e.encoded
+        assert enc.segments is not None
+        start = _decoded(processor, [t for t, s in zip(enc.input_ids, enc.segments, strict=True)
+                                     if s == 0])
+        assert all(truth[ref.digest()] in start for ref in e.images)
+
+
+def test_own_descriptions_from_a_file_leave_out_studies_without_them(
+        tmp_path: Path, dataset: Path, tiny: object) -> None:
+    _, processor = tiny  # type: ignore[misc]
+    studies = load_studies(dataset / "phantoms.json")
+    first = studies[0]
+    refs = [first.images[0], *(first.prior.images if first.prior else [])]
+    own = tmp_path / "own.jsonl"
+    own.write_text("".join(json.dumps({"sha256": r.digest(), "description": f"mine {k}."})
+                           + "\n" for k, r in enumerate(refs)))
+    loaded = load_descriptions(str(own), None)
+    assert loaded == {r.digest(): f"mine {k}." for k, r in enumerate(refs)}
+    examples = build_examples(studies, processor, max_images=2, pack_questions=4,
+                              images_by_stage=True, descriptions=loaded)
+    assert examples and {e.images[0].digest() for e in examples} == {refs[0].digest()}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"sha256": "x"}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:1"):
+        load_descriptions(str(bad), None)
+    with pytest.raises(ConfigError, match="'truth' or a JSONL"):
+        load_descriptions(str(tmp_path / "missing.jsonl"), None)
+
+
+def test_training_with_descriptions_marks_the_model_to_describe_first(
+        tmp_path: Path, dataset: Path, train_config: object) -> None:
+    cfg = train_config(tmp_path / "run", lm_mode="full", steps=2,  # type: ignore[operator]
+                       describe_context="truth", images_by_stage=True,
+                       train_data=dataset / "phantoms.json")
+    out = train(cfg)
+    assert json.loads((out / "config.json").read_text())["describe_first"] is True
+    from cxrtrek.backends.inprocess import InProcessBackend
+
+    backend = InProcessBackend.load(out, device="cpu", dtype="float32")
+    try:
+        assert backend.describes_first is True
+    finally:
+        backend.close()

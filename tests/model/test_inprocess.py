@@ -15,8 +15,9 @@ from cxrtrek.errors import DataError
 from cxrtrek.model.build import build_preset, save_pretrained
 from cxrtrek.model.modeling import CXRTrekNetForConditionalGeneration, DecodeBatch, _KVSlab
 from cxrtrek.model.processing import CXRTrekNetProcessor
+from cxrtrek.prompts import describe_question
 from cxrtrek.prompts.render import ContextTurn, render_chat
-from cxrtrek.protocol import VLMBackend, VLMRequest, VLMResponse
+from cxrtrek.protocol import ContextPair, VLMBackend, VLMRequest, VLMResponse
 from cxrtrek.schema import ImageRef
 
 Tiny = tuple[CXRTrekNetForConditionalGeneration, CXRTrekNetProcessor]
@@ -315,6 +316,30 @@ def test_an_overflowing_context_loses_whole_stages(tiny: Tiny, images: list[Imag
     assert 0 < fitted.context_used < len(pairs)
     assert fitted.context_used % 6 == 0  # whole stages dropped
     assert len(fitted.encoded) + 8 <= tiny[1].context_length
+
+
+def test_an_overflowing_context_keeps_the_image_descriptions(tiny: Tiny,
+                                                             images: list[ImageRef]) -> None:
+    """Describe-then-answer: the descriptions lead the context and stay when earlier
+    stages' pairs are dropped to fit the window."""
+    backend = InProcessBackend(*tiny)
+    description = ContextPair(stage=2, question=describe_question(),
+                              answer="PA view. Cardiomegaly: moderate. Pleural effusion: left.")
+    pairs = [ContextPair(stage=1 + i // 6, question=f"Question {i} about the lungs?",
+                         answer="A long answer about effusion and the heart. " * 3)
+             for i in range(36)]
+    request = VLMRequest(request_id="long", stage=7, question="What next?", images=images[:1],
+                         context=[description, *pairs], max_new_tokens=8)
+    fitted = backend._encode(request)
+    assert 1 < fitted.context_used < len(request.context)
+    assert len(fitted.encoded) + 8 <= tiny[1].context_length
+    assert fitted.encoded.text is not None and description.answer in fitted.encoded.text
+    kept = request.context[len(request.context) - fitted.context_used + 1:]
+    assert fitted.encoded.text.index(description.answer) < fitted.encoded.text.index(
+        kept[0].question)
+    # the pairs kept after it are the most recent ones, as without descriptions
+    same = request.model_copy(update={"context": [description, *kept]})
+    assert backend._encode(same).encoded.input_ids == fitted.encoded.input_ids
 
 
 def test_concurrent_calls_join_one_decode_batch(trained: Path, images: list[ImageRef],

@@ -26,6 +26,7 @@ from cxrtrek.data.phantoms.text import (
     _where,
 )
 from cxrtrek.data.phantoms.truth import _SEVERITY_KINDS, NAMES, SCALES, PhantomFinding, PhantomTruth
+from cxrtrek.prompts import DESCRIBE_QUESTION
 
 _SUFFIX_SHORT = ("", " Answer the question in short.",
                  " Provide a condensed answer, omitting superfluous details.")
@@ -37,7 +38,7 @@ _SUFFIX_CHOICE = ("", " Without any explanation, just output your answer.",
 _LABELS = "ABCDEFGH"
 
 
-DESCRIBE_PROMPT = "List every finding kind of this image, with its side, zone, grade and box."
+DESCRIBE_PROMPT = DESCRIBE_QUESTION
 """The question of an image description (:func:`describe_image`): a training turn only, never
 asked by the stage graph."""
 
