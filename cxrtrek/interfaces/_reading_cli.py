@@ -83,6 +83,8 @@ def print_stage(console: Console, result: StageResult, elapsed_s: float | None, 
                   f"[/green]{timing}")
     if not answers:
         return
+    for sha, text in result.descriptions.items():
+        console.print(f"  [magenta]described[/magenta] image {sha[:12]}: {escape(text)}")
     texts = {q.id: q.text for q in result.questions}
     for answer in result.answers:
         question = texts.get(answer.question_id, answer.question_id)

@@ -86,6 +86,9 @@ class _StageView:
     """Why an answer did not parse as its question's form, by question id."""
     skipped: str | None = None
     elapsed_s: float | None = None
+    descriptions: tuple[tuple[str, str], ...] = ()
+    """Describe-then-answer: (image SHA-256, the model's description) written in this
+    stage, before its questions."""
 
 
 def _view(result: StageResult, elapsed_s: float | None) -> _StageView:
@@ -95,7 +98,8 @@ def _view(result: StageResult, elapsed_s: float | None) -> _StageView:
     unparsed = {a.question_id: a.parsed.reason for a in result.answers
                 if a.parsed.kind == "unparsed"}
     return _StageView(result.stage, result.name, items, skipped=result.skipped,
-                      elapsed_s=elapsed_s, unparsed=unparsed)
+                      elapsed_s=elapsed_s, unparsed=unparsed,
+                      descriptions=tuple(result.descriptions.items()))
 
 
 def _seconds(value: float | None) -> str:
@@ -262,6 +266,9 @@ each stage.
         times = self._stage_times(run_id)
         for result in report.stages:
             status = f"skipped: {result.skipped}" if result.skipped else "answered"
+            if result.descriptions:
+                n = len(result.descriptions)
+                status += f" (first described {n} image{'s' if n > 1 else ''})"
             table.add_row(f"{result.stage} {escape(result.name)}", escape(status),
                           str(len(result.questions)), _seconds(times.get(result.stage)))
         self.console.print(table)
@@ -529,6 +536,9 @@ each stage.
             self.console.print(f"{head}: skipped ({escape(view.skipped)})")
             return
         self.console.print(f"{head}  [dim]({_seconds(view.elapsed_s)})[/dim]")
+        for sha, text in view.descriptions:
+            self.console.print(f"  [magenta]described[/magenta] image {escape(sha[:12])}: "
+                               f"{escape(text)}")
         for n, (qid, question, answer) in enumerate(view.items, start=1):
             self.console.print(f"  {n}. [cyan]\\[{escape(qid)}][/cyan] {escape(question)}")
             why = view.unparsed.get(qid)

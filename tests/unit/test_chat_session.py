@@ -179,6 +179,23 @@ def test_stages_table_and_one_stage(agent: CXRTrekAgent, study: Study) -> None:
     assert "stage 3" not in stage
 
 
+def test_stages_show_what_describe_then_answer_wrote(tmp_path: Path, study: Study) -> None:
+    def answer(request: VLMRequest) -> str:
+        return "PA view. Cardiomegaly: moderate." if request.question.startswith(
+            "List every finding kind") else "No."
+
+    agent = CXRTrekAgent(ScriptedBackend(answer),
+                         settings=AgentSettings(home=str(tmp_path / "home"), describe=True))
+    t = Transcript(agent, ["/stages", "/stage 1", "/stage 5"])
+    assert t.run(study) == 0
+    table, one, five = _after_reading(t.text).split(PROMPT)[:3]
+    assert "(first described 1 image)" in table
+    current, prior = study.images[0].digest(), study.prior.images[0].digest()  # type: ignore
+    assert f"described image {current[:12]}: PA view. Cardiomegaly: moderate." in one
+    assert f"described image {prior[:12]}: PA view. Cardiomegaly: moderate." in five
+    assert current[:12] not in five
+
+
 def test_edit_forks_shows_the_diff_and_switches_the_current_run(
         agent: CXRTrekAgent, study: Study) -> None:
     t = Transcript(agent, ["/edit 2", "1", "No abnormality.", "/report"])
