@@ -108,9 +108,15 @@ class RunStore:
 
     @classmethod
     def of(cls, where: StoreLocation) -> RunStore:
-        """The store that settings name (checkpoints; JSONL traces, or memory without)."""
+        """The store that settings name: a PostgreSQL one when they name a ``postgres://``
+        URL (their ``store``, else ``$CXRTREK_STORE``; see :mod:`cxrtrek.agent.pgstore`),
+        else checkpoints in SQLite and JSONL traces (or memory without)."""
+        from cxrtrek.agent.pgstore import PostgresStore, store_url
         from cxrtrek.graph.trace import JsonlTracer
 
+        url = store_url(getattr(where, "store", None))
+        if url is not None:
+            return PostgresStore(url)
         return cls(where.checkpoint_path(),
                    JsonlTracer(where.trace_path()) if where.trace else None)
 
@@ -213,6 +219,10 @@ class RunStore:
         from cxrtrek.graph.trace import JsonlTracer
 
         return self.tracer.path(run_id) if isinstance(self.tracer, JsonlTracer) else None
+
+    def trace_jsonl(self, run_id: str) -> str:
+        """A run's trace as the text of its JSONL file (empty when there is none)."""
+        return "".join(r.model_dump_json() + "\n" for r in self.trace_records(run_id))
 
     def trace_records(self, run_id: str) -> list[TraceRecord]:
         """A run's trace (empty when there is none)."""

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
@@ -16,10 +17,13 @@ from rich.markup import escape
 from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent, RunReport, StageEvent
 from cxrtrek.agent.store import RunStore
 from cxrtrek.backends.registry import BackendInfo, BackendOptions, check_spec, load_backend
-from cxrtrek.errors import BackendMismatchError, ConfigError, FormatError
+from cxrtrek.errors import BackendMismatchError, ConfigError, DataError, FormatError
 from cxrtrek.protocol import VLMBackend
 from cxrtrek.schema import Answer, StageResult, Study
 from cxrtrek.stages import STAGES
+
+if TYPE_CHECKING:
+    from cxrtrek.graph.trace import TraceRecord
 
 __all__ = [
     "cmd_replay",
@@ -423,7 +427,7 @@ def cmd_replay(trace: Path, *, against: str | None, fork: int | None, edits: Seq
                settings: AgentSettings, json_out: bool) -> int:
     """``cxrtrek replay``: play back; re-execute and diff (--against); fork (--fork)."""
     from cxrtrek.graph.replay import attribute_errors, playback
-    from cxrtrek.graph.trace import RunRecord, read_trace
+    from cxrtrek.graph.trace import RunRecord
 
     console = Console(highlight=False, soft_wrap=True)
     if fork is None and edits:
@@ -433,7 +437,7 @@ def cmd_replay(trace: Path, *, against: str | None, fork: int | None, edits: Seq
         raise ConfigError("--fork needs at least one --edit QUESTION_ID=TEXT")
     if against is not None and against != "recorded":
         check_spec(against)  # (the arguments are checked before the trace is played)
-    records = read_trace(trace)
+    records = _trace_records(trace, settings)
     head = next((r for r in records if isinstance(r, RunRecord)), None)
     if fork is not None:
         _check_fork(trace, records, fork, changes)
@@ -463,6 +467,23 @@ def cmd_replay(trace: Path, *, against: str | None, fork: int | None, edits: Seq
     _emit(json_out, {"first_divergent_stage": outcome.diff.first_divergent_stage,
                      "replay_run_id": outcome.replay_run_id})
     return EXIT_OK if outcome.diff.first_divergent_stage is None else EXIT_FAILED
+
+
+def _trace_records(trace: Path, settings: AgentSettings) -> list[TraceRecord]:
+    """A trace file's records; with a PostgreSQL store, a run id not naming a file is read
+    from the store (its trace table)."""
+    from cxrtrek.agent.pgstore import PostgresStore
+    from cxrtrek.graph.trace import read_trace
+
+    if not trace.is_file():
+        store = RunStore.of(settings)
+        if isinstance(store, PostgresStore):
+            records = store.trace_records(trace.name)
+            if not records:
+                raise DataError(f"no trace of run {trace.name!r} in the run store at "
+                                f"{store.checkpoint_db} (nor a file {str(trace)!r})")
+            return records
+    return read_trace(trace)
 
 
 def _check_fork(trace: Path, records: Sequence[object], stage: int,

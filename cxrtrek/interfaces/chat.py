@@ -308,7 +308,10 @@ each stage.
         from cxrtrek.graph.trace import trace_path
 
         run_id = self._current()
-        if self.agent.settings.trace:
+        if self.agent.store.trace_file(run_id) is None and self.agent.settings.trace:
+            self.console.print(f"trace: in the run store at {self.agent.store.checkpoint_db}",
+                               markup=False, highlight=False, soft_wrap=True)
+        elif self.agent.settings.trace:
             path = trace_path(self.agent.settings.trace_path(), run_id)
             self.console.print(f"trace: {path}", markup=False, highlight=False, soft_wrap=True)
         else:

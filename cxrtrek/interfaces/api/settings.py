@@ -42,6 +42,20 @@ class ApiSettings(BaseModel):
     home: str | None = None
     """Checkpoints, traces and uploads (``<home>/uploads/<run_id>/``); None:
     ``$CXRTREK_HOME`` or ``./.cxrtrek``, as :attr:`AgentSettings.home`."""
+    store: str | None = None
+    """Where runs are kept: a ``postgres://`` URL shares them with every API process and
+    worker given the same URL (:mod:`cxrtrek.agent.pgstore`); None: ``$CXRTREK_STORE``, else
+    SQLite and JSONL files under ``home``."""
+    uploads_dir: str | None = None
+    """Where uploaded images go (``<uploads_dir>/<run_id>/``); None: ``<home>/uploads``. With
+    several machines, a folder every API process and worker mounts at the same path (the
+    checkpoints refer to the images by path)."""
+    read_runs: bool = True
+    """With a shared store: whether this process also reads runs of the queue (with
+    ``max_concurrent_runs`` slots); False: it only serves (workers read)."""
+    lease_s: float = Field(default=15.0, gt=0.0)
+    """With a shared store: a run taken by a worker is its own for this long, renewed every
+    third of it; a worker that dies leaves its runs to others once it runs out."""
     context: ContextPolicy = "full"
     """The context policy of the agent :func:`serve_api` builds."""
     max_image_bytes: int = Field(default=20 * MiB, ge=1024)
@@ -84,4 +98,4 @@ class ApiSettings(BaseModel):
 
     def agent_settings(self) -> AgentSettings:
         """The settings of the agent :func:`serve_api` builds."""
-        return AgentSettings(home=self.home, context=self.context)
+        return AgentSettings(home=self.home, context=self.context, store=self.store)

@@ -1,0 +1,194 @@
+"""The PostgreSQL run store on a real server: its schema, the queue's claims and leases, the
+trace table against the JSONL files, a reading checkpointed there, deleting a run."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent
+from cxrtrek.agent.pgstore import (
+    MIGRATIONS,
+    TABLES,
+    PostgresStore,
+    RunQueue,
+    ensure_schema,
+    redact,
+    store_url,
+)
+from cxrtrek.agent.store import RunStore
+from cxrtrek.backends.registry import plausible_backend
+from cxrtrek.errors import ConfigError, DataError
+from cxrtrek.graph.trace import read_trace
+from cxrtrek.schema import ImageRef, Study
+
+
+def _study(study_id: str = "s1") -> Study:
+    return Study(study_id=study_id, patient_id="Jane Doe 1", images=[ImageRef(data=b"x" * 64)])
+
+
+def _rows(url: str, table: str, run_id: str) -> int:
+    column = "thread_id" if table.startswith("checkpoint") else "run_id"
+    with psycopg.connect(url) as conn:
+        row = conn.execute(f"SELECT count(*) FROM {table} WHERE {column} = %s",
+                           (run_id,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_urls_are_checked_and_passwords_never_shown() -> None:
+    assert store_url(None) is None or store_url(None).startswith("postgres")
+    with pytest.raises(ConfigError, match="expected postgresql://"):
+        store_url("mysql://x/y")
+    with pytest.raises(ConfigError, match="name the database"):
+        store_url("postgresql://u@h:5432")
+    assert redact("postgresql://u:secret@h:5/db") == "postgresql://u:***@h:5/db"
+
+
+def test_unreachable_store_is_one_line() -> None:
+    store = PostgresStore("postgresql://nobody:pw@127.0.0.1:1/none")
+    with pytest.raises(ConfigError, match=r"cannot reach the run store at "
+                                          r"postgresql://nobody:\*\*\*@127.0.0.1:1/none"):
+        store.report("r1")
+
+
+def test_schema_is_versioned_idempotent_and_safe_for_concurrent_starters(pg_url: str) -> None:
+    import cxrtrek.agent.pgstore as pgstore
+
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            ensure_schema(pg_url)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    # several starters at once (each as a fresh process would: nothing cached)
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    pgstore._READY.discard(pg_url)
+    assert ensure_schema(pg_url) == len(MIGRATIONS)  # again: nothing to do
+    with psycopg.connect(pg_url) as conn:
+        versions = [r[0] for r in conn.execute(
+            "SELECT version FROM cxrtrek_schema_version ORDER BY version")]
+        tables = {r[0] for r in conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+    assert versions == list(range(1, len(MIGRATIONS) + 1))
+    assert set(TABLES) | {"cxrtrek_schema_version"} <= tables
+
+
+def test_a_newer_schema_is_refused(pg_url: str) -> None:
+    import cxrtrek.agent.pgstore as pgstore
+
+    ensure_schema(pg_url)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO cxrtrek_schema_version (version) VALUES (%s)",
+                     (len(MIGRATIONS) + 1,))
+    pgstore._READY.discard(pg_url)
+    with pytest.raises(ConfigError, match="upgrade cxrtrek"):
+        ensure_schema(pg_url)
+
+
+def test_claims_skip_locked_rows_and_leases_expire(pg_url: str) -> None:
+    async def go() -> None:
+        queue = RunQueue(pg_url)
+        try:
+            for n in range(3):
+                assert await queue.enqueue(f"r{n}", {"n": n})
+            assert not await queue.enqueue("r0", {"n": 9})  # already there
+            # concurrent claims: each run to one worker
+            claims = await asyncio.gather(*(queue.claim(f"w{i}", 30.0) for i in range(5)))
+            taken = sorted(c.run_id for c in claims if c is not None)
+            assert taken == ["r0", "r1", "r2"]
+            assert await queue.claim("w9", 30.0) is None
+            owner = {c.run_id: f"w{i}" for i, c in enumerate(claims) if c is not None}
+            assert await queue.heartbeat("r0", owner["r0"], 30.0)
+            assert not await queue.heartbeat("r0", "someone-else", 30.0)
+            # a lease that runs out: another worker takes the run again
+            assert await queue.heartbeat("r1", owner["r1"], 0.05)
+            await asyncio.sleep(0.2)
+            again = await queue.claim("w9", 30.0)
+            assert again is not None and again.run_id == "r1" and again.attempts == 2
+            assert not await queue.heartbeat("r1", owner["r1"], 30.0)  # the old owner lost it
+            # the last event and the status together, only by the owner
+            assert not await queue.finish("r1", owner["r1"], "completed", "report", "{}")
+            assert await queue.emit("r1", "stage", '{"s": 1}', 1, owner="w9")
+            assert not await queue.emit("r1", "stage", '{"s": 1}', 1, owner="w9")  # once
+            assert await queue.finish("r1", "w9", "completed", "report", "{}")
+            row = await queue.row("r1")
+            assert row is not None and row["status"] == "completed" and row["owner"] is None
+            assert [(s, n) for s, n, _ in await queue.events_since("r1", 0)] == [
+                (0, "stage"), (1, "report")]
+            # a worker shutting down puts its runs back
+            assert await queue.release(owner["r2"]) == 1
+            assert (await queue.row("r2") or {})["status"] == "queued"
+            # resuming only from the statuses given
+            assert not await queue.enqueue("r1", {"decision": None}, ("failed",))
+            assert await queue.enqueue("r1", {"decision": None}, ("completed",))
+        finally:
+            await queue.close()
+
+    asyncio.run(go())
+
+
+def test_trace_table_round_trip_equals_the_jsonl_file(pg_url: str, tmp_path: Path) -> None:
+    study = _study()
+    files = CXRTrekAgent(plausible_backend(), settings=AgentSettings(home=str(tmp_path)))
+    files.run(study, run_id="same")
+    shared = CXRTrekAgent(plausible_backend(), settings=AgentSettings(store=pg_url))
+    assert isinstance(shared.store, PostgresStore)
+    report = shared.run(study, run_id="same")
+    assert report.status == "completed"
+    from_file = read_trace(tmp_path / "traces" / "same.jsonl")
+    from_table = shared.trace_records("same")
+
+    def strip(records: list) -> list:  # type: ignore[type-arg]
+        out = []
+        for r in records:
+            d = r.model_dump(mode="json")
+            for key in ("created_at", "latency_s", "otel_trace_id", "checkpoint_id"):
+                d.pop(key, None)
+            out.append(d)
+        return out
+
+    assert strip(from_table) == strip(from_file)
+    # the export is the lines as written, in order; idempotent per key
+    store = shared.store
+    lines = store.trace_jsonl("same").splitlines()
+    assert [r.model_dump_json() for r in from_table] == lines
+    store.tracer.write(from_table)  # written again: replaced, not duplicated
+    assert store.trace_jsonl("same").splitlines() == lines
+    # RunStore.of picks the store a URL names; a report needs no model
+    again = RunStore.of(AgentSettings(store=pg_url))
+    assert isinstance(again, PostgresStore)
+    assert again.report("same").status == "completed"
+    assert again.study_of("same").study_id == "s1"
+
+
+def test_delete_leaves_nothing_in_any_table(pg_url: str) -> None:
+    agent = CXRTrekAgent(plausible_backend(), settings=AgentSettings(store=pg_url))
+    agent.run(_study(), run_id="gone")
+    agent.run(_study("s2"), run_id="kept")
+
+    async def register() -> None:
+        queue = RunQueue(pg_url)
+        await queue.enqueue("gone", {})
+        await queue.emit("gone", "stage", "{}", 1)
+        await queue.close()
+
+    asyncio.run(register())
+    assert all(_rows(pg_url, t, "gone") for t in ("cxrtrek_runs", "cxrtrek_trace",
+                                                  "cxrtrek_events", "checkpoints"))
+    deleted = agent.delete_run("gone")
+    assert deleted.checkpoints and deleted.trace
+    assert {t: _rows(pg_url, t, "gone") for t in TABLES} == dict.fromkeys(TABLES, 0)
+    assert _rows(pg_url, "checkpoints", "kept") > 0
+    with pytest.raises(DataError, match="no run 'gone'"):
+        agent.delete_run("gone")
