@@ -176,6 +176,21 @@ _READY: set[str] = set()
 _READY_LOCK = threading.Lock()
 
 
+def _advisory_lock(conn: psycopg.Connection[Any], url: str, timeout_s: float = 120.0) -> None:
+    """Take the schema lock, trying rather than waiting in a statement: LangGraph's
+    migrations build indexes CONCURRENTLY, which wait for every open statement to end, so a
+    starter blocked inside ``pg_advisory_lock`` would block the one holding it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (_LOCK_KEY,)).fetchone()
+        if row and row[0]:
+            return
+        if time.monotonic() > deadline:
+            raise ConfigError(f"the run store at {redact(url)}: another process has been "
+                              f"creating the schema for {timeout_s:.0f} s; is it stuck?")
+        time.sleep(0.05)
+
+
 def ensure_schema(url: str) -> int:
     """Create or upgrade the schema (ours, then LangGraph's checkpoint tables), each migration
     once, under an advisory lock (concurrent starters wait, then find it done); the version.
@@ -186,7 +201,7 @@ def ensure_schema(url: str) -> int:
         if url in _READY:
             return len(MIGRATIONS)
         with _connect(url) as conn:
-            conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
+            _advisory_lock(conn, url)
             try:
                 conn.execute("CREATE TABLE IF NOT EXISTS cxrtrek_schema_version ("
                              "version integer PRIMARY KEY, "

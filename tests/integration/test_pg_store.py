@@ -4,7 +4,9 @@ trace table against the JSONL files, a reading checkpointed there, deleting a ru
 from __future__ import annotations
 
 import asyncio
-import threading
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import psycopg
@@ -25,6 +27,8 @@ from cxrtrek.backends.registry import plausible_backend
 from cxrtrek.errors import ConfigError, DataError
 from cxrtrek.graph.trace import read_trace
 from cxrtrek.schema import ImageRef, Study
+
+from .conftest import REPO
 
 
 def _study(study_id: str = "s1") -> Study:
@@ -58,21 +62,14 @@ def test_unreachable_store_is_one_line() -> None:
 def test_schema_is_versioned_idempotent_and_safe_for_concurrent_starters(pg_url: str) -> None:
     import cxrtrek.agent.pgstore as pgstore
 
-    errors: list[BaseException] = []
-
-    def start() -> None:
-        try:
-            ensure_schema(pg_url)
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    # several starters at once (each as a fresh process would: nothing cached)
-    threads = [threading.Thread(target=start) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors
+    # several processes start at once on an empty database
+    code = "import sys; from cxrtrek.agent.pgstore import ensure_schema; ensure_schema(sys.argv[1])"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    starters = [subprocess.Popen([sys.executable, "-c", code, pg_url], env=env,
+                                 stderr=subprocess.PIPE) for _ in range(4)]
+    for proc in starters:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()
     pgstore._READY.discard(pg_url)
     assert ensure_schema(pg_url) == len(MIGRATIONS)  # again: nothing to do
     with psycopg.connect(pg_url) as conn:
