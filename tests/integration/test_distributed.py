@@ -76,8 +76,9 @@ class Procs:
             time.sleep(0.1)
 
     def logs(self) -> str:
-        return "\n".join(f"--- {name}\n{(self.tmp / f'{name}.log').read_text(errors='replace')[-3000:]}"
-                         for name, _ in self.procs)
+        return "\n".join(
+            f"--- {name}\n" + (self.tmp / f"{name}.log").read_text(errors="replace")[-3000:]
+            for name, _ in self.procs)
 
     def stop(self) -> None:
         for _, proc in self.procs:
