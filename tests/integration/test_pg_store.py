@@ -189,3 +189,41 @@ def test_delete_leaves_nothing_in_any_table(pg_url: str) -> None:
     assert _rows(pg_url, "checkpoints", "kept") > 0
     with pytest.raises(DataError, match="no run 'gone'"):
         agent.delete_run("gone")
+
+
+def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str],
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from cxrtrek.interfaces.cli import main
+
+    monkeypatch.delenv("CXRTREK_STORE", raising=False)
+    assert main(["worker", "--store", "mysql://h/db", "--backend", "scripted"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "expected postgresql://" in err
+    assert main(["api", "--workers-only", "--backend", "scripted"]) == 2
+    assert "needs a shared run store" in capsys.readouterr().err
+    assert main(["worker", "--store", "postgresql://u:pw@127.0.0.1:1/db",
+                 "--backend", "scripted"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot reach the run store" in err and "pw" not in err
+    assert "Traceback" not in err
+
+
+def test_cli_run_replay_delete_on_the_store(pg_url: str, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from cxrtrek.data.images import example_images
+    from cxrtrek.interfaces.cli import main
+
+    png = next(p for p in example_images() if p.name == "phantom_chest_pa.png")
+    home = str(tmp_path / "home")
+    assert main(["run", str(png), "--backend", "scripted", "--store", pg_url, "--home", home,
+                 "--json"]) == 0
+    run_id = json.loads(capsys.readouterr().out.splitlines()[-1])["run_id"]
+    assert not (tmp_path / "home" / "traces").exists()  # the trace went to the store
+    assert main(["replay", run_id, "--store", pg_url, "--against", "recorded", "--home",
+                 home]) == 0
+    assert "stage 8" in capsys.readouterr().out.lower()
+    assert main(["delete", run_id, "--yes", "--store", pg_url]) == 0
+    assert main(["replay", run_id, "--store", pg_url]) == 2
+    assert "no trace of run" in capsys.readouterr().err
