@@ -93,10 +93,10 @@ class Worker:
                     self.tasks[claim.run_id] = task
                     task.add_done_callback(functools.partial(self._done, claim.run_id,
                                                              listener))
-                waits: list[asyncio.Future[Any]] = [
-                    asyncio.ensure_future(stop.wait())]
-                if len(self.tasks) < self.slots:
-                    waits.append(asyncio.ensure_future(listener.any.wait()))
+                # woken by a run queued (NOTIFY), a slot freed (_done), the stop, or the poll
+                # (a dead worker's lease running out has no notification)
+                waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(stop.wait()),
+                                                    asyncio.ensure_future(listener.any.wait())]
                 _, pending = await asyncio.wait(waits, timeout=self.poll_s,
                                                 return_when=asyncio.FIRST_COMPLETED)
                 for fut in pending:
