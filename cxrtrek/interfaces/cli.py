@@ -124,6 +124,9 @@ Store = Annotated[str | None, typer.Option(
     "--store", metavar="URL",
     help="keep runs in PostgreSQL (postgresql://USER@HOST:PORT/DB), shared by every process "
          "given it (default $CXRTREK_STORE, else SQLite and JSONL files under --home)")]
+MemoryServer = Annotated[str | None, typer.Option(
+    "--memory-server", metavar="HOST:PORT",
+    help="a chroma run server for the vector memory, shared by every process given it")]
 Context = Annotated[Literal["full", "retrieved", "none"], typer.Option(
     "--context", metavar="full|retrieved|none",
     help="earlier stages' answers given with each question")]
@@ -536,6 +539,7 @@ def api_cmd(
         "--lease-s", metavar="S",
         help="with --store: a worker's hold on a run, renewed every S/3; a dead worker's runs "
              "go to others after S")] = 15.0,
+    memory_server: MemoryServer = None,
 ) -> int:
     """Serve readings over HTTP: POST a study (multipart images) to /v1/runs, follow its
     stages as server-sent events, fetch the run, its report and its trace.
@@ -554,7 +558,7 @@ def api_cmd(
         max_images=max_images, max_concurrent_runs=max_concurrent_runs,
         body_timeout_s=body_timeout_s, max_concurrent_bodies=max_concurrent_bodies, home=home,
         store=store, uploads_dir=uploads_dir, serve_only=serve_only,
-        workers_only=workers_only, lease_s=lease_s)
+        workers_only=workers_only, lease_s=lease_s, memory_server=memory_server)
     if workers_only:
         serve_workers(settings)
     else:
@@ -604,6 +608,7 @@ def worker_cmd(
         "--lease-s", metavar="S",
         help="this worker's hold on a run, renewed every S/3; if it dies, its runs go to "
              "other workers after S")] = 15.0,
+    memory_server: MemoryServer = None,
     home: Home = None,
 ) -> int:
     """Read runs from a shared queue in PostgreSQL (as cxrtrek api --workers-only).
@@ -617,7 +622,8 @@ def worker_cmd(
 
     settings = _api_settings(backend=backend, context=context, device=device, dtype=dtype,
                              dialect=dialect, max_concurrent_runs=max_concurrent_runs,
-                             home=home, store=store, workers_only=True, lease_s=lease_s)
+                             home=home, store=store, workers_only=True, lease_s=lease_s,
+                             memory_server=memory_server)
     serve_workers(settings)
     return EXIT_OK
 

@@ -74,3 +74,20 @@ def test_a_failed_run_is_resumed_through_the_queue(pg_url: str, tmp_path: Path) 
         assert _wait(api, run_id, "completed")["report"]["status"] == "completed"
         names = [n for n, _ in _events(api, run_id)]
         assert names == ["stage", "stage", "error"] + ["stage"] * 6 + ["report"]
+
+
+def test_workers_and_api_processes_share_a_memory_server(tmp_path: Path) -> None:
+    import pytest
+
+    from cxrtrek.errors import ConfigError
+    from cxrtrek.interfaces.api import ApiSettings
+    from cxrtrek.interfaces.api.app import _agent_of
+    from cxrtrek.memory import VectorMemory
+
+    agent = _agent_of(ApiSettings.create(backend="scripted", home=str(tmp_path),
+                                         memory_server="chroma.internal:8123"))
+    assert isinstance(agent.memory, VectorMemory)  # (connected on first use)
+    assert (agent.memory.settings.mode, agent.memory.settings.host,
+            agent.memory.settings.port) == ("server", "chroma.internal", 8123)
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        ApiSettings.create(backend="scripted", memory_server="chroma.internal")

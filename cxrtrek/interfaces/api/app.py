@@ -300,7 +300,13 @@ def _agent_of(settings: ApiSettings) -> CXRTrekAgent:
     options = BackendOptions(device=settings.device, dtype=settings.dtype,
                              dialect=settings.dialect)
     backend = load_backend(settings.backend, options=options)
-    return CXRTrekAgent(backend, settings=agent_settings, store=store,
+    memory = None
+    if settings.memory_server:  # shared by every process given the same server
+        from cxrtrek.memory import MemorySettings, VectorMemory
+
+        host, _, port = settings.memory_server.rpartition(":")
+        memory = VectorMemory(MemorySettings(mode="server", host=host, port=int(port)))
+    return CXRTrekAgent(backend, memory, settings=agent_settings, store=store,
                         backend_spec=settings.backend, backend_options=options)
 
 

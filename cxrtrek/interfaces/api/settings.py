@@ -50,6 +50,9 @@ class ApiSettings(BaseModel):
     """Where uploaded images go (``<uploads_dir>/<run_id>/``); None: ``<home>/uploads``. With
     several machines, a folder every API process and worker mounts at the same path (the
     checkpoints refer to the images by path)."""
+    memory_server: str | None = None
+    """``HOST:PORT`` of a ``chroma run`` server for the agent's vector memory (every process
+    given it shares it); None: no vector memory."""
     read_runs: bool = True
     """With a shared store: whether this process also reads runs of the queue (with
     ``max_concurrent_runs`` slots); False: it only serves (workers read)."""
@@ -90,6 +93,16 @@ class ApiSettings(BaseModel):
     def model_post_init(self, context: Any, /) -> None:
         """Refuse a non-loopback bind address without a token."""
         refuse_open_bind(self.host, self.token, "the API", "CXRTREK_API_TOKEN")
+
+    @field_validator("memory_server")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        host, sep, port = value.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"expected HOST:PORT of a chroma run server; got {value!r}")
+        return value.strip()
 
     @classmethod
     def create(cls, **values: Any) -> ApiSettings:
