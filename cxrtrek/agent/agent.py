@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from pydantic import BaseModel, ConfigDict
 
 from cxrtrek import telemetry
+from cxrtrek.agent.pgstore import open_store
 from cxrtrek.agent.store import DeletedRun, RunReport, RunStatus, RunStore, run_config
 from cxrtrek.backends.registry import BackendInfo, BackendOptions
 from cxrtrek.errors import BackendMismatchError, ConfigError, CXRTrekError, DataError
@@ -170,7 +171,7 @@ class CXRTrekAgent:
         if store is not None and tracer is not None:
             raise ConfigError("give a tracer or a store (which has its own), not both")
         if store is None and tracer is None:
-            store = RunStore.of(self.settings)
+            store = open_store(self.settings)
         self.store: RunStore = store or RunStore(
             self.settings.checkpoint_path(),
             tracer or (JsonlTracer(self.settings.trace_path()) if self.settings.trace

@@ -5,7 +5,7 @@ run registry, the queue of work and the run's events).
 ::
 
     store = PostgresStore("postgresql://cxrtrek@db:5432/cxrtrek")
-    store = RunStore.of(AgentSettings(store=url))   # the same; no url: $CXRTREK_STORE
+    store = open_store(AgentSettings(store=url))    # the same; no url: $CXRTREK_STORE
     store.report(run_id); store.trace_records(run_id); store.delete(run_id)
 
 One database holds everything a run is:
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from cxrtrek.agent.store import DeletedRun, RunStore, run_config
+from cxrtrek.agent.store import DeletedRun, RunStore, StoreLocation, run_config
 from cxrtrek.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from cxrtrek.graph.trace import TraceRecord
 
 __all__ = ["MIGRATIONS", "Claim", "PostgresStore", "PostgresTracer", "RunQueue",
-           "ensure_schema", "is_postgres_url", "redact", "store_url"]
+           "ensure_schema", "is_postgres_url", "open_store", "redact", "store_url"]
 
 log = logging.getLogger(__name__)
 
@@ -358,6 +358,14 @@ class PostgresStore(RunStore):
         log.info("deleted run %s (checkpoints %s, trace %s, %d memory items)", run_id, found,
                  trace, items)
         return DeletedRun(run_id=run_id, checkpoints=found, trace=trace, memory_items=items)
+
+
+def open_store(where: StoreLocation) -> RunStore:
+    """The store that settings name: PostgreSQL when they name a ``postgres://`` URL (their
+    ``store``, else ``$CXRTREK_STORE``), else SQLite checkpoints and JSONL traces
+    (:meth:`RunStore.of`)."""
+    url = store_url(getattr(where, "store", None))
+    return PostgresStore(url) if url is not None else RunStore.of(where)
 
 
 # --- the registry, the queue and the events ---------------------------------------------------

@@ -108,15 +108,11 @@ class RunStore:
 
     @classmethod
     def of(cls, where: StoreLocation) -> RunStore:
-        """The store that settings name: a PostgreSQL one when they name a ``postgres://``
-        URL (their ``store``, else ``$CXRTREK_STORE``; see :mod:`cxrtrek.agent.pgstore`),
-        else checkpoints in SQLite and JSONL traces (or memory without)."""
-        from cxrtrek.agent.pgstore import PostgresStore, store_url
+        """The store of files that settings name (checkpoints; JSONL traces, or memory
+        without). :func:`cxrtrek.agent.pgstore.open_store` also opens a PostgreSQL store
+        when the settings (or ``$CXRTREK_STORE``) name one."""
         from cxrtrek.graph.trace import JsonlTracer
 
-        url = store_url(getattr(where, "store", None))
-        if url is not None:
-            return PostgresStore(url)
         return cls(where.checkpoint_path(),
                    JsonlTracer(where.trace_path()) if where.trace else None)
 

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent, RunReport, StageEvent
+from cxrtrek.agent.pgstore import PostgresStore, open_store
 from cxrtrek.agent.store import RunStore
 from cxrtrek.backends.registry import BackendInfo, BackendOptions, check_spec, load_backend
 from cxrtrek.errors import BackendMismatchError, ConfigError, DataError, FormatError
@@ -341,7 +342,7 @@ def cmd_resume(run_id: str, *, backend: str | None, settings: AgentSettings, app
     """``cxrtrek resume``: continue an interrupted or paused run, with the backend it was
     read with (another only with ``switch_backend``)."""
     console = Console(stderr=json_out, highlight=False, soft_wrap=True)
-    store = RunStore.of(settings)
+    store = open_store(settings)
     before = store.report(run_id)  # no model is loaded for a run that has ended
     if before.status in ("completed", "stopped"):
         console.print(f"run {escape(run_id)} is already {before.status}; nothing to resume")
@@ -394,7 +395,7 @@ def cmd_delete(run_ids: Sequence[str], *, settings: AgentSettings, yes: bool,
         if sys.stdin.readline().strip().lower() not in ("y", "yes"):
             console.print("nothing deleted")
             return EXIT_FAILED
-    store = RunStore.of(settings)
+    store = open_store(settings)
     deleted: list[dict[str, object]] = []
     failed = 0
     for run_id in run_ids:
@@ -472,11 +473,10 @@ def cmd_replay(trace: Path, *, against: str | None, fork: int | None, edits: Seq
 def _trace_records(trace: Path, settings: AgentSettings) -> list[TraceRecord]:
     """A trace file's records; with a PostgreSQL store, a run id not naming a file is read
     from the store (its trace table)."""
-    from cxrtrek.agent.pgstore import PostgresStore
     from cxrtrek.graph.trace import read_trace
 
     if not trace.is_file():
-        store = RunStore.of(settings)
+        store = open_store(settings)
         if isinstance(store, PostgresStore):
             records = store.trace_records(trace.name)
             if not records:

@@ -19,10 +19,10 @@ from cxrtrek.agent.pgstore import (
     PostgresStore,
     RunQueue,
     ensure_schema,
+    open_store,
     redact,
     store_url,
 )
-from cxrtrek.agent.store import RunStore
 from cxrtrek.backends.registry import plausible_backend
 from cxrtrek.errors import ConfigError, DataError
 from cxrtrek.graph.trace import read_trace
@@ -162,8 +162,8 @@ def test_trace_table_round_trip_equals_the_jsonl_file(pg_url: str, tmp_path: Pat
     assert [r.model_dump_json() for r in from_table] == lines
     store.tracer.write(from_table)  # written again: replaced, not duplicated
     assert store.trace_jsonl("same").splitlines() == lines
-    # RunStore.of picks the store a URL names; a report needs no model
-    again = RunStore.of(AgentSettings(store=pg_url))
+    # open_store picks the store a URL names; a report needs no model
+    again = open_store(AgentSettings(store=pg_url))
     assert isinstance(again, PostgresStore)
     assert again.report("same").status == "completed"
     assert again.study_of("same").study_id == "s1"

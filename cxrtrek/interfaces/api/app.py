@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cxrtrek.agent.agent import CXRTrekAgent
-from cxrtrek.agent.pgstore import PostgresStore
+from cxrtrek.agent.pgstore import PostgresStore, open_store
 from cxrtrek.errors import ConfigError, CXRTrekError
 from cxrtrek.interfaces.api.runs import Runs
 from cxrtrek.interfaces.api.settings import ApiSettings
@@ -288,11 +288,10 @@ def api_server(app: FastAPI, settings: ApiSettings, *,
 
 def _agent_of(settings: ApiSettings) -> CXRTrekAgent:
     """Load the backend and build the agent the settings name (its store checked first)."""
-    from cxrtrek.agent.store import RunStore
     from cxrtrek.backends.registry import BackendOptions, load_backend
 
     agent_settings = settings.agent_settings()
-    store = RunStore.of(agent_settings)
+    store = open_store(agent_settings)
     if isinstance(store, PostgresStore):  # unreachable, bad schema: one line, before loading
         from cxrtrek.agent.pgstore import ensure_schema
 
