@@ -227,3 +227,54 @@ def test_cli_run_replay_delete_on_the_store(pg_url: str, tmp_path: Path,
     assert main(["delete", run_id, "--yes", "--store", pg_url]) == 0
     assert main(["replay", run_id, "--store", pg_url]) == 2
     assert "no trace of run" in capsys.readouterr().err
+
+
+def test_a_worker_reads_queued_runs_and_emits_their_spans(pg_url: str) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from cxrtrek import telemetry
+    from cxrtrek.agent.worker import Worker
+    from cxrtrek.graph.state import RunSettings
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry.use_provider(provider)
+    agent = CXRTrekAgent(plausible_backend(), settings=AgentSettings(store=pg_url))
+    job = {"study": _study().model_dump(mode="json"),
+           "settings": RunSettings().model_dump(mode="json")}
+
+    async def go() -> list[str]:
+        queue = RunQueue(pg_url)
+        worker = Worker(agent, slots=2, lease_s=5.0, poll_s=0.2)
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop, drain_timeout_s=5.0))
+        try:
+            for run_id in ("w1", "w2"):
+                assert await queue.enqueue(run_id, job)
+            for _ in range(300):  # bounded: 30 s
+                rows = [await queue.row(r) for r in ("w1", "w2")]
+                if all(r is not None and r["status"] == "completed" for r in rows):
+                    break
+                await asyncio.sleep(0.1)
+            return [(await queue.row(r) or {}).get("status", "") for r in ("w1", "w2")]
+        finally:
+            stop.set()
+            await task
+            await queue.close()
+
+    try:
+        assert asyncio.run(go()) == ["completed", "completed"]
+    finally:
+        telemetry.use_provider(None)
+    finished = exporter.get_finished_spans()
+    runs = {s.attributes.get("cxrtrek.run.id") for s in finished
+            if s.name.startswith("invoke_agent") and s.attributes}
+    assert runs == {"w1", "w2"}
+    stages = sorted(int(s.name.split()[1]) for s in finished if s.name.startswith("stage ")
+                    and s.attributes and s.attributes.get("cxrtrek.run.id") == "w1")
+    assert stages == [1, 2, 3, 4, 6, 7, 8]  # one span per stage that ran
+    heads = [r for r in agent.trace_records("w1") if r.kind == "run"]
+    assert heads and heads[0].otel_trace_id  # (the trace links the spans)
