@@ -379,6 +379,7 @@ class Claim:
     run_id: str
     job: dict[str, Any]
     attempts: int
+    """Times taken since it was queued (more than 1: earlier workers died holding it)."""
     claimed_at: float
     """``time.time()`` when taken."""
     queued_for_s: float
@@ -446,6 +447,7 @@ class RunQueue:
                     "INSERT INTO cxrtrek_runs AS r (run_id, status, job) "
                     "VALUES (%s, 'queued', %s) ON CONFLICT (run_id) DO UPDATE "
                     "SET status = 'queued', job = r.job || excluded.job, error = NULL, "
+                    "attempts = 0, "
                     "owner = NULL, lease_until = NULL, updated_at = clock_timestamp(), "
                     "finished_at = NULL WHERE r.status = ANY(%s) RETURNING 1",
                     (run_id, payload, list(from_status)))
@@ -489,7 +491,8 @@ class RunQueue:
         """Put back the runs a worker holds (it is shutting down): others take them now."""
         rows = await self._fetch(
             "UPDATE cxrtrek_runs SET status = 'queued', owner = NULL, lease_until = NULL, "
-            "updated_at = clock_timestamp() WHERE owner = %s AND status = 'running' "
+            "attempts = greatest(attempts - 1, 0), updated_at = clock_timestamp() "
+            "WHERE owner = %s AND status = 'running' "
             "RETURNING run_id", (owner,))
         if rows:
             await self._fetch(f"NOTIFY {QUEUE_CHANNEL}")

@@ -53,7 +53,7 @@ class Worker:
 
     def __init__(self, agent: CXRTrekAgent, *, slots: int = 2, lease_s: float = 15.0,
                  heartbeat_s: float | None = None, poll_s: float = 1.0,
-                 name: str | None = None) -> None:
+                 name: str | None = None, max_attempts: int = 5) -> None:
         if not isinstance(agent.store, PostgresStore):
             raise ConfigError("a worker takes runs from a PostgreSQL run store; give the agent "
                               "one (--store postgresql://...)")
@@ -66,6 +66,9 @@ class Worker:
         self.lease_s = lease_s
         self.heartbeat_s = heartbeat_s or lease_s / 3
         self.poll_s = poll_s
+        self.max_attempts = max_attempts
+        """A run taken this many times without ending (its workers died each time: a run
+        that kills its reader) fails instead of being taken again."""
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.claims: list[Claim] = []
@@ -129,6 +132,10 @@ class Worker:
     async def _process(self, claim: Claim) -> None:
         """Read a claimed run under its lease; a failure becomes its ``error`` event."""
         run_id = claim.run_id
+        if claim.attempts > self.max_attempts:
+            await self._fail(run_id, "WorkerLost", f"run {run_id!r} was taken {claim.attempts - 1} "
+                             "times and its worker died each time; POST .../resume to try again")
+            return
         work = asyncio.create_task(self._read(claim))
         beat = asyncio.create_task(self._heartbeat(run_id, work))
         try:

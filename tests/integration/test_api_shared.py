@@ -91,3 +91,19 @@ def test_workers_and_api_processes_share_a_memory_server(tmp_path: Path) -> None
             agent.memory.settings.port) == ("server", "chroma.internal", 8123)
     with pytest.raises(ConfigError, match="HOST:PORT"):
         ApiSettings.create(backend="scripted", memory_server="chroma.internal")
+
+
+def test_a_run_read_elsewhere_into_the_store_is_served(pg_url: str, tmp_path: Path) -> None:
+    from cxrtrek.schema import ImageRef, Study
+
+    reader = _agent(pg_url)  # e.g. cxrtrek run --store URL, on another machine
+    study = Study(study_id="cli", images=[ImageRef(data=b"x" * 64)])
+    reader.run(study, run_id="from-cli")
+    with Api(_agent(pg_url), uploads_dir=str(tmp_path), read_runs=False, **LIMITS) as api:
+        body = api.get("/v1/runs/from-cli").json()
+        assert body["status"] == "completed" and body["report"]["run_id"] == "from-cli"
+        names = [n for n, _ in _events(api, "from-cli")]
+        assert names == ["stage"] * 8 + ["report"]
+        assert api.get("/v1/runs/from-cli/trace").json()[0]["kind"] == "run"
+        assert api.delete("/v1/runs/from-cli").status_code == 200
+        assert api.get("/v1/runs/from-cli").status_code == 404

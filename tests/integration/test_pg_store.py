@@ -278,3 +278,35 @@ def test_a_worker_reads_queued_runs_and_emits_their_spans(pg_url: str) -> None:
     assert stages == [1, 2, 3, 4, 6, 7, 8]  # one span per stage that ran
     heads = [r for r in agent.trace_records("w1") if r.kind == "run"]
     assert heads and heads[0].otel_trace_id  # (the trace links the spans)
+
+
+def test_a_run_whose_workers_keep_dying_fails_instead_of_looping(pg_url: str) -> None:
+    from cxrtrek.agent.worker import Worker
+
+    agent = CXRTrekAgent(plausible_backend(), settings=AgentSettings(store=pg_url))
+
+    async def go() -> dict[str, object]:
+        queue = RunQueue(pg_url)
+        try:
+            assert await queue.enqueue("doomed", {"study": _study().model_dump(mode="json")})
+            for _ in range(2):  # two workers took it and died (their leases ran out)
+                assert await queue.claim("dead", 0.01) is not None
+                await asyncio.sleep(0.05)
+            worker = Worker(agent, slots=1, lease_s=5.0, poll_s=0.1, max_attempts=2)
+            stop = asyncio.Event()
+            task = asyncio.create_task(worker.run(stop, drain_timeout_s=2.0))
+            for _ in range(100):  # bounded: 10 s
+                row = await queue.row("doomed") or {}
+                if row.get("status") == "failed":
+                    break
+                await asyncio.sleep(0.1)
+            stop.set()
+            await task
+            events = await queue.events_since("doomed", 0)
+            return {**row, "events": [n for _, n, _ in events]}
+        finally:
+            await queue.close()
+
+    row = asyncio.run(go())
+    assert row["status"] == "failed" and row["events"] == ["error"]
+    assert row["error"]["type"] == "WorkerLost"  # type: ignore[index]

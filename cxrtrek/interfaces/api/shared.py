@@ -133,6 +133,10 @@ class SharedRuns(Runs):
         """The run's events from index ``start``, then the new ones as they are added (by a
         worker anywhere), until the run has ended (bounded by ``stream_timeout_s`` and
         shutdown)."""
+        if not await self.queue.row(run.run_id):  # read elsewhere: rebuilt from its report
+            async for chunk in super().events(run, start):
+                yield chunk
+            return
         self.listener.start()
         deadline = time.monotonic() + self.settings.stream_timeout_s
         quiet_since = time.monotonic()
@@ -149,8 +153,6 @@ class SharedRuns(Runs):
             # (a run's last event and its status are written in one transaction: read the
             # status first, and an ended run's events are all there)
             if status not in ("queued", "running") or self.closing:
-                return
-            if row is None and not run.active:
                 return
             if time.monotonic() >= deadline:
                 return
