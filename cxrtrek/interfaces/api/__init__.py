@@ -93,7 +93,10 @@ from these flags and calls :func:`serve_api`: ``--host`` (127.0.0.1), ``--port``
 :mod:`cxrtrek.backends.registry`), ``--home`` (``$CXRTREK_HOME`` or ``./.cxrtrek``),
 ``--context`` (``full``, ``retrieved`` or ``none``), ``--max-image-mb`` (20),
 ``--max-request-mb`` (64), ``--max-images`` (8), ``--max-concurrent-runs`` (2),
-``--body-timeout-s`` (120), ``--max-concurrent-bodies`` (16).
+``--body-timeout-s`` (120), ``--max-concurrent-bodies`` (16); ``--store`` (a
+``postgresql://`` URL; default ``$CXRTREK_STORE``), ``--uploads-dir`` (``HOME/uploads``),
+``--serve-only`` or ``--workers-only`` (with a store), ``--lease-s`` (15),
+``--memory-server HOST:PORT`` (a ``chroma run`` server).
 
 *Several processes* (``--store postgresql://...``): runs, their checkpoints, traces, events
 and status live in PostgreSQL (:mod:`cxrtrek.agent.pgstore`); every API process answers for
