@@ -99,8 +99,8 @@ def _root(
 _BACKEND_HELP = ("demo (the bundled checkpoint, in process), inprocess:PATH, hf:PATH (a "
                  "transformers image-text-to-text model folder, in process), "
                  "http:URL (cxrtrek serve, vLLM; token from $CXRTREK_SERVER_TOKEN), scripted "
-                 "(fixed answers, no model) or scripted-oracle (a CXRTrek file's reference "
-                 "answers)")
+                 "(fixed answers, no model; scripted:SECONDS: each question taking SECONDS) "
+                 "or scripted-oracle (a CXRTrek file's reference answers)")
 
 Backend = Annotated[str, typer.Option("--backend", metavar="SPEC", help=_BACKEND_HELP)]
 Device = Annotated[str | None, typer.Option(
