@@ -37,6 +37,7 @@ from cxrtrek.agent.store import RunReport, run_config
 from cxrtrek.errors import ConfigError, CXRTrekError
 from cxrtrek.graph.state import RunSettings
 from cxrtrek.schema import Study
+from cxrtrek.stages import STAGES
 
 __all__ = ["Worker"]
 
@@ -189,7 +190,8 @@ class Worker:
             settings = RunSettings.model_validate(job.get("settings") or {})
             events = self.agent.astream(study, run_id=run_id, settings=settings)
         else:
-            await self._send_missing(run_id)
+            done = len(STAGES) if not snap.next else int(snap.values.get("last_stage") or 0)
+            await self._send_missing(run_id, done)
             pending = dict(snap.interrupts[0].value) if snap.interrupts else None
             if pending is not None and (decision is None
                                         or decision.get("stage") != pending.get("stage")):
@@ -207,13 +209,13 @@ class Worker:
             else:
                 await self._finish_event(run_id, event)
 
-    async def _send_missing(self, run_id: str) -> None:
-        """The stage events of stages checkpointed but not sent (a dead worker's last), in
-        order, before the run goes on."""
+    async def _send_missing(self, run_id: str, done: int) -> None:
+        """The stage events of stages up to ``done`` (checkpointed, or gone around before
+        it) not sent yet (a dead worker's last), in order, before the run goes on."""
         sent = await self.queue.sent_stages(run_id)
         report = await self.store.areport(run_id)
         for result in report.stages:
-            if result.stage not in sent:
+            if result.stage <= done and result.stage not in sent:
                 event = StageEvent(run_id=run_id, kind="stage", stage=result.stage,
                                    result=result)
                 await self.queue.emit(run_id, "stage", event.model_dump_json(), result.stage,

@@ -184,6 +184,10 @@ def test_three_workers_two_apis_one_store_two_workers_killed(procs: Procs, pg_ur
         assert [e[0] for e in events] == list(range(len(events))), (run_id, events)
         stages = [e[2]["stage"] for e in events if e[1] == "stage"]
         assert stages == list(range(1, 9)), (run_id, stages)
+        # each stage's event carries its answers (stage 5 compares with a prior: none here)
+        answered_events = [e[2]["stage"] for e in events
+                           if e[1] == "stage" and e[2]["result"]["answers"]]
+        assert answered_events == [1, 2, 3, 4, 6, 7, 8], (run_id, events)
         assert events[-1][1] == "report" and events[-1][2]["report"]["status"] == "completed"
         body = httpx.get(f"{other}/v1/runs/{run_id}", timeout=10).json()
         assert body["status"] == "completed"

@@ -310,3 +310,68 @@ def test_a_run_whose_workers_keep_dying_fails_instead_of_looping(pg_url: str) ->
     row = asyncio.run(go())
     assert row["status"] == "failed" and row["events"] == ["error"]
     assert row["error"]["type"] == "WorkerLost"  # type: ignore[index]
+
+
+def test_a_dead_workers_run_goes_on_from_its_checkpoint_nothing_asked_twice(
+        pg_url: str) -> None:
+    """A worker died after stage 3 was checkpointed, having sent the events of stages 1
+    and 2 only: the next worker sends stage 3's event from the checkpoint, then asks stages
+    4 on, never 1-3 again."""
+    from cxrtrek.agent.worker import Worker
+    from cxrtrek.backends.scripted import ScriptedBackend
+    from cxrtrek.errors import BackendError
+    from cxrtrek.graph.state import RunSettings
+    from cxrtrek.protocol import VLMRequest
+
+    plausible = plausible_backend()
+
+    def dies_at_4(request: VLMRequest) -> str | BaseException:
+        if request.stage >= 4:
+            return BackendError("the worker's process is gone")
+        return plausible._lookup(request)  # type: ignore[return-value]
+
+    first = CXRTrekAgent(ScriptedBackend(dies_at_4), settings=AgentSettings(store=pg_url))
+    second_backend = plausible_backend()
+    second = CXRTrekAgent(second_backend, settings=AgentSettings(store=pg_url))
+    study = _study()
+
+    async def go() -> list[tuple[int, str, str]]:
+        queue = RunQueue(pg_url)
+        try:
+            await queue.enqueue("taken", {"study": study.model_dump(mode="json"),
+                                          "settings": RunSettings().model_dump(mode="json")})
+            claim = await queue.claim("dead", 0.3)
+            assert claim is not None
+            sent = 0
+            with pytest.raises(BackendError):
+                async for event in first.astream(study, run_id="taken"):
+                    if event.kind == "stage" and sent < 2:  # stage 3's event is lost
+                        await queue.emit("taken", "stage", event.model_dump_json(),
+                                         event.stage, owner="dead")
+                        sent += 1
+            worker = Worker(second, slots=1, lease_s=5.0, poll_s=0.1)
+            stop = asyncio.Event()
+            task = asyncio.create_task(worker.run(stop, drain_timeout_s=5.0))
+            for _ in range(200):  # bounded: 20 s (the lease runs out after 0.3 s)
+                if ((await queue.row("taken")) or {}).get("status") == "completed":
+                    break
+                await asyncio.sleep(0.1)
+            stop.set()
+            await task
+            assert worker.claims and worker.claims[0].attempts == 2
+            return await queue.events_since("taken", 0)
+        finally:
+            await queue.close()
+
+    events = asyncio.run(go())
+    import json
+
+    names = [n for _, n, _ in events]
+    assert names == ["stage"] * 8 + ["report"]
+    results = [json.loads(d)["result"] for _, n, d in events if n == "stage"]
+    assert [r["stage"] for r in results] == list(range(1, 9))
+    assert [r["stage"] for r in results if r["answers"]] == [1, 2, 3, 4, 6, 7, 8]
+    assert sorted({r.stage for r in second_backend.requests}) == [4, 6, 7, 8]
+    keys = [(r.kind, getattr(r, "stage", 0), getattr(r, "question_id", ""))
+            for r in second.trace_records("taken")]
+    assert len(keys) == len(set(keys))
