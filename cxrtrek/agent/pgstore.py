@@ -254,7 +254,7 @@ class PostgresTracer:
                 try:
                     if fetch:
                         return list(conn.execute(sql, rows[0]).fetchall())
-                    with conn.cursor() as cur:
+                    with conn.transaction(), conn.cursor() as cur:  # one commit a batch
                         cur.executemany(sql, rows, returning=False)
                     return []
                 except psycopg.OperationalError as exc:
