@@ -107,3 +107,18 @@ def test_a_run_read_elsewhere_into_the_store_is_served(pg_url: str, tmp_path: Pa
         assert api.get("/v1/runs/from-cli/trace").json()[0]["kind"] == "run"
         assert api.delete("/v1/runs/from-cli").status_code == 200
         assert api.get("/v1/runs/from-cli").status_code == 404
+
+
+def test_a_failed_run_finished_elsewhere_shows_as_finished(pg_url: str, tmp_path: Path) -> None:
+    backend = GatedBackend(gate=3)
+    backend.failing = True
+    backend.opened.set()
+    with Api(_agent(pg_url, backend), uploads_dir=str(tmp_path), **LIMITS) as api:
+        run_id = _start(api, [DCM])
+        assert _wait(api, run_id, "failed")["error"]["type"] == "BackendError"
+        # finished by hand on another machine: cxrtrek resume RUN_ID --store URL
+        backend.failing = False
+        assert _agent(pg_url, backend).resume(run_id).status == "completed"
+        body = api.get(f"/v1/runs/{run_id}").json()
+        assert body["status"] == "completed" and body["error"] is None
+        assert api.post(f"/v1/runs/{run_id}/resume").status_code == 409

@@ -74,8 +74,10 @@ class SharedRuns(Runs):
         run = Run(run_id=run_id, status=row["status"], error=row["error"])
         run.events = [(name, data) for _, name, data in
                       await self.queue.events_since(run_id, 0)]
-        if run.status == "awaiting_review":
+        if run.status in ("awaiting_review", "failed", "incomplete"):
             run.report = await self.agent.areport(run_id)
+            if run.report.status in ("completed", "stopped"):  # finished elsewhere since
+                run.status, run.error = run.report.status, None  # (cxrtrek resume --store)
         return run
 
     async def report_so_far(self, run: Run) -> Any:
