@@ -33,6 +33,7 @@ __all__ = [
     "load_study_file",
     "print_report",
     "print_stage",
+    "trace_records_of",
     "unparsed_note",
 ]
 
@@ -438,7 +439,7 @@ def cmd_replay(trace: Path, *, against: str | None, fork: int | None, edits: Seq
         raise ConfigError("--fork needs at least one --edit QUESTION_ID=TEXT")
     if against is not None and against != "recorded":
         check_spec(against)  # (the arguments are checked before the trace is played)
-    records = _trace_records(trace, settings)
+    records = trace_records_of(trace, settings)
     head = next((r for r in records if isinstance(r, RunRecord)), None)
     if fork is not None:
         _check_fork(trace, records, fork, changes)
@@ -470,7 +471,7 @@ def cmd_replay(trace: Path, *, against: str | None, fork: int | None, edits: Seq
     return EXIT_OK if outcome.diff.first_divergent_stage is None else EXIT_FAILED
 
 
-def _trace_records(trace: Path, settings: AgentSettings) -> list[TraceRecord]:
+def trace_records_of(trace: Path, settings: AgentSettings) -> list[TraceRecord]:
     """A trace file's records; with a PostgreSQL store, a run id not naming a file is read
     from the store (its trace table)."""
     from cxrtrek.graph.trace import read_trace

@@ -376,13 +376,15 @@ def replay_cmd(
 
 @app.command("view")
 def view_cmd(
-    trace: Annotated[Path, typer.Argument(metavar="TRACE.jsonl", show_default=False,
-                                          help="a run's trace (HOME/traces/RUN_ID.jsonl)")],
+    trace: Annotated[Path, typer.Argument(
+        metavar="TRACE.jsonl", show_default=False,
+        help="a run's trace (HOME/traces/RUN_ID.jsonl); with a PostgreSQL --store, a run id")],
     out: Annotated[Path | None, typer.Option(
         "--out", metavar="FILE", help="the HTML file to write (default RUN_ID.html here)")
     ] = None,
     home: Home = None,
     checkpoint_db: CheckpointDb = None,
+    store: Store = None,
 ) -> int:
     """Write one self-contained HTML file of a run, to share a case or a bug.
 
@@ -393,7 +395,8 @@ def view_cmd(
     """
     from cxrtrek.interfaces._view_cli import cmd_view
 
-    settings = _agent_settings(home=home, checkpoint_db=checkpoint_db, trace_dir=trace.parent)
+    settings = _agent_settings(home=home, checkpoint_db=checkpoint_db, trace_dir=trace.parent,
+                               store=store)
     return cmd_view(trace, out=out, settings=settings)
 
 
@@ -636,11 +639,12 @@ def mcp_cmd(
     dialect: Dialect = None,
     context: Context = "full",
     home: Home = None,
+    store: Store = None,
 ) -> int:
     """Serve the interpret_chest_xray tool over MCP (stdio), for clinical assistants."""
     from cxrtrek.interfaces.mcp import run_mcp_stdio
 
-    run_mcp_stdio(backend, _agent_settings(home=home, context=context),
+    run_mcp_stdio(backend, _agent_settings(home=home, context=context, store=store),
                   _backend_options(device, dtype, dialect))
     return EXIT_OK
 

@@ -224,6 +224,9 @@ def test_cli_run_replay_delete_on_the_store(pg_url: str, tmp_path: Path,
     assert main(["replay", run_id, "--store", pg_url, "--against", "recorded", "--home",
                  home]) == 0
     assert "stage 8" in capsys.readouterr().out.lower()
+    page = tmp_path / "run.html"
+    assert main(["view", run_id, "--store", pg_url, "--out", str(page)]) == 0
+    assert run_id in page.read_text() and "data:image/png" in page.read_text()
     assert main(["delete", run_id, "--yes", "--store", pg_url]) == 0
     assert main(["replay", run_id, "--store", pg_url]) == 2
     assert "no trace of run" in capsys.readouterr().err
