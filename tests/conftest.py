@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,21 @@ def not_an_image(tmp_path: Path) -> Path:
     path = tmp_path / "notes.png"
     path.write_text("Patient notes, not an image.\n", encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url() -> Iterator[str]:
+    """A real PostgreSQL server for the session (see tests/postgres.py); skips without the
+    binaries, except in CI."""
+    from tests.postgres import postgres_server
+
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture()
+def pg_url(postgres_server_url: str) -> str:
+    """A fresh database on the session's PostgreSQL server."""
+    from tests.postgres import new_database
+
+    return new_database(postgres_server_url)

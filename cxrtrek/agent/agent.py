@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from pydantic import BaseModel, ConfigDict
 
 from cxrtrek import telemetry
+from cxrtrek.agent.pgstore import open_store
 from cxrtrek.agent.store import DeletedRun, RunReport, RunStatus, RunStore, run_config
 from cxrtrek.backends.registry import BackendInfo, BackendOptions
 from cxrtrek.errors import BackendMismatchError, ConfigError, CXRTrekError, DataError
@@ -73,10 +74,13 @@ class AgentSettings(RunSettings):
 
     ``home`` defaults to ``$CXRTREK_HOME`` or ``./.cxrtrek``; ``checkpoint_db`` to
     ``<home>/checkpoints.sqlite`` (``":memory:"``: in memory, this agent only); ``trace_dir``
-    to ``<home>/traces`` (``trace=False`` keeps traces in memory only).
+    to ``<home>/traces`` (``trace=False`` keeps traces in memory only). ``store``: a
+    ``postgres://`` URL puts checkpoints, traces and the run registry in PostgreSQL instead
+    (:mod:`cxrtrek.agent.pgstore`); None: ``$CXRTREK_STORE``, else the files above.
     """
 
     home: str | None = None
+    store: str | None = None
     checkpoint_db: str | None = None
     trace_dir: str | None = None
     trace: bool = True
@@ -166,6 +170,8 @@ class CXRTrekAgent:
                                                                  else None)
         if store is not None and tracer is not None:
             raise ConfigError("give a tracer or a store (which has its own), not both")
+        if store is None and tracer is None:
+            store = open_store(self.settings)
         self.store: RunStore = store or RunStore(
             self.settings.checkpoint_path(),
             tracer or (JsonlTracer(self.settings.trace_path()) if self.settings.trace

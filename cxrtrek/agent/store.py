@@ -108,7 +108,9 @@ class RunStore:
 
     @classmethod
     def of(cls, where: StoreLocation) -> RunStore:
-        """The store that settings name (checkpoints; JSONL traces, or memory without)."""
+        """The store of files that settings name (checkpoints; JSONL traces, or memory
+        without). :func:`cxrtrek.agent.pgstore.open_store` also opens a PostgreSQL store
+        when the settings (or ``$CXRTREK_STORE``) name one."""
         from cxrtrek.graph.trace import JsonlTracer
 
         return cls(where.checkpoint_path(),
@@ -213,6 +215,10 @@ class RunStore:
         from cxrtrek.graph.trace import JsonlTracer
 
         return self.tracer.path(run_id) if isinstance(self.tracer, JsonlTracer) else None
+
+    def trace_jsonl(self, run_id: str) -> str:
+        """A run's trace as the text of its JSONL file (empty when there is none)."""
+        return "".join(r.model_dump_json() + "\n" for r in self.trace_records(run_id))
 
     def trace_records(self, run_id: str) -> list[TraceRecord]:
         """A run's trace (empty when there is none)."""

@@ -14,6 +14,7 @@ spec                   backend
 ``http:URL[,URL]``     an OpenAI-compatible server (``cxrtrek serve``, vLLM, ...); several URLs are
                        replicas; the token comes from ``$CXRTREK_SERVER_TOKEN``
 ``scripted``           fixed, plausible answers by question form, no model (tests, dry runs)
+``scripted:SECONDS``   the same, each question taking SECONDS (benchmarks of the orchestration)
 ``scripted-oracle``    a dataset-mode study's reference answers
 =====================  ==========================================================================
 """
@@ -36,9 +37,10 @@ __all__ = ["BACKEND_SPECS", "DEFAULT_BACKEND", "BackendInfo", "BackendOptions", 
            "demo_checkpoint", "load_backend", "plausible_backend"]
 
 DEFAULT_BACKEND = "demo"
-BACKEND_SPECS = "demo, inprocess:PATH, hf:PATH, http:URL, scripted or scripted-oracle"
+BACKEND_SPECS = ("demo, inprocess:PATH, hf:PATH, http:URL, scripted, scripted:SECONDS or "
+                 "scripted-oracle")
 _NAMES = ("demo", "scripted", "scripted-oracle")
-_PREFIXES = ("http:", "https:", "inprocess:", "hf:")
+_PREFIXES = ("http:", "https:", "inprocess:", "hf:", "scripted:")
 
 
 def check_spec(spec: str) -> str:
@@ -99,9 +101,10 @@ def _plausible(request: VLMRequest) -> str:
     return "No acute abnormality beyond the findings above."
 
 
-def plausible_backend() -> ScriptedBackend:
-    """The ``scripted`` backend: answers of the right form, no model."""
-    return ScriptedBackend(_plausible, model_id="scripted")
+def plausible_backend(latency_s: float = 0.0) -> ScriptedBackend:
+    """The ``scripted`` backend: answers of the right form, no model (each question taking
+    ``latency_s``)."""
+    return ScriptedBackend(_plausible, model_id="scripted", latency_s=latency_s)
 
 
 @dataclass(frozen=True)
@@ -224,6 +227,16 @@ def load_backend(spec: str, study: Study | None = None, *,
                            dialect=options.dialect or "cxrtrek")
     if spec == "scripted":
         return plausible_backend()
+    if spec.startswith("scripted:"):
+        raw = spec.split(":", 1)[1].strip()
+        try:
+            latency = float(raw)
+        except ValueError:
+            latency = -1.0
+        if not 0.0 <= latency <= 60.0:
+            raise ConfigError(f"backend {spec!r}: expected scripted:SECONDS, a latency per "
+                              f"question from 0 to 60; got {raw!r}")
+        return plausible_backend(latency)
     if spec == "scripted-oracle":
         if study is None or not study.questions:
             raise ConfigError("the scripted-oracle backend answers a dataset-mode study's "

@@ -15,6 +15,7 @@ matches nothing and has no default raises :class:`~cxrtrek.errors.BackendError`.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping, Sequence
 
 from cxrtrek.errors import BackendError
@@ -30,8 +31,10 @@ class ScriptedBackend:
     """Answers by script; records calls; raises scripted errors. Implements VLMBackend."""
 
     def __init__(self, script: Script | None = None, *, default: str | None = None,
-                 model_id: str = "scripted") -> None:
+                 model_id: str = "scripted", latency_s: float = 0.0) -> None:
         self.model_id = model_id
+        self.latency_s = latency_s
+        """Seconds each call waits per request (a model's time, for benchmarks)."""
         self._script = script if script is not None else {}
         self._default = default
         self._failures: list[BaseException] = []
@@ -60,6 +63,8 @@ class ScriptedBackend:
         self.calls.append(tuple(requests))
         if self._failures:
             raise self._failures.pop(0)
+        if self.latency_s > 0:
+            await asyncio.sleep(self.latency_s * len(requests))
         out: list[VLMResponse] = []
         for request in requests:
             answer = self._lookup(request)
@@ -69,5 +74,6 @@ class ScriptedBackend:
             out.append(VLMResponse(
                 request_id=request.request_id, text=text, model_id=self.model_id,
                 prompt_tokens=len(request.question.split()),
-                completion_tokens=len(text.split()), latency_s=0.0, finish_reason="stop"))
+                completion_tokens=len(text.split()), latency_s=self.latency_s,
+                finish_reason="stop"))
         return out

@@ -62,6 +62,7 @@ __all__ = [
     "TraceRecord",
     "Tracer",
     "hash_patient",
+    "parse_trace_lines",
     "read_trace",
     "record_key",
     "trace_path",
@@ -375,17 +376,23 @@ def read_trace(path: str | Path) -> list[TraceRecord]:
         lines = _lines(path)
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read the trace ({exc})") from exc
+    return parse_trace_lines(lines, str(path))
+
+
+def parse_trace_lines(lines: Iterable[str], where: str) -> list[TraceRecord]:
+    """Trace records from JSONL lines (a file's, or a run store's), validated;
+    :class:`DataError` naming ``where`` and the bad line."""
     out: list[TraceRecord] = []
     for n, line in enumerate(lines, start=1):
         try:
             out.append(_ADAPTER.validate_json(line))
         except ValidationError as exc:
             first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise DataError(f"{path}:{n}: not a trace record of schema version "
-                            f"{TRACE_SCHEMA_VERSION}: {where}: {first['msg']}") from exc
+            at = ".".join(str(p) for p in first["loc"])
+            raise DataError(f"{where}:{n}: not a trace record of schema version "
+                            f"{TRACE_SCHEMA_VERSION}: {at}: {first['msg']}") from exc
         version = out[-1].schema_version
         if version != TRACE_SCHEMA_VERSION:
-            raise DataError(f"{path}:{n}: trace schema version {version}; this cxrtrek reads "
+            raise DataError(f"{where}:{n}: trace schema version {version}; this cxrtrek reads "
                             f"version {TRACE_SCHEMA_VERSION}")
     return out

@@ -9,17 +9,22 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
 
 from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent, RunReport, StageEvent
+from cxrtrek.agent.pgstore import PostgresStore, open_store
 from cxrtrek.agent.store import RunStore
 from cxrtrek.backends.registry import BackendInfo, BackendOptions, check_spec, load_backend
-from cxrtrek.errors import BackendMismatchError, ConfigError, FormatError
+from cxrtrek.errors import BackendMismatchError, ConfigError, DataError, FormatError
 from cxrtrek.protocol import VLMBackend
 from cxrtrek.schema import Answer, StageResult, Study
 from cxrtrek.stages import STAGES
+
+if TYPE_CHECKING:
+    from cxrtrek.graph.trace import TraceRecord
 
 __all__ = [
     "cmd_replay",
@@ -28,6 +33,7 @@ __all__ = [
     "load_study_file",
     "print_report",
     "print_stage",
+    "trace_records_of",
     "unparsed_note",
 ]
 
@@ -339,7 +345,7 @@ def cmd_resume(run_id: str, *, backend: str | None, settings: AgentSettings, app
     """``cxrtrek resume``: continue an interrupted or paused run, with the backend it was
     read with (another only with ``switch_backend``)."""
     console = Console(stderr=json_out, highlight=False, soft_wrap=True)
-    store = RunStore.of(settings)
+    store = open_store(settings)
     before = store.report(run_id)  # no model is loaded for a run that has ended
     if before.status in ("completed", "stopped"):
         console.print(f"run {escape(run_id)} is already {before.status}; nothing to resume")
@@ -392,7 +398,7 @@ def cmd_delete(run_ids: Sequence[str], *, settings: AgentSettings, yes: bool,
         if sys.stdin.readline().strip().lower() not in ("y", "yes"):
             console.print("nothing deleted")
             return EXIT_FAILED
-    store = RunStore.of(settings)
+    store = open_store(settings)
     deleted: list[dict[str, object]] = []
     failed = 0
     for run_id in run_ids:
@@ -425,7 +431,7 @@ def cmd_replay(trace: Path, *, against: str | None, fork: int | None, edits: Seq
                settings: AgentSettings, json_out: bool) -> int:
     """``cxrtrek replay``: play back; re-execute and diff (--against); fork (--fork)."""
     from cxrtrek.graph.replay import attribute_errors, playback
-    from cxrtrek.graph.trace import RunRecord, read_trace
+    from cxrtrek.graph.trace import RunRecord
 
     console = Console(highlight=False, soft_wrap=True)
     if fork is None and edits:
@@ -435,7 +441,7 @@ def cmd_replay(trace: Path, *, against: str | None, fork: int | None, edits: Seq
         raise ConfigError("--fork needs at least one --edit QUESTION_ID=TEXT")
     if against is not None and against != "recorded":
         check_spec(against)  # (the arguments are checked before the trace is played)
-    records = read_trace(trace)
+    records = trace_records_of(trace, settings)
     head = next((r for r in records if isinstance(r, RunRecord)), None)
     if fork is not None:
         _check_fork(trace, records, fork, changes)
@@ -465,6 +471,22 @@ def cmd_replay(trace: Path, *, against: str | None, fork: int | None, edits: Seq
     _emit(json_out, {"first_divergent_stage": outcome.diff.first_divergent_stage,
                      "replay_run_id": outcome.replay_run_id})
     return EXIT_OK if outcome.diff.first_divergent_stage is None else EXIT_FAILED
+
+
+def trace_records_of(trace: Path, settings: AgentSettings) -> list[TraceRecord]:
+    """A trace file's records; with a PostgreSQL store, a run id not naming a file is read
+    from the store (its trace table)."""
+    from cxrtrek.graph.trace import read_trace
+
+    if not trace.is_file():
+        store = open_store(settings)
+        if isinstance(store, PostgresStore):
+            records = store.trace_records(trace.name)
+            if not records:
+                raise DataError(f"no trace of run {trace.name!r} in the run store at "
+                                f"{store.checkpoint_db} (nor a file {str(trace)!r})")
+            return records
+    return read_trace(trace)
 
 
 def _check_fork(trace: Path, records: Sequence[object], stage: int,

@@ -18,10 +18,12 @@ from rich.console import Console
 from rich.markup import escape
 
 from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent, RunReport
+from cxrtrek.agent.pgstore import PostgresStore, open_store
 from cxrtrek.backends.scripted import ScriptedBackend
 from cxrtrek.data.overlays import display_png, study_images
 from cxrtrek.errors import CXRTrekError, DataError
-from cxrtrek.graph.trace import EndRecord, RunRecord, read_trace
+from cxrtrek.graph.trace import EndRecord, RunRecord
+from cxrtrek.interfaces._reading_cli import trace_records_of
 from cxrtrek.interfaces.viewer.document import (
     data_url,
     export_html,
@@ -42,7 +44,8 @@ MAX_SIDE = 2048
 def _checkpointed(settings: AgentSettings, run_id: str) -> tuple[RunReport | None, Study | None]:
     """The run's report and study from its checkpoints (None, None when they are absent)."""
     db = settings.checkpoint_path()
-    if db != ":memory:" and not Path(db).is_file():  # (opening it would create it)
+    shared = isinstance(open_store(settings), PostgresStore)
+    if not shared and db != ":memory:" and not Path(db).is_file():  # (opening creates it)
         return None, None
     agent = CXRTrekAgent(ScriptedBackend(default=""), settings=settings)
     try:
@@ -72,7 +75,7 @@ def _embedded(ref: ImageRef, index: int, console: Console) -> str | None:
 def cmd_view(trace: Path, *, out: Path | None, settings: AgentSettings) -> int:
     """``cxrtrek view``: write the run of ``trace`` as one HTML file; print where."""
     console = Console(stderr=True, highlight=False, soft_wrap=True)
-    records = read_trace(trace)
+    records = trace_records_of(trace, settings)
     head = next((r for r in records if isinstance(r, RunRecord)), None)
     if head is None:
         raise DataError(f"{trace}: expected a run's trace (a first line of kind 'run'); found "

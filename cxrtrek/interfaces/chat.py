@@ -311,11 +311,15 @@ each stage.
 
     def cmd_trace(self, arg: str) -> None:
         """Where the current run's trace is, and its playback."""
+        from cxrtrek.agent.pgstore import PostgresStore
         from cxrtrek.graph.replay import playback
         from cxrtrek.graph.trace import trace_path
 
         run_id = self._current()
-        if self.agent.settings.trace:
+        if isinstance(self.agent.store, PostgresStore):
+            self.console.print(f"trace: in the run store at {self.agent.store.checkpoint_db}",
+                               markup=False, highlight=False, soft_wrap=True)
+        elif self.agent.settings.trace:
             path = trace_path(self.agent.settings.trace_path(), run_id)
             self.console.print(f"trace: {path}", markup=False, highlight=False, soft_wrap=True)
         else:

@@ -30,6 +30,7 @@ import typer
 if TYPE_CHECKING:
     from cxrtrek.agent.agent import AgentSettings
     from cxrtrek.backends.registry import BackendOptions
+    from cxrtrek.interfaces.api.settings import ApiSettings
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PAUSED", "EXIT_USAGE", "app",
            "main"]
@@ -98,8 +99,8 @@ def _root(
 _BACKEND_HELP = ("demo (the bundled checkpoint, in process), inprocess:PATH, hf:PATH (a "
                  "transformers image-text-to-text model folder, in process), "
                  "http:URL (cxrtrek serve, vLLM; token from $CXRTREK_SERVER_TOKEN), scripted "
-                 "(fixed answers, no model) or scripted-oracle (a CXRTrek file's reference "
-                 "answers)")
+                 "(fixed answers, no model; scripted:SECONDS: each question taking SECONDS) "
+                 "or scripted-oracle (a CXRTrek file's reference answers)")
 
 Backend = Annotated[str, typer.Option("--backend", metavar="SPEC", help=_BACKEND_HELP)]
 Device = Annotated[str | None, typer.Option(
@@ -119,6 +120,13 @@ CheckpointDb = Annotated[Path | None, typer.Option(
     "--checkpoint-db", metavar="FILE", help="SQLite checkpoints (default HOME/checkpoints.sqlite)")]
 TraceDir = Annotated[Path | None, typer.Option(
     "--trace-dir", metavar="DIR", help="where traces go (default HOME/traces)")]
+Store = Annotated[str | None, typer.Option(
+    "--store", metavar="URL",
+    help="keep runs in PostgreSQL (postgresql://USER@HOST:PORT/DB), shared by every process "
+         "given it (default $CXRTREK_STORE, else SQLite and JSONL files under --home)")]
+MemoryServer = Annotated[str | None, typer.Option(
+    "--memory-server", metavar="HOST:PORT",
+    help="a chroma run server for the vector memory, shared by every process given it")]
 Context = Annotated[Literal["full", "retrieved", "none"], typer.Option(
     "--context", metavar="full|retrieved|none",
     help="earlier stages' answers given with each question")]
@@ -135,14 +143,19 @@ Indication = Annotated[str | None, typer.Option(
 
 
 def _agent_settings(*, home: Path | None = None, checkpoint_db: Path | None = None,
-                    trace_dir: Path | None = None, **fields: Any) -> AgentSettings:
+                    trace_dir: Path | None = None, store: str | None = None,
+                    **fields: Any) -> AgentSettings:
     """AgentSettings from CLI values (None: the default); pydantic errors become one line."""
     from pydantic import ValidationError
 
     from cxrtrek.agent.agent import AgentSettings
+    from cxrtrek.agent.pgstore import store_url
     from cxrtrek.errors import ConfigError
 
     values = {k: v for k, v in fields.items() if v is not None}
+    url = store_url(store)  # (a bad URL: one line, before anything starts)
+    if url is not None:
+        values["store"] = url
     for key, path in (("home", home), ("checkpoint_db", checkpoint_db),
                       ("trace_dir", trace_dir)):
         if path is not None:
@@ -213,6 +226,7 @@ def run_cmd(
     home: Home = None,
     checkpoint_db: CheckpointDb = None,
     trace_dir: TraceDir = None,
+    store: Store = None,
     json_out: Json = False,
     overlay: Annotated[Path | None, typer.Option(
         "--overlay", metavar="DIR",
@@ -228,8 +242,9 @@ def run_cmd(
     from cxrtrek.interfaces._reading_cli import cmd_run
 
     settings = _agent_settings(home=home, checkpoint_db=checkpoint_db, trace_dir=trace_dir,
-                               context=context, mode=mode, nondiagnostic=nondiagnostic,
-                               max_new_tokens=max_new_tokens, describe=describe,
+                               store=store, context=context, mode=mode,
+                               nondiagnostic=nondiagnostic, max_new_tokens=max_new_tokens,
+                               describe=describe,
                                stages=_stage_list(stages, "--stages"),
                                review_after=_stage_list(review_after, "--review-after") or ())
     return cmd_run(paths, prior=prior or [], indication=indication, backend=backend,
@@ -288,6 +303,7 @@ def resume_cmd(
     home: Home = None,
     checkpoint_db: CheckpointDb = None,
     trace_dir: TraceDir = None,
+    store: Store = None,
     json_out: Json = False,
 ) -> int:
     """Continue a run, on the backend it was read with: an interrupted one from its last
@@ -295,7 +311,8 @@ def resume_cmd(
     it, text replaces it; exit 3 if the input ends first, and the run waits)."""
     from cxrtrek.interfaces._reading_cli import cmd_resume
 
-    settings = _agent_settings(home=home, checkpoint_db=checkpoint_db, trace_dir=trace_dir)
+    settings = _agent_settings(home=home, checkpoint_db=checkpoint_db, trace_dir=trace_dir,
+                               store=store)
     return cmd_resume(run_id, backend=backend, settings=settings, approve=approve,
                       json_out=json_out, switch_backend=switch_backend,
                       options=_backend_options(device, dtype, dialect))
@@ -308,6 +325,7 @@ def delete_cmd(
     home: Home = None,
     checkpoint_db: CheckpointDb = None,
     trace_dir: TraceDir = None,
+    store: Store = None,
     json_out: Json = False,
 ) -> int:
     """Delete runs: their checkpoints and traces (a run's forks are runs of their own).
@@ -317,14 +335,17 @@ def delete_cmd(
     """
     from cxrtrek.interfaces._reading_cli import cmd_delete
 
-    settings = _agent_settings(home=home, checkpoint_db=checkpoint_db, trace_dir=trace_dir)
+    settings = _agent_settings(home=home, checkpoint_db=checkpoint_db, trace_dir=trace_dir,
+                               store=store)
     return cmd_delete(run_ids, settings=settings, yes=yes, json_out=json_out)
 
 
 @app.command("replay")
 def replay_cmd(
-    trace: Annotated[Path, typer.Argument(metavar="TRACE.jsonl", show_default=False,
-                                          help="a run's trace (HOME/traces/RUN_ID.jsonl)")],
+    trace: Annotated[Path, typer.Argument(
+        metavar="TRACE.jsonl", show_default=False,
+        help="a run's trace (HOME/traces/RUN_ID.jsonl); with a PostgreSQL --store, a run id "
+             "(its trace is read from the store)")],
     against: Annotated[str | None, typer.Option(
         "--against", metavar="SPEC",
         help="re-execute the run: 'recorded' (the trace's own outputs) or a backend spec; "
@@ -344,6 +365,7 @@ def replay_cmd(
     allow_missing_images: Annotated[bool, typer.Option("--allow-missing-images")] = False,
     home: Home = None,
     checkpoint_db: CheckpointDb = None,
+    store: Store = None,
     json_out: Json = False,
 ) -> int:
     """Play a trace back stage by stage; re-execute it and diff; or fork it with an edit.
@@ -353,7 +375,7 @@ def replay_cmd(
     from cxrtrek.interfaces._reading_cli import cmd_replay
 
     settings = _agent_settings(home=home, checkpoint_db=checkpoint_db,
-                               trace_dir=trace.parent)
+                               trace_dir=trace.parent, store=store)
     return cmd_replay(trace, against=against, fork=fork, edits=edit or [], study=study,
                       image_root=image_root, allow_missing_images=allow_missing_images,
                       settings=settings, json_out=json_out)
@@ -361,13 +383,15 @@ def replay_cmd(
 
 @app.command("view")
 def view_cmd(
-    trace: Annotated[Path, typer.Argument(metavar="TRACE.jsonl", show_default=False,
-                                          help="a run's trace (HOME/traces/RUN_ID.jsonl)")],
+    trace: Annotated[Path, typer.Argument(
+        metavar="TRACE.jsonl", show_default=False,
+        help="a run's trace (HOME/traces/RUN_ID.jsonl); with a PostgreSQL --store, a run id")],
     out: Annotated[Path | None, typer.Option(
         "--out", metavar="FILE", help="the HTML file to write (default RUN_ID.html here)")
     ] = None,
     home: Home = None,
     checkpoint_db: CheckpointDb = None,
+    store: Store = None,
 ) -> int:
     """Write one self-contained HTML file of a run, to share a case or a bug.
 
@@ -378,7 +402,8 @@ def view_cmd(
     """
     from cxrtrek.interfaces._view_cli import cmd_view
 
-    settings = _agent_settings(home=home, checkpoint_db=checkpoint_db, trace_dir=trace.parent)
+    settings = _agent_settings(home=home, checkpoint_db=checkpoint_db, trace_dir=trace.parent,
+                               store=store)
     return cmd_view(trace, out=out, settings=settings)
 
 
@@ -398,6 +423,7 @@ def chat_cmd(
     context: Context = "full",
     describe: Describe = None,
     home: Home = None,
+    store: Store = None,
 ) -> int:
     """An interactive reading: live stages, then follow-up questions and commands.
 
@@ -408,7 +434,7 @@ def chat_cmd(
     """
     from cxrtrek.interfaces.chat import cmd_chat
 
-    settings = _agent_settings(home=home, context=context, describe=describe)
+    settings = _agent_settings(home=home, context=context, store=store, describe=describe)
     return cmd_chat(images, prior or [], indication, backend, settings, review,
                     _backend_options(device, dtype, dialect))
 
@@ -510,6 +536,21 @@ def api_cmd(
         "--max-concurrent-bodies", metavar="N",
         help="uploads received at once; more get 503 with Retry-After")] = 16,
     home: Home = None,
+    store: Store = None,
+    uploads_dir: Annotated[Path | None, typer.Option(
+        "--uploads-dir", metavar="DIR",
+        help="where uploaded images go (default HOME/uploads); with several machines, a "
+             "folder all of them mount at the same path")] = None,
+    workers_only: Annotated[bool, typer.Option(
+        "--workers-only", help="with --store: serve no HTTP, only read runs of the queue "
+                               "(as cxrtrek worker)")] = False,
+    serve_only: Annotated[bool, typer.Option(
+        "--serve-only", help="with --store: answer HTTP, read no runs (workers do)")] = False,
+    lease_s: Annotated[float, typer.Option(
+        "--lease-s", metavar="S",
+        help="with --store: a worker's hold on a run, renewed every S/3; a dead worker's runs "
+             "go to others after S")] = 15.0,
+    memory_server: MemoryServer = None,
 ) -> int:
     """Serve readings over HTTP: POST a study (multipart images) to /v1/runs, follow its
     stages as server-sent events, fetch the run, its report and its trace.
@@ -517,20 +558,84 @@ def api_cmd(
     Every /v1 route needs the bearer token when one is set (always off loopback). Bad
     uploads (not an image, a CT DICOM, too large, too many) get a 4xx and leave nothing
     behind. SIGINT/SIGTERM end the event streams, let runs in flight finish for a while, and
-    leave the rest resumable.
+    leave the rest resumable. With --store postgresql://..., any number of API processes and
+    workers share the runs: each answers for every run, and workers take runs from one queue.
     """
-    from cxrtrek.interfaces.api import ApiSettings, serve_api
+    from cxrtrek.interfaces.api import serve_api, serve_workers
 
+    settings = _api_settings(
+        host=host, port=port, backend=backend, context=context, device=device, dtype=dtype,
+        dialect=dialect, token=token, max_image_mb=max_image_mb, max_request_mb=max_request_mb,
+        max_images=max_images, max_concurrent_runs=max_concurrent_runs,
+        body_timeout_s=body_timeout_s, max_concurrent_bodies=max_concurrent_bodies, home=home,
+        store=store, uploads_dir=uploads_dir, serve_only=serve_only,
+        workers_only=workers_only, lease_s=lease_s, memory_server=memory_server)
+    if workers_only:
+        serve_workers(settings)
+    else:
+        serve_api(settings)
+    return EXIT_OK
+
+
+def _api_settings(*, max_image_mb: float = 20.0, max_request_mb: float = 64.0,
+                  token: str | None = None, home: Path | None = None,
+                  store: str | None = None, uploads_dir: Path | None = None,
+                  serve_only: bool = False, workers_only: bool = False,
+                  **fields: Any) -> ApiSettings:
+    """ApiSettings from the options of ``cxrtrek api`` and ``cxrtrek worker``."""
+    from cxrtrek.agent.pgstore import store_url
+    from cxrtrek.errors import ConfigError
+    from cxrtrek.interfaces.api import ApiSettings
+
+    url = store_url(store)
+    if (workers_only or serve_only) and url is None:
+        raise ConfigError(f"{'--workers-only' if workers_only else '--serve-only'} needs a "
+                          "shared run store: --store postgresql://... (or $CXRTREK_STORE)")
+    if workers_only and serve_only:
+        raise ConfigError("--workers-only and --serve-only: choose one")
     mib = 1024 * 1024
-    fields: dict[str, Any] = {
-        "host": host, "port": port, "backend": backend, "context": context,
-        "device": device, "dtype": dtype, "dialect": dialect,
-        "token": token or os.environ.get("CXRTREK_API_TOKEN") or None,
+    values: dict[str, Any] = {
+        **fields, "token": token or os.environ.get("CXRTREK_API_TOKEN") or None,
         "max_image_bytes": int(max_image_mb * mib), "max_request_bytes": int(max_request_mb * mib),
-        "max_images": max_images, "max_concurrent_runs": max_concurrent_runs,
-        "body_timeout_s": body_timeout_s, "max_concurrent_bodies": max_concurrent_bodies,
-        "home": str(home) if home is not None else None}
-    serve_api(ApiSettings.create(**fields))
+        "home": str(home) if home is not None else None, "store": url,
+        "uploads_dir": str(uploads_dir) if uploads_dir is not None else None,
+        "read_runs": not serve_only}
+    return ApiSettings.create(**values)
+
+
+@app.command("worker")
+def worker_cmd(
+    store: Annotated[str | None, typer.Option(
+        "--store", metavar="URL",
+        help="the PostgreSQL run store to take runs from (default $CXRTREK_STORE)")] = None,
+    backend: Backend = "demo",
+    device: Device = None,
+    dtype: Dtype = None,
+    dialect: Dialect = None,
+    context: Context = "full",
+    max_concurrent_runs: Annotated[int, typer.Option(
+        "--max-concurrent-runs", metavar="N", help="readings at once")] = 2,
+    lease_s: Annotated[float, typer.Option(
+        "--lease-s", metavar="S",
+        help="this worker's hold on a run, renewed every S/3; if it dies, its runs go to "
+             "other workers after S")] = 15.0,
+    memory_server: MemoryServer = None,
+    home: Home = None,
+) -> int:
+    """Read runs from a shared queue in PostgreSQL (as cxrtrek api --workers-only).
+
+    Any number of workers, on any machine, take runs queued by the API processes (one
+    worker per run, under a lease its heartbeat renews). A worker that dies leaves its runs
+    to the others once its lease runs out: they go on from the last checkpoint. SIGINT or
+    SIGTERM: finish the runs in hand for a while, put the rest back in the queue, exit.
+    """
+    from cxrtrek.interfaces.api import serve_workers
+
+    settings = _api_settings(backend=backend, context=context, device=device, dtype=dtype,
+                             dialect=dialect, max_concurrent_runs=max_concurrent_runs,
+                             home=home, store=store, workers_only=True, lease_s=lease_s,
+                             memory_server=memory_server)
+    serve_workers(settings)
     return EXIT_OK
 
 
@@ -542,11 +647,12 @@ def mcp_cmd(
     dialect: Dialect = None,
     context: Context = "full",
     home: Home = None,
+    store: Store = None,
 ) -> int:
     """Serve the interpret_chest_xray tool over MCP (stdio), for clinical assistants."""
     from cxrtrek.interfaces.mcp import run_mcp_stdio
 
-    run_mcp_stdio(backend, _agent_settings(home=home, context=context),
+    run_mcp_stdio(backend, _agent_settings(home=home, context=context, store=store),
                   _backend_options(device, dtype, dialect))
     return EXIT_OK
 

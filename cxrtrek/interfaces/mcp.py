@@ -40,7 +40,7 @@ from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent, RunReport
-from cxrtrek.agent.store import RunStore
+from cxrtrek.agent.pgstore import open_store
 from cxrtrek.agent.subagent import (
     TOOL_DESCRIPTION,
     TOOL_NAME,
@@ -86,7 +86,7 @@ class _Reader:
         self.spec = backend
         self.options = options
         self.settings = settings
-        self.store = RunStore.of(settings)
+        self.store = open_store(settings)
         """The runs' checkpoints and traces (readable before the backend loads)."""
         self.agent: CXRTrekAgent | None = None
         self._lock: anyio.Lock | None = None

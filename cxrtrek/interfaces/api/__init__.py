@@ -93,17 +93,35 @@ from these flags and calls :func:`serve_api`: ``--host`` (127.0.0.1), ``--port``
 :mod:`cxrtrek.backends.registry`), ``--home`` (``$CXRTREK_HOME`` or ``./.cxrtrek``),
 ``--context`` (``full``, ``retrieved`` or ``none``), ``--max-image-mb`` (20),
 ``--max-request-mb`` (64), ``--max-images`` (8), ``--max-concurrent-runs`` (2),
-``--body-timeout-s`` (120), ``--max-concurrent-bodies`` (16).
+``--body-timeout-s`` (120), ``--max-concurrent-bodies`` (16); ``--store`` (a
+``postgresql://`` URL; default ``$CXRTREK_STORE``), ``--uploads-dir`` (``HOME/uploads``),
+``--serve-only`` or ``--workers-only`` (with a store), ``--lease-s`` (15),
+``--memory-server HOST:PORT`` (a ``chroma run`` server).
+
+*Several processes* (``--store postgresql://...``): runs, their checkpoints, traces, events
+and status live in PostgreSQL (:mod:`cxrtrek.agent.pgstore`); every API process answers for
+every run (:mod:`.shared`), new runs, reviews and resumes are queued there, and workers
+(``cxrtrek worker``, ``cxrtrek api --workers-only``, and each API process unless
+``--serve-only``) take them (:mod:`cxrtrek.agent.worker`). Uploads go to ``--uploads-dir``, a
+folder every process mounts. See ``docs/deployment.md``.
 
 Modules: :mod:`.settings` (:class:`ApiSettings`), :mod:`.uploads` (the multipart form, the
-study, the files), :mod:`.runs` (the run table, slots and event streams), :mod:`.app` (routes,
-error answers, :func:`api_server`, :func:`serve_api`).
+study, the files), :mod:`.runs` (the run table, slots and event streams), :mod:`.shared` (the
+same from a shared PostgreSQL store), :mod:`.app` (routes, error answers, :func:`api_server`,
+:func:`serve_api`, :func:`serve_workers`).
 """
 
 from __future__ import annotations
 
-from cxrtrek.interfaces.api.app import FollowUpBody, ReviewBody, api_server, create_app, serve_api
+from cxrtrek.interfaces.api.app import (
+    FollowUpBody,
+    ReviewBody,
+    api_server,
+    create_app,
+    serve_api,
+    serve_workers,
+)
 from cxrtrek.interfaces.api.settings import MAX_IMAGES, ApiSettings
 
 __all__ = ["MAX_IMAGES", "ApiSettings", "FollowUpBody", "ReviewBody", "api_server", "create_app",
-           "serve_api"]
+           "serve_api", "serve_workers"]

@@ -18,9 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cxrtrek.agent.agent import CXRTrekAgent
+from cxrtrek.agent.pgstore import PostgresStore, open_store
 from cxrtrek.errors import ConfigError, CXRTrekError
 from cxrtrek.interfaces.api.runs import Runs
 from cxrtrek.interfaces.api.settings import ApiSettings
+from cxrtrek.interfaces.api.shared import SharedRuns
 from cxrtrek.interfaces.api.uploads import persist, read_upload, run_settings, validated_study
 from cxrtrek.interfaces.viewer import mount_viewer
 from cxrtrek.serve.http_common import (
@@ -40,7 +42,8 @@ if TYPE_CHECKING:
 
     import uvicorn
 
-__all__ = ["FollowUpBody", "ReviewBody", "api_server", "create_app", "serve_api"]
+__all__ = ["FollowUpBody", "ReviewBody", "api_server", "create_app", "serve_api",
+           "serve_workers"]
 
 log = logging.getLogger(__name__)
 
@@ -97,19 +100,34 @@ def create_app(agent: CXRTrekAgent, settings: ApiSettings | None = None) -> Fast
     """The FastAPI app serving ``agent``'s runs (see the module docstring). Uploads go to
     ``<settings.home>/uploads`` (no ``home``: the agent's home)."""
     settings = settings or ApiSettings()
-    runs = Runs(agent, settings)
+    shared = isinstance(agent.store, PostgresStore)
+    runs = SharedRuns(agent, settings) if shared else Runs(agent, settings)
     bodies = BodyReader(limit=settings.max_request_bytes, timeout_s=settings.body_timeout_s,
                         max_reads=settings.max_concurrent_bodies)
-    uploads = (Path(settings.home) if settings.home else agent.settings.home_dir()) / "uploads"
+    uploads = (Path(settings.uploads_dir) if settings.uploads_dir
+               else (Path(settings.home) if settings.home else agent.settings.home_dir())
+               / "uploads")
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        log.info("cxrtrek API up (model %s, %d run slot(s))", agent.backend.model_id,
-                 settings.max_concurrent_runs)
+        worker: asyncio.Task[None] | None = None
+        stop = asyncio.Event()
+        if shared and settings.read_runs:  # this process also reads runs of the queue
+            from cxrtrek.agent.worker import Worker
+
+            worker = asyncio.create_task(Worker(
+                agent, slots=settings.max_concurrent_runs, lease_s=settings.lease_s).run(
+                    stop, drain_timeout_s=settings.drain_timeout_s), name="cxrtrek-worker")
+        log.info("cxrtrek API up (model %s, %s)", agent.backend.model_id,
+                 f"{settings.max_concurrent_runs} run slot(s)" if not shared or worker
+                 else "serving only: workers read the runs")
         try:
             yield
         finally:
+            stop.set()
             await runs.close(settings.drain_timeout_s)
+            if worker is not None:
+                await worker
             log.info("cxrtrek API stopped")
 
     def check_token(request: Request) -> None:
@@ -123,12 +141,12 @@ def create_app(agent: CXRTrekAgent, settings: ApiSettings | None = None) -> Fast
     @app.get("/health", response_model=None)
     async def health() -> Response:
         return JSONResponse({"status": "draining" if runs.closing else "ok",
-                             "model": agent.backend.model_id, "runs": runs.counts()},
+                             "model": agent.backend.model_id, "runs": await runs.acounts()},
                             status_code=503 if runs.closing else 200)
 
     @v1.post("/runs", response_model=None)
     async def create_run(request: Request) -> Response:
-        runs.check_open()
+        await runs.check_queue()
         upload = await read_upload(request, settings, bodies)
         chosen = run_settings(agent.settings.run_settings(), upload)
         study = await asyncio.to_thread(validated_study, upload)
@@ -137,7 +155,7 @@ def create_app(agent: CXRTrekAgent, settings: ApiSettings | None = None) -> Fast
         if runs.closing:  # shutdown began meanwhile: leave nothing behind
             await asyncio.to_thread(shutil.rmtree, uploads / run_id, True)
             runs.check_open()
-        run = runs.read(run_id, study, chosen)
+        run = await runs.aread(run_id, study, chosen)
         log.info("run %s: %d image(s), %d prior", run_id, len(upload.images), len(upload.prior))
         return JSONResponse(run.summary(), status_code=202,
                             headers={"Location": f"/v1/runs/{run_id}"})
@@ -174,14 +192,14 @@ def create_app(agent: CXRTrekAgent, settings: ApiSettings | None = None) -> Fast
         run = await runs.find(run_id)
         body = await _read_json(request, bodies, ReviewBody)
         await agent.acheck_backend(run_id)  # a run goes on with its own backend (409)
-        runs.review(run, body.edits)
+        await runs.areview(run, body.edits)
         return JSONResponse(run.summary(), status_code=202)
 
     @v1.post("/runs/{run_id}/resume", response_model=None)
     async def resume(run_id: str) -> Response:
         run = await runs.find(run_id)
         await agent.acheck_backend(run_id)  # a run goes on with its own backend (409)
-        runs.resume(run)
+        await runs.aresume(run)
         return JSONResponse(run.summary(), status_code=202)
 
     @v1.delete("/runs/{run_id}", response_model=None)
@@ -268,16 +286,50 @@ def api_server(app: FastAPI, settings: ApiSettings, *,
     return _Server(config)
 
 
-def serve_api(settings: ApiSettings) -> None:
-    """Load the backend, build the agent, and serve the API until SIGINT/SIGTERM (then end
-    the event streams, let runs in flight finish within ``drain_timeout_s``, and return)."""
+def _agent_of(settings: ApiSettings) -> CXRTrekAgent:
+    """Load the backend and build the agent the settings name (its store checked first)."""
     from cxrtrek.backends.registry import BackendOptions, load_backend
 
+    agent_settings = settings.agent_settings()
+    store = open_store(agent_settings)
+    if isinstance(store, PostgresStore):  # unreachable, bad schema: one line, before loading
+        from cxrtrek.agent.pgstore import ensure_schema
+
+        ensure_schema(store.url)
     options = BackendOptions(device=settings.device, dtype=settings.dtype,
                              dialect=settings.dialect)
     backend = load_backend(settings.backend, options=options)
-    agent = CXRTrekAgent(backend, settings=settings.agent_settings(),
-                         backend_spec=settings.backend, backend_options=options)
+    memory = None
+    if settings.memory_server:  # shared by every process given the same server
+        from cxrtrek.memory import MemorySettings, VectorMemory
+
+        host, _, port = settings.memory_server.rpartition(":")
+        memory = VectorMemory(MemorySettings(mode="server", host=host, port=int(port)))
+    return CXRTrekAgent(backend, memory, settings=agent_settings, store=store,
+                        backend_spec=settings.backend, backend_options=options)
+
+
+def serve_workers(settings: ApiSettings) -> None:
+    """Load the backend, build the agent, and read runs of the shared queue
+    (:class:`~cxrtrek.agent.worker.Worker`, ``max_concurrent_runs`` at a time) until
+    SIGINT/SIGTERM; then let runs in hand finish within ``drain_timeout_s``, put the rest back
+    in the queue, and return."""
+    from cxrtrek.agent.worker import serve_worker
+
+    agent = _agent_of(settings)
+    if not isinstance(agent.store, PostgresStore):
+        raise ConfigError("workers take runs from a shared store: --store postgresql://... "
+                          "(or $CXRTREK_STORE)")
+    log.info("worker: backend %s, store %s", settings.backend, agent.store.checkpoint_db)
+    asyncio.run(serve_worker(agent, slots=settings.max_concurrent_runs,
+                             lease_s=settings.lease_s,
+                             drain_timeout_s=settings.drain_timeout_s))
+
+
+def serve_api(settings: ApiSettings) -> None:
+    """Load the backend, build the agent, and serve the API until SIGINT/SIGTERM (then end
+    the event streams, let runs in flight finish within ``drain_timeout_s``, and return)."""
+    agent = _agent_of(settings)
     app = create_app(agent, settings)
     log.info("listening on http://%s:%d (backend %s, token %s, home %s)", settings.host,
              settings.port, settings.backend, "required" if settings.token else "not required",

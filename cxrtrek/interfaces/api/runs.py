@@ -125,6 +125,14 @@ class Runs:
             counts[run.status] = counts.get(run.status, 0) + 1
         return counts
 
+    async def acounts(self) -> dict[str, int]:
+        """Runs by status (what ``/health`` shows)."""
+        return self.counts()
+
+    async def check_queue(self) -> None:
+        """503 while shutting down or when the queue is full."""
+        self.check_open()
+
     def check_open(self) -> None:
         """503 while shutting down or when the queue is full."""
         if self.closing:
@@ -188,6 +196,18 @@ class Runs:
 
         self._submit(run, work)
         return run
+
+    async def aread(self, run_id: str, study: Study, settings: RunSettings) -> Run:
+        """:meth:`read` (the form every kind of run table has)."""
+        return self.read(run_id, study, settings)
+
+    async def areview(self, run: Run, edits: dict[str, str]) -> None:
+        """:meth:`review`."""
+        self.review(run, edits)
+
+    async def aresume(self, run: Run) -> None:
+        """:meth:`resume`."""
+        self.resume(run)
 
     def review(self, run: Run, edits: dict[str, str]) -> None:
         """Go on past a review pause with ``edits`` (409 if none is pending, 422 for edits

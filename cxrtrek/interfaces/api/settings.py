@@ -42,6 +42,23 @@ class ApiSettings(BaseModel):
     home: str | None = None
     """Checkpoints, traces and uploads (``<home>/uploads/<run_id>/``); None:
     ``$CXRTREK_HOME`` or ``./.cxrtrek``, as :attr:`AgentSettings.home`."""
+    store: str | None = None
+    """Where runs are kept: a ``postgres://`` URL shares them with every API process and
+    worker given the same URL (:mod:`cxrtrek.agent.pgstore`); None: ``$CXRTREK_STORE``, else
+    SQLite and JSONL files under ``home``."""
+    uploads_dir: str | None = None
+    """Where uploaded images go (``<uploads_dir>/<run_id>/``); None: ``<home>/uploads``. With
+    several machines, a folder every API process and worker mounts at the same path (the
+    checkpoints refer to the images by path)."""
+    memory_server: str | None = None
+    """``HOST:PORT`` of a ``chroma run`` server for the agent's vector memory (every process
+    given it shares it); None: no vector memory."""
+    read_runs: bool = True
+    """With a shared store: whether this process also reads runs of the queue (with
+    ``max_concurrent_runs`` slots); False: it only serves (workers read)."""
+    lease_s: float = Field(default=15.0, gt=0.0)
+    """With a shared store: a run taken by a worker is its own for this long, renewed every
+    third of it; a worker that dies leaves its runs to others once it runs out."""
     context: ContextPolicy = "full"
     """The context policy of the agent :func:`serve_api` builds."""
     max_image_bytes: int = Field(default=20 * MiB, ge=1024)
@@ -77,6 +94,16 @@ class ApiSettings(BaseModel):
         """Refuse a non-loopback bind address without a token."""
         refuse_open_bind(self.host, self.token, "the API", "CXRTREK_API_TOKEN")
 
+    @field_validator("memory_server")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        host, sep, port = value.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"expected HOST:PORT of a chroma run server; got {value!r}")
+        return value.strip()
+
     @classmethod
     def create(cls, **values: Any) -> ApiSettings:
         """Settings from keyword values (None values dropped); bad values: ConfigError."""
@@ -84,4 +111,4 @@ class ApiSettings(BaseModel):
 
     def agent_settings(self) -> AgentSettings:
         """The settings of the agent :func:`serve_api` builds."""
-        return AgentSettings(home=self.home, context=self.context)
+        return AgentSettings(home=self.home, context=self.context, store=self.store)
