@@ -443,12 +443,7 @@ async def _run_stage(spec: StageSpec, state: ReadState, runtime: Runtime[RunCont
             new_descriptions = await _describe(spec, requests, results, settings, runtime,
                                                run_id, checkpoint, errors)
         except CXRTrekError as exc:
-            _trace(runtime, [StageRecord(
-                run_id=run_id, stage=spec.number, name=spec.key, status="failed",
-                question_ids=[q.id for q in questions], errors=[*errors, str(exc)],
-                latency_s=time.perf_counter() - t0, checkpoint_id=checkpoint)])
-            span.set_attributes({"cxrtrek.stage.status": "failed",
-                                 "cxrtrek.retries": len(errors)})
+            _stage_failed(runtime, spec, run_id, questions, errors, exc, t0, checkpoint, span)
             raise
         described = {**descriptions_of(results), **new_descriptions}
         requests = [with_descriptions(r, described) for r in requests]
@@ -461,12 +456,7 @@ async def _run_stage(spec: StageSpec, state: ReadState, runtime: Runtime[RunCont
                        for q, r in zip(questions, responses, strict=True)]
             asked.answered(responses, retries=retries, parse_ok=[a.ok for a in answers])
     except CXRTrekError as exc:
-        _trace(runtime, [StageRecord(
-            run_id=run_id, stage=spec.number, name=spec.key, status="failed",
-            question_ids=[q.id for q in questions], errors=[*errors, str(exc)],
-            latency_s=time.perf_counter() - t0, checkpoint_id=checkpoint)])
-        span.set_attributes({"cxrtrek.stage.status": "failed",
-                             "cxrtrek.retries": len(errors)})
+        _stage_failed(runtime, spec, run_id, questions, errors, exc, t0, checkpoint, span)
         raise
     latency = time.perf_counter() - t0
     span.set_attributes({"cxrtrek.stage.status": "ran", "cxrtrek.retries": retries,
@@ -489,6 +479,17 @@ async def _run_stage(spec: StageSpec, state: ReadState, runtime: Runtime[RunCont
     if spec.number == 1:
         update.update(_quality_update(result, settings))
     return update
+
+
+def _stage_failed(runtime: Runtime[RunContext], spec: StageSpec, run_id: str,
+                  questions: Sequence[Question], errors: list[str], exc: CXRTrekError,
+                  t0: float, checkpoint: str | None, span: Span) -> None:
+    """Trace and mark a stage whose backend call failed (the error is raised on)."""
+    _trace(runtime, [StageRecord(
+        run_id=run_id, stage=spec.number, name=spec.key, status="failed",
+        question_ids=[q.id for q in questions], errors=[*errors, str(exc)],
+        latency_s=time.perf_counter() - t0, checkpoint_id=checkpoint)])
+    span.set_attributes({"cxrtrek.stage.status": "failed", "cxrtrek.retries": len(errors)})
 
 
 def _question_records(run_id: str, questions: Sequence[Question],

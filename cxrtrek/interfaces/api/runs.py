@@ -102,6 +102,20 @@ class Run:
         return {"run_id": self.run_id, "status": self.status, "links": _links(self.run_id)}
 
 
+def check_review(run: Run, edits: dict[str, str]) -> int | None:
+    """The stage whose review ``edits`` answer: 409 when the run awaits no review, 422 for
+    edits of questions that stage did not ask."""
+    if run.status != "awaiting_review" or run.report is None or not run.report.review:
+        raise _conflict(f"run {run.run_id!r} is {run.status}, not awaiting a review")
+    asked = [str(q.get("id")) for q in run.report.review.get("questions", [])]
+    unknown = sorted(set(edits) - set(asked))
+    stage = run.report.review.get("stage")
+    if unknown:
+        raise invalid(f"edits: stage {stage} asked no question {unknown[0]!r}; it asked "
+                      f"{asked}")
+    return int(stage) if stage is not None else None
+
+
 def _links(run_id: str) -> dict[str, str]:
     base = f"/v1/runs/{run_id}"
     return {"self": base, "events": f"{base}/events", "trace": f"{base}/trace",
@@ -212,13 +226,7 @@ class Runs:
     def review(self, run: Run, edits: dict[str, str]) -> None:
         """Go on past a review pause with ``edits`` (409 if none is pending, 422 for edits
         of questions the stage did not ask)."""
-        if run.status != "awaiting_review" or run.report is None or not run.report.review:
-            raise _conflict(f"run {run.run_id!r} is {run.status}, not awaiting a review")
-        asked = [str(q.get("id")) for q in run.report.review.get("questions", [])]
-        unknown = sorted(set(edits) - set(asked))
-        if unknown:
-            raise invalid(f"edits: stage {run.report.review.get('stage')} asked no question "
-                          f"{unknown[0]!r}; it asked {asked}")
+        check_review(run, edits)
         self._resume(run, {"edits": edits})
 
     def resume(self, run: Run) -> None:

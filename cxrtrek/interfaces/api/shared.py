@@ -21,10 +21,10 @@ from cxrtrek.agent.agent import CXRTrekAgent, DeletedRun
 from cxrtrek.agent.pgstore import EVENTS_CHANNEL, Listener, PostgresStore, RunQueue
 from cxrtrek.errors import DataError
 from cxrtrek.graph.state import RunSettings
-from cxrtrek.interfaces.api.runs import _RUN_ID, Run, Runs, _busy, _conflict
+from cxrtrek.interfaces.api.runs import _RUN_ID, Run, Runs, _busy, _conflict, check_review
 from cxrtrek.interfaces.api.settings import ApiSettings
 from cxrtrek.schema import Study
-from cxrtrek.serve.http_common import HttpProblem, invalid
+from cxrtrek.serve.http_common import HttpProblem
 
 __all__ = ["SharedRuns"]
 
@@ -95,14 +95,7 @@ class SharedRuns(Runs):
         return Run(run_id=run_id)
 
     async def areview(self, run: Run, edits: dict[str, str]) -> None:
-        if run.status != "awaiting_review" or run.report is None or not run.report.review:
-            raise _conflict(f"run {run.run_id!r} is {run.status}, not awaiting a review")
-        asked = [str(q.get("id")) for q in run.report.review.get("questions", [])]
-        unknown = sorted(set(edits) - set(asked))
-        if unknown:
-            raise invalid(f"edits: stage {run.report.review.get('stage')} asked no question "
-                          f"{unknown[0]!r}; it asked {asked}")
-        decision = {"stage": run.report.review.get("stage"), "edits": edits}
+        decision = {"stage": check_review(run, edits), "edits": edits}
         await self._queue(run, {"decision": decision}, ("awaiting_review",))
 
     async def aresume(self, run: Run) -> None:
