@@ -35,8 +35,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -44,6 +42,7 @@ import httpx
 import psycopg
 
 from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent
+from cxrtrek.agent.pglocal import NOT_INSTALLED, local_postgres, new_database, pg_binaries
 from cxrtrek.agent.pgstore import RunQueue
 from cxrtrek.backends.registry import plausible_backend
 from cxrtrek.data.images import example_images
@@ -60,46 +59,16 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _bin() -> Path:
-    found = shutil.which("initdb")
-    if found and shutil.which("pg_ctl"):
-        return Path(found).resolve().parent
-    for folder in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
-        if (folder / "pg_ctl").is_file():
-            return folder
-    raise SystemExit("PostgreSQL is not installed (initdb, pg_ctl); apt-get install postgresql "
-                     "or pass --store URL")
-
-
-@contextlib.contextmanager
-def postgres() -> Iterator[str]:
+def postgres() -> contextlib.AbstractContextManager[str]:
     """A throwaway server with PostgreSQL's default durability (fsync and synchronous commit
     on, as in production; the tests run theirs with fsync off)."""
-    folder = _bin()
-    root = Path(tempfile.mkdtemp(prefix="cxrtrek-bench-pg-"))
-    as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    if as_pg:
-        shutil.chown(root, "postgres", "postgres")
-    port = _free_port()
-    subprocess.run([*as_pg, str(folder / "initdb"), "-D", str(root / "data"), "-A", "trust",
-                    "-U", "cxrtrek", "--no-sync", "-E", "UTF8"], check=True,
-                   capture_output=True)
-    subprocess.run([*as_pg, str(folder / "pg_ctl"), "-D", str(root / "data"), "-o",
-                    f"-k {root} -h 127.0.0.1 -p {port} -c max_connections=200",
-                    "-l", str(root / "log"), "-w", "start"], check=True, capture_output=True)
-    try:
-        yield f"postgresql://cxrtrek@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run([*as_pg, str(folder / "pg_ctl"), "-D", str(root / "data"), "-m", "fast",
-                        "-w", "stop"], capture_output=True, check=False)
-        shutil.rmtree(root, ignore_errors=True)
+    if pg_binaries() is None:
+        raise SystemExit(NOT_INSTALLED + " (or pass --store URL)")
+    return local_postgres(durable=True)
 
 
 def new_db(server: str) -> str:
-    name = f"bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(server, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    return server.rsplit("/", 1)[0] + f"/{name}"
+    return new_database(server, prefix="bench")
 
 
 class Children:
