@@ -431,13 +431,20 @@ class _Batches:
 
 
 def _base(cfg: TrainConfig) -> tuple[CXRTrekNetForConditionalGeneration, CXRTrekNetProcessor]:
+    """The model a run starts from; trained for describe-then-answer, its config says so
+    (readings then describe first by default)."""
     if (cfg.vision_path is None) != (cfg.lm_path is None):
         raise ConfigError("from_parts needs both vision_path and lm_path; got only one")
     if cfg.vision_path is not None and cfg.lm_path is not None:
-        return from_parts(vision_path=cfg.vision_path, lm_path=cfg.lm_path, seed=cfg.seed)
-    if cfg.model in ("tiny", "demo"):
-        return build_preset(cfg.model, seed=cfg.seed)
-    return load_pretrained(cfg.model, device="cpu", dtype="float32")
+        model, processor = from_parts(vision_path=cfg.vision_path, lm_path=cfg.lm_path,
+                                      seed=cfg.seed)
+    elif cfg.model in ("tiny", "demo"):
+        model, processor = build_preset(cfg.model, seed=cfg.seed)
+    else:
+        model, processor = load_pretrained(cfg.model, device="cpu", dtype="float32")
+    if cfg.describe_context != "off":
+        model.config.describe_first = True
+    return model, processor
 
 
 def _prepare(cfg: TrainConfig, model: CXRTrekNetForConditionalGeneration) -> torch.nn.Module:
@@ -553,8 +560,6 @@ def export_checkpoint(output_dir: str | Path) -> Path:
     module = _prepare(cfg, model)
     module.load_state_dict(state["trainable"], strict=False)
     module.eval()
-    if cfg.describe_context != "off":
-        model.config.describe_first = True
     if cfg.lm_mode == "lora":
         module.save_pretrained(str(out / "adapter"))  # type: ignore[operator]
         model = module.merge_and_unload()  # type: ignore[operator]
@@ -571,8 +576,6 @@ def _run(cfg: TrainConfig, model: CXRTrekNetForConditionalGeneration,
          eval_studies: Sequence[Study] | None,
          on_step: Callable[[int, float], None] | None) -> Path:
     out = cfg.output_dir
-    if cfg.describe_context != "off":
-        model.config.describe_first = True  # readings then describe first by default
     device = torch.device(cfg.device) if cfg.device else (
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     torch.nn.Module.to(model, device)
