@@ -43,7 +43,7 @@ import psycopg
 
 from cxrtrek.agent.agent import AgentSettings, CXRTrekAgent
 from cxrtrek.agent.pglocal import NOT_INSTALLED, local_postgres, new_database, pg_binaries
-from cxrtrek.agent.pgstore import RunQueue
+from cxrtrek.agent.pgstore import TABLES, RunQueue
 from cxrtrek.backends.registry import plausible_backend
 from cxrtrek.data.images import example_images
 from cxrtrek.data.intake import study_from_images
@@ -139,20 +139,30 @@ def _wait_ready(url: str, n_workers: int) -> None:
     _wait_done(url, n_workers)
 
 
-def throughput(server: str, workers: int, runs: int, latency: float, home: Path) -> float:
+def _stored_bytes(url: str) -> int:
+    """What every table of a run takes on disk (indexes and TOAST included)."""
+    sizes = " + ".join(f"pg_total_relation_size('{t}')" for t in TABLES)
+    return int(str(_query(url, f"SELECT {sizes}")[0][0]))
+
+
+def throughput(server: str, workers: int, runs: int, latency: float,
+               home: Path) -> tuple[float, float]:
+    """Readings a minute, and the bytes the store grew by a reading."""
     url = new_db(server)
     kids = Children(url, latency, home)
     try:
         for _ in range(workers):
             kids.start("worker", "--max-concurrent-runs", "1", "--lease-s", "10")
         _wait_ready(url, workers)
+        before = _stored_bytes(url)
         t0 = time.perf_counter()
         asyncio.run(_enqueue(url, [f"run-{i}" for i in range(runs)]))
         _wait_done(url, runs + workers)
         elapsed = time.perf_counter() - t0
+        grown = _stored_bytes(url) - before
     finally:
         kids.stop()
-    return runs / elapsed * 60
+    return runs / elapsed * 60, grown / runs
 
 
 def claim_latency(server: str, samples: int, latency: float, home: Path) -> list[float]:
@@ -270,10 +280,14 @@ def main() -> None:
         print(f"scripted backend at {args.latency * 1e3:.0f} ms per question; "
               f"{os.cpu_count()} CPU core(s)")
         per_min: dict[int, float] = {}
+        per_reading: list[float] = []
         for n in (int(x) for x in args.workers.split(",")):
-            per_min[n] = throughput(server, n, args.runs, args.latency, home)
+            per_min[n], stored = throughput(server, n, args.runs, args.latency, home)
+            per_reading.append(stored)
             print(f"  {n} worker(s): {per_min[n]:6.1f} readings/min "
                   f"({per_min[n] / per_min[min(per_min)]:.2f}x of 1)")
+        print(f"  disk a reading (every table, indexes included): "
+              f"{statistics.median(per_reading) / 1024:.0f} KiB")
         claims = claim_latency(server, args.samples, args.latency, home)
         print(f"  claim latency (queued -> taken, idle worker): median "
               f"{statistics.median(claims):.1f} ms, p95 {_pct(claims, 0.95):.1f} ms "
@@ -289,7 +303,8 @@ def main() -> None:
         print(json.dumps({"readings_per_min": per_min, "claim_ms_median":
                           statistics.median(claims), "event_delay_ms_median":
                           statistics.median(delays), "stage_ms_sqlite": sqlite_ms,
-                          "stage_ms_postgres": pg_ms}))
+                          "stage_ms_postgres": pg_ms,
+                          "disk_bytes_per_reading": statistics.median(per_reading)}))
     shutil.rmtree(home, ignore_errors=True)
 
 
