@@ -135,7 +135,7 @@ _HF_ONLY = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "train_pro
 _NET_ONLY = ("vision_path", "lm_path", "lm_mode", "train_vision", "pack_questions",
              "image_size", "image_token_norm", "cache_image_features", "caption_keep",
              "max_minutes", "question_types", "context_fraction", "images_by_stage",
-             "describe", "describe_context", "group_by_length")
+             "describe", "describe_context", "describe_notes", "group_by_length")
 
 
 def _flag(name: str) -> str:
@@ -257,7 +257,7 @@ def cmd_train(args: argparse.Namespace) -> int:
               "pack_questions", "dtype", "device", "seed", "eval_every", "checkpoint_every",
               "cache_image_features", "caption_keep", "max_minutes", "question_types",
               "context_fraction", "images_by_stage", "describe", "describe_context",
-              "group_by_length")
+              "describe_notes", "group_by_length")
     if args.question_types is not None:
         args.question_types = [t.strip() for t in args.question_types.split(",") if t.strip()]
     cfg = TrainConfig(output_dir=args.output_dir, resume=not args.no_resume,

@@ -779,6 +779,10 @@ def train_cmd(
         help="describe-then-answer: ask every question after its images' descriptions, as "
              "context: the truth's (truth) or the model's own from a JSONL file written by "
              "scripts/describe_images.py (default off)")] = None,
+    describe_notes: Annotated[bool | None, typer.Option(
+        "--describe-notes",
+        help="with --describe-context: follow each question with the description sentences "
+             "it names (its note)")] = None,
     group_by_length: Annotated[bool | None, typer.Option(
         "--group-by-length",
         help="batch examples of similar length together, so short ones are not padded to "

@@ -50,6 +50,9 @@ class CXRTrekNetConfig(PretrainedConfig):  # type: ignore[no-untyped-call]
     """Trained to read by describe-then-answer: a reading asks it to describe each image
     first and asks every question after those descriptions (the graph's default for this
     model; ``cxrtrek run --no-describe`` overrides it)."""
+    describe_notes: bool = False
+    """Trained with question notes: a question asked after image descriptions is followed by
+    the description sentences it names (:mod:`cxrtrek.prompts.notes`)."""
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     tie_word_embeddings: bool = True
 

@@ -57,6 +57,8 @@ class CXRTrekNetProcessor:
         self.tokens_per_image = config.tokens_per_image
         self.context_length = config.context_length
         self.system_prompt = config.system_prompt
+        self.notes = bool(getattr(config, "describe_notes", False))
+        """Whether questions asked after image descriptions get their notes."""
         self.stop_token_ids = list(config.stop_token_ids or [tokenizer.end_id, tokenizer.eos_id])
         self.stage_token_ids = frozenset(tokenizer.token_id(t) for t in STAGE_TOKENS)
         self.images = ImageProcessor(size=config.image_size, mean=config.image_mean,
@@ -84,7 +86,8 @@ class CXRTrekNetProcessor:
                       context: Sequence[ContextTurn] = (), system: str | None = None) -> Encoded:
         """The prompt of one question, ready for generation."""
         text = render_chat(system=system if system is not None else self.system_prompt,
-                           n_images=n_images, stage=stage, question=question, context=context)
+                           n_images=n_images, stage=stage, question=question, context=context,
+                           notes=self.notes)
         return dataclasses.replace(self._expand(self.tokenizer.encode(text), None), text=text)
 
     def encode_training(self, turns: Sequence[ContextTurn], *, n_images: int,
@@ -94,7 +97,7 @@ class CXRTrekNetProcessor:
         nothing else; ``prefix`` turns come first, as context only."""
         text, spans = render_training_text(
             system=system if system is not None else self.system_prompt,
-            n_images=n_images, turns=turns, prefix=prefix)
+            n_images=n_images, turns=turns, prefix=prefix, notes=self.notes)
         ids, offsets = self.tokenizer.encode_with_offsets(text)
         labels = [IGNORE_INDEX] * len(ids)
         k = 0

@@ -123,6 +123,9 @@ class TrainConfig(BaseModel):
     as context (``off``; ``truth``: the canonical descriptions of the phantom truth; or a
     JSONL file of the model's own, written by ``scripts/describe_images.py``). Studies with
     an image not described in the file are left out."""
+    describe_notes: bool = False
+    """With ``describe_context``: follow each question with its note, the description
+    sentences it names (:mod:`cxrtrek.prompts.notes`); the model's config then says so."""
     group_by_length: bool = False
     """Batch examples of similar length together: each epoch's seeded order is cut into
     stretches of 64 batches, sorted by length within each and batched, and the batches are
@@ -442,8 +445,13 @@ def _base(cfg: TrainConfig) -> tuple[CXRTrekNetForConditionalGeneration, CXRTrek
         model, processor = build_preset(cfg.model, seed=cfg.seed)
     else:
         model, processor = load_pretrained(cfg.model, device="cpu", dtype="float32")
+    if cfg.describe_notes and cfg.describe_context == "off":
+        raise ConfigError("describe_notes needs describe_context (truth or a file of "
+                          "descriptions): a note is made of the descriptions")
     if cfg.describe_context != "off":
         model.config.describe_first = True
+    if cfg.describe_notes:
+        model.config.describe_notes = processor.notes = True
     return model, processor
 
 

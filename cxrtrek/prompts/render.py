@@ -17,6 +17,8 @@ from typing import Any, NamedTuple
 import jinja2
 
 from cxrtrek.errors import ConfigError, DataError
+from cxrtrek.prompts import is_description_question
+from cxrtrek.prompts.notes import context_descriptions, question_note
 
 __all__ = [
     "ANSWER_END",
@@ -81,33 +83,46 @@ def image_labels(n_images: int) -> list[str]:
 
 
 def render_chat(*, system: str, n_images: int, stage: int, question: str,
-                context: Sequence[ContextTurn] = ()) -> str:
+                context: Sequence[ContextTurn] = (), notes: bool = False) -> str:
     """The prompt for one question: everything up to where the answer starts.
 
     ``context`` holds earlier stages' (stage, question, answer) in order: all, some or none.
+    With ``notes`` and image descriptions among the context pairs, every other question of
+    the prompt (the context's and the last) is followed by its note
+    (:mod:`cxrtrek.prompts.notes`).
     """
     if n_images < 1:
         raise DataError(f"a CXRTrekNet prompt needs at least one image; got {n_images}")
     for s in (stage, *(t.stage for t in context)):
         if not 1 <= s <= 8:
             raise DataError(f"stage must be 1-8; got {s}")
+    descriptions = context_descriptions(context) if notes else []
+
+    def note(q: str) -> str | None:
+        if not descriptions or is_description_question(q):
+            return None
+        return question_note(q, descriptions)
+
     return render_template("chat.jinja", {
         "system": system,
         "images": image_labels(n_images),
-        "context": [ContextTurn(*t)._asdict() for t in context],
+        "context": [{**ContextTurn(*t)._asdict(), "note": note(t.question)} for t in context],
         "stage": stage,
         "question": question,
+        "note": note(question),
     })
 
 
 def render_training_text(*, system: str, n_images: int, turns: Sequence[ContextTurn],
-                         prefix: Sequence[ContextTurn] = ()) -> tuple[str, list[tuple[int, int]]]:
+                         prefix: Sequence[ContextTurn] = (),
+                         notes: bool = False) -> tuple[str, list[tuple[int, int]]]:
     """A packed training text of several turns and the character spans of their answers.
 
     Turn ``k`` is rendered exactly as inference would render it with ``prefix`` and turns
     ``0..k-1`` as its context, so every answer in the pack is supervised in the inference
     layout; the answers of ``prefix`` (e.g. the images' descriptions) are context only. Each
-    span covers the answer and its closing :data:`ANSWER_END`.
+    span covers the answer and its closing :data:`ANSWER_END`. With ``notes``, every question
+    gets its note from the descriptions in ``prefix`` (:mod:`cxrtrek.prompts.notes`).
     """
     if not turns:
         raise DataError("a training text needs at least one question-answer turn; got none")
@@ -115,7 +130,8 @@ def render_training_text(*, system: str, n_images: int, turns: Sequence[ContextT
     text = ""
     for k, turn in enumerate(turns):
         prompt = render_chat(system=system, n_images=n_images, stage=turn.stage,
-                             question=turn.question, context=[*prefix, *turns[:k]])
+                             question=turn.question, context=[*prefix, *turns[:k]],
+                             notes=notes)
         if not prompt.startswith(text):  # pragma: no cover - guards edits of chat.jinja
             raise ConfigError("chat.jinja does not render context turns the way it renders "
                               "the last turn; packed training would not match inference")

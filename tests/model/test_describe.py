@@ -232,3 +232,36 @@ def test_training_with_descriptions_marks_the_model_to_describe_first(
         assert backend.describes_first is True
     finally:
         backend.close()
+
+
+def test_training_with_notes_marks_the_model_and_its_prompts_get_notes(
+        tmp_path: Path, dataset: Path, train_config: object) -> None:
+    from cxrtrek.backends.inprocess import InProcessBackend
+    from cxrtrek.graph.nodes import with_descriptions
+    from cxrtrek.protocol import VLMRequest
+
+    with pytest.raises(ConfigError, match="describe_notes needs describe_context"):
+        train(train_config(tmp_path / "bad", lm_mode="full", steps=1,  # type: ignore[operator]
+                           describe_notes=True, train_data=dataset / "phantoms.json"))
+    cfg = train_config(tmp_path / "run", lm_mode="full", steps=2,  # type: ignore[operator]
+                       describe_context="truth", describe_notes=True, context_fraction=1.0,
+                       images_by_stage=True, train_data=dataset / "phantoms.json")
+    out = train(cfg)
+    config = json.loads((out / "config.json").read_text())
+    assert config["describe_first"] is True and config["describe_notes"] is True
+    study = load_studies(dataset / "phantoms.json")[0]
+    image = study.images[0]
+    description = "PA view. Cardiomegaly: severe. Pneumothorax: no."
+    request = with_descriptions(VLMRequest(
+        request_id="r", stage=2, question="Is there cardiomegaly?", images=[image],
+        max_new_tokens=4), {image.digest(): description})
+    backend = InProcessBackend.load(out, device="cpu", dtype="float32")
+    try:
+        fitted = backend._encode(request)
+        assert fitted.encoded.text is not None
+        assert fitted.encoded.text.endswith(
+            "<stage_2> Is there cardiomegaly?\nNote: Cardiomegaly: severe.<|end|>\n"
+            "<|assistant|>\n")
+        assert backend.generate_sync([request])[0].text is not None
+    finally:
+        backend.close()

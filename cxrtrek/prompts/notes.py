@@ -1,0 +1,114 @@
+"""Question notes: the sentences of the images' descriptions that a question names.
+
+With describe-then-answer, every question is asked after its images' descriptions, which the
+model wrote from the images alone. The demo's small language model, trained from scratch,
+did not learn to find the one sentence a question is about in a description of fifteen; it
+did learn, in one short phase, to read a sentence placed right after the question (the demo
+checkpoint's card has both measurements). So a model trained with notes (``describe_notes``
+in its config) gets, after each question, the description sentences that the question names:
+the findings and structures it mentions by name, or every abnormal finding when it names
+none.
+
+The note is chosen from the descriptions' text only, never from anything else: at inference the
+descriptions are the model's own, so the note restates what the model saw, next to the question
+that asks about it. The answer is still the model's.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Protocol
+
+from cxrtrek.prompts import DESCRIBE_QUESTION, is_description_question
+
+__all__ = ["context_descriptions", "description_sentences", "question_note", "sentence_name"]
+
+_SENTENCE = re.compile(r"(?<=\.)\s+(?=[A-Z])")
+_BOX = " <|box|>"
+# Words of a question that point at sentences whose names they do not contain.
+_ALIASES: dict[str, tuple[str, ...]] = {
+    "cardiomegaly": ("heart", "cardiac", "cardiothoracic"),
+    "pulmonary edema": ("edema", "oedema"),
+    "pleural effusion": ("effusion",),
+    "pulmonary nodule": ("nodule",),
+    "pulmonary mass": ("mass",),
+    "rib fracture": ("fracture",),
+    "endotracheal tube": ("endotracheal", "device", "foreign", "tube"),
+    "central venous catheter": ("catheter", "venous", "device", "foreign", "line"),
+    "heart": ("heart", "cardiac"),
+}
+_VIEW_WORDS = ("view", "projection", "rotat", "inspiration", "exposure", "direction",
+               "quality")
+_STRUCTURES = ("heart", "right lung", "left lung")
+_BOXES = re.compile(r"\s*<\|box\|>.*?<\|/box\|>")
+_WANTS_BOX = re.compile(r"\bbox|\bcoordinates|\blocate|\[detection\]")
+_MAX_SENTENCES = 6
+
+
+def description_sentences(text: str) -> list[str]:
+    """A description's sentences, in order (a box's decimal points do not split one)."""
+    return [s.strip() for s in _SENTENCE.split(text.strip()) if s.strip()]
+
+
+def sentence_name(sentence: str) -> str:
+    """What a description sentence is about, lower case: the part before its ``:`` (a
+    finding: ``pleural effusion``), else before its box (a structure: ``heart``), else the
+    sentence (the view: ``pa view``)."""
+    head = sentence.split(":", 1)[0] if ":" in sentence else sentence.split(_BOX, 1)[0]
+    return head.strip().rstrip(".").lower()
+
+
+def _named(name: str, question: str) -> bool:
+    keys = _VIEW_WORDS if name.endswith(" view") else (name, *_ALIASES.get(name, ()))
+    return any(re.search(rf"\b{re.escape(k)}", question) for k in keys)
+
+
+def _abnormal(sentence: str, name: str) -> bool:
+    if name in _STRUCTURES or name.endswith(" view") or ":" not in sentence:
+        return False
+    return not sentence.split(":", 1)[1].strip().lower().startswith("no")
+
+
+def question_note(question: str, descriptions: Sequence[tuple[str | None, str]]) -> str:
+    """The note for ``question``: the sentences of each ``(label, description)`` that the
+    question names, or (when it names none) the abnormal findings; each image's sentences
+    after its label when there are several. At most six sentences an image; boxes only when
+    the question asks for one."""
+    q = question.lower()
+    boxes = _WANTS_BOX.search(q) is not None
+    parts: list[str] = []
+    for label, text in descriptions:
+        sentences = description_sentences(text)
+        named = [s for s in sentences if _named(sentence_name(s), q)]
+        if not named:
+            named = [s for s in sentences if _abnormal(s, sentence_name(s))]
+        body = " ".join(named[:_MAX_SENTENCES]) or "No abnormal finding."
+        if not boxes:
+            body = _BOXES.sub("", body)
+        parts.append(f"{label}: {body}" if label and len(descriptions) > 1 else body)
+    return " ".join(parts)
+
+
+class _Pair(Protocol):
+    @property
+    def question(self) -> str: ...
+    @property
+    def answer(self) -> str: ...
+
+
+def context_descriptions(context: Sequence[_Pair]) -> list[tuple[str | None, str]]:
+    """The ``(label, description)`` of each image description among a prompt's context pairs
+    (label ``None`` when the prompt shows one image: the plain description question)."""
+    out: list[tuple[str | None, str]] = []
+    for pair in context:
+        if not is_description_question(pair.question):
+            continue
+        if pair.question == DESCRIBE_QUESTION:
+            out.append((None, pair.answer))
+            continue
+        named = re.search(r" of the (.+?), with ", pair.question)
+        label = named.group(1) if named else None
+        out.append((label[:1].upper() + label[1:] if label else None, pair.answer))
+    return out
+
