@@ -9,7 +9,7 @@ puts it in the records it writes.
 """
 
 __all__ = ["DEFAULT_SYSTEM_PROMPT", "DESCRIBE_QUESTION", "describe_question",
-           "is_description_question"]
+           "description_label", "is_description_question"]
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful radiology assistant to help radiologists analyze, interpret medical "
@@ -30,8 +30,20 @@ def describe_question(label: str | None = None) -> str:
     return DESCRIBE_QUESTION.replace("this image", f"the {label[:1].lower()}{label[1:]}")
 
 
+_DESCRIBE_HEAD, _DESCRIBE_TAIL = DESCRIBE_QUESTION.split("this image", 1)
+
+
 def is_description_question(text: str) -> bool:
     """Whether a context pair's question is an image's description question (any label):
     a backend that must shorten a prompt keeps those pairs and drops earlier stages' first."""
-    head = DESCRIBE_QUESTION.split(" this image", 1)[0]
-    return text.startswith(head)
+    return text.startswith(_DESCRIBE_HEAD.rstrip())
+
+
+def description_label(question: str) -> str | None:
+    """The image label that a description question names (``Current image``): the inverse of
+    :func:`describe_question`; ``None`` for the one-image question or any other text."""
+    head = _DESCRIBE_HEAD + "the "
+    if not (question.startswith(head) and question.endswith(_DESCRIBE_TAIL)):
+        return None
+    name = question[len(head):len(question) - len(_DESCRIBE_TAIL)]
+    return name[:1].upper() + name[1:] or None

@@ -20,7 +20,7 @@ import re
 from collections.abc import Sequence
 from typing import Protocol
 
-from cxrtrek.prompts import DESCRIBE_QUESTION, is_description_question
+from cxrtrek.prompts import description_label, is_description_question
 
 __all__ = ["context_descriptions", "description_sentences", "question_note", "sentence_name"]
 
@@ -36,7 +36,7 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "rib fracture": ("fracture",),
     "endotracheal tube": ("endotracheal", "device", "foreign", "tube"),
     "central venous catheter": ("catheter", "venous", "device", "foreign", "line"),
-    "heart": ("heart", "cardiac"),
+    "heart": ("cardiac",),
 }
 _VIEW_WORDS = ("view", "projection", "rotat", "inspiration", "exposure", "direction",
                "quality")
@@ -100,15 +100,5 @@ class _Pair(Protocol):
 def context_descriptions(context: Sequence[_Pair]) -> list[tuple[str | None, str]]:
     """The ``(label, description)`` of each image description among a prompt's context pairs
     (label ``None`` when the prompt shows one image: the plain description question)."""
-    out: list[tuple[str | None, str]] = []
-    for pair in context:
-        if not is_description_question(pair.question):
-            continue
-        if pair.question == DESCRIBE_QUESTION:
-            out.append((None, pair.answer))
-            continue
-        named = re.search(r" of the (.+?), with ", pair.question)
-        label = named.group(1) if named else None
-        out.append((label[:1].upper() + label[1:] if label else None, pair.answer))
-    return out
-
+    return [(description_label(pair.question), pair.answer) for pair in context
+            if is_description_question(pair.question)]
