@@ -69,6 +69,10 @@ class VLMRequest(BaseModel):
     for an answer of the right form."""
     options: list[str] = Field(default_factory=list)
     """A choice question's options (``A. ...``), when known."""
+    choices: list[str] | None = None
+    """Answers to choose among, each exactly as written (constrained choice, as vLLM's
+    structured outputs ``choice``): a backend that can rank answers (the in-process
+    CXRTrekNet) answers with the likeliest; others decode as usual. None: no constraint."""
     image_tags: list[int] | None = None
     """Which image each ``<image>`` written in the texts shows: the k-th ``<image>`` of the
     context questions (in order), then of the question, shows ``images[image_tags[k]]``.

@@ -2,7 +2,9 @@
 
 Run: ``.venv/bin/python scripts/ship_demo_checkpoint.py RUN_DIR [--dest DIR]``. Writes
 ``config.json``, ``model.safetensors`` (fp16: half the size; ``load_pretrained`` upcasts to
-fp32 on CPU) and the tokenizer; the model card (``MODEL_CARD.md``) is written by hand.
+fp32 on CPU) and the tokenizer; the model card (``MODEL_CARD.md``) is written by hand. The
+config says ``constrain_choices`` (the demo answers choice questions by its likeliest option;
+``--no-constrain-choices`` leaves the run's setting).
 """
 
 from __future__ import annotations
@@ -25,9 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("run_dir", type=Path, help="a trained model folder")
     parser.add_argument("--dest", type=Path, default=DEST)
+    parser.add_argument("--constrain-choices", action=argparse.BooleanOptionalAction,
+                        default=True, help="set constrain_choices in the shipped config")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model, processor = load_pretrained(args.run_dir, device="cpu", dtype="float32")
+    if args.constrain_choices:
+        model.config.constrain_choices = True
     torch.nn.Module.to(model, torch.float16)  # in place
     save_pretrained(model, processor, args.dest)
     size = sum(p.stat().st_size for p in args.dest.iterdir() if p.is_file())

@@ -14,6 +14,20 @@ the next requests are ready when rows free up (two cores busy with one torch thr
 A row's tokens do not depend on the other rows, so answers are those of the request alone.
 ``continuous=False`` answers each call on its own (``generate_sync``).
 
+*Constrained choice.* With ``constrain_choices`` (by default the model config's
+``constrain_choices``), a choice question asked greedily is not decoded: each answer it allows,
+written as CXRTrek writes one (a single choice's options, ``B. Moderate.``; for a multiple
+choice of at most :data:`MAX_RANKED_OPTIONS` options, every set of them,
+``A. Cardiomegaly, C. Pleural effusion.``), is scored by the model's log-probability of that
+answer and its end token after the prompt, and the likeliest is the answer (``constrained=True``
+in the response). The answer is then always one of the allowed ones, letters and texts
+together: a small model that reads the right option text but writes it after the wrong letter
+(the demo checkpoint does) is read by what it finds likeliest as a whole. A request's own
+``choices`` (``cxrtrek serve``'s ``structured_outputs``) are ranked the same way, as given.
+Yes/no questions are decoded: CXRTrek's answers to them often go on after the "Yes." or "No.".
+The prompt and its images are processed once (the part before the question through the prefix
+cache); then the answers, packed eight to a row.
+
 *Free questions.* CXRTrekNet's chat starts every user turn with a stage token, and a request
 may come without a stage (a plain OpenAI request to ``cxrtrek serve``, or a context pair of
 one). Such a question is rendered at :data:`FREE_QUESTION_STAGE`, stage 8, always: it is the
@@ -32,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
+import re
 import secrets
 import threading
 import time
@@ -58,12 +73,16 @@ if TYPE_CHECKING:
     )
     from cxrtrek.model.processing import CXRTrekNetProcessor, Encoded
 
-__all__ = ["FREE_QUESTION_STAGE", "InProcessBackend"]
+__all__ = ["FREE_QUESTION_STAGE", "MAX_RANKED_OPTIONS", "InProcessBackend"]
 
 log = logging.getLogger(__name__)
 
 FREE_QUESTION_STAGE = 8
 """The stage token a question without a stage is rendered with (see the module docstring)."""
+MAX_RANKED_OPTIONS = 6
+"""A multiple choice of more options is decoded rather than ranked (its sets of options grow
+as 2 ** options)."""
+_NONE_OPTION = re.compile(r"^[A-H]\.\s*none\b", re.I)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +100,7 @@ class InProcessBackend:
                  processor: CXRTrekNetProcessor, *, model_id: str | None = None,
                  max_batch_size: int = 8, cache_size: int = 256,
                  share_prefix: bool = True, prefix_cache_size: int = 16,
-                 continuous: bool = True) -> None:
+                 continuous: bool = True, constrain_choices: bool | None = None) -> None:
         if max_batch_size < 1:
             raise DataError(f"max_batch_size must be at least 1; got {max_batch_size}")
         if cache_size < 0:
@@ -96,6 +115,12 @@ class InProcessBackend:
         self.max_batch_size = max_batch_size
         self.describes_first = bool(getattr(model.config, "describe_first", False))
         """Readings describe each image first (the checkpoint was trained for it)."""
+        self.constrain_choices = (bool(getattr(model.config, "constrain_choices", False))
+                                  if constrain_choices is None else constrain_choices)
+        """Single-choice questions are answered by ranking their options (see the module's
+        docstring)."""
+        self.ranked = 0
+        """Requests answered by ranking their options."""
         self.cache_size = cache_size
         self.share_prefix = share_prefix
         self.prefix_batches = 0
@@ -124,7 +149,8 @@ class InProcessBackend:
     def load(cls, folder: str | Path, *, device: str | None = None, dtype: str | None = None,
              model_id: str | None = None, max_batch_size: int = 8,
              cache_size: int = 256, share_prefix: bool = True,
-             prefix_cache_size: int = 16, continuous: bool = True) -> InProcessBackend:
+             prefix_cache_size: int = 16, continuous: bool = True,
+             constrain_choices: bool | None = None) -> InProcessBackend:
         """Load a saved CXRTrekNet folder (device and dtype automatic unless given)."""
         from cxrtrek.model.build import load_pretrained
 
@@ -132,7 +158,7 @@ class InProcessBackend:
         return cls(model, processor, model_id=model_id or Path(folder).name,
                    max_batch_size=max_batch_size, cache_size=cache_size,
                    share_prefix=share_prefix, prefix_cache_size=prefix_cache_size,
-                   continuous=continuous)
+                   continuous=continuous, constrain_choices=constrain_choices)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the decode loop's threads (calls still waiting end with a
@@ -152,11 +178,101 @@ class InProcessBackend:
     async def generate(self, requests: Sequence[VLMRequest]) -> list[VLMResponse]:
         """Answer ``requests``. With ``continuous`` (the default), the call joins the
         backend's decode loop: requests of concurrent calls (e.g. several readings) decode in
-        one batch, joining it between tokens as they arrive."""
+        one batch, joining it between tokens as they arrive. Single-choice questions are
+        ranked instead, with ``constrain_choices``."""
+        ranked, decoded = self._split(requests)
+        if not ranked:
+            return await self._decode(requests)
+        out, answers = await asyncio.gather(
+            asyncio.to_thread(self._rank, [requests[i] for i in ranked]),
+            self._decode([requests[i] for i in decoded]))
+        return _merged(len(requests), (ranked, out), (decoded, answers))
+
+    def generate_sync(self, requests: Sequence[VLMRequest]) -> list[VLMResponse]:
+        """The blocking form of :meth:`generate`, this call's requests only (thread-safe).
+
+        A request whose context does not fit the model's window loses its oldest context
+        pairs first, a stage's pairs together (the response's ``context_used`` says how many
+        were kept).
+        """
+        ranked, decoded = self._split(requests)
+        if not ranked:
+            return self._decode_sync(requests)
+        return _merged(len(requests), (ranked, self._rank([requests[i] for i in ranked])),
+                       (decoded, self._decode_sync([requests[i] for i in decoded])))
+
+    def choices(self, request: VLMRequest) -> list[str] | None:
+        """The answers ``request`` is ranked among, as CXRTrek writes them: a single choice's
+        options (``B. Moderate.``); for a multiple choice of at most
+        :data:`MAX_RANKED_OPTIONS` options, every non-empty set of them in order
+        (``A. Cardiomegaly, C. Pleural effusion.``; a "None of ..." option only alone). None
+        when it is decoded: another question type, sampled rather than greedy, more options,
+        or ``constrain_choices`` off. A request's own :attr:`~VLMRequest.choices` are ranked
+        whatever these (as given)."""
+        if request.choices is not None:  # asked for by the caller: ranked, exactly as given
+            given = list(dict.fromkeys(c for c in request.choices if c.strip()))
+            return given or None
+        qtype = (request.qtype or "").lower()
+        if not self.constrain_choices or not request.decoding.greedy:
+            return None
+        options = list(dict.fromkeys(o.strip().rstrip(".").strip() for o in request.options
+                                     if o.strip()))
+        if len(options) < 2:
+            return None
+        if qtype == "single-choice":
+            return [f"{o}." for o in options]
+        if not qtype.startswith("multi-choice") or len(options) > MAX_RANKED_OPTIONS:
+            return None
+        none = {o for o in options if _NONE_OPTION.match(o)}
+        sets = [[o for k, o in enumerate(options) if mask >> k & 1]
+                for mask in range(1, 1 << len(options))]
+        return [", ".join(chosen) + "." for chosen in sets
+                if len(chosen) == 1 or not none.intersection(chosen)]
+
+    def _split(self, requests: Sequence[VLMRequest]) -> tuple[list[int], list[int]]:
+        ranked = [i for i, r in enumerate(requests) if self.choices(r) is not None]
+        chosen = set(ranked)
+        return ranked, [i for i in range(len(requests)) if i not in chosen]
+
+    def _rank(self, requests: Sequence[VLMRequest]) -> list[VLMResponse]:
+        """Answer single-choice requests by their likeliest option (see the module's
+        docstring)."""
+        import torch
+
+        fitted = [self._encode(r) for r in requests]  # validate them all first
+        out: list[VLMResponse] = []
+        image_id = self.model.config.image_token_id
+        with self._prefill_lock:
+            for r, f in zip(requests, fitted, strict=True):
+                started = time.perf_counter()
+                answers = self.choices(r) or []
+                ids = f.encoded.input_ids
+                cut = self.processor.context_prefix_length(ids)
+                if cut < 1 or image_id in ids[cut:]:
+                    cut = max(i for i, t in enumerate(ids) if t == image_id) + 1
+                tails = [self.processor.encode_answer(f.encoded, a) for a in answers]
+                feats, hits = self._image_embeds([r])
+                with torch.inference_mode():  # the question once, then each answer
+                    scores = self.model.score_suffixes(
+                        ids[:-1], [ids[-1:] + t for t in tails], [len(t) for t in tails],
+                        image_embeds=feats, prefix_cache=self.prefix_cache,
+                        image_key=tuple(ref.digest() for ref in r.images),
+                        keep=min(cut, len(ids) - 1))
+                best = max(range(len(answers)), key=lambda k: scores[k])
+                self.ranked += 1
+                out.append(VLMResponse(
+                    request_id=r.request_id, text=answers[best], model_id=self.model_id,
+                    prompt_tokens=len(ids), completion_tokens=len(tails[best]),
+                    latency_s=time.perf_counter() - started, cache_hits=hits[0],
+                    context_used=None if f.context_used == len(r.context) else f.context_used,
+                    prompt=f.encoded.text, dialect="cxrtrek", constrained=True))
+        return out
+
+    async def _decode(self, requests: Sequence[VLMRequest]) -> list[VLMResponse]:
         if not requests:
             return []
         if not self.continuous:
-            return await asyncio.to_thread(self.generate_sync, requests)
+            return await asyncio.to_thread(self._decode_sync, requests)
         call = _Call(list(requests), [self._encode(r) for r in requests])  # validate first
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[VLMResponse]] = loop.create_future()
@@ -168,13 +284,9 @@ class InProcessBackend:
             if call.outcome is None:
                 call.cancelled = True  # a caller that gave up: its rows leave the batch
 
-    def generate_sync(self, requests: Sequence[VLMRequest]) -> list[VLMResponse]:
-        """The blocking form of :meth:`generate`, this call's requests only (thread-safe).
-
-        A request whose context does not fit the model's window loses its oldest context
-        pairs first, a stage's pairs together (the response's ``context_used`` says how many
-        were kept).
-        """
+    def _decode_sync(self, requests: Sequence[VLMRequest]) -> list[VLMResponse]:
+        if not requests:
+            return []
         call = _Call(list(requests), [self._encode(r) for r in requests])
         scheduler = _Scheduler(self)
         pending = deque(_groups(call, self.max_batch_size))
@@ -374,6 +486,17 @@ class InProcessBackend:
 
 _Admitted = tuple["Prefilled", list[tuple["_Call", int]], list[int], list["Decoding"]]
 """Prefilled rows ready to join a batch: the rows, their tags, token budgets, decoding."""
+
+
+def _merged(n: int, *parts: tuple[Sequence[int], Sequence[VLMResponse]],
+            ) -> list[VLMResponse]:
+    """Responses of several parts of one call back in request order."""
+    out: list[VLMResponse | None] = [None] * n
+    for indices, responses in parts:
+        for i, resp in zip(indices, responses, strict=True):
+            out[i] = resp
+    assert all(r is not None for r in out)
+    return [r for r in out if r is not None]
 
 
 def _settle_from_thread(loop: asyncio.AbstractEventLoop,

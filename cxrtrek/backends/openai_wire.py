@@ -21,7 +21,11 @@ messages, is :func:`cxrtrek.prompts.dialects.openai_messages`.)
   :mod:`cxrtrek.backends.inprocess`);
 - ``max_tokens`` / ``max_completion_tokens``, ``temperature`` (absent or 0: greedy), ``top_p``
   and ``seed`` are honoured; ``n`` must be 1; ``stream`` is not supported; other OpenAI
-  fields are ignored.
+  fields are ignored;
+- ``"structured_outputs": {"choice": [...]}`` (vLLM's; its older ``guided_choice`` too): the
+  answer is one of these strings, exactly as written (the request's
+  :attr:`~cxrtrek.protocol.VLMRequest.choices`; the in-process CXRTrekNet answers with the
+  likeliest).
 
 A body that breaks these rules is a :class:`~cxrtrek.errors.DataError` saying which message
 and what was expected.
@@ -94,6 +98,14 @@ class CXRTrekFields(BaseModel):
     request_id: str | None = Field(default=None, max_length=200)
 
 
+class StructuredOutputs(BaseModel):
+    """vLLM's ``structured_outputs``: the server reads ``choice`` (others are ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    choice: list[str] | None = Field(default=None, min_length=1)
+
+
 class ChatCompletionRequest(BaseModel):
     """The parts of an OpenAI chat-completions body the server reads (others are ignored)."""
 
@@ -109,6 +121,8 @@ class ChatCompletionRequest(BaseModel):
     n: int | None = None
     stream: bool | None = None
     cxrtrek: CXRTrekFields | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_choice: list[str] | None = Field(default=None, min_length=1)
 
 
 _MARKER = re.compile(r"^\s*<stage_(\d+)>\s*")
@@ -222,9 +236,14 @@ def to_vlm_request(body: ChatCompletionRequest, request_id: str, *,
     if not question:
         raise DataError(f"messages[{qi}]: the question has no text")
     greedy = not body.temperature
+    choices = (body.structured_outputs.choice if body.structured_outputs is not None
+               and body.structured_outputs.choice else body.guided_choice)
+    if choices is not None and not any(c.strip() for c in choices):
+        raise DataError("structured_outputs.choice: expected at least one non-empty choice")
     return VLMRequest(
         request_id=request_id, stage=stage, question=question, images=images, context=context,
         system="\n".join(system_parts) if system_parts else None,
         max_new_tokens=body.max_completion_tokens or body.max_tokens or default_max_tokens,
         decoding=DecodingSettings(temperature=None if greedy else body.temperature,
-                                  top_p=None if greedy else body.top_p, seed=body.seed))
+                                  top_p=None if greedy else body.top_p, seed=body.seed),
+        choices=list(choices) if choices is not None else None)

@@ -121,6 +121,11 @@ class BackendOptions:
     dialect: str | None = None
     """How requests become chats (:mod:`cxrtrek.prompts.dialects`); None: the backend's
     default."""
+    constrain_choices: bool | None = None
+    """Answer yes/no and choice questions as one of their choices: the in-process CXRTrekNet
+    ranks a choice question's options by likelihood; an ``http:`` backend asks the server to
+    constrain decoding (vLLM's structured outputs). None: the model's own preference
+    (``constrain_choices`` in a CXRTrekNet config), off for ``http:``."""
 
 
 class BackendInfo(BaseModel):
@@ -137,6 +142,7 @@ class BackendInfo(BaseModel):
     dialect: str | None = None
     device: str | None = None
     dtype: str | None = None
+    constrain_choices: bool | None = None
 
     @classmethod
     def of(cls, backend: VLMBackend, spec: str | None = None,
@@ -144,14 +150,15 @@ class BackendInfo(BaseModel):
         options = options or BackendOptions()
         return cls(spec=spec.strip() if spec else None, model_id=backend.model_id,
                    dialect=options.dialect, device=_auto(options.device),
-                   dtype=_auto(options.dtype))
+                   dtype=_auto(options.dtype), constrain_choices=options.constrain_choices)
 
     def options(self, base: BackendOptions | None = None) -> BackendOptions:
-        """``base`` (default options) with this run's dialect, device and dtype."""
+        """``base`` (default options) with this run's dialect, device, dtype and choice
+        constraint."""
         from dataclasses import replace
 
         return replace(base or BackendOptions(), dialect=self.dialect, device=self.device,
-                       dtype=self.dtype)
+                       dtype=self.dtype, constrain_choices=self.constrain_choices)
 
     def same_backend(self, other: BackendInfo) -> bool:
         """Whether ``other`` answers as this one does: the same spec and dialect (the model
@@ -190,7 +197,8 @@ def _inprocess(target: str, options: BackendOptions, model_id: str | None = None
         return InProcessBackend.load(
             target, device=device, dtype=dtype, model_id=model_id,
             max_batch_size=options.max_batch_size, cache_size=options.cache_size,
-            prefix_cache_size=options.prefix_cache_size)
+            prefix_cache_size=options.prefix_cache_size,
+            constrain_choices=options.constrain_choices)
     if target in ("tiny", "demo"):
         import torch
 
@@ -202,7 +210,8 @@ def _inprocess(target: str, options: BackendOptions, model_id: str | None = None
         return InProcessBackend(net, processor, model_id=f"{target}-random",
                                 max_batch_size=options.max_batch_size,
                                 cache_size=options.cache_size,
-                                prefix_cache_size=options.prefix_cache_size)
+                                prefix_cache_size=options.prefix_cache_size,
+                                constrain_choices=options.constrain_choices)
     raise ConfigError(f"inprocess backend: {target!r} is not a model folder (nor the preset "
                       "tiny or demo, random weights)")
 
@@ -224,7 +233,8 @@ def load_backend(spec: str, study: Study | None = None, *,
         if not urls:
             raise ConfigError(f"backend {spec!r}: expected http:URL[,URL...]")
         return HTTPBackend(urls, token=os.environ.get("CXRTREK_SERVER_TOKEN") or None,
-                           dialect=options.dialect or "cxrtrek")
+                           dialect=options.dialect or "cxrtrek",
+                           constrain_choices=bool(options.constrain_choices))
     if spec == "scripted":
         return plausible_backend()
     if spec.startswith("scripted:"):

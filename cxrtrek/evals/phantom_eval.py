@@ -211,12 +211,15 @@ def _det_targets(t: dict[str, Any]) -> list[tuple[str, list[list[float]]]]:
 
 def evaluate_phantoms(model_dir: str | Path, data: str | Path, *, max_studies: int | None = None,
                       max_closed: int | None = None, batch_size: int = 32,
-                      progress: bool = True, describe: bool | None = None) -> PhantomEval:
+                      progress: bool = True, describe: bool | None = None,
+                      constrain_choices: bool | None = None) -> PhantomEval:
     """Evaluate the model folder on a phantom dataset (``phantoms.json`` with ``truth.jsonl``).
 
     ``describe``: ask every question by describe-then-answer, as a reading does (the model
     first describes each image alone; each question then sees its images' descriptions);
-    None: as the checkpoint prefers (its config's ``describe_first``)."""
+    None: as the checkpoint prefers (its config's ``describe_first``). ``constrain_choices``:
+    answer single-choice questions by their likeliest option (see
+    :class:`~cxrtrek.backends.inprocess.InProcessBackend`); None: as the checkpoint prefers."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from cxrtrek.backends.inprocess import InProcessBackend
@@ -228,7 +231,8 @@ def evaluate_phantoms(model_dir: str | Path, data: str | Path, *, max_studies: i
     studies: list[Study] = load_studies(path)[:max_studies]
     truths = _load_truth(path)
     backend = InProcessBackend.load(model_dir, device="cpu", dtype="float32",
-                                    max_batch_size=batch_size)
+                                    max_batch_size=batch_size,
+                                    constrain_choices=constrain_choices)
 
     requests, meta = build_requests(studies, truths, max_closed=max_closed)
     if describe is None:
@@ -293,7 +297,7 @@ def build_requests(studies: Sequence[Study], truths: dict[str, dict[str, Any]], 
             n_img = 2 if (q.stage >= 5 and s.prior is not None) else 1
             requests.append(VLMRequest(request_id=f"{s.study_id}/{q.id}", stage=q.stage,
                                        question=q.text, images=images[:n_img],
-                                       max_new_tokens=32))
+                                       max_new_tokens=32, qtype=q.qtype, options=q.options))
             meta.append({"kind": "closed", "q": q, "ref": _closed_key(ref),
                          "group": _group(q)})
         for target, boxes in _det_targets(truth):

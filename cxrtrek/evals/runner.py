@@ -130,6 +130,10 @@ class EvalConfig(BaseModel):
     describe: bool | None = None
     """Describe-then-answer (:attr:`~cxrtrek.graph.state.RunSettings.describe`); None: as
     the backend prefers."""
+    constrain_choices: bool | None = None
+    """Answer choice questions with one of their options
+    (:attr:`~cxrtrek.backends.registry.BackendOptions.constrain_choices`); None: as the
+    backend prefers."""
     top_k: int | None = Field(default=None, ge=1)
     """Context items of the ``retrieved`` policy (default: the run settings' own)."""
 
@@ -233,12 +237,13 @@ def missing_images(study: Study) -> list[str]:
 
 def make_backend(spec: str, config: EvalConfig | None = None) -> VLMBackend:
     """The shared model backend of an evaluation: a spec of the one registry
-    (:func:`cxrtrek.backends.registry.load_backend`), with the config's device, dtype and
-    dialect."""
+    (:func:`cxrtrek.backends.registry.load_backend`), with the config's device, dtype,
+    dialect and choice constraint."""
     from cxrtrek.backends.registry import BackendOptions, load_backend
 
     options = BackendOptions() if config is None else BackendOptions(
-        device=config.device, dtype=config.dtype, dialect=config.dialect)
+        device=config.device, dtype=config.dtype, dialect=config.dialect,
+        constrain_choices=config.constrain_choices)
     return load_backend(spec, None, options=options)
 
 

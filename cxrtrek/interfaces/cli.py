@@ -136,6 +136,11 @@ Describe = Annotated[bool | None, typer.Option(
     help="describe-then-answer: the model describes each image first and every question "
          "is asked after those descriptions (default: as the model prefers; the demo "
          "checkpoint does)")]
+ConstrainChoices = Annotated[bool | None, typer.Option(
+    "--constrain-choices/--no-constrain-choices",
+    help="answer choice questions with one of their options: in process, the likeliest "
+         "option (multiple choice: set of options); http: the server's constrained decoding "
+         "(default: as the model prefers; the demo checkpoint does)")]
 Prior = Annotated[list[Path] | None, typer.Option(
     "--prior", metavar="PATH", help="an image (or folder) of the prior study; repeatable")]
 Indication = Annotated[str | None, typer.Option(
@@ -168,11 +173,12 @@ def _agent_settings(*, home: Path | None = None, checkpoint_db: Path | None = No
         raise ConfigError(f"--{where.replace('_', '-')}: {first['msg']}") from None
 
 
-def _backend_options(device: str | None, dtype: str | None,
-                     dialect: str | None) -> BackendOptions:
+def _backend_options(device: str | None, dtype: str | None, dialect: str | None,
+                     constrain_choices: bool | None = None) -> BackendOptions:
     from cxrtrek.backends.registry import BackendOptions
 
-    return BackendOptions(device=device, dtype=dtype, dialect=dialect)
+    return BackendOptions(device=device, dtype=dtype, dialect=dialect,
+                          constrain_choices=constrain_choices)
 
 
 def _stage_list(value: str | None, option: str) -> tuple[int, ...] | None:
@@ -204,6 +210,7 @@ def run_cmd(
     dialect: Dialect = None,
     context: Context = "full",
     describe: Describe = None,
+    constrain_choices: ConstrainChoices = None,
     stages: Annotated[str | None, typer.Option(
         "--stages", metavar="1,2,8", help="only these stages (default: all that apply)")] = None,
     review_after: Annotated[str | None, typer.Option(
@@ -250,7 +257,8 @@ def run_cmd(
     return cmd_run(paths, prior=prior or [], indication=indication, backend=backend,
                    settings=settings, json_out=json_out, image_root=image_root,
                    allow_missing_images=allow_missing_images,
-                   options=_backend_options(device, dtype, dialect), overlay=overlay)
+                   options=_backend_options(device, dtype, dialect, constrain_choices),
+                   overlay=overlay)
 
 
 @app.command("read", hidden=True)
@@ -422,6 +430,7 @@ def chat_cmd(
         "--review", help="pause after each stage for approval or an edit")] = False,
     context: Context = "full",
     describe: Describe = None,
+    constrain_choices: ConstrainChoices = None,
     home: Home = None,
     store: Store = None,
 ) -> int:
@@ -436,7 +445,7 @@ def chat_cmd(
 
     settings = _agent_settings(home=home, context=context, store=store, describe=describe)
     return cmd_chat(images, prior or [], indication, backend, settings, review,
-                    _backend_options(device, dtype, dialect))
+                    _backend_options(device, dtype, dialect, constrain_choices))
 
 
 # --- serving -------------------------------------------------------------------------------------
@@ -863,6 +872,7 @@ def eval_cmd(
         help="context policies, comma-separated; several run side by side (a benchmark's "
              "question: none asks it alone, full after reading the earlier stages)")] = "full",
     describe: Describe = None,
+    constrain_choices: ConstrainChoices = None,
     out: Annotated[Path, typer.Option("--out", metavar="DIR", help="output folder")] = Path(
         "eval-results"),
     allow_missing_images: Annotated[bool, typer.Option(

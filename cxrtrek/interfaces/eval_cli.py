@@ -187,7 +187,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             bertscore_model=str(args.bertscore_model) if args.bertscore_model else None,
             memory=str(args.memory) if args.memory else None,
             max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype,
-            dialect=args.dialect, describe=args.describe)
+            dialect=args.dialect, describe=args.describe,
+            constrain_choices=args.constrain_choices)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = "--" + ".".join(str(p) for p in err["loc"]).replace("_", "-")

@@ -53,6 +53,9 @@ class CXRTrekNetConfig(PretrainedConfig):  # type: ignore[no-untyped-call]
     describe_notes: bool = False
     """Trained with question notes: a question asked after image descriptions is followed by
     the description sentences it names (:mod:`cxrtrek.prompts.notes`)."""
+    constrain_choices: bool = False
+    """Readings answer a choice question by its likeliest option rather than by decoding
+    (:class:`~cxrtrek.backends.inprocess.InProcessBackend`'s ``constrain_choices``)."""
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     tie_word_embeddings: bool = True
 

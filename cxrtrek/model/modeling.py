@@ -652,11 +652,32 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
         image_key: tuple[str, ...] = (),
     ) -> Prefilled:
         """Process prompts that share a prefix (see :meth:`generate_with_prefix`)."""
+        cache = self._processed_prefix(prefix_ids, suffixes, image_embeds=image_embeds,
+                                       prefix_cache=prefix_cache, image_key=image_key)
+        batch, plen = len(suffixes), len(prefix_ids)
+        device = self.device
+        if batch == 1:
+            ids = torch.tensor([list(suffixes[0])], dtype=torch.long, device=device)
+            positions = torch.arange(plen, plen + ids.shape[1], device=device).unsqueeze(0)
+            mask = torch.ones((1, plen + ids.shape[1]), dtype=torch.long, device=device)
+            out = self.language_model(input_ids=ids, attention_mask=mask,
+                                      position_ids=positions, cache=cache, use_cache=True,
+                                      logits_to_keep=1)
+            return Prefilled(out.logits[:, -1], out.cache, mask, positions[:, -1:],
+                             [plen + ids.shape[1]])
+        return self._prefill_packed(plen, suffixes, cache)
+
+    def _processed_prefix(self, prefix_ids: Sequence[int], suffixes: Sequence[Sequence[int]],
+                          *, image_embeds: torch.Tensor | None,
+                          prefix_cache: PrefixCache | None,
+                          image_key: tuple[str, ...]) -> DynamicCache:
+        """The key/value cache of ``prefix_ids`` (with all the images): the longest kept start
+        from ``prefix_cache``, the rest processed here and the whole prefix kept."""
         if not prefix_ids or any(not s for s in suffixes):
             raise DataError("a shared prefix and non-empty suffixes are required")
         if any(self.config.image_token_id in s for s in suffixes):
             raise DataError("image tokens must all lie in the shared prefix")
-        batch, plen = len(suffixes), len(prefix_ids)
+        plen = len(prefix_ids)
         device = self.device
         done, cache = 0, None
         if prefix_cache is not None:
@@ -674,16 +695,7 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
                  use_cache=True, logits_to_keep=1)
             if prefix_cache is not None:
                 prefix_cache.put(image_key, prefix_ids, cache)
-        if batch == 1:
-            ids = torch.tensor([list(suffixes[0])], dtype=torch.long, device=device)
-            positions = torch.arange(plen, plen + ids.shape[1], device=device).unsqueeze(0)
-            mask = torch.ones((1, plen + ids.shape[1]), dtype=torch.long, device=device)
-            out = self.language_model(input_ids=ids, attention_mask=mask,
-                                      position_ids=positions, cache=cache, use_cache=True,
-                                      logits_to_keep=1)
-            return Prefilled(out.logits[:, -1], out.cache, mask, positions[:, -1:],
-                             [plen + ids.shape[1]])
-        return self._prefill_packed(plen, suffixes, cache)
+        return cache
 
     def _prefill_packed(self, plen: int, suffixes: Sequence[Sequence[int]],
                         cache: DynamicCache) -> Prefilled:
@@ -693,18 +705,9 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
         by its own suffix's (left-padded to the longest)."""
         device = self.device
         lengths = [len(s) for s in suffixes]
-        total = sum(lengths)
         ends = torch.tensor(lengths, device=device).cumsum(0)
         starts = ends - torch.tensor(lengths, device=device)
-        seg = torch.repeat_interleave(torch.arange(len(lengths), device=device),
-                                      torch.tensor(lengths, device=device))
-        offset = torch.arange(total, device=device) - starts[seg]
-        ids = torch.tensor([[t for s in suffixes for t in s]], dtype=torch.long, device=device)
-        allowed = torch.ones((total, plen + total), dtype=torch.bool, device=device)
-        allowed[:, plen:] = (seg[:, None] == seg[None, :]) & (offset[:, None] >= offset[None, :])
-        out = self.language_model(input_ids=ids, attention_mask=allowed[None, None],
-                                  position_ids=(plen + offset).unsqueeze(0), cache=cache,
-                                  use_cache=True, logits_to_keep=ends - 1)
+        out = self._packed_pass(plen, suffixes, cache, logits_to_keep=ends - 1)
         width = plen + max(lengths)
         rows = DynamicCache()
         for layer in range(len(cache.layers)):
@@ -723,6 +726,78 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
             mask[i, width - plen - n:] = 1
         return Prefilled(out.logits[0], rows, mask, (plen + ends - starts - 1).unsqueeze(1),
                          [plen + n for n in lengths])
+
+    def _packed_pass(self, plen: int, suffixes: Sequence[Sequence[int]], cache: DynamicCache,
+                     logits_to_keep: int | torch.Tensor) -> Any:
+        """The language model over ``suffixes`` packed in one row after a processed prefix of
+        ``plen`` tokens (``cache``): each suffix sees the prefix and itself only (a
+        block-diagonal mask), at the positions it would have alone."""
+        device = self.device
+        lengths = torch.tensor([len(s) for s in suffixes], device=device)
+        total = int(lengths.sum())
+        starts = lengths.cumsum(0) - lengths
+        seg = torch.repeat_interleave(torch.arange(len(suffixes), device=device), lengths)
+        offset = torch.arange(total, device=device) - starts[seg]
+        ids = torch.tensor([[t for s in suffixes for t in s]], dtype=torch.long, device=device)
+        allowed = torch.ones((total, plen + total), dtype=torch.bool, device=device)
+        allowed[:, plen:] = (seg[:, None] == seg[None, :]) & (offset[:, None] >= offset[None, :])
+        return self.language_model(input_ids=ids, attention_mask=allowed[None, None],
+                                   position_ids=(plen + offset).unsqueeze(0), cache=cache,
+                                   use_cache=True, logits_to_keep=logits_to_keep)
+
+    @torch.no_grad()
+    def score_suffixes(
+        self,
+        prefix_ids: Sequence[int],
+        suffixes: Sequence[Sequence[int]],
+        scored: Sequence[int],
+        *,
+        image_embeds: torch.Tensor | None = None,
+        prefix_cache: PrefixCache | None = None,
+        image_key: tuple[str, ...] = (),
+        keep: int | None = None,
+        chunk: int = 8,
+    ) -> list[float]:
+        """The log-probability of the last ``scored[i]`` tokens of each ``prefix_ids +
+        suffixes[i]``, given what comes before them: how likely the model finds each candidate
+        answer to one prompt (the prompt but its last token is the prefix; that token and one
+        candidate make a suffix). The prefix (with all the images) is processed once: its
+        first ``keep`` tokens (default: all) through ``prefix_cache`` as in
+        :meth:`prefill_with_prefix` (e.g. the part before the question, which the next
+        question shares), the rest on top of them and not kept; then the suffixes ``chunk`` at
+        a time, each chunk packed in one row."""
+        if len(scored) != len(suffixes) or any(
+                not 0 < m < len(s) for m, s in zip(scored, suffixes, strict=True)):
+            raise DataError("each suffix must be longer than its scored tail, which must be "
+                            "at least one token")
+        plen = len(prefix_ids)
+        keep = plen if keep is None else keep
+        if not 0 < keep <= plen or self.config.image_token_id in prefix_ids[keep:]:
+            raise DataError("keep must cover every image token and at most the whole prefix")
+        cache = self._processed_prefix(prefix_ids[:keep], suffixes, image_embeds=image_embeds,
+                                       prefix_cache=prefix_cache, image_key=image_key)
+        if keep < plen:  # the rest of the prefix, on a copy that is not kept
+            rest = torch.tensor([list(prefix_ids[keep:])], dtype=torch.long, device=self.device)
+            self.language_model(
+                input_ids=rest,
+                attention_mask=torch.ones((1, plen), dtype=torch.long, device=self.device),
+                position_ids=torch.arange(keep, plen, device=self.device).unsqueeze(0),
+                cache=cache, use_cache=True, logits_to_keep=1)
+        scores: list[float] = []
+        for first in range(0, len(suffixes), max(1, chunk)):
+            part = suffixes[first:first + max(1, chunk)]
+            out = self._packed_pass(plen, part, cache, logits_to_keep=0)
+            extra = cache.get_seq_length() - plen
+            if extra > 0:  # the next chunk sees the prefix alone again
+                cache.crop(-extra)
+            logp = out.logits[0].float().log_softmax(-1)
+            end = 0
+            for suffix, m in zip(part, scored[first:first + len(part)], strict=True):
+                end += len(suffix)
+                targets = torch.tensor(list(suffix[-m:]), dtype=torch.long, device=logp.device)
+                rows = logp[end - m - 1:end - 1]  # the logits before each scored token
+                scores.append(float(rows.gather(1, targets[:, None]).sum()))
+        return scores
 
     @torch.no_grad()
     def decode_prefilled(self, parts: Sequence[Prefilled], *,

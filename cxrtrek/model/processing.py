@@ -19,7 +19,12 @@ from cxrtrek.errors import DataError
 from cxrtrek.model.configuration import CXRTrekNetConfig
 from cxrtrek.model.images import ImageLike, ImageProcessor
 from cxrtrek.model.tokenizer import STAGE_TOKENS, CXRTrekTokenizer
-from cxrtrek.prompts.render import ContextTurn, render_chat, render_training_text
+from cxrtrek.prompts.render import (
+    ContextTurn,
+    answer_text,
+    render_chat,
+    render_training_text,
+)
 
 __all__ = ["IGNORE_INDEX", "CXRTrekNetProcessor", "Encoded", "apart_length", "collate",
            "join_apart"]
@@ -89,6 +94,17 @@ class CXRTrekNetProcessor:
                            n_images=n_images, stage=stage, question=question, context=context,
                            notes=self.notes)
         return dataclasses.replace(self._expand(self.tokenizer.encode(text), None), text=text)
+
+    def encode_answer(self, prompt: Encoded, answer: str) -> list[int]:
+        """The token ids of ``answer`` (and its end token) as they follow ``prompt`` (from
+        :meth:`encode_prompt`) when the two are tokenized as one text, as in training."""
+        if prompt.text is None:
+            raise DataError("encode_answer needs a prompt from encode_prompt (with its text)")
+        head = self.tokenizer.encode(prompt.text)
+        ids = self.tokenizer.encode(prompt.text + answer_text(answer))
+        if ids[:len(head)] != head or len(ids) == len(head):
+            raise DataError(f"the answer {answer!r} does not tokenize apart from its prompt")
+        return ids[len(head):]
 
     def encode_training(self, turns: Sequence[ContextTurn], *, n_images: int,
                         system: str | None = None,

@@ -23,6 +23,7 @@ from cxrtrek.prompts.notes import context_descriptions, question_note
 __all__ = [
     "ANSWER_END",
     "ContextTurn",
+    "answer_text",
     "image_labels",
     "render_chat",
     "render_template",
@@ -113,6 +114,12 @@ def render_chat(*, system: str, n_images: int, stage: int, question: str,
     })
 
 
+def answer_text(answer: str) -> str:
+    """An answer as the chat writes it after its prompt: plain text, then
+    :data:`ANSWER_END` (what training supervises, and what scoring an answer measures)."""
+    return _plain(answer) + ANSWER_END
+
+
 def render_training_text(*, system: str, n_images: int, turns: Sequence[ContextTurn],
                          prefix: Sequence[ContextTurn] = (),
                          notes: bool = False) -> tuple[str, list[tuple[int, int]]]:
@@ -135,7 +142,7 @@ def render_training_text(*, system: str, n_images: int, turns: Sequence[ContextT
         if not prompt.startswith(text):  # pragma: no cover - guards edits of chat.jinja
             raise ConfigError("chat.jinja does not render context turns the way it renders "
                               "the last turn; packed training would not match inference")
-        answer = _plain(turn.answer) + ANSWER_END
+        answer = answer_text(turn.answer)
         spans.append((len(prompt), len(prompt) + len(answer)))
         text = prompt + answer + "\n"
     return text[:-1], spans

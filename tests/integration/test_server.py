@@ -164,6 +164,32 @@ def test_the_openai_sdk_gets_the_same_answers(server: BackgroundServer,
             {"role": "user", "content": [image, {"type": "text", "text": "<stage_9> View?"}]}])
 
 
+def test_structured_output_choices_are_answered_by_the_likeliest(
+        server: BackgroundServer, reference: InProcessBackend, images: list[ImageRef]) -> None:
+    side = VLMRequest(request_id="side", stage=3, question=QUESTIONS[4][1], images=images[:1],
+                      qtype="single-choice", max_new_tokens=24,
+                      options=["A. Right.", "B. Left.", "C. Neither side."])
+    effusion = VLMRequest(request_id="effusion", stage=2, question=QUESTIONS[3][1],
+                          images=images[1:2], qtype="yes_no", max_new_tokens=24)
+
+    async def go() -> list[VLMResponse]:
+        async with HTTPBackend([server.base_url], token=TOKEN,
+                               constrain_choices=True) as backend:
+            return await backend.generate([side, effusion])
+
+    got = asyncio.run(go())
+    # the server ranks exactly what the client's dialect sent, as the model in process does
+    expected = reference.generate_sync([
+        side.model_copy(update={"choices": side.options}),
+        effusion.model_copy(update={"choices": ["Yes.", "No."]})])
+    assert [r.text for r in got] == [r.text for r in expected]
+    assert got[0].text in side.options and got[1].text in ("Yes.", "No.")
+    assert [r.constrained for r in got] == [True, True]
+    # a free decode of the same side question is not one of the options (a random model)
+    [free] = reference.generate_sync([side])
+    assert free.text not in side.options
+
+
 # --- free questions: a plain OpenAI request, no stage ----------------------------------------
 
 
