@@ -133,7 +133,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 _HF_ONLY = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "train_projector",
             "gradient_checkpointing", "max_length", "warmup_steps", "merge", "eval_limit")
 _NET_ONLY = ("vision_path", "lm_path", "lm_mode", "train_vision", "pack_questions",
-             "image_size", "image_token_norm", "cache_image_features", "caption_keep",
+             "image_size", "image_token_norm", "dense_head", "cache_image_features",
+             "caption_keep",
              "max_minutes", "question_types", "context_fraction", "images_by_stage",
              "describe", "describe_context", "describe_notes", "group_by_length")
 
@@ -241,7 +242,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from cxrtrek.model.pretrain import VisionPretrainConfig, pretrain_vision
 
         keys = ("model", "steps", "batch_size", "lr", "seed", "image_size", "max_minutes",
-                "image_token_norm")
+                "image_token_norm", "dense_head")
         vcfg = VisionPretrainConfig(data=args.train_data, output_dir=args.output_dir,
                                     **{k: getattr(args, k) for k in keys
                                        if getattr(args, k) is not None})
@@ -252,6 +253,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         raise ConfigError("--image-token-norm sets the model built by --phase vision; phase 2 "
                           "keeps the config of the model it starts from")
+    if args.dense_head:
+        from cxrtrek.errors import ConfigError
+
+        raise ConfigError("--dense-head trains a head of --phase vision (the vision encoder's "
+                          "pretraining); it does not apply to the language-model phases")
     fields = ("model", "vision_path", "lm_path", "train_data", "eval_data", "image_root",
               "steps", "batch_size", "grad_accum", "lr", "lm_mode", "train_vision",
               "pack_questions", "dtype", "device", "seed", "eval_every", "checkpoint_every",

@@ -760,6 +760,11 @@ def train_cmd(
         "--image-token-norm/--no-image-token-norm",
         help="vision phase: normalised visual tokens in the saved model (default: the "
              "preset's, on for demo)")] = None,
+    dense_head: Annotated[bool | None, typer.Option(
+        "--dense-head",
+        help="vision phase: also train a per-grid-cell head for the focal findings (presence "
+             "and box in the cell that holds the box's centre); its held-out figures go to "
+             "vision_metrics.json beside the flat heads'")] = None,
     cache_image_features: Annotated[bool | None, typer.Option(
         "--cache-image-features", help="frozen vision tower: encode each image once")] = None,
     caption_keep: Annotated[float | None, typer.Option(

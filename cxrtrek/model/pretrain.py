@@ -8,9 +8,13 @@ lungs, every focal finding and the device tips.
 
 All heads read the *pooled grid* the language model later receives (``image_grid ** 2`` tokens
 of the tower's last feature map, flattened), so whatever the heads can read is there for the
-projector and the LM. The heads are thrown away; the trained tower is saved inside a full
-CXRTrekNet folder (random projector and LM) that phase 2 (:func:`cxrtrek.model.train.train`
-with ``model=<that folder>``) starts from, with the tower frozen.
+projector and the LM. With ``dense_head``, a second head reads each grid cell alone: for every
+focal finding kind, whether the box's centre lies in that cell, and the box relative to the
+cell (as one-stage detectors do), so that a small finding must be visible in the one visual
+token that holds it rather than anywhere in the flattened grid. The heads are thrown away;
+the trained tower is saved inside a full CXRTrekNet folder (random projector and LM) that
+phase 2 (:func:`cxrtrek.model.train.train` with ``model=<that folder>``) starts from, with the
+tower frozen.
 
 ``pretrain_vision(VisionPretrainConfig) -> Path``.
 """
@@ -40,8 +44,12 @@ from cxrtrek.model.modeling import CXRTrekNetForConditionalGeneration, vision_hi
 __all__ = [
     "BOX_TARGETS",
     "CLASS_HEADS",
+    "DENSE_KINDS",
     "PRESENCE",
+    "DenseHead",
+    "VisionHeads",
     "VisionPretrainConfig",
+    "dense_targets",
     "image_targets",
     "pretrain_vision",
 ]
@@ -81,6 +89,10 @@ BOX_TARGETS = ("heart", "right_lung", "left_lung", "effusion", "pneumothorax", "
                "central_line")
 """Box regression targets (fractions 0-1; ignored where absent)."""
 
+DENSE_KINDS = ("effusion", "pneumothorax", "consolidation", "nodule", "mass", "atelectasis",
+               "rib_fracture")
+"""Focal finding kinds of the dense per-cell head (``dense_head``)."""
+
 IGNORE = -100
 
 
@@ -105,6 +117,9 @@ class VisionPretrainConfig(BaseModel):
     weight_decay: float = Field(default=1e-4, ge=0)
     warmup_steps: int = Field(default=20, ge=0)
     box_weight: float = Field(default=10.0, ge=0)
+    dense_head: bool = False
+    """Also train the dense per-cell head (see the module docstring); its held-out figures
+    are reported beside the flat heads' (``dense_presence:``, ``dense_box:``)."""
     holdout: int = Field(default=200, ge=0)
     """Images kept out of training to report the heads' accuracy."""
     max_minutes: float | None = Field(default=None, gt=0)
@@ -233,6 +248,57 @@ def _losses(pred: dict[str, Any], batch: dict[str, torch.Tensor],
                    "box": float(box.detach())}
 
 
+class DenseHead(nn.Module):
+    """Per grid cell and focal kind: an objectness logit (the kind's box centre lies in this
+    cell) and the box, its centre as an offset within the cell and its size as a fraction of
+    the image."""
+
+    def __init__(self, channels: int, grid: int, hidden: int = 128) -> None:
+        super().__init__()
+        self.grid = grid
+        self.kinds = len(DENSE_KINDS)
+        self.net = nn.Sequential(nn.LayerNorm(channels), nn.Linear(channels, hidden), nn.GELU(),
+                                 nn.Linear(hidden, self.kinds * 5))
+        rows = torch.arange(grid).repeat_interleave(grid)
+        cols = torch.arange(grid).repeat(grid)
+        self.register_buffer("cell_xy", torch.stack([cols, rows], -1).float(), persistent=False)
+
+    def forward(self, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
+        n, cells, _ = pooled.shape
+        out = self.net(pooled).view(n, cells, self.kinds, 5)
+        cell_xy: torch.Tensor = self.cell_xy  # type: ignore[assignment]
+        centre = (cell_xy[None, :, None, :] + torch.sigmoid(out[..., 1:3])) / self.grid
+        size = torch.sigmoid(out[..., 3:5])
+        boxes = torch.cat([centre - size / 2, centre + size / 2], -1)
+        return {"objectness": out[..., 0], "boxes": boxes}
+
+
+def dense_targets(boxes: torch.Tensor, box_mask: torch.Tensor,
+                  grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image, cell and dense kind: 1 where the kind's box centre lies (else 0), and the
+    box there; from the flat targets (``boxes`` (N, targets, 4), fractions)."""
+    index = [BOX_TARGETS.index(k) for k in DENSE_KINDS]
+    b, m = boxes[:, index], box_mask[:, index]
+    cx = ((b[..., 0] + b[..., 2]) / 2 * grid).long().clamp(0, grid - 1)
+    cy = ((b[..., 1] + b[..., 3]) / 2 * grid).long().clamp(0, grid - 1)
+    cell = cy * grid + cx  # (N, kinds)
+    obj = torch.zeros(len(boxes), grid * grid, len(DENSE_KINDS))
+    obj.scatter_(1, cell.unsqueeze(1), m.unsqueeze(1))
+    target = b.unsqueeze(1).expand(-1, grid * grid, -1, -1)
+    return obj, target
+
+
+def _dense_loss(pred: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], grid: int,
+                box_weight: float) -> tuple[torch.Tensor, float]:
+    obj, target = dense_targets(batch["boxes"], batch["box_mask"], grid)
+    bce = F.binary_cross_entropy_with_logits(
+        pred["objectness"], obj, pos_weight=torch.tensor(float(grid * grid)))
+    mask = obj.unsqueeze(-1)
+    box = (F.smooth_l1_loss(pred["boxes"], target, reduction="none", beta=0.02)
+           * mask).sum() / mask.sum().clamp(min=1) / 4
+    return bce + box_weight * box, float(bce.detach())
+
+
 def _box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     x1 = torch.maximum(a[..., 0], b[..., 0])
     y1 = torch.maximum(a[..., 1], b[..., 1])
@@ -257,20 +323,37 @@ def _normalise(raw: torch.Tensor, model: CXRTrekNetForConditionalGeneration) -> 
     return x.expand(-1, model.config.image_channels, -1, -1)
 
 
+def _balanced(pred: torch.Tensor, truth: torch.Tensor) -> float:
+    """Balanced accuracy: the mean of the recalls of present and absent (0.5: no better than
+    a constant answer, however rare the finding)."""
+    recalls = [float((pred[truth == v] == v).float().mean()) for v in (True, False)
+               if bool((truth == v).any())]
+    return sum(recalls) / len(recalls) if recalls else float("nan")
+
+
 def _heads_report(model: CXRTrekNetForConditionalGeneration, heads: VisionHeads,
-                  pixels: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Held-out accuracy of the heads: presence, each class head, box IoU per target."""
+                  pixels: torch.Tensor, targets: dict[str, torch.Tensor],
+                  dense: DenseHead | None = None) -> dict[str, float]:
+    """Held-out accuracy of the heads: presence (accuracy and balanced accuracy), each class
+    head, box hits per target; with ``dense``, the dense head's presence (its best cell's
+    objectness above 0) and box (at its best cell) per focal kind."""
     model.vision_tower.eval()
     heads.eval()
     preds: list[dict[str, Any]] = []
+    dense_preds: list[dict[str, torch.Tensor]] = []
     with torch.no_grad():
         for i in range(0, len(pixels), 64):
-            preds.append(heads(_pooled(model, _normalise(pixels[i:i + 64], model))))
+            pooled = _pooled(model, _normalise(pixels[i:i + 64], model))
+            preds.append(heads(pooled))
+            if dense is not None:
+                dense.eval()
+                dense_preds.append(dense(pooled))
     presence = torch.cat([p["presence"] for p in preds]) > 0
     out: dict[str, float] = {}
     truth = targets["presence"] > 0.5
     for k, name in enumerate(PRESENCE):
         out[f"presence:{name}"] = float((presence[:, k] == truth[:, k]).float().mean())
+        out[f"presence_balanced:{name}"] = _balanced(presence[:, k], truth[:, k])
     for k, name in enumerate(CLASS_HEADS):
         logits = torch.cat([p["classes"][k] for p in preds])
         t = targets["classes"][:, k]
@@ -284,6 +367,20 @@ def _heads_report(model: CXRTrekNetForConditionalGeneration, heads: VisionHeads,
         if bool(keep.any()):
             thr = 0.75 if name in ("heart", "right_lung", "left_lung") else 0.5
             out[f"box:{name}@{thr}"] = float((iou[keep, k] >= thr).float().mean())
+    if dense_preds:
+        objectness = torch.cat([p["objectness"] for p in dense_preds])  # (N, cells, kinds)
+        dboxes = torch.cat([p["boxes"] for p in dense_preds])
+        best = objectness.argmax(1)  # (N, kinds)
+        for k, name in enumerate(DENSE_KINDS):
+            found = objectness[:, :, k].max(1).values > 0
+            out[f"dense_presence_balanced:{name}"] = _balanced(
+                found, truth[:, PRESENCE.index(name)])
+            target = BOX_TARGETS.index(name)
+            keep = targets["box_mask"][:, target] > 0
+            if bool(keep.any()):
+                chosen = dboxes[torch.arange(len(best)), best[:, k], k]
+                hit = _box_iou(chosen, targets["boxes"][:, target]) >= 0.5
+                out[f"dense_box:{name}@0.5"] = float(hit[keep].float().mean())
     return out
 
 
@@ -329,8 +426,11 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> Path:
 
     model.freeze_vision(False)
     model.vision_tower.train()
-    heads = VisionHeads(vision_hidden_size(model.config.vision), int(model.config.image_grid))
-    params = [*model.vision_tower.parameters(), *heads.parameters()]
+    channels, grid = vision_hidden_size(model.config.vision), int(model.config.image_grid)
+    heads = VisionHeads(channels, grid)
+    dense = DenseHead(channels, grid) if cfg.dense_head else None
+    params = [*model.vision_tower.parameters(), *heads.parameters(),
+              *(dense.parameters() if dense is not None else ())]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     budget_s = 60 * cfg.max_minutes if cfg.max_minutes else None
@@ -365,7 +465,11 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> Path:
             jitter = 1 + 0.05 * torch.randn(len(idx), 1, 1, 1, generator=gen)
             x = x * jitter + 0.05 * torch.randn(len(idx), 1, 1, 1, generator=gen)
             batch = {k: v[idx] for k, v in targets.items()}
-            loss, parts = _losses(heads(_pooled(model, x)), batch, cfg.box_weight)
+            pooled = _pooled(model, x)
+            loss, parts = _losses(heads(pooled), batch, cfg.box_weight)
+            if dense is not None:
+                extra, parts["dense"] = _dense_loss(dense(pooled), batch, grid, cfg.box_weight)
+                loss = loss + extra
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             torch.nn.utils.clip_grad_norm_(params, 2.0)
@@ -378,16 +482,19 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> Path:
                             cfg.max_minutes, step + 1, cfg.steps)
                 break
             if (step + 1) % 20 == 0:
-                log.info("vision step %d: loss %.3f %s", step + 1, float(loss),
+                log.info("vision step %d: loss %.3f %s", step + 1, float(loss.detach()),
                          {k: round(v, 4) for k, v in parts.items()})
 
-    metrics = _heads_report(model, heads, pixels[hold], {k: v[hold] for k, v in targets.items()})
+    metrics = _heads_report(model, heads, pixels[hold], {k: v[hold] for k, v in targets.items()},
+                            dense)
     for k, v in metrics.items():
         log.info("held-out %s: %.3f", k, v)
     model.config.freeze_vision = True
     model.freeze_vision(True)
     save_pretrained(model.train(False), processor, out)
     torch.save(heads.state_dict(), out / "vision_heads.pt")
+    if dense is not None:
+        torch.save(dense.state_dict(), out / "vision_dense_head.pt")
     (out / "vision_metrics.json").write_text(json.dumps(
         {"held_out": metrics, "images": len(items), "held_out_images": n_hold,
          "wall_s": round(time.monotonic() - started, 1), "steps_done": len(history),

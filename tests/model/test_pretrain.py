@@ -15,9 +15,12 @@ from cxrtrek.model.build import build_preset, load_pretrained
 from cxrtrek.model.pretrain import (
     BOX_TARGETS,
     CLASS_HEADS,
+    DENSE_KINDS,
     PRESENCE,
+    DenseHead,
     VisionHeads,
     VisionPretrainConfig,
+    dense_targets,
     image_targets,
     pretrain_vision,
 )
@@ -99,3 +102,49 @@ def test_vision_phase_from_the_command_line(phantom_dir: Path, tmp_path: Path,
                  "--phase", "vision", "--model", "tiny", "--steps", "1"])
     err = capsys.readouterr().err
     assert code != EXIT_OK and "truth" in err and "Traceback" not in err
+
+
+def test_dense_targets_mark_the_cell_of_each_box_centre() -> None:
+    boxes = torch.zeros(1, len(BOX_TARGETS), 4)
+    mask = torch.zeros(1, len(BOX_TARGETS))
+    nodule, effusion = BOX_TARGETS.index("nodule"), BOX_TARGETS.index("effusion")
+    boxes[0, nodule] = torch.tensor([0.62, 0.22, 0.70, 0.30])  # centre (0.66, 0.26)
+    boxes[0, effusion] = torch.tensor([0.05, 0.60, 0.45, 0.98])  # centre (0.25, 0.79)
+    mask[0, nodule] = 1.0
+    mask[0, BOX_TARGETS.index("heart")] = 1.0  # not a dense kind
+    obj, target = dense_targets(boxes, mask, grid=5)
+    assert obj.shape == (1, 25, len(DENSE_KINDS))
+    k = DENSE_KINDS.index("nodule")
+    assert obj[0, :, k].nonzero().flatten().tolist() == [1 * 5 + 3]  # row 1, column 3
+    assert torch.allclose(target[0, 8, k], boxes[0, nodule])
+    assert obj[0, :, DENSE_KINDS.index("effusion")].sum() == 0  # its box is masked out
+    assert obj.sum() == 1
+
+
+def test_the_dense_head_trains_and_is_reported_beside_the_flat_heads(
+        phantom_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", str(phantom_dir / "phantoms.json"), str(tmp_path / "d"),
+                 "--phase", "vision", "--model", "tiny", "--steps", "3", "--batch-size", "4",
+                 "--dense-head"]) == EXIT_OK
+    out = tmp_path / "d"
+    metrics = json.loads((out / "vision_metrics.json").read_text())["held_out"]
+    assert "dense" in json.loads((out / "vision_metrics.json").read_text())["history"][-1]
+    assert {f"dense_presence_balanced:{k}" for k in DENSE_KINDS} <= set(metrics)
+    assert all(0.0 <= metrics[f"presence_balanced:{k}"] <= 1.0 for k in PRESENCE
+               if metrics[f"presence_balanced:{k}"] == metrics[f"presence_balanced:{k}"])
+    model, proc = load_pretrained(out, device="cpu")
+    dense = DenseHead(16, int(model.config.image_grid))
+    dense.load_state_dict(torch.load(out / "vision_dense_head.pt", weights_only=True))
+    with torch.no_grad():
+        pred = dense.eval()(model.get_pooled_features(
+            proc.pixel_values([np.random.default_rng(0).random((64, 64))])))
+    cells = int(model.config.image_grid) ** 2
+    assert pred["objectness"].shape == (1, cells, len(DENSE_KINDS))
+    boxes = pred["boxes"]
+    assert boxes.shape == (1, cells, len(DENSE_KINDS), 4)
+    assert bool((boxes[..., 2] > boxes[..., 0]).all() and (boxes[..., 3] > boxes[..., 1]).all())
+    capsys.readouterr()
+    assert main(["train", str(phantom_dir / "phantoms.json"), str(tmp_path / "x"),
+                 "--model", "tiny", "--dense-head"]) != EXIT_OK
+    err = capsys.readouterr().err
+    assert "--dense-head trains a head of --phase vision" in err and "Traceback" not in err
