@@ -2,9 +2,12 @@
 
 The model is asked :data:`~cxrtrek.data.phantoms.DESCRIBE_PROMPT` about each image alone and
 its greedy answer is read back entry by entry (:func:`parse_description`): whether each
-finding kind is present, its side when it is, and the boxes of the heart and the lungs. Each
-figure sits beside a baseline that needs no image: the majority answer for presence (computed
-on the images evaluated, so an upper bound for any constant answer) and the mean box.
+finding kind is present (accuracy, and balanced accuracy: the mean of the recalls of present
+and absent, 0.5 for any constant answer however rare the finding), its side when it is, the
+first box of each present focal finding (IoU >= 0.5) and the boxes of the heart and the lungs
+(IoU >= 0.75). Each figure sits beside a baseline that needs no image: the majority answer
+for presence (computed on the images evaluated, so an upper bound for any constant answer)
+and the mean box.
 
 ``evaluate_descriptions(model_dir, data) -> DescriptionScores``;
 ``benchmarks/eval_describe.py`` prints it.
@@ -26,6 +29,7 @@ __all__ = ["DescriptionScores", "describe_images", "evaluate_descriptions", "par
 _BOX = r"<\|box\|>\(([\d.]+), ([\d.]+)\), \(([\d.]+), ([\d.]+)\)<\|/box\|>"
 _SIDES = ("bilateral", "right", "left")
 _STRUCTURES = {"heart": "heart_box", "right lung": "right_lung_box", "left lung": "left_lung_box"}
+_NO_BOX_KINDS = frozenset({"cardiomegaly", "edema"})  # described by grade, without a box
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,8 @@ class ParsedDescription:
     """Finding kind -> its entry's words (``no`` when absent); kinds not written are missing."""
     boxes: dict[str, list[float]]
     """Large structure (heart, right lung, left lung) -> its box; unwritten ones are missing."""
+    finding_boxes: dict[str, list[float]] = field(default_factory=dict)
+    """Finding kind -> the first box of its entry, when it has one."""
 
 
 def parse_description(text: str) -> ParsedDescription:
@@ -42,17 +48,21 @@ def parse_description(text: str) -> ParsedDescription:
     :func:`~cxrtrek.data.phantoms.describe_image` (missing parts stay missing)."""
     view = re.match(r"\s*(PA|AP) view\.", text)
     entries: dict[str, str] = {}
+    finding_boxes: dict[str, list[float]] = {}
     for kind in SCALES:
         name = NAMES[kind][:1].upper() + NAMES[kind][1:]
         m = re.search(re.escape(name) + r": ([^.<]*)", text)
         if m is not None:
             entries[kind] = m.group(1).strip()
+            box = re.match(r"\s*" + _BOX, text[m.end():])
+            if box is not None:
+                finding_boxes[kind] = [float(v) for v in box.groups()]
     boxes: dict[str, list[float]] = {}
     for name in _STRUCTURES:
         m = re.search(name[:1].upper() + name[1:] + " " + _BOX, text)
         if m is not None:
             boxes[name] = [float(v) for v in m.groups()]
-    return ParsedDescription(view.group(1) if view else None, entries, boxes)
+    return ParsedDescription(view.group(1) if view else None, entries, boxes, finding_boxes)
 
 
 @dataclass
@@ -60,6 +70,11 @@ class DescriptionScores:
     n: int
     presence: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Finding kind -> (model accuracy, majority baseline); an unwritten entry counts wrong."""
+    balanced: dict[str, float] = field(default_factory=dict)
+    """Finding kind -> balanced accuracy of presence (an unwritten entry counts as absent)."""
+    focal_boxes: dict[str, tuple[float, float, int]] = field(default_factory=dict)
+    """Focal finding kind -> its first box at IoU >= 0.5 where present: (model, mean box,
+    how many present)."""
     view: float = 0.0
     side: tuple[float, int] = (0.0, 0)
     """Side named correctly, over the present findings that have one (and how many)."""
@@ -69,13 +84,17 @@ class DescriptionScores:
 
     def markdown(self) -> str:
         lines = [f"Images described: {self.n}.", "",
-                 "| entry | model | baseline |", "|---|---|---|",
-                 f"| view | {self.view:.2f} | - |"]
+                 "| entry | model | baseline | balanced |", "|---|---|---|---|",
+                 f"| view | {self.view:.2f} | - | - |"]
         for kind, (acc, base) in self.presence.items():
-            lines.append(f"| {kind} present | {acc:.2f} | {base:.2f} |")
-        lines.append(f"| side, when present (n={self.side[1]}) | {self.side[0]:.2f} | - |")
+            balanced = self.balanced.get(kind)
+            lines.append(f"| {kind} present | {acc:.2f} | {base:.2f} | "
+                         f"{'-' if balanced is None else f'{balanced:.2f}'} |")
+        lines.append(f"| side, when present (n={self.side[1]}) | {self.side[0]:.2f} | - | - |")
+        for kind, (model, mean, n) in self.focal_boxes.items():
+            lines.append(f"| {kind} box @0.5 (n={n}) | {model:.2f} | {mean:.2f} | - |")
         for name, (model, mean) in self.boxes.items():
-            lines.append(f"| {name} box @0.75 | {model:.2f} | {mean:.2f} |")
+            lines.append(f"| {name} box @0.75 | {model:.2f} | {mean:.2f} | - |")
         return "\n".join(lines)
 
 
@@ -93,6 +112,19 @@ def score_descriptions(truths: Sequence[PhantomTruth], texts: Sequence[str]) -> 
         acc = sum(w and s == t for w, s, t in zip(written, said, truth, strict=True))
         rate = sum(truth) / len(truth)
         out.presence[kind] = (acc / len(truth), max(rate, 1 - rate))
+        recalls = [sum(s == t for s, t in zip(said, truth, strict=True) if t == v)
+                   / sum(t == v for t in truth) for v in (True, False) if v in truth]
+        out.balanced[kind] = sum(recalls) / len(recalls)
+        present = [(p, f.boxes[0]) for p, t in zip(parsed, truths, strict=True)
+                   if (f := t.finding(kind)) is not None and f.boxes
+                   and kind not in _NO_BOX_KINDS]
+        if present:
+            mean_box = [sum(b[i] for _, b in present) / len(present) for i in range(4)]
+            hits = sum(kind in p.finding_boxes and box_iou(p.finding_boxes[kind], b) >= 0.5
+                       for p, b in present)
+            mean_hits = sum(box_iou(mean_box, b) >= 0.5 for _, b in present)
+            out.focal_boxes[kind] = (hits / len(present), mean_hits / len(present),
+                                     len(present))
     out.view = sum(p.view == t.view for p, t in zip(parsed, truths, strict=True)) / len(truths)
     sides = [(f.laterality, p.entries.get(f.kind, "")) for p, t in zip(parsed, truths, strict=True)
              for f in t.findings if f.laterality]

@@ -131,6 +131,10 @@ def test_true_descriptions_score_perfectly_and_blank_ones_score_the_majority(
     assert {k: m for k, (m, _) in perfect.boxes.items()} == {
         "heart": 1.0, "right lung": 1.0, "left lung": 1.0}
     assert all(acc == 1.0 for acc, _ in perfect.presence.values())
+    assert all(b == 1.0 for b in perfect.balanced.values())
+    assert perfect.focal_boxes and all(m == 1.0 and n > 0
+                                       for m, _, n in perfect.focal_boxes.values())
+    assert "cardiomegaly" not in perfect.focal_boxes  # graded, described without a box
     assert perfect.side[1] > 0 and perfect.side[0] == 1.0
     nothing = "PA view. " + " ".join(f"{NAMES[k][:1].upper()}{NAMES[k][1:]}: no."
                                      for k in SCALES)
@@ -139,6 +143,12 @@ def test_true_descriptions_score_perfectly_and_blank_ones_score_the_majority(
         absent = sum(t.finding(kind) is None for t in truths) / len(truths)
         assert acc == pytest.approx(absent) and base == pytest.approx(max(absent, 1 - absent))
     assert all(m == 0.0 for m, _ in blank.boxes.values())
+    # saying "no" to everything is a constant answer: balanced accuracy 0.5 wherever the
+    # finding occurs at all, and no box
+    assert all(b == 0.5 for k, b in blank.balanced.items()
+               if any(t.finding(k) is not None for t in truths))
+    assert all(m == 0.0 for m, _, _ in blank.focal_boxes.values())
+    assert "| balanced |" in perfect.markdown() and "box @0.5 (n=" in perfect.markdown()
     assert blank.side == (0.0, perfect.side[1])
     assert score_descriptions(truths[:1], ["garbled"]).presence["effusion"][0] == 0.0
     with pytest.raises(ValueError, match="one description per truth"):
