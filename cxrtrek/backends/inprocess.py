@@ -117,10 +117,10 @@ class InProcessBackend:
         """Readings describe each image first (the checkpoint was trained for it)."""
         self.constrain_choices = (bool(getattr(model.config, "constrain_choices", False))
                                   if constrain_choices is None else constrain_choices)
-        """Single-choice questions are answered by ranking their options (see the module's
+        """Choice questions are answered by ranking the answers they allow (see the module's
         docstring)."""
         self.ranked = 0
-        """Requests answered by ranking their options."""
+        """Requests answered by ranking their choices."""
         self.cache_size = cache_size
         self.share_prefix = share_prefix
         self.prefix_batches = 0
@@ -178,8 +178,8 @@ class InProcessBackend:
     async def generate(self, requests: Sequence[VLMRequest]) -> list[VLMResponse]:
         """Answer ``requests``. With ``continuous`` (the default), the call joins the
         backend's decode loop: requests of concurrent calls (e.g. several readings) decode in
-        one batch, joining it between tokens as they arrive. Single-choice questions are
-        ranked instead, with ``constrain_choices``."""
+        one batch, joining it between tokens as they arrive. Choice questions are ranked
+        instead, with ``constrain_choices`` (see :meth:`choices`)."""
         ranked, decoded = self._split(requests)
         if not ranked:
             return await self._decode(requests)
@@ -235,7 +235,7 @@ class InProcessBackend:
         return ranked, [i for i in range(len(requests)) if i not in chosen]
 
     def _rank(self, requests: Sequence[VLMRequest]) -> list[VLMResponse]:
-        """Answer single-choice requests by their likeliest option (see the module's
+        """Answer each request with the likeliest of its :meth:`choices` (see the module's
         docstring)."""
         import torch
 
