@@ -196,3 +196,36 @@ def test_structured_outputs_on_the_wire_become_the_requests_choices(image: Image
         {"messages": [message], "structured_outputs": {"choice": [" "]}})
     with pytest.raises(DataError, match="non-empty choice"):
         to_vlm_request(blank, "r")
+
+
+def test_the_setting_reaches_the_backends_and_is_recorded() -> None:
+    from cxrtrek.backends.http import HTTPBackend
+    from cxrtrek.backends.registry import BackendInfo, BackendOptions, load_backend
+
+    on = BackendOptions(constrain_choices=True)
+    tiny = load_backend("inprocess:tiny", options=on)
+    assert isinstance(tiny, InProcessBackend) and tiny.constrain_choices is True
+    assert load_backend("inprocess:tiny").constrain_choices is False  # type: ignore[attr-defined]
+    http = load_backend("http:http://127.0.0.1:9/v1", options=on)
+    assert isinstance(http, HTTPBackend) and http.constrain_choices is True
+    info = BackendInfo.of(tiny, "inprocess:tiny", on)
+    assert info.constrain_choices is True and info.options().constrain_choices is True
+
+
+def test_cxrtrek_run_constrains_choices_when_asked(tmp_path: Path) -> None:
+    from cxrtrek.graph.trace import QuestionRecord, read_trace
+    from cxrtrek.interfaces.cli import EXIT_OK, main
+
+    study = (Path(__file__).resolve().parents[2] / "cxrtrek" / "data" / "studies"
+             / "phantom_with_prior" / "phantoms.json")
+    for flag, expected in (("--constrain-choices", True), ("--no-constrain-choices", None)):
+        home = tmp_path / flag
+        assert main(["run", str(study), "--backend", "inprocess:tiny", "--stages", "1",
+                     "--no-describe", "--home", str(home), flag, "--json"]) == EXIT_OK
+        [trace] = (home / "traces").glob("*.jsonl")
+        records = [r for r in read_trace(trace) if isinstance(r, QuestionRecord)]
+        choice = [r for r in records if r.qtype == "single-choice"]
+        assert choice and all(r.constrained is expected for r in choice)
+        if expected:
+            assert all(r.raw_output.rstrip(".") in {o.rstrip(".") for o in r.options}
+                       for r in choice)
