@@ -5,10 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import shlex
+import signal
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -37,7 +40,7 @@ __all__ = [
     "unparsed_note",
 ]
 
-EXIT_OK, EXIT_FAILED, EXIT_PAUSED, EXIT_INTERRUPTED = 0, 1, 3, 130
+EXIT_OK, EXIT_FAILED, EXIT_PAUSED, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 3, 130, 143
 
 _STUDY_FILE_SUFFIXES = {".json", ".jsonl"}
 _TITLES = {spec.number: spec.title for spec in STAGES}
@@ -199,25 +202,56 @@ def _close(backend: VLMBackend | None) -> None:
         close()
 
 
+def _sigterm_as_ctrl_c(flag: list[bool]) -> Callable[[int, FrameType | None], None]:
+    """A SIGTERM handler (``kill``, a container stopping) that ends the reading the way Ctrl-C
+    does, through the SIGINT handler in place (asyncio's, which cancels the reading's task,
+    or Python's, which raises :class:`KeyboardInterrupt`), and marks ``flag``."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        flag.append(True)
+        on_sigint = signal.getsignal(signal.SIGINT)
+        if callable(on_sigint):
+            on_sigint(signal.SIGINT, frame)
+        else:  # SIGINT ignored or default: no handler to go through
+            raise KeyboardInterrupt
+
+    return handler
+
+
 @contextmanager
 def _interruptible(settings: AgentSettings, running: list[str]) -> Iterator[None]:
-    """Ctrl-C: one line naming the command that continues the run in progress (the last
-    id in ``running``), then :class:`_Interrupted` (exit 130)."""
+    """Ctrl-C or SIGTERM: one line naming the command that continues the run in progress
+    (the last id in ``running``), then :class:`_Interrupted` (exit 130, or 143 for SIGTERM).
+    Either way the caller's ``finally`` still stops the model's threads, and the run keeps
+    every stage it checkpointed."""
+    terminated: list[bool] = []
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c(terminated))
     try:
         yield
     except KeyboardInterrupt:
+        word = "terminated" if terminated else "interrupted"
         err = Console(stderr=True, highlight=False, soft_wrap=True)
         if running:
-            err.print(f"\ninterrupted: run {running[-1]} keeps the stages it completed; "
+            err.print(f"\n{word}: run {running[-1]} keeps the stages it completed; "
                       f"continue it with\n  {resume_command(settings, running[-1])}",
                       markup=False)
         else:
-            err.print("\ninterrupted", markup=False)
-        raise _Interrupted from None
+            err.print(f"\n{word}", markup=False)
+        raise _Interrupted(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 class _Interrupted(Exception):
-    """Ctrl-C, reported (see :func:`_interruptible`)."""
+    """Ctrl-C or SIGTERM, reported (see :func:`_interruptible`); ``code`` is the exit
+    status."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
 
 
 def _finish(store: RunStore, console: Console, report: RunReport, json_out: bool) -> None:
@@ -258,7 +292,8 @@ def cmd_run(paths: Sequence[Path], *, prior: Sequence[Path], indication: str | N
             image_root: Path | None = None, allow_missing_images: bool = False,
             options: BackendOptions | None = None, overlay: Path | None = None) -> int:
     """``cxrtrek run``: read each study, printing stages as they complete, then the report.
-    Exit 3 when a review pause was left unanswered (the run waits), 130 on Ctrl-C."""
+    Exit 3 when a review pause was left unanswered (the run waits), 130 on Ctrl-C, 143 on
+    SIGTERM (both print how to continue the run)."""
     console = Console(stderr=json_out, highlight=False, soft_wrap=True)
     studies = _studies(paths, prior, indication, image_root, allow_missing_images)
     if overlay is not None:  # a folder that cannot be made fails before any run
@@ -293,8 +328,8 @@ def cmd_run(paths: Sequence[Path], *, prior: Sequence[Path], indication: str | N
                 if overlay is not None:
                     _write_overlays(console, study, report, overlay)
                 reports.append(report)
-    except _Interrupted:
-        return EXIT_INTERRUPTED
+    except _Interrupted as exc:
+        return exc.code
     finally:
         _close(shared)
     return _exit_code(reports)
@@ -375,8 +410,8 @@ def cmd_resume(run_id: str, *, backend: str | None, settings: AgentSettings, app
                 report = _until_done(agent, console, _follow(console, agent.stream_resume(
                     run_id, switch_backend=switch_backend)), approve=approve)
             _finish(store, console, report, json_out)
-    except _Interrupted:
-        return EXIT_INTERRUPTED
+    except _Interrupted as exc:
+        return exc.code
     finally:
         _close(model)
     return _exit_code([report])

@@ -24,9 +24,10 @@ REPO = Path(__file__).resolve().parents[2]
 MOMENTS = [(1, 0.0), (1, 0.03), (2, 0.01), (2, 0.05)]
 
 
-def _interrupt(home: Path, after_stages: int, delay_s: float) -> tuple[int, str, str]:
-    """A ``cxrtrek run`` on the demo model, SIGINT ``delay_s`` after its ``after_stages``-th
-    stage line; (exit code, stderr, run id)."""
+def _interrupt(home: Path, after_stages: int, delay_s: float,
+               sig: signal.Signals = signal.SIGINT) -> tuple[int, str, str]:
+    """A ``cxrtrek run`` on the demo model, ``sig`` ``delay_s`` after its
+    ``after_stages``-th stage line; (exit code, stderr, run id)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "cxrtrek", "run", str(PNG), "--backend", "demo",
@@ -47,7 +48,7 @@ def _interrupt(home: Path, after_stages: int, delay_s: float) -> tuple[int, str,
             elif " answered" in line:
                 seen += 1
         time.sleep(delay_s)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:  # pragma: no cover - only when an assertion failed above
@@ -73,3 +74,16 @@ def test_sigint_at_many_moments_of_a_reading_exits_130_with_the_resume_hint(
             home=str(home))).report(run_id)
         assert report.status == "incomplete"
         assert sum(1 for s in report.stages if s.answers) >= after
+
+
+def test_sigterm_mid_reading_exits_143_with_the_resume_hint(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    code, err, run_id = _interrupt(home, 2, 0.02, signal.SIGTERM)
+    assert code == 143, err[-300:]
+    assert f"terminated: run {run_id} keeps the stages it completed" in err
+    assert f"cxrtrek resume {run_id} --home {home}" in err
+    assert "Traceback" not in err and "terminate called" not in err
+    report = CXRTrekAgent(plausible_backend(), settings=AgentSettings(
+        home=str(home))).report(run_id)
+    assert report.status == "incomplete"
+    assert sum(1 for s in report.stages if s.answers) >= 2
