@@ -184,9 +184,9 @@ class InProcessBackend:
         if not ranked:
             return await self._decode(requests)
         out, answers = await asyncio.gather(
-            asyncio.to_thread(self._rank, [requests[i] for i in ranked]),
+            asyncio.to_thread(self._rank, [(requests[i], c) for i, c in ranked.items()]),
             self._decode([requests[i] for i in decoded]))
-        return _merged(len(requests), (ranked, out), (decoded, answers))
+        return _merged(len(requests), (list(ranked), out), (decoded, answers))
 
     def generate_sync(self, requests: Sequence[VLMRequest]) -> list[VLMResponse]:
         """The blocking form of :meth:`generate`, this call's requests only (thread-safe).
@@ -198,7 +198,8 @@ class InProcessBackend:
         ranked, decoded = self._split(requests)
         if not ranked:
             return self._decode_sync(requests)
-        return _merged(len(requests), (ranked, self._rank([requests[i] for i in ranked])),
+        return _merged(len(requests),
+                       (list(ranked), self._rank([(requests[i], c) for i, c in ranked.items()])),
                        (decoded, self._decode_sync([requests[i] for i in decoded])))
 
     def choices(self, request: VLMRequest) -> list[str] | None:
@@ -229,28 +230,28 @@ class InProcessBackend:
         return [", ".join(chosen) + "." for chosen in sets
                 if len(chosen) == 1 or not none.intersection(chosen)]
 
-    def _split(self, requests: Sequence[VLMRequest]) -> tuple[list[int], list[int]]:
-        ranked = [i for i, r in enumerate(requests) if self.choices(r) is not None]
-        chosen = set(ranked)
-        return ranked, [i for i in range(len(requests)) if i not in chosen]
+    def _split(self, requests: Sequence[VLMRequest],
+               ) -> tuple[dict[int, list[str]], list[int]]:
+        """The requests to rank (index -> its :meth:`choices`) and those to decode."""
+        ranked = {i: c for i, r in enumerate(requests) if (c := self.choices(r)) is not None}
+        return ranked, [i for i in range(len(requests)) if i not in ranked]
 
-    def _rank(self, requests: Sequence[VLMRequest]) -> list[VLMResponse]:
-        """Answer each request with the likeliest of its :meth:`choices` (see the module's
+    def _rank(self, asked: Sequence[tuple[VLMRequest, list[str]]]) -> list[VLMResponse]:
+        """Answer each request with the likeliest of its choices (see the module's
         docstring)."""
         import torch
 
-        fitted = [self._encode(r) for r in requests]  # validate them all first
+        fitted = [self._encode(r) for r, _ in asked]  # validate them all first
         out: list[VLMResponse] = []
         image_id = self.model.config.image_token_id
         with self._prefill_lock:
-            for r, f in zip(requests, fitted, strict=True):
+            for (r, answers), f in zip(asked, fitted, strict=True):
                 started = time.perf_counter()
-                answers = self.choices(r) or []
                 ids = f.encoded.input_ids
                 cut = self.processor.context_prefix_length(ids)
                 if cut < 1 or image_id in ids[cut:]:
                     cut = max(i for i, t in enumerate(ids) if t == image_id) + 1
-                tails = [self.processor.encode_answer(f.encoded, a) for a in answers]
+                tails = self.processor.encode_answers(f.encoded, answers)
                 feats, hits = self._image_embeds([r])
                 with torch.inference_mode():  # the question once, then each answer
                     scores = self.model.score_suffixes(

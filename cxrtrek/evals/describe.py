@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cxrtrek.data.phantoms import DESCRIBE_PROMPT, NAMES, SCALES, PhantomTruth, truth_images
+from cxrtrek.data.phantoms.truth import _SEVERITY_KINDS
 from cxrtrek.evals.phantom_eval import box_iou
 
 __all__ = ["DescriptionScores", "describe_images", "evaluate_descriptions", "parse_description",
@@ -29,7 +30,6 @@ __all__ = ["DescriptionScores", "describe_images", "evaluate_descriptions", "par
 _BOX = r"<\|box\|>\(([\d.]+), ([\d.]+)\), \(([\d.]+), ([\d.]+)\)<\|/box\|>"
 _SIDES = ("bilateral", "right", "left")
 _STRUCTURES = {"heart": "heart_box", "right lung": "right_lung_box", "left lung": "left_lung_box"}
-_NO_BOX_KINDS = frozenset({"cardiomegaly", "edema"})  # described by grade, without a box
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def score_descriptions(truths: Sequence[PhantomTruth], texts: Sequence[str]) -> 
         out.balanced[kind] = sum(recalls) / len(recalls)
         present = [(p, f.boxes[0]) for p, t in zip(parsed, truths, strict=True)
                    if (f := t.finding(kind)) is not None and f.boxes
-                   and kind not in _NO_BOX_KINDS]
+                   and kind not in _SEVERITY_KINDS]  # graded: described without a box
         if present:
             mean_box = [sum(b[i] for _, b in present) / len(present) for i in range(4)]
             hits = sum(kind in p.finding_boxes and box_iou(p.finding_boxes[kind], b) >= 0.5

@@ -95,16 +95,20 @@ class CXRTrekNetProcessor:
                            notes=self.notes)
         return dataclasses.replace(self._expand(self.tokenizer.encode(text), None), text=text)
 
-    def encode_answer(self, prompt: Encoded, answer: str) -> list[int]:
-        """The token ids of ``answer`` (and its end token) as they follow ``prompt`` (from
+    def encode_answers(self, prompt: Encoded, answers: Sequence[str]) -> list[list[int]]:
+        """The token ids of each answer (and its end token) as they follow ``prompt`` (from
         :meth:`encode_prompt`) when the two are tokenized as one text, as in training."""
         if prompt.text is None:
-            raise DataError("encode_answer needs a prompt from encode_prompt (with its text)")
+            raise DataError("encode_answers needs a prompt from encode_prompt (with its text)")
         head = self.tokenizer.encode(prompt.text)
-        ids = self.tokenizer.encode(prompt.text + answer_text(answer))
-        if ids[:len(head)] != head or len(ids) == len(head):
-            raise DataError(f"the answer {answer!r} does not tokenize apart from its prompt")
-        return ids[len(head):]
+        tails: list[list[int]] = []
+        for answer in answers:
+            ids = self.tokenizer.encode(prompt.text + answer_text(answer))
+            if ids[:len(head)] != head or len(ids) == len(head):
+                raise DataError(f"the answer {answer!r} does not tokenize apart from its "
+                                "prompt")
+            tails.append(ids[len(head):])
+        return tails
 
     def encode_training(self, turns: Sequence[ContextTurn], *, n_images: int,
                         system: str | None = None,

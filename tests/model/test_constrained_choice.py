@@ -49,7 +49,7 @@ def _full_log_probability(tiny: Tiny, image: ImageRef, request: VLMRequest,
     model, processor = tiny
     prompt = processor.encode_prompt(stage=request.stage or 8, question=request.question,
                                      n_images=1, context=_turns(request))
-    tail = processor.encode_answer(prompt, answer)
+    [tail] = processor.encode_answers(prompt, [answer])
     ids = torch.tensor([prompt.input_ids + tail])
     with torch.inference_mode():
         feats = model.get_image_features(processor.pixel_values([load_image(image)]))
@@ -72,7 +72,7 @@ def test_scores_equal_the_log_probability_of_each_whole_sequence(tiny: Tiny,
     prompt = processor.encode_prompt(stage=3, question=QUESTION, n_images=1,
                                      context=_turns(request))
     answers = [f"{o}." for o in SEVERITY] + ["B. Moderate, C. Severe."]
-    tails = [processor.encode_answer(prompt, a) for a in answers]
+    tails = processor.encode_answers(prompt, answers)
     assert all(t[-1] == processor.tokenizer.end_id for t in tails)
     cut = processor.context_prefix_length(prompt.input_ids)
     ids = prompt.input_ids
