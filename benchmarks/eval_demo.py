@@ -38,13 +38,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--constrain-choices", action=argparse.BooleanOptionalAction,
                         default=None, help="answer single-choice questions by their likeliest "
                         "option (default: as the checkpoint prefers)")
+    parser.add_argument("--dense-head", action=argparse.BooleanOptionalAction, default=None,
+                        help="the dense vision head writes its kinds of each image "
+                        "description (default: whenever the model has one)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     ev = evaluate_phantoms(args.model, args.data, max_studies=args.max_studies,
                            max_closed=args.max_closed, batch_size=args.batch_size,
                            describe=args.describe,
-                           constrain_choices=args.constrain_choices)
+                           constrain_choices=args.constrain_choices,
+                           dense_head=args.dense_head)
     if args.json is not None:
         args.json.write_text(json.dumps(ev.as_dict(), indent=1) + "\n")
     sys.stdout.write(format_markdown(ev))

@@ -118,6 +118,10 @@ class VLMResponse(BaseModel):
     """Whether the answer was constrained to the question's choices (structured outputs):
     None: no constraint was asked; True: asked, and the answer is one of the choices;
     False: asked, but the answer is not one of them (the server ignored the constraint)."""
+    vision_head: list[str] | None = None
+    """An image description's finding kinds whose sentences the vision tower's dense head
+    wrote rather than the language model (a CXRTrekNet with ``dense_head_kinds``); None:
+    the text is all the language model's."""
 
 
 @runtime_checkable

@@ -4,12 +4,17 @@ Run: ``.venv/bin/python scripts/ship_demo_checkpoint.py RUN_DIR [--dest DIR]``. 
 ``config.json``, ``model.safetensors`` (fp16: half the size; ``load_pretrained`` upcasts to
 fp32 on CPU) and the tokenizer; the model card (``MODEL_CARD.md``) is written by hand. The
 config says ``constrain_choices`` (the demo answers choice questions by its likeliest option;
-``--no-constrain-choices`` leaves the run's setting).
+``--no-constrain-choices`` leaves the run's setting). ``--dense-head VISION_DIR/vision_dense_head.pt
+--dense-kinds RULES.json`` attaches the dense head that phase 1 trained beside the tower (the
+phases after it keep the tower frozen, so the head still reads it), with the finding kinds it
+writes in the model's image descriptions and their thresholds (the config's
+``dense_head_kinds``; ``benchmarks/fit_dense_head.py`` writes them).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -29,11 +34,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dest", type=Path, default=DEST)
     parser.add_argument("--constrain-choices", action=argparse.BooleanOptionalAction,
                         default=True, help="set constrain_choices in the shipped config")
+    parser.add_argument("--dense-head", type=Path, metavar="PT",
+                        help="phase 1's vision_dense_head.pt, trained on this model's tower")
+    parser.add_argument("--dense-kinds", type=Path, metavar="JSON",
+                        help="the finding kinds the dense head writes and their thresholds, "
+                        "{kind: [alone, confirm]} (with --dense-head)")
     args = parser.parse_args(argv)
+    if (args.dense_head is None) != (args.dense_kinds is None):
+        parser.error("--dense-head and --dense-kinds go together")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model, processor = load_pretrained(args.run_dir, device="cpu", dtype="float32")
     if args.constrain_choices:
         model.config.constrain_choices = True
+    if args.dense_head is not None:
+        state = torch.load(args.dense_head, map_location="cpu", weights_only=True)
+        model.attach_dense_head(state, json.loads(args.dense_kinds.read_text()))
     torch.nn.Module.to(model, torch.float16)  # in place
     save_pretrained(model, processor, args.dest)
     size = sum(p.stat().st_size for p in args.dest.iterdir() if p.is_file())

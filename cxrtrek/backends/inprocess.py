@@ -28,6 +28,18 @@ Yes/no questions are decoded: CXRTrek's answers to them often go on after the "Y
 The prompt and its images are processed once (the part before the question through the prefix
 cache); then the answers, packed eight to a row.
 
+*The dense head's sentences.* A CXRTrekNet whose config names ``dense_head_kinds`` carries
+its vision tower's dense per-cell head (trained in phase 1 beside the tower). With
+``dense_head`` (on by default for such a model), the answer to an image-description request
+(:data:`~cxrtrek.prompts.DESCRIBE_QUESTION`, one image, no context: the first step of a
+describe-then-answer reading) has those kinds' sentences written from the head's reading of
+the image, and the response names them (``vision_head``). A kind is present when the head's
+objectness logit at its likeliest cell is above the kind's ``alone`` threshold, or above its
+``confirm`` threshold where the language model wrote it present; side, zone, size and box
+then follow from the head's box
+(:func:`~cxrtrek.data.phantoms.questions.revise_description`). The head reads small findings
+that the language model, trained on the same visual tokens, misses.
+
 *Free questions.* CXRTrekNet's chat starts every user turn with a stage token, and a request
 may come without a stage (a plain OpenAI request to ``cxrtrek serve``, or a context pair of
 one). Such a question is rendered at :data:`FREE_QUESTION_STAGE`, stage 8, always: it is the
@@ -57,8 +69,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cxrtrek.errors import BackendError, DataError
-from cxrtrek.prompts import is_description_question
+from cxrtrek.errors import BackendError, ConfigError, DataError
+from cxrtrek.prompts import DESCRIBE_QUESTION, is_description_question
 from cxrtrek.protocol import VLMRequest, VLMResponse
 from cxrtrek.schema import ImageRef
 
@@ -100,7 +112,8 @@ class InProcessBackend:
                  processor: CXRTrekNetProcessor, *, model_id: str | None = None,
                  max_batch_size: int = 8, cache_size: int = 256,
                  share_prefix: bool = True, prefix_cache_size: int = 16,
-                 continuous: bool = True, constrain_choices: bool | None = None) -> None:
+                 continuous: bool = True, constrain_choices: bool | None = None,
+                 dense_head: bool | None = None) -> None:
         if max_batch_size < 1:
             raise DataError(f"max_batch_size must be at least 1; got {max_batch_size}")
         if cache_size < 0:
@@ -119,6 +132,13 @@ class InProcessBackend:
                                   if constrain_choices is None else constrain_choices)
         """Choice questions are answered by ranking the answers they allow (see the module's
         docstring)."""
+        has_head = getattr(model, "dense_head", None) is not None
+        if dense_head and not has_head:
+            raise ConfigError("dense_head: this CXRTrekNet has none (its config names no "
+                              "dense_head_kinds)")
+        self.dense_head = has_head if dense_head is None else dense_head
+        """Image descriptions have the dense head's kinds written from its reading (see the
+        module's docstring)."""
         self.ranked = 0
         """Requests answered by ranking their choices."""
         self.cache_size = cache_size
@@ -150,7 +170,8 @@ class InProcessBackend:
              model_id: str | None = None, max_batch_size: int = 8,
              cache_size: int = 256, share_prefix: bool = True,
              prefix_cache_size: int = 16, continuous: bool = True,
-             constrain_choices: bool | None = None) -> InProcessBackend:
+             constrain_choices: bool | None = None,
+             dense_head: bool | None = None) -> InProcessBackend:
         """Load a saved CXRTrekNet folder (device and dtype automatic unless given)."""
         from cxrtrek.model.build import load_pretrained
 
@@ -158,7 +179,8 @@ class InProcessBackend:
         return cls(model, processor, model_id=model_id or Path(folder).name,
                    max_batch_size=max_batch_size, cache_size=cache_size,
                    share_prefix=share_prefix, prefix_cache_size=prefix_cache_size,
-                   continuous=continuous, constrain_choices=constrain_choices)
+                   continuous=continuous, constrain_choices=constrain_choices,
+                   dense_head=dense_head)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the decode loop's threads (calls still waiting end with a
@@ -182,11 +204,15 @@ class InProcessBackend:
         instead, with ``constrain_choices`` (see :meth:`choices`)."""
         ranked, decoded = self._split(requests)
         if not ranked:
-            return await self._decode(requests)
-        out, answers = await asyncio.gather(
-            asyncio.to_thread(self._rank, [(requests[i], c) for i, c in ranked.items()]),
-            self._decode([requests[i] for i in decoded]))
-        return _merged(len(requests), (list(ranked), out), (decoded, answers))
+            responses = await self._decode(requests)
+        else:
+            out, answers = await asyncio.gather(
+                asyncio.to_thread(self._rank, [(requests[i], c) for i, c in ranked.items()]),
+                self._decode([requests[i] for i in decoded]))
+            responses = _merged(len(requests), (list(ranked), out), (decoded, answers))
+        if self.dense_head and any(map(_describes, requests)):
+            return await asyncio.to_thread(self._revised, requests, responses)
+        return responses
 
     def generate_sync(self, requests: Sequence[VLMRequest]) -> list[VLMResponse]:
         """The blocking form of :meth:`generate`, this call's requests only (thread-safe).
@@ -197,10 +223,13 @@ class InProcessBackend:
         """
         ranked, decoded = self._split(requests)
         if not ranked:
-            return self._decode_sync(requests)
-        return _merged(len(requests),
-                       (list(ranked), self._rank([(requests[i], c) for i, c in ranked.items()])),
-                       (decoded, self._decode_sync([requests[i] for i in decoded])))
+            responses = self._decode_sync(requests)
+        else:
+            responses = _merged(
+                len(requests),
+                (list(ranked), self._rank([(requests[i], c) for i, c in ranked.items()])),
+                (decoded, self._decode_sync([requests[i] for i in decoded])))
+        return self._revised(requests, responses) if self.dense_head else responses
 
     def choices(self, request: VLMRequest) -> list[str] | None:
         """The answers ``request`` is ranked among, as CXRTrek writes them: a single choice's
@@ -267,6 +296,32 @@ class InProcessBackend:
                     latency_s=time.perf_counter() - started, cache_hits=hits[0],
                     context_used=None if f.context_used == len(r.context) else f.context_used,
                     prompt=f.encoded.text, dialect="cxrtrek", constrained=True))
+        return out
+
+    def _revised(self, requests: Sequence[VLMRequest],
+                 responses: list[VLMResponse]) -> list[VLMResponse]:
+        """``responses`` with each image description's dense-head kinds written from the
+        head's reading of its image (see the module's docstring)."""
+        from cxrtrek.data.phantoms.questions import revise_description, says_present
+        from cxrtrek.model.images import load_image
+
+        todo = [i for i, r in enumerate(requests) if _describes(r)]
+        if not todo:
+            return responses
+        pixels = self.processor.pixel_values([load_image(requests[i].images[0]) for i in todo])
+        found = self.model.find_focal(pixels)
+        rules = self.model.config.dense_head_kinds or {}
+        out = list(responses)
+        for i, seen in zip(todo, found, strict=True):
+            decided: dict[str, list[float] | None] = {}
+            for kind, (logit, box) in seen.items():
+                said = says_present(out[i].text, kind)
+                if said is not None:  # (a description without the kind's sentence: kept)
+                    alone, confirm = rules[kind]
+                    decided[kind] = box if logit > (confirm if said else alone) else None
+            text, kinds = revise_description(out[i].text, decided,
+                                             image_size=int(self.model.config.image_size))
+            out[i] = out[i].model_copy(update={"text": text, "vision_head": kinds})
         return out
 
     async def _decode(self, requests: Sequence[VLMRequest]) -> list[VLMResponse]:
@@ -487,6 +542,13 @@ class InProcessBackend:
 
 _Admitted = tuple["Prefilled", list[tuple["_Call", int]], list[int], list["Decoding"]]
 """Prefilled rows ready to join a batch: the rows, their tags, token budgets, decoding."""
+
+
+def _describes(request: VLMRequest) -> bool:
+    """Whether ``request`` asks for one image's description (the first step of a
+    describe-then-answer reading): the description question, one image, no context."""
+    return (request.question == DESCRIBE_QUESTION and len(request.images) == 1
+            and not request.context)
 
 
 def _merged(n: int, *parts: tuple[Sequence[int], Sequence[VLMResponse]],

@@ -126,6 +126,10 @@ class BackendOptions:
     ranks a choice question's options by likelihood; an ``http:`` backend asks the server to
     constrain decoding (vLLM's structured outputs). None: the model's own preference
     (``constrain_choices`` in a CXRTrekNet config), off for ``http:``."""
+    dense_head: bool | None = None
+    """An in-process CXRTrekNet with a dense vision head writes its kinds' sentences of each
+    image description from the head (see :mod:`cxrtrek.backends.inprocess`). None: whenever
+    the model has one."""
 
 
 class BackendInfo(BaseModel):
@@ -143,6 +147,7 @@ class BackendInfo(BaseModel):
     device: str | None = None
     dtype: str | None = None
     constrain_choices: bool | None = None
+    dense_head: bool | None = None
 
     @classmethod
     def of(cls, backend: VLMBackend, spec: str | None = None,
@@ -150,15 +155,17 @@ class BackendInfo(BaseModel):
         options = options or BackendOptions()
         return cls(spec=spec.strip() if spec else None, model_id=backend.model_id,
                    dialect=options.dialect, device=_auto(options.device),
-                   dtype=_auto(options.dtype), constrain_choices=options.constrain_choices)
+                   dtype=_auto(options.dtype), constrain_choices=options.constrain_choices,
+                   dense_head=options.dense_head)
 
     def options(self, base: BackendOptions | None = None) -> BackendOptions:
-        """``base`` (default options) with this run's dialect, device, dtype and choice
-        constraint."""
+        """``base`` (default options) with this run's dialect, device, dtype, choice
+        constraint and dense head."""
         from dataclasses import replace
 
         return replace(base or BackendOptions(), dialect=self.dialect, device=self.device,
-                       dtype=self.dtype, constrain_choices=self.constrain_choices)
+                       dtype=self.dtype, constrain_choices=self.constrain_choices,
+                       dense_head=self.dense_head)
 
     def same_backend(self, other: BackendInfo) -> bool:
         """Whether ``other`` answers as this one does: the same spec and dialect (the model
@@ -198,7 +205,7 @@ def _inprocess(target: str, options: BackendOptions, model_id: str | None = None
             target, device=device, dtype=dtype, model_id=model_id,
             max_batch_size=options.max_batch_size, cache_size=options.cache_size,
             prefix_cache_size=options.prefix_cache_size,
-            constrain_choices=options.constrain_choices)
+            constrain_choices=options.constrain_choices, dense_head=options.dense_head)
     if target in ("tiny", "demo"):
         import torch
 
@@ -211,7 +218,8 @@ def _inprocess(target: str, options: BackendOptions, model_id: str | None = None
                                 max_batch_size=options.max_batch_size,
                                 cache_size=options.cache_size,
                                 prefix_cache_size=options.prefix_cache_size,
-                                constrain_choices=options.constrain_choices)
+                                constrain_choices=options.constrain_choices,
+                                dense_head=options.dense_head)
     raise ConfigError(f"inprocess backend: {target!r} is not a model folder (nor the preset "
                       "tiny or demo, random weights)")
 

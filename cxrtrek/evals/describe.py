@@ -141,16 +141,18 @@ def score_descriptions(truths: Sequence[PhantomTruth], texts: Sequence[str]) -> 
 
 
 def describe_images(model_dir: str | Path, paths: Sequence[Path], *, batch_size: int = 32,
-                    progress: bool = False) -> list[str]:
+                    progress: bool = False, dense_head: bool | None = None) -> list[str]:
     """The model's greedy description of each image, asked alone
-    (:data:`~cxrtrek.data.phantoms.DESCRIBE_PROMPT`), in order."""
+    (:data:`~cxrtrek.data.phantoms.DESCRIBE_PROMPT`), in order; ``dense_head``: the dense
+    head's kinds written from it (None: whenever the model has one; see
+    :class:`~cxrtrek.backends.inprocess.InProcessBackend`)."""
     from cxrtrek._progress import progress_bar
     from cxrtrek.backends.inprocess import InProcessBackend
     from cxrtrek.protocol import VLMRequest
     from cxrtrek.schema import ImageRef
 
     backend = InProcessBackend.load(model_dir, device="cpu", dtype="float32",
-                                    max_batch_size=batch_size)
+                                    max_batch_size=batch_size, dense_head=dense_head)
     requests = [VLMRequest(request_id=str(i), stage=2, question=DESCRIBE_PROMPT,
                            images=[ImageRef(path=str(path))], max_new_tokens=320)
                 for i, path in enumerate(paths)]
@@ -168,14 +170,17 @@ def describe_images(model_dir: str | Path, paths: Sequence[Path], *, batch_size:
 
 
 def evaluate_descriptions(model_dir: str | Path, data: str | Path, *,
-                          max_images: int | None = 64, batch_size: int = 32) -> DescriptionScores:
+                          max_images: int | None = 64, batch_size: int = 32,
+                          dense_head: bool | None = None) -> DescriptionScores:
     """Describe the first ``max_images`` images of a phantom dataset (priors included, in the
-    order of its truth file) with greedy decoding, and score the descriptions."""
+    order of its truth file) with greedy decoding, and score the descriptions (``dense_head``
+    as :func:`describe_images`)."""
     import time
 
     started = time.monotonic()
     items = truth_images(Path(data))[:max_images]
-    texts = describe_images(model_dir, [path for path, _ in items], batch_size=batch_size)
+    texts = describe_images(model_dir, [path for path, _ in items], batch_size=batch_size,
+                            dense_head=dense_head)
     scores = score_descriptions([t for _, t in items], texts)
     scores.seconds = time.monotonic() - started
     return scores

@@ -212,14 +212,17 @@ def _det_targets(t: dict[str, Any]) -> list[tuple[str, list[list[float]]]]:
 def evaluate_phantoms(model_dir: str | Path, data: str | Path, *, max_studies: int | None = None,
                       max_closed: int | None = None, batch_size: int = 32,
                       progress: bool = True, describe: bool | None = None,
-                      constrain_choices: bool | None = None) -> PhantomEval:
+                      constrain_choices: bool | None = None,
+                      dense_head: bool | None = None) -> PhantomEval:
     """Evaluate the model folder on a phantom dataset (``phantoms.json`` with ``truth.jsonl``).
 
     ``describe``: ask every question by describe-then-answer, as a reading does (the model
     first describes each image alone; each question then sees its images' descriptions);
     None: as the checkpoint prefers (its config's ``describe_first``). ``constrain_choices``:
     answer single-choice questions by their likeliest option (see
-    :class:`~cxrtrek.backends.inprocess.InProcessBackend`); None: as the checkpoint prefers."""
+    :class:`~cxrtrek.backends.inprocess.InProcessBackend`); None: as the checkpoint prefers.
+    ``dense_head``: a model's dense head writes its kinds of each image description (same
+    class); None: whenever the model has one."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from cxrtrek.backends.inprocess import InProcessBackend
@@ -232,7 +235,8 @@ def evaluate_phantoms(model_dir: str | Path, data: str | Path, *, max_studies: i
     truths = _load_truth(path)
     backend = InProcessBackend.load(model_dir, device="cpu", dtype="float32",
                                     max_batch_size=batch_size,
-                                    constrain_choices=constrain_choices)
+                                    constrain_choices=constrain_choices,
+                                    dense_head=dense_head)
 
     requests, meta = build_requests(studies, truths, max_closed=max_closed)
     if describe is None:

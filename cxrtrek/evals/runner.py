@@ -134,6 +134,10 @@ class EvalConfig(BaseModel):
     """Answer choice questions with one of their options
     (:attr:`~cxrtrek.backends.registry.BackendOptions.constrain_choices`); None: as the
     backend prefers."""
+    dense_head: bool | None = None
+    """An in-process model's dense head writes its kinds of each image description
+    (:attr:`~cxrtrek.backends.registry.BackendOptions.dense_head`); None: whenever the model
+    has one."""
     top_k: int | None = Field(default=None, ge=1)
     """Context items of the ``retrieved`` policy (default: the run settings' own)."""
 
@@ -238,12 +242,12 @@ def missing_images(study: Study) -> list[str]:
 def make_backend(spec: str, config: EvalConfig | None = None) -> VLMBackend:
     """The shared model backend of an evaluation: a spec of the one registry
     (:func:`cxrtrek.backends.registry.load_backend`), with the config's device, dtype,
-    dialect and choice constraint."""
+    dialect, choice constraint and dense head."""
     from cxrtrek.backends.registry import BackendOptions, load_backend
 
     options = BackendOptions() if config is None else BackendOptions(
         device=config.device, dtype=config.dtype, dialect=config.dialect,
-        constrain_choices=config.constrain_choices)
+        constrain_choices=config.constrain_choices, dense_head=config.dense_head)
     return load_backend(spec, None, options=options)
 
 

@@ -151,6 +151,9 @@ class QuestionRecord(BaseRecord):
     dialect: str | None = None
     constrained: bool | None = None
     """Whether the answer was constrained to the question's choices (None: not asked)."""
+    vision_head: list[str] | None = None
+    """An image description's finding kinds written by the vision tower's dense head rather
+    than the language model (:attr:`~cxrtrek.protocol.VLMResponse.vision_head`)."""
     images: list[str | None] = Field(default_factory=list)
     context: list[ContextRef] = Field(default_factory=list)
     context_used: int | None = None

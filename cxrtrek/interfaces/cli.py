@@ -141,6 +141,11 @@ ConstrainChoices = Annotated[bool | None, typer.Option(
     help="answer choice questions with one of their options: in process, the likeliest "
          "option (multiple choice: set of options); http: the server's constrained decoding "
          "(default: as the model prefers; the demo checkpoint does)")]
+DenseHeadOpt = Annotated[bool | None, typer.Option(
+    "--dense-head/--no-dense-head",
+    help="in process: a model's dense vision head writes the sentences of its finding kinds "
+         "in each image description (default: whenever the model has one; the demo "
+         "checkpoint does)")]
 Prior = Annotated[list[Path] | None, typer.Option(
     "--prior", metavar="PATH", help="an image (or folder) of the prior study; repeatable")]
 Indication = Annotated[str | None, typer.Option(
@@ -174,11 +179,12 @@ def _agent_settings(*, home: Path | None = None, checkpoint_db: Path | None = No
 
 
 def _backend_options(device: str | None, dtype: str | None, dialect: str | None,
-                     constrain_choices: bool | None = None) -> BackendOptions:
+                     constrain_choices: bool | None = None,
+                     dense_head: bool | None = None) -> BackendOptions:
     from cxrtrek.backends.registry import BackendOptions
 
     return BackendOptions(device=device, dtype=dtype, dialect=dialect,
-                          constrain_choices=constrain_choices)
+                          constrain_choices=constrain_choices, dense_head=dense_head)
 
 
 def _stage_list(value: str | None, option: str) -> tuple[int, ...] | None:
@@ -211,6 +217,7 @@ def run_cmd(
     context: Context = "full",
     describe: Describe = None,
     constrain_choices: ConstrainChoices = None,
+    dense_head: DenseHeadOpt = None,
     stages: Annotated[str | None, typer.Option(
         "--stages", metavar="1,2,8", help="only these stages (default: all that apply)")] = None,
     review_after: Annotated[str | None, typer.Option(
@@ -257,7 +264,8 @@ def run_cmd(
     return cmd_run(paths, prior=prior or [], indication=indication, backend=backend,
                    settings=settings, json_out=json_out, image_root=image_root,
                    allow_missing_images=allow_missing_images,
-                   options=_backend_options(device, dtype, dialect, constrain_choices),
+                   options=_backend_options(device, dtype, dialect, constrain_choices,
+                                            dense_head),
                    overlay=overlay)
 
 
@@ -431,6 +439,7 @@ def chat_cmd(
     context: Context = "full",
     describe: Describe = None,
     constrain_choices: ConstrainChoices = None,
+    dense_head: DenseHeadOpt = None,
     home: Home = None,
     store: Store = None,
 ) -> int:
@@ -445,7 +454,7 @@ def chat_cmd(
 
     settings = _agent_settings(home=home, context=context, store=store, describe=describe)
     return cmd_chat(images, prior or [], indication, backend, settings, review,
-                    _backend_options(device, dtype, dialect, constrain_choices))
+                    _backend_options(device, dtype, dialect, constrain_choices, dense_head))
 
 
 # --- serving -------------------------------------------------------------------------------------
@@ -878,6 +887,7 @@ def eval_cmd(
              "question: none asks it alone, full after reading the earlier stages)")] = "full",
     describe: Describe = None,
     constrain_choices: ConstrainChoices = None,
+    dense_head: DenseHeadOpt = None,
     out: Annotated[Path, typer.Option("--out", metavar="DIR", help="output folder")] = Path(
         "eval-results"),
     allow_missing_images: Annotated[bool, typer.Option(

@@ -56,6 +56,13 @@ class CXRTrekNetConfig(PretrainedConfig):  # type: ignore[no-untyped-call]
     constrain_choices: bool = False
     """Readings answer a choice question by its likeliest option rather than by decoding
     (:class:`~cxrtrek.backends.inprocess.InProcessBackend`'s ``constrain_choices``)."""
+    dense_head_kinds: dict[str, list[float]] | None = None
+    """Focal finding kinds whose sentences in the model's own image descriptions are written
+    from the vision tower's dense per-cell head (presence, then side, zone, size and box from
+    its box), each with two thresholds on the head's objectness logit: ``[alone, confirm]``.
+    The kind is present when the logit is above ``alone``, or above ``confirm`` where the
+    language model's description says present (see
+    :mod:`cxrtrek.backends.inprocess`). None: the model has no dense head."""
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     tie_word_embeddings: bool = True
 

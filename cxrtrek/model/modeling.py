@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,15 +34,21 @@ from cxrtrek.errors import ConfigError, DataError
 from cxrtrek.model.configuration import CXRTrekNetConfig
 
 __all__ = [
+    "DENSE_KINDS",
     "CXRTrekNetForConditionalGeneration",
     "DecodeBatch",
     "Decoding",
+    "DenseHead",
     "Generated",
     "PrefixCache",
     "vision_hidden_size",
 ]
 
 IGNORE_INDEX = -100
+
+DENSE_KINDS = ("effusion", "pneumothorax", "consolidation", "nodule", "mass", "atelectasis",
+               "rib_fracture")
+"""Focal finding kinds of the dense per-cell head (:class:`DenseHead`)."""
 
 
 def vision_hidden_size(config: PretrainedConfig) -> int:
@@ -430,6 +436,33 @@ class DecodeBatch:
         return finished
 
 
+class DenseHead(nn.Module):
+    """Per grid cell and focal kind (:data:`DENSE_KINDS`): an objectness logit (the kind's
+    box centre lies in this cell) and the box, its centre as an offset within the cell and
+    its size as a fraction of the image. Trained in phase 1 of the demo recipe
+    (``cxrtrek train --phase vision --dense-head``) on the pooled grid the LM also reads."""
+
+    def __init__(self, channels: int, grid: int, hidden: int = 128) -> None:
+        super().__init__()
+        self.grid = grid
+        self.kinds = len(DENSE_KINDS)
+        self.net = nn.Sequential(nn.LayerNorm(channels), nn.Linear(channels, hidden), nn.GELU(),
+                                 nn.Linear(hidden, self.kinds * 5))
+
+    def forward(self, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
+        n, cells, _ = pooled.shape
+        out = self.net(pooled).view(n, cells, self.kinds, 5)
+        # each cell's (column, row), made here: a buffer would not survive transformers'
+        # loading, which builds the model without data and fills in the saved weights only
+        rows = torch.arange(self.grid, device=out.device).repeat_interleave(self.grid)
+        cols = torch.arange(self.grid, device=out.device).repeat(self.grid)
+        cell_xy = torch.stack([cols, rows], -1).to(out.dtype)
+        centre = (cell_xy[None, :, None, :] + torch.sigmoid(out[..., 1:3])) / self.grid
+        size = torch.sigmoid(out[..., 3:5])
+        boxes = torch.cat([centre - size / 2, centre + size / 2], -1)
+        return {"objectness": out[..., 0], "boxes": boxes}
+
+
 class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-untyped-call]
     config_class = CXRTrekNetConfig
     config: CXRTrekNetConfig
@@ -447,6 +480,12 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
             config.projector_hidden_act)
         self.language_model = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
             config.text)
+        self.dense_head: DenseHead | None = None
+        """The vision tower's dense per-cell head, with the config's ``dense_head_kinds``: it
+        writes those kinds' sentences of the model's own image descriptions
+        (:meth:`find_focal`; :func:`cxrtrek.data.phantoms.questions.revise_description`)."""
+        if config.dense_head_kinds:
+            self.dense_head = _dense_head_for(config)
         self.post_init()  # type: ignore[no-untyped-call]
         if config.freeze_vision:
             self.freeze_vision(True)
@@ -462,10 +501,51 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
     # --- parts ------------------------------------------------------------------------------
 
     def freeze_vision(self, frozen: bool = True) -> None:
-        """Freeze (or unfreeze) the vision tower; a frozen tower stays in eval mode."""
+        """Freeze (or unfreeze) the vision tower; a frozen tower stays in eval mode. A dense
+        head is frozen with it (it reads the tower's features as they were trained)."""
         self.vision_tower.requires_grad_(not frozen)
+        if self.dense_head is not None:
+            self.dense_head.requires_grad_(not frozen)
         if frozen:
             self.vision_tower.eval()
+
+    def attach_dense_head(self, state: dict[str, torch.Tensor],
+                          kinds: Mapping[str, Sequence[float]]) -> None:
+        """Give the model a trained dense head (``vision_dense_head.pt`` of a phase-1 run
+        with ``--dense-head``, trained on this very tower) that writes the sentences of
+        ``kinds`` (kind -> ``[alone, confirm]`` thresholds, as the config's
+        ``dense_head_kinds``) in its image descriptions; the config records them."""
+        self.config.dense_head_kinds = _dense_kinds(kinds)
+        head = _dense_head_for(self.config)
+        head.load_state_dict(state)
+        param = next(self.vision_tower.parameters())
+        self.dense_head = head.to(device=param.device, dtype=param.dtype)
+        self.freeze_vision(self.vision_frozen)
+
+    def find_focal(self, pixel_values: torch.Tensor,
+                   ) -> list[dict[str, tuple[float, list[float]]]]:
+        """The dense head's reading of each image: for each of the config's
+        ``dense_head_kinds``, the objectness logit of the cell most likely to hold its centre
+        and the box there (percent of the image, ``[x1, y1, x2, y2]``)."""
+        if self.dense_head is None:
+            raise ConfigError("this CXRTrekNet has no dense head (its config names no "
+                              "dense_head_kinds)")
+        kinds = list(self.config.dense_head_kinds or ())
+        with torch.inference_mode():
+            pred = self.dense_head(self.get_pooled_features(pixel_values).to(
+                next(self.dense_head.parameters()).dtype))
+        objectness = pred["objectness"].float()  # (N, cells, kinds)
+        boxes = pred["boxes"].float()
+        out: list[dict[str, tuple[float, list[float]]]] = []
+        for n in range(len(objectness)):
+            found: dict[str, tuple[float, list[float]]] = {}
+            for kind in kinds:
+                k = DENSE_KINDS.index(kind)
+                best = int(objectness[n, :, k].argmax())
+                found[kind] = (float(objectness[n, best, k]),
+                               [round(100.0 * float(v), 2) for v in boxes[n, best, k].clamp(0, 1)])
+            out.append(found)
+        return out
 
     @property
     def vision_frozen(self) -> bool:
@@ -839,3 +919,23 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
             keep = sorted_p.cumsum(-1) - sorted_p < decoding.top_p
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
         return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def _dense_kinds(kinds: Mapping[str, Sequence[float]]) -> dict[str, list[float]]:
+    """The config's ``dense_head_kinds``, checked."""
+    unknown = [k for k in kinds if k not in DENSE_KINDS]
+    if unknown or not kinds:
+        raise ConfigError(f"dense head kinds: expected some of {', '.join(DENSE_KINDS)}; got "
+                          f"{', '.join(kinds) or 'none'}")
+    out: dict[str, list[float]] = {}
+    for kind, pair in kinds.items():
+        if len(pair) != 2:
+            raise ConfigError(f"dense head kind {kind}: expected two thresholds [alone, "
+                              f"confirm]; got {list(pair)}")
+        out[kind] = [float(v) for v in pair]
+    return out
+
+
+def _dense_head_for(config: CXRTrekNetConfig) -> DenseHead:
+    _dense_kinds(config.dense_head_kinds or {})
+    return DenseHead(vision_hidden_size(config.vision), int(config.image_grid))

@@ -11,8 +11,11 @@ of the tower's last feature map, flattened), so whatever the heads can read is t
 projector and the LM. With ``dense_head``, a second head reads each grid cell alone: for every
 focal finding kind, whether the box's centre lies in that cell, and the box relative to the
 cell (as one-stage detectors do), so that a small finding must be visible in the one visual
-token that holds it rather than anywhere in the flattened grid. The heads are thrown away;
-the trained tower is saved inside a full CXRTrekNet folder (random projector and LM) that
+token that holds it rather than anywhere in the flattened grid. The heads are saved beside the
+model (``vision_heads.pt``, ``vision_dense_head.pt``), not in it; the dense head can later be
+attached to a model trained on from this tower
+(:meth:`~cxrtrek.model.modeling.CXRTrekNetForConditionalGeneration.attach_dense_head`). The
+trained tower is saved inside a full CXRTrekNet folder (random projector and LM) that
 phase 2 (:func:`cxrtrek.model.train.train` with ``model=<that folder>``) starts from, with the
 tower frozen.
 
@@ -39,7 +42,12 @@ from torch import nn
 
 from cxrtrek._progress import progress_bar
 from cxrtrek.model.build import build_preset, load_pretrained, save_pretrained
-from cxrtrek.model.modeling import CXRTrekNetForConditionalGeneration, vision_hidden_size
+from cxrtrek.model.modeling import (
+    DENSE_KINDS,
+    CXRTrekNetForConditionalGeneration,
+    DenseHead,
+    vision_hidden_size,
+)
 
 __all__ = [
     "BOX_TARGETS",
@@ -88,10 +96,6 @@ BOX_TARGETS = ("heart", "right_lung", "left_lung", "effusion", "pneumothorax", "
                "nodule", "mass", "atelectasis", "rib_fracture", "endotracheal_tube",
                "central_line")
 """Box regression targets (fractions 0-1; ignored where absent)."""
-
-DENSE_KINDS = ("effusion", "pneumothorax", "consolidation", "nodule", "mass", "atelectasis",
-               "rib_fracture")
-"""Focal finding kinds of the dense per-cell head (``dense_head``)."""
 
 IGNORE = -100
 
@@ -246,31 +250,6 @@ def _losses(pred: dict[str, Any], batch: dict[str, torch.Tensor],
     total = presence + cls / len(pred["classes"]) * 4 + box_weight * box + 0.1 * ctr
     return total, {"presence": float(presence.detach()), "classes": float(cls.detach()),
                    "box": float(box.detach())}
-
-
-class DenseHead(nn.Module):
-    """Per grid cell and focal kind: an objectness logit (the kind's box centre lies in this
-    cell) and the box, its centre as an offset within the cell and its size as a fraction of
-    the image."""
-
-    def __init__(self, channels: int, grid: int, hidden: int = 128) -> None:
-        super().__init__()
-        self.grid = grid
-        self.kinds = len(DENSE_KINDS)
-        self.net = nn.Sequential(nn.LayerNorm(channels), nn.Linear(channels, hidden), nn.GELU(),
-                                 nn.Linear(hidden, self.kinds * 5))
-        rows = torch.arange(grid).repeat_interleave(grid)
-        cols = torch.arange(grid).repeat(grid)
-        self.register_buffer("cell_xy", torch.stack([cols, rows], -1).float(), persistent=False)
-
-    def forward(self, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
-        n, cells, _ = pooled.shape
-        out = self.net(pooled).view(n, cells, self.kinds, 5)
-        cell_xy: torch.Tensor = self.cell_xy  # type: ignore[assignment]
-        centre = (cell_xy[None, :, None, :] + torch.sigmoid(out[..., 1:3])) / self.grid
-        size = torch.sigmoid(out[..., 3:5])
-        boxes = torch.cat([centre - size / 2, centre + size / 2], -1)
-        return {"objectness": out[..., 0], "boxes": boxes}
 
 
 def dense_targets(boxes: torch.Tensor, box_mask: torch.Tensor,

@@ -4,7 +4,8 @@ answer is true by construction), and the canonical image description
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +72,78 @@ def describe_image(t: PhantomTruth) -> str:
     parts.append(f"Right lung {_box_tag(t.right_lung_box)}.")
     parts.append(f"Left lung {_box_tag(t.left_lung_box)}.")
     return " ".join(parts)
+
+
+_AREA_SIZES: dict[str, tuple[float, ...]] = {
+    "effusion": (331.0, 705.0), "consolidation": (154.0, 234.0), "nodule": (31.3,),
+    "mass": (99.5,), "atelectasis": (65.7,),
+}
+"""Box area (percent of the image, squared) at which a focal finding's next size begins.
+Fitted on the true boxes of 6,360 training images (``cxrtrek phantoms --n 4000 --seed 0
+--size 160``), where they give the true size of 99 % of each kind; a pneumothorax's box does
+not tell its size (37 %)."""
+_FIXED_ZONES = {"effusion": "lower", "pneumothorax": "upper"}
+_LUNGS = {"right": [13.0, 12.5, 46.5, 67.5], "left": [53.5, 12.5, 87.0, 69.0]}
+"""Typical lung boxes, for a description that gives none."""
+_BOX_NUMBERS = re.compile(r"\(([\d.]+), ([\d.]+)\), \(([\d.]+), ([\d.]+)\)")
+
+
+def _sentence(name: str) -> re.Pattern[str]:
+    """One sentence of a description (its text up to the full stop that ends it)."""
+    return re.compile(rf"(?<![A-Za-z]){re.escape(name)}:? (.*?)\.(?=\s+[A-Z]|\s*$)")
+
+
+def says_present(text: str, kind: str) -> bool | None:
+    """Whether a :func:`describe_image` description says the finding ``kind`` is present;
+    None when it has no sentence for it."""
+    m = _sentence(_CAP_NAMES[kind]).search(text)
+    return None if m is None else m.group(1).strip() != "no"
+
+
+def revise_description(text: str, found: Mapping[str, Sequence[float] | None], *,
+                       image_size: int = 160) -> tuple[str, list[str]]:
+    """``text`` (a :func:`describe_image` description, the model's own) with the sentences
+    of the focal kinds in ``found`` written from a detector's reading: None when it found no
+    such finding (``Pulmonary nodule: no.``), else its box (percent of the image), from which
+    the side (which half of the image), the zone (which third of that lung's height, from the
+    lung box the description gives) and the size (:data:`_AREA_SIZES`; else the grade the
+    description wrote, or the middle one) follow. Boxes are written on the image's pixel grid,
+    as the descriptions write them. Returns the text and the kinds whose sentence was
+    written (a kind whose sentence the text lacks is left alone)."""
+    lungs = dict(_LUNGS)
+    for side in ("right", "left"):
+        m = _sentence(f"{side.capitalize()} lung").search(text)
+        numbers = _BOX_NUMBERS.search(m.group(1)) if m else None
+        if numbers:
+            lungs[side] = [float(v) for v in numbers.groups()]
+    step = 100.0 / image_size
+    written: list[str] = []
+    for kind, box in found.items():
+        pattern = _sentence(_CAP_NAMES[kind])
+        m = pattern.search(text)
+        if m is None:
+            continue
+        if box is None:
+            sentence = f"{_CAP_NAMES[kind]}: no."
+        else:
+            b = [round(round(v / step) * step, 2) for v in box]
+            side = "right" if (b[0] + b[2]) / 2 < 50 else "left"
+            lung = lungs[side]
+            height = (((b[1] + b[3]) / 2 - lung[1]) / max(lung[3] - lung[1], 1e-6))
+            zone = _FIXED_ZONES.get(kind) or ("upper" if height < 0.37 else
+                                               "middle" if height < 0.63 else "lower")
+            scale = SCALES.get(kind, ())
+            if kind in _AREA_SIZES:
+                area = (b[2] - b[0]) * (b[3] - b[1])
+                size = scale[sum(area >= t for t in _AREA_SIZES[kind])]
+            else:
+                said = [w for w in m.group(1).split() if w in scale]
+                size = said[0] if said else (scale[len(scale) // 2] if scale else "")
+            words = " ".join(w for w in (side, zone, size) if w)
+            sentence = f"{_CAP_NAMES[kind]}: {words} {_box_tag(b)}."
+        text = text[:m.start()] + sentence + text[m.end():]
+        written.append(kind)
+    return text, written
 
 
 def _det_answer(target: str, boxes: Sequence[Sequence[float]]) -> str:
