@@ -270,17 +270,16 @@ class InProcessBackend:
         docstring)."""
         import torch
 
-        fitted = [self._encode(r) for r, _ in asked]  # validate them all first
+        fitted = [self._fit_ranked(r, c) for r, c in asked]  # validate them all first
         out: list[VLMResponse] = []
         image_id = self.model.config.image_token_id
         with self._prefill_lock:
-            for (r, answers), f in zip(asked, fitted, strict=True):
+            for (r, answers), (f, tails) in zip(asked, fitted, strict=True):
                 started = time.perf_counter()
                 ids = f.encoded.input_ids
                 cut = self.processor.context_prefix_length(ids)
                 if cut < 1 or image_id in ids[cut:]:
                     cut = max(i for i, t in enumerate(ids) if t == image_id) + 1
-                tails = self.processor.encode_answers(f.encoded, answers)
                 feats, hits = self._image_embeds([r])
                 with torch.inference_mode():  # the question once, then each answer
                     scores = self.model.score_suffixes(
@@ -323,6 +322,24 @@ class InProcessBackend:
                                              image_size=int(self.model.config.image_size))
             out[i] = out[i].model_copy(update={"text": text, "vision_head": kinds})
         return out
+
+    def _fit_ranked(self, request: VLMRequest,
+                    answers: Sequence[str]) -> tuple[_Fitted, list[list[int]]]:
+        """A ranked request's prompt, fitted to the window with room for its longest answer
+        (rather than for ``max_new_tokens``), and each answer's tokens after it."""
+        fitted = self._encode(request)
+        tails = self.processor.encode_answers(fitted.encoded, answers)
+        room = max(map(len, tails))
+        limit = self.processor.context_length
+        if len(fitted.encoded) + room > limit:  # drop context for the answers' room
+            fitted = self._encode(request.model_copy(update={"max_new_tokens": room}))
+            tails = self.processor.encode_answers(fitted.encoded, answers)
+            room = max(map(len, tails))
+            if len(fitted.encoded) + room > limit:
+                raise DataError(f"request {request.request_id!r}: the prompt ({len(fitted.encoded)}"
+                                f" tokens) and its longest choice ({room}) do not fit the "
+                                f"model's {limit} tokens")
+        return fitted, tails
 
     async def _decode(self, requests: Sequence[VLMRequest]) -> list[VLMResponse]:
         if not requests:

@@ -229,3 +229,26 @@ def test_cxrtrek_run_constrains_choices_when_asked(tmp_path: Path) -> None:
         if expected:
             assert all(r.raw_output.rstrip(".") in {o.rstrip(".") for o in r.options}
                        for r in choice)
+
+
+def test_a_ranked_prompt_keeps_room_for_its_longest_answer(tiny: Tiny, image: ImageRef) -> None:
+    """Near the window, a ranked question drops context for its answers, as a decoded one
+    does for ``max_new_tokens``: every candidate is scored inside the window."""
+    backend = InProcessBackend(*tiny, constrain_choices=True)
+    options = [f"{'ABCDEF'[k]}. {'A long option about the lung and the heart ' * 3}{k}"
+               for k in range(6)]
+    pairs = [(1 + i // 6, f"Question {i} about the lungs and the heart?",
+              "The answer is a long sentence about effusion, atelectasis and the heart. " * 2)
+             for i in range(36)]
+    request = _single(image, context=pairs, options=options, max_new_tokens=1,
+                      qtype="multi-choice")
+    answers = backend.choices(request)
+    assert answers is not None
+    fitted, tails = backend._fit_ranked(request, answers)
+    limit = tiny[1].context_length
+    assert max(map(len, tails)) > 1  # more room than max_new_tokens asks for
+    assert len(fitted.encoded) + max(map(len, tails)) <= limit
+    assert len(backend._encode(request).encoded) + max(map(len, tails)) > limit
+    [answer] = backend.generate_sync([request])
+    assert answer.constrained and answer.text in answers
+    assert answer.context_used == fitted.context_used
