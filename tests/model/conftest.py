@@ -5,15 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from cxrtrek.model.build import build_preset
 from cxrtrek.model.modeling import CXRTrekNetForConditionalGeneration
 from cxrtrek.model.processing import CXRTrekNetProcessor
 from cxrtrek.model.synthetic import phantom_studies
 from cxrtrek.model.train import TrainConfig, train
-from cxrtrek.schema import Study
+from cxrtrek.schema import ImageRef, Study
 
 # Tiny matrices gain nothing from threads, and a busy 2-core machine loses a lot to them.
 torch.set_num_threads(1)
@@ -24,6 +26,14 @@ Tiny = tuple[CXRTrekNetForConditionalGeneration, CXRTrekNetProcessor]
 @pytest.fixture()
 def tiny() -> Tiny:
     return build_preset("tiny", seed=0)
+
+
+@pytest.fixture()
+def image(tmp_path: Path) -> ImageRef:
+    """One 40 x 40 noise image on disk."""
+    arr = (np.random.default_rng(3).random((40, 40)) * 255).astype(np.uint8)
+    Image.fromarray(arr).save(tmp_path / "cxr.png")
+    return ImageRef(path=str(tmp_path / "cxr.png"))
 
 
 @pytest.fixture(scope="session")

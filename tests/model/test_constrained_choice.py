@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from cxrtrek.backends.inprocess import MAX_RANKED_OPTIONS, InProcessBackend
 from cxrtrek.backends.openai_wire import ChatCompletionRequest, to_vlm_request
@@ -25,13 +24,6 @@ Tiny = tuple[CXRTrekNetForConditionalGeneration, CXRTrekNetProcessor]
 SEVERITY = ["A. Mild", "B. Moderate", "C. Severe"]
 QUESTION = ("What is the severity of the cardiomegaly? Choose the best answer. "
             "A. Mild, B. Moderate or C. Severe.")
-
-
-@pytest.fixture()
-def image(tmp_path: Path) -> ImageRef:
-    arr = (np.random.default_rng(3).random((40, 40)) * 255).astype(np.uint8)
-    Image.fromarray(arr).save(tmp_path / "cxr.png")
-    return ImageRef(path=str(tmp_path / "cxr.png"))
 
 
 def _single(image: ImageRef, rid: str = "q", **fields: object) -> VLMRequest:

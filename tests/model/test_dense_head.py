@@ -5,10 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from cxrtrek.backends.inprocess import InProcessBackend
 from cxrtrek.data.phantoms import describe_image, make_study
@@ -29,13 +27,6 @@ NODULE_FREE = ("PA view. Cardiomegaly: no. Pulmonary edema: no. Pleural effusion
                "Heart <|box|>(38.75, 33.12), (70.62, 55.0)<|/box|>. "
                "Right lung <|box|>(13.75, 13.12), (46.25, 53.12)<|/box|>. "
                "Left lung <|box|>(53.75, 13.12), (86.25, 55.0)<|/box|>.")
-
-
-@pytest.fixture()
-def image(tmp_path: Path) -> ImageRef:
-    arr = (np.random.default_rng(5).random((40, 40)) * 255).astype(np.uint8)
-    Image.fromarray(arr).save(tmp_path / "cxr.png")
-    return ImageRef(path=str(tmp_path / "cxr.png"))
 
 
 def _head(channels: int, grid: int, *, nodule_logit: float) -> dict[str, torch.Tensor]:
