@@ -462,6 +462,16 @@ class DenseHead(nn.Module):
         boxes = torch.cat([centre - size / 2, centre + size / 2], -1)
         return {"objectness": out[..., 0], "boxes": boxes}
 
+    @staticmethod
+    def best_cells(pred: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per image and kind, the objectness of the cell likeliest to hold the kind's box
+        centre (N, kinds), and the box there (N, kinds, 4), from :meth:`forward`'s output."""
+        objectness, boxes = pred["objectness"], pred["boxes"]  # (N, cells, kinds[, 4])
+        best = objectness.argmax(1, keepdim=True)  # (N, 1, kinds)
+        scores = objectness.gather(1, best).squeeze(1)
+        chosen = boxes.gather(1, best.unsqueeze(-1).expand(-1, -1, -1, 4)).squeeze(1)
+        return scores, chosen
+
 
 class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-untyped-call]
     config_class = CXRTrekNetConfig
@@ -534,18 +544,12 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
         with torch.inference_mode():
             pred = self.dense_head(self.get_pooled_features(pixel_values).to(
                 next(self.dense_head.parameters()).dtype))
-        objectness = pred["objectness"].float()  # (N, cells, kinds)
-        boxes = pred["boxes"].float()
-        out: list[dict[str, tuple[float, list[float]]]] = []
-        for n in range(len(objectness)):
-            found: dict[str, tuple[float, list[float]]] = {}
-            for kind in kinds:
-                k = DENSE_KINDS.index(kind)
-                best = int(objectness[n, :, k].argmax())
-                found[kind] = (float(objectness[n, best, k]),
-                               [round(100.0 * float(v), 2) for v in boxes[n, best, k].clamp(0, 1)])
-            out.append(found)
-        return out
+        scores, boxes = (t.float() for t in DenseHead.best_cells(pred))
+        index = [DENSE_KINDS.index(kind) for kind in kinds]
+        return [{kind: (float(scores[n, k]),
+                        [round(100.0 * float(v), 2) for v in boxes[n, k].clamp(0, 1)])
+                 for kind, k in zip(kinds, index, strict=True)}
+                for n in range(len(scores))]
 
     @property
     def vision_frozen(self) -> bool:

@@ -347,18 +347,15 @@ def _heads_report(model: CXRTrekNetForConditionalGeneration, heads: VisionHeads,
             thr = 0.75 if name in ("heart", "right_lung", "left_lung") else 0.5
             out[f"box:{name}@{thr}"] = float((iou[keep, k] >= thr).float().mean())
     if dense_preds:
-        objectness = torch.cat([p["objectness"] for p in dense_preds])  # (N, cells, kinds)
-        dboxes = torch.cat([p["boxes"] for p in dense_preds])
-        best = objectness.argmax(1)  # (N, kinds)
+        scores, chosen = DenseHead.best_cells(
+            {key: torch.cat([p[key] for p in dense_preds]) for key in ("objectness", "boxes")})
         for k, name in enumerate(DENSE_KINDS):
-            found = objectness[:, :, k].max(1).values > 0
             out[f"dense_presence_balanced:{name}"] = _balanced(
-                found, truth[:, PRESENCE.index(name)])
+                scores[:, k] > 0, truth[:, PRESENCE.index(name)])
             target = BOX_TARGETS.index(name)
             keep = targets["box_mask"][:, target] > 0
             if bool(keep.any()):
-                chosen = dboxes[torch.arange(len(best)), best[:, k], k]
-                hit = _box_iou(chosen, targets["boxes"][:, target]) >= 0.5
+                hit = _box_iou(chosen[:, k], targets["boxes"][:, target]) >= 0.5
                 out[f"dense_box:{name}@0.5"] = float(hit[keep].float().mean())
     return out
 
