@@ -6,15 +6,18 @@ The model describes each image as it would alone (its language model only); the 
 kind, its objectness logit at its likeliest cell and the box there. For each kind, every pair
 of thresholds ``[alone, confirm]`` on a grid is tried (present when the logit is above
 ``alone``, or above ``confirm`` where the language model wrote the kind present), and the pair
-with the best presence accuracy is kept (ties: balanced accuracy, then the pair that overrides
-the language model least). A
-kind is written by the head when that rule is at least as accurate as the language model
-alone and the head's box hits (IoU >= 0.5) at least as many present findings as the language
-model's. Prints a table per kind and writes the rules as JSON for
-``scripts/ship_demo_checkpoint.py --dense-kinds``.
+with the best presence score is kept (ties: the other score, then the pair that overrides the
+language model least). The score is accuracy, or with ``--objective balanced`` balanced
+accuracy (the mean of the recalls of present and absent): a missed finding then costs as much
+as a false one however rare the kind, which is how CXRTrek's closed questions weigh them (they
+ask about present findings about as often as absent ones). A kind is written by the head when
+that rule scores at least as well as the language model alone and the head's box hits
+(IoU >= 0.5) at least as many present findings as the language model's. Prints a table per
+kind and writes the rules as JSON for ``scripts/ship_demo_checkpoint.py --dense-kinds``.
 
 Run: ``python benchmarks/fit_dense_head.py --data demo-run/val --model demo-run/notes
---dense-head demo-run/vision/vision_dense_head.pt --out demo-run/dense_kinds.json``
+--dense-head demo-run/vision/vision_dense_head.pt [--objective balanced]
+--out demo-run/dense_kinds.json``
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dense-head", type=Path, required=True,
                         help="phase 1's vision_dense_head.pt (trained on the model's tower)")
     parser.add_argument("--max-images", type=int, default=None, help="the first N images")
+    parser.add_argument("--objective", choices=("accuracy", "balanced"), default="accuracy",
+                        help="the presence score the thresholds maximise")
     parser.add_argument("--out", type=Path, help="write the chosen rules here (JSON)")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
@@ -88,15 +93,20 @@ def main(argv: list[str] | None = None) -> int:
         def accuracy(said: Sequence[bool], truth: list[bool] = truth) -> float:
             return sum(s == t for s, t in zip(said, truth, strict=True)) / len(truth)
 
-        best = max(((accuracy(rule(a, c)), _balanced(rule(a, c), truth), a, -c)
-                    for a, c in itertools.product(ALONE, CONFIRM) if c <= a))
-        acc, bal, alone, confirm = best[0], best[1], best[2], -best[3]
+        def scores(said: Sequence[bool], truth: list[bool] = truth) -> tuple[float, float]:
+            both = (accuracy(said), _balanced(said, truth))
+            return both if args.objective == "accuracy" else (both[1], both[0])
+
+        best = max((*scores(rule(a, c)), a, -c)
+                   for a, c in itertools.product(ALONE, CONFIRM) if c <= a)
+        score, alone, confirm = best[0], best[2], -best[3]
+        acc, bal = accuracy(rule(alone, confirm)), _balanced(rule(alone, confirm), truth)
         present = [(k, f.boxes[0]) for k, t in enumerate(truths)
                    if (f := t.finding(kind)) is not None and f.boxes]
         lm_hits = sum(kind in parsed[k].finding_boxes
                       and box_iou(parsed[k].finding_boxes[kind], b) >= 0.5 for k, b in present)
         head_hits = sum(box_iou(found[k][kind][1], b) >= 0.5 for k, b in present)
-        head = acc >= accuracy(lm) and head_hits >= lm_hits
+        head = score >= scores(lm)[0] and head_hits >= lm_hits
         if head:
             rules[kind] = [alone, confirm]
         majority = max(sum(truth), len(truth) - sum(truth)) / len(truth)
