@@ -41,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dense-head", action=argparse.BooleanOptionalAction, default=None,
                         help="the dense vision head writes its kinds of each image "
                         "description (default: whenever the model has one)")
+    parser.add_argument("--quote-boxes", action=argparse.BooleanOptionalAction, default=None,
+                        help="detection answers take the boxes of the model's own image "
+                        "description (default: as the checkpoint prefers)")
+    parser.add_argument("--free-text-samples", type=int, metavar="N", default=None,
+                        help="choose each report among the greedy one and N samples by "
+                        "agreement with the model's own description (default: as the "
+                        "checkpoint prefers)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
@@ -48,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
                            max_closed=args.max_closed, batch_size=args.batch_size,
                            describe=args.describe,
                            constrain_choices=args.constrain_choices,
-                           dense_head=args.dense_head)
+                           dense_head=args.dense_head, quote_boxes=args.quote_boxes,
+                           free_text_samples=args.free_text_samples)
     if args.json is not None:
         args.json.write_text(json.dumps(ev.as_dict(), indent=1) + "\n")
     sys.stdout.write(format_markdown(ev))

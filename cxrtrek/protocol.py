@@ -122,6 +122,14 @@ class VLMResponse(BaseModel):
     """An image description's finding kinds whose sentences the vision tower's dense head
     wrote rather than the language model (a CXRTrekNet with ``dense_head_kinds``); None:
     the text is all the language model's."""
+    quoted: list[str] | None = None
+    """The targets whose boxes the answer quotes from its image's description (the model's
+    own, written from the image alone) rather than as decoded (a CXRTrekNet backend with
+    ``quote_boxes``); None: none."""
+    candidates: int | None = None
+    """The answer was chosen among this many candidates (the greedy answer and samples) as
+    the one that agrees best with its image's description (a CXRTrekNet backend with
+    ``free_text_samples``); None: decoded once."""
 
 
 @runtime_checkable

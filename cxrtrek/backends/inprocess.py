@@ -40,6 +40,32 @@ then follow from the head's box
 (:func:`~cxrtrek.data.phantoms.questions.revise_description`). The head reads small findings
 that the language model, trained on the same visual tokens, misses.
 
+*Quoted boxes.* With ``quote_boxes`` (by default the model config's ``quote_boxes``), an answer
+that locates a target (``<|ref|> pleural effusion <|/ref|> <|box|>...<|/box|>``), asked after
+its images' descriptions, gets the boxes that the first image's description gives that target
+(:func:`~cxrtrek.prompts.notes.quote_boxes`), and the response names the targets so quoted
+(``quoted``). The model still decides what it locates and whether it answers; the box is the
+one it drew when it described the image from the image alone. A dense-head kind that the
+description boxes nowhere (it judged the finding absent, while the question says it is
+there) gets the head's box at its likeliest cell, and the response names those kinds
+(``vision_head``). The demo checkpoint's descriptions box effusions and nodules far more often
+than its detection answers, which read the same box in their note and write it again, with
+other numbers (its card has both).
+
+*Free text checked against the description.* With ``free_text_samples`` N (by default the model
+config's ``free_text_samples``; 0: off), the greedy answer to a free-text question asked after
+its images' descriptions (not one that asks for a box) is checked against the first image's
+description (:func:`~cxrtrek.prompts.agreement.disagreement`). An answer that names no finding
+against it and leaves none of its findings out is kept (``candidates=1``); otherwise the
+question is sampled N times more (temperature :data:`FREE_TEXT_TEMPERATURE`, seeds 0 to N-1,
+so the answer is reproducible), all of a call's redraws in one batch, and the answer is the
+candidate that agrees best: fewest findings named against the description, then fewest of its
+findings left out, ties to the greedy answer (``candidates=N+1``). Stage 1's questions (the
+film's quality and view) are about no finding and are not checked. Every candidate is the
+model's; the description it is held to is the model's too, written from the image alone. The
+demo checkpoint's small language model composes free text that often names findings its own
+description says are absent (its card has the figures).
+
 *Free questions.* CXRTrekNet's chat starts every user turn with a stage token, and a request
 may come without a stage (a plain OpenAI request to ``cxrtrek serve``, or a context pair of
 one). Such a question is rendered at :data:`FREE_QUESTION_STAGE`, stage 8, always: it is the
@@ -91,6 +117,8 @@ log = logging.getLogger(__name__)
 
 FREE_QUESTION_STAGE = 8
 """The stage token a question without a stage is rendered with (see the module docstring)."""
+FREE_TEXT_TEMPERATURE = 0.8
+"""The sampling temperature of the extra free-text candidates (``free_text_samples``)."""
 MAX_RANKED_OPTIONS = 6
 """A multiple choice of more options is decoded rather than ranked (its sets of options grow
 as 2 ** options)."""
@@ -113,7 +141,8 @@ class InProcessBackend:
                  max_batch_size: int = 8, cache_size: int = 256,
                  share_prefix: bool = True, prefix_cache_size: int = 16,
                  continuous: bool = True, constrain_choices: bool | None = None,
-                 dense_head: bool | None = None) -> None:
+                 dense_head: bool | None = None, quote_boxes: bool | None = None,
+                 free_text_samples: int | None = None) -> None:
         if max_batch_size < 1:
             raise DataError(f"max_batch_size must be at least 1; got {max_batch_size}")
         if cache_size < 0:
@@ -139,6 +168,17 @@ class InProcessBackend:
         self.dense_head = has_head if dense_head is None else dense_head
         """Image descriptions have the dense head's kinds written from its reading (see the
         module's docstring)."""
+        self.quote_boxes = (bool(getattr(model.config, "quote_boxes", False))
+                            if quote_boxes is None else quote_boxes)
+        """Answers that locate a target quote its boxes from the image's description (see the
+        module's docstring)."""
+        samples = (int(getattr(model.config, "free_text_samples", 0) or 0)
+                   if free_text_samples is None else free_text_samples)
+        if samples < 0:
+            raise ConfigError(f"free_text_samples must be 0 (off) or more; got {samples}")
+        self.free_text_samples = samples
+        """Free-text answers are chosen among the greedy one and this many samples by their
+        agreement with the image's description (see the module's docstring)."""
         self.ranked = 0
         """Requests answered by ranking their choices."""
         self.cache_size = cache_size
@@ -171,7 +211,9 @@ class InProcessBackend:
              cache_size: int = 256, share_prefix: bool = True,
              prefix_cache_size: int = 16, continuous: bool = True,
              constrain_choices: bool | None = None,
-             dense_head: bool | None = None) -> InProcessBackend:
+             dense_head: bool | None = None,
+             quote_boxes: bool | None = None,
+             free_text_samples: int | None = None) -> InProcessBackend:
         """Load a saved CXRTrekNet folder (device and dtype automatic unless given)."""
         from cxrtrek.model.build import load_pretrained
 
@@ -180,7 +222,8 @@ class InProcessBackend:
                    max_batch_size=max_batch_size, cache_size=cache_size,
                    share_prefix=share_prefix, prefix_cache_size=prefix_cache_size,
                    continuous=continuous, constrain_choices=constrain_choices,
-                   dense_head=dense_head)
+                   dense_head=dense_head, quote_boxes=quote_boxes,
+                   free_text_samples=free_text_samples)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the decode loop's threads (calls still waiting end with a
@@ -210,8 +253,14 @@ class InProcessBackend:
                 asyncio.to_thread(self._rank, [(requests[i], c) for i, c in ranked.items()]),
                 self._decode([requests[i] for i in decoded]))
             responses = _merged(len(requests), (list(ranked), out), (decoded, answers))
+        redraw = self._redraws(requests, responses)
+        drawn = (await self._decode([s for copies in redraw.values() for s in copies])
+                 if redraw else [])
+        responses = self._chosen(requests, responses, redraw, drawn)
         if self.dense_head and any(map(_describes, requests)):
-            return await asyncio.to_thread(self._revised, requests, responses)
+            responses = await asyncio.to_thread(self._revised, requests, responses)
+        if self.quote_boxes and any("<|ref|>" in r.text for r in responses):
+            return await asyncio.to_thread(self._quoted, requests, responses)
         return responses
 
     def generate_sync(self, requests: Sequence[VLMRequest]) -> list[VLMResponse]:
@@ -229,7 +278,66 @@ class InProcessBackend:
                 len(requests),
                 (list(ranked), self._rank([(requests[i], c) for i, c in ranked.items()])),
                 (decoded, self._decode_sync([requests[i] for i in decoded])))
-        return self._revised(requests, responses) if self.dense_head else responses
+        redraw = self._redraws(requests, responses)
+        drawn = (self._decode_sync([s for copies in redraw.values() for s in copies])
+                 if redraw else [])
+        responses = self._chosen(requests, responses, redraw, drawn)
+        if self.dense_head:
+            responses = self._revised(requests, responses)
+        return self._quoted(requests, responses)
+
+    def checks_free_text(self, request: VLMRequest) -> bool:
+        """Whether ``request``'s answer is held to its image's description (see the module's
+        docstring): ``free_text_samples`` on, a free-text question (type captioning or none)
+        of a stage after the first, asked greedily, after descriptions, not asking for a box,
+        with no choices of its own."""
+        from cxrtrek.prompts.notes import context_descriptions, wants_box
+
+        return (self.free_text_samples > 0 and request.decoding.greedy
+                and request.stage != 1 and request.choices is None
+                and (request.qtype or "captioning").lower() == "captioning"
+                and not _describes(request) and not wants_box(request.question)
+                and bool(context_descriptions(request.context)))
+
+    def _redraws(self, requests: Sequence[VLMRequest], responses: Sequence[VLMResponse],
+                 ) -> dict[int, list[VLMRequest]]:
+        """The sampled copies to draw for each checked request whose greedy answer does not
+        agree with its first image's description (its index -> its copies)."""
+        from cxrtrek.prompts.agreement import disagreement
+        from cxrtrek.prompts.notes import context_descriptions
+        from cxrtrek.protocol import DecodingSettings
+
+        redraw: dict[int, list[VLMRequest]] = {}
+        for i, (r, answer) in enumerate(zip(requests, responses, strict=True)):
+            if (self.checks_free_text(r)
+                    and disagreement(answer.text, context_descriptions(r.context)[0][1])
+                    != (0, 0)):
+                redraw[i] = [r.model_copy(update={
+                    "request_id": f"{r.request_id}#sample{k}",
+                    "decoding": DecodingSettings(temperature=FREE_TEXT_TEMPERATURE, seed=k)})
+                    for k in range(self.free_text_samples)]
+        return redraw
+
+    def _chosen(self, requests: Sequence[VLMRequest], responses: Sequence[VLMResponse],
+                redraw: dict[int, list[VLMRequest]],
+                drawn: Sequence[VLMResponse]) -> list[VLMResponse]:
+        """``responses`` with each redrawn request's answer the candidate (its greedy answer
+        first, then its samples, in ``drawn``'s order) that agrees best with its first image's
+        description; a checked answer that agreed as it was says so (``candidates=1``)."""
+        from cxrtrek.prompts.agreement import disagreement
+        from cxrtrek.prompts.notes import context_descriptions
+
+        out = [r.model_copy(update={"candidates": 1}) if self.checks_free_text(q) else r
+               for q, r in zip(requests, responses, strict=True)]
+        rest = iter(drawn)
+        for i, copies in redraw.items():
+            description = context_descriptions(requests[i].context)[0][1]
+            candidates = [responses[i], *(next(rest) for _ in copies)]
+            best = min(range(len(candidates)),
+                       key=lambda k: (disagreement(candidates[k].text, description), k))
+            out[i] = candidates[best].model_copy(update={
+                "request_id": requests[i].request_id, "candidates": len(candidates)})
+        return out
 
     def choices(self, request: VLMRequest) -> list[str] | None:
         """The answers ``request`` is ranked among, as CXRTrek writes them: a single choice's
@@ -321,6 +429,50 @@ class InProcessBackend:
             text, kinds = revise_description(out[i].text, decided,
                                              image_size=int(self.model.config.image_size))
             out[i] = out[i].model_copy(update={"text": text, "vision_head": kinds})
+        return out
+
+    def _quoted(self, requests: Sequence[VLMRequest],
+                responses: list[VLMResponse]) -> list[VLMResponse]:
+        """``responses`` with the boxes of each target they locate quoted from their first
+        image's description in context, or for a dense-head kind it boxes nowhere, from the
+        head's likeliest cell, with ``quote_boxes`` (see the module's docstring)."""
+        from cxrtrek.prompts.notes import context_descriptions, description_boxes, quote_boxes
+
+        if not self.quote_boxes:
+            return responses
+        todo = {i: described[0][1] for i, (request, response)
+                in enumerate(zip(requests, responses, strict=True))
+                if "<|ref|>" in response.text
+                and (described := context_descriptions(request.context))}
+        if not todo:
+            return responses
+        guessed = self._head_boxes([requests[i] for i in todo])
+        out = list(responses)
+        for (i, description), head in zip(todo.items(), guessed, strict=True):
+            seen = description_boxes(description)
+            text, quoted = quote_boxes(out[i].text, {**head, **seen})
+            if quoted:
+                from_head = [t for t in quoted if t in head and t not in seen]
+                out[i] = out[i].model_copy(update={"text": text, "quoted": quoted,
+                                                   "vision_head": from_head or None})
+        return out
+
+    def _head_boxes(self, requests: Sequence[VLMRequest]) -> list[dict[str, list[str]]]:
+        """For each request, the box of each dense-head kind at the head's likeliest cell of
+        its first image (by the kind's name, written as descriptions write boxes); none
+        without ``dense_head``."""
+        from cxrtrek.data.phantoms.questions import box_tag, finding_name, grid_box
+        from cxrtrek.model.images import load_image
+
+        shown = [i for i, r in enumerate(requests) if r.images]
+        out: list[dict[str, list[str]]] = [{} for _ in requests]
+        if not self.dense_head or not shown:
+            return out
+        pixels = self.processor.pixel_values([load_image(requests[i].images[0]) for i in shown])
+        size = int(self.model.config.image_size)
+        for i, seen in zip(shown, self.model.find_focal(pixels), strict=True):
+            out[i] = {finding_name(kind): [box_tag(grid_box(box, size))]
+                      for kind, (_, box) in seen.items()}
         return out
 
     def _fit_ranked(self, request: VLMRequest,

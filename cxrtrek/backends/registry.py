@@ -130,6 +130,15 @@ class BackendOptions:
     """An in-process CXRTrekNet with a dense vision head writes its kinds' sentences of each
     image description from the head (see :mod:`cxrtrek.backends.inprocess`). None: whenever
     the model has one."""
+    quote_boxes: bool | None = None
+    """An in-process CXRTrekNet answers a question that locates a target with the boxes its
+    own description of the image gives that target (see :mod:`cxrtrek.backends.inprocess`).
+    None: the model's own preference (``quote_boxes`` in its config)."""
+    free_text_samples: int | None = None
+    """An in-process CXRTrekNet chooses each free-text answer among its greedy answer and this
+    many samples, by agreement with its own description of the image (see
+    :mod:`cxrtrek.backends.inprocess`; 0: off). None: the model's own preference
+    (``free_text_samples`` in its config)."""
 
 
 class BackendInfo(BaseModel):
@@ -148,6 +157,8 @@ class BackendInfo(BaseModel):
     dtype: str | None = None
     constrain_choices: bool | None = None
     dense_head: bool | None = None
+    quote_boxes: bool | None = None
+    free_text_samples: int | None = None
 
     @classmethod
     def of(cls, backend: VLMBackend, spec: str | None = None,
@@ -156,16 +167,18 @@ class BackendInfo(BaseModel):
         return cls(spec=spec.strip() if spec else None, model_id=backend.model_id,
                    dialect=options.dialect, device=_auto(options.device),
                    dtype=_auto(options.dtype), constrain_choices=options.constrain_choices,
-                   dense_head=options.dense_head)
+                   dense_head=options.dense_head, quote_boxes=options.quote_boxes,
+                   free_text_samples=options.free_text_samples)
 
     def options(self, base: BackendOptions | None = None) -> BackendOptions:
         """``base`` (default options) with this run's dialect, device, dtype, choice
-        constraint and dense head."""
+        constraint, dense head, box quoting and free-text samples."""
         from dataclasses import replace
 
         return replace(base or BackendOptions(), dialect=self.dialect, device=self.device,
                        dtype=self.dtype, constrain_choices=self.constrain_choices,
-                       dense_head=self.dense_head)
+                       dense_head=self.dense_head, quote_boxes=self.quote_boxes,
+                       free_text_samples=self.free_text_samples)
 
     def same_backend(self, other: BackendInfo) -> bool:
         """Whether ``other`` answers as this one does: the same spec and dialect (the model
@@ -205,7 +218,8 @@ def _inprocess(target: str, options: BackendOptions, model_id: str | None = None
             target, device=device, dtype=dtype, model_id=model_id,
             max_batch_size=options.max_batch_size, cache_size=options.cache_size,
             prefix_cache_size=options.prefix_cache_size,
-            constrain_choices=options.constrain_choices, dense_head=options.dense_head)
+            constrain_choices=options.constrain_choices, dense_head=options.dense_head,
+            quote_boxes=options.quote_boxes, free_text_samples=options.free_text_samples)
     if target in ("tiny", "demo"):
         import torch
 
@@ -219,7 +233,9 @@ def _inprocess(target: str, options: BackendOptions, model_id: str | None = None
                                 cache_size=options.cache_size,
                                 prefix_cache_size=options.prefix_cache_size,
                                 constrain_choices=options.constrain_choices,
-                                dense_head=options.dense_head)
+                                dense_head=options.dense_head,
+                                quote_boxes=options.quote_boxes,
+                                free_text_samples=options.free_text_samples)
     raise ConfigError(f"inprocess backend: {target!r} is not a model folder (nor the preset "
                       "tiny or demo, random weights)")
 

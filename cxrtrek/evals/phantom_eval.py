@@ -213,7 +213,9 @@ def evaluate_phantoms(model_dir: str | Path, data: str | Path, *, max_studies: i
                       max_closed: int | None = None, batch_size: int = 32,
                       progress: bool = True, describe: bool | None = None,
                       constrain_choices: bool | None = None,
-                      dense_head: bool | None = None) -> PhantomEval:
+                      dense_head: bool | None = None,
+                      quote_boxes: bool | None = None,
+                      free_text_samples: int | None = None) -> PhantomEval:
     """Evaluate the model folder on a phantom dataset (``phantoms.json`` with ``truth.jsonl``).
 
     ``describe``: ask every question by describe-then-answer, as a reading does (the model
@@ -222,7 +224,10 @@ def evaluate_phantoms(model_dir: str | Path, data: str | Path, *, max_studies: i
     answer single-choice questions by their likeliest option (see
     :class:`~cxrtrek.backends.inprocess.InProcessBackend`); None: as the checkpoint prefers.
     ``dense_head``: a model's dense head writes its kinds of each image description (same
-    class); None: whenever the model has one."""
+    class); None: whenever the model has one. ``quote_boxes``: detection answers quote the
+    boxes of their image's description (same class); ``free_text_samples``: reports are chosen
+    among the greedy one and this many samples by agreement with the description (same
+    class); None: as the checkpoint prefers."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from cxrtrek.backends.inprocess import InProcessBackend
@@ -236,7 +241,8 @@ def evaluate_phantoms(model_dir: str | Path, data: str | Path, *, max_studies: i
     backend = InProcessBackend.load(model_dir, device="cpu", dtype="float32",
                                     max_batch_size=batch_size,
                                     constrain_choices=constrain_choices,
-                                    dense_head=dense_head)
+                                    dense_head=dense_head, quote_boxes=quote_boxes,
+                                    free_text_samples=free_text_samples)
 
     requests, meta = build_requests(studies, truths, max_closed=max_closed)
     if describe is None:

@@ -138,6 +138,15 @@ class EvalConfig(BaseModel):
     """An in-process model's dense head writes its kinds of each image description
     (:attr:`~cxrtrek.backends.registry.BackendOptions.dense_head`); None: whenever the model
     has one."""
+    quote_boxes: bool | None = None
+    """An in-process model's answers that locate a target quote their boxes from its image
+    description (:attr:`~cxrtrek.backends.registry.BackendOptions.quote_boxes`); None: as the
+    model prefers."""
+    free_text_samples: int | None = Field(default=None, ge=0)
+    """An in-process model chooses each free-text answer among the greedy one and this many
+    samples by agreement with its image description
+    (:attr:`~cxrtrek.backends.registry.BackendOptions.free_text_samples`); None: as the model
+    prefers."""
     top_k: int | None = Field(default=None, ge=1)
     """Context items of the ``retrieved`` policy (default: the run settings' own)."""
 
@@ -242,12 +251,13 @@ def missing_images(study: Study) -> list[str]:
 def make_backend(spec: str, config: EvalConfig | None = None) -> VLMBackend:
     """The shared model backend of an evaluation: a spec of the one registry
     (:func:`cxrtrek.backends.registry.load_backend`), with the config's device, dtype,
-    dialect, choice constraint and dense head."""
+    dialect, choice constraint, dense head, box quoting and free-text samples."""
     from cxrtrek.backends.registry import BackendOptions, load_backend
 
     options = BackendOptions() if config is None else BackendOptions(
         device=config.device, dtype=config.dtype, dialect=config.dialect,
-        constrain_choices=config.constrain_choices, dense_head=config.dense_head)
+        constrain_choices=config.constrain_choices, dense_head=config.dense_head,
+        quote_boxes=config.quote_boxes, free_text_samples=config.free_text_samples)
     return load_backend(spec, None, options=options)
 
 

@@ -154,6 +154,12 @@ class QuestionRecord(BaseRecord):
     vision_head: list[str] | None = None
     """An image description's finding kinds written by the vision tower's dense head rather
     than the language model (:attr:`~cxrtrek.protocol.VLMResponse.vision_head`)."""
+    quoted: list[str] | None = None
+    """The targets whose boxes the answer quotes from its image's description rather than as
+    decoded (:attr:`~cxrtrek.protocol.VLMResponse.quoted`)."""
+    candidates: int | None = None
+    """Among how many candidates the answer was chosen by its agreement with its image's
+    description (:attr:`~cxrtrek.protocol.VLMResponse.candidates`; None: decoded once)."""
     images: list[str | None] = Field(default_factory=list)
     context: list[ContextRef] = Field(default_factory=list)
     context_used: int | None = None

@@ -146,6 +146,16 @@ DenseHeadOpt = Annotated[bool | None, typer.Option(
     help="in process: a model's dense vision head writes the sentences of its finding kinds "
          "in each image description (default: whenever the model has one; the demo "
          "checkpoint does)")]
+QuoteBoxesOpt = Annotated[bool | None, typer.Option(
+    "--quote-boxes/--no-quote-boxes",
+    help="in process: an answer that locates a target takes the boxes the model's own "
+         "description of the image gives it (default: as the model prefers; the demo "
+         "checkpoint does)")]
+FreeTextSamplesOpt = Annotated[int | None, typer.Option(
+    "--free-text-samples", metavar="N", min=0,
+    help="in process: choose each free-text answer among the greedy one and N samples, by "
+         "agreement with the model's own description of the image; 0: decode once "
+         "(default: as the model prefers; the demo checkpoint uses 8)")]
 Prior = Annotated[list[Path] | None, typer.Option(
     "--prior", metavar="PATH", help="an image (or folder) of the prior study; repeatable")]
 Indication = Annotated[str | None, typer.Option(
@@ -180,11 +190,14 @@ def _agent_settings(*, home: Path | None = None, checkpoint_db: Path | None = No
 
 def _backend_options(device: str | None, dtype: str | None, dialect: str | None,
                      constrain_choices: bool | None = None,
-                     dense_head: bool | None = None) -> BackendOptions:
+                     dense_head: bool | None = None,
+                     quote_boxes: bool | None = None,
+                     free_text_samples: int | None = None) -> BackendOptions:
     from cxrtrek.backends.registry import BackendOptions
 
     return BackendOptions(device=device, dtype=dtype, dialect=dialect,
-                          constrain_choices=constrain_choices, dense_head=dense_head)
+                          constrain_choices=constrain_choices, dense_head=dense_head,
+                          quote_boxes=quote_boxes, free_text_samples=free_text_samples)
 
 
 def _stage_list(value: str | None, option: str) -> tuple[int, ...] | None:
@@ -218,6 +231,8 @@ def run_cmd(
     describe: Describe = None,
     constrain_choices: ConstrainChoices = None,
     dense_head: DenseHeadOpt = None,
+    quote_boxes: QuoteBoxesOpt = None,
+    free_text_samples: FreeTextSamplesOpt = None,
     stages: Annotated[str | None, typer.Option(
         "--stages", metavar="1,2,8", help="only these stages (default: all that apply)")] = None,
     review_after: Annotated[str | None, typer.Option(
@@ -265,7 +280,7 @@ def run_cmd(
                    settings=settings, json_out=json_out, image_root=image_root,
                    allow_missing_images=allow_missing_images,
                    options=_backend_options(device, dtype, dialect, constrain_choices,
-                                            dense_head),
+                                            dense_head, quote_boxes, free_text_samples),
                    overlay=overlay)
 
 
@@ -440,6 +455,8 @@ def chat_cmd(
     describe: Describe = None,
     constrain_choices: ConstrainChoices = None,
     dense_head: DenseHeadOpt = None,
+    quote_boxes: QuoteBoxesOpt = None,
+    free_text_samples: FreeTextSamplesOpt = None,
     home: Home = None,
     store: Store = None,
 ) -> int:
@@ -454,7 +471,8 @@ def chat_cmd(
 
     settings = _agent_settings(home=home, context=context, store=store, describe=describe)
     return cmd_chat(images, prior or [], indication, backend, settings, review,
-                    _backend_options(device, dtype, dialect, constrain_choices, dense_head))
+                    _backend_options(device, dtype, dialect, constrain_choices, dense_head,
+                                     quote_boxes, free_text_samples))
 
 
 # --- serving -------------------------------------------------------------------------------------
@@ -888,6 +906,8 @@ def eval_cmd(
     describe: Describe = None,
     constrain_choices: ConstrainChoices = None,
     dense_head: DenseHeadOpt = None,
+    quote_boxes: QuoteBoxesOpt = None,
+    free_text_samples: FreeTextSamplesOpt = None,
     out: Annotated[Path, typer.Option("--out", metavar="DIR", help="output folder")] = Path(
         "eval-results"),
     allow_missing_images: Annotated[bool, typer.Option(

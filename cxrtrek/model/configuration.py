@@ -56,6 +56,13 @@ class CXRTrekNetConfig(PretrainedConfig):  # type: ignore[no-untyped-call]
     constrain_choices: bool = False
     """Readings answer a choice question by its likeliest option rather than by decoding
     (:class:`~cxrtrek.backends.inprocess.InProcessBackend`'s ``constrain_choices``)."""
+    quote_boxes: bool = False
+    """Readings answer a question that locates a target with the boxes the image's description
+    gives it (:class:`~cxrtrek.backends.inprocess.InProcessBackend`'s ``quote_boxes``)."""
+    free_text_samples: int = 0
+    """Readings choose each free-text answer among the greedy one and this many samples, by its
+    agreement with the image's description (:class:`~cxrtrek.backends.inprocess.InProcessBackend`'s
+    ``free_text_samples``); 0: decoded once."""
     dense_head_kinds: dict[str, list[float]] | None = None
     """Focal finding kinds whose sentences in the model's own image descriptions are written
     from the vision tower's dense per-cell head (presence, then side, zone, size and box from

@@ -17,12 +17,13 @@ that asks about it. The answer is still the model's.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from cxrtrek.prompts import description_label, is_description_question
 
-__all__ = ["context_descriptions", "description_sentences", "question_note", "sentence_name"]
+__all__ = ["context_descriptions", "description_boxes", "description_sentences", "question_note",
+           "quote_boxes", "sentence_name", "wants_box"]
 
 _SENTENCE = re.compile(r"(?<=\.)\s+(?=[A-Z])")
 _BOX = " <|box|>"
@@ -41,9 +42,13 @@ _ALIASES: dict[str, tuple[str, ...]] = {
 _VIEW_WORDS = ("view", "projection", "rotat", "inspiration", "exposure", "direction",
                "quality")
 _STRUCTURES = ("heart", "right lung", "left lung")
-_BOXES = re.compile(r"\s*<\|box\|>.*?<\|/box\|>")
 _WANTS_BOX = re.compile(r"\bbox|\bcoordinates|\blocate|\[detection\]")
 _MAX_SENTENCES = 6
+_BOX_TAG = re.compile(r"<\|box\|>.*?<\|/box\|>")
+_BOXES = re.compile(r"\s*" + _BOX_TAG.pattern)
+_REF_BOXES = re.compile(r"(<\|ref\|>\s*(.*?)\s*<\|/ref\|>\s*)((?:<\|box\|>.*?<\|/box\|>\s*)+)")
+# Names a detection answer gives its target, for the description sentence that boxes it.
+_BOXED_AS = {"cardiomegaly": "heart", "enlarged heart": "heart"}
 
 
 def description_sentences(text: str) -> list[str]:
@@ -70,13 +75,18 @@ def _abnormal(sentence: str, name: str) -> bool:
     return not sentence.split(":", 1)[1].strip().lower().startswith("no")
 
 
+def wants_box(question: str) -> bool:
+    """Whether a question asks for a box (``[detection] ...``, "bounding box", "locate")."""
+    return _WANTS_BOX.search(question.lower()) is not None
+
+
 def question_note(question: str, descriptions: Sequence[tuple[str | None, str]]) -> str:
     """The note for ``question``: the sentences of each ``(label, description)`` that the
     question names, or (when it names none) the abnormal findings; each image's sentences
     after its label when there are several. At most six sentences an image; boxes only when
     the question asks for one."""
     q = question.lower()
-    boxes = _WANTS_BOX.search(q) is not None
+    boxes = wants_box(q)
     parts: list[str] = []
     for label, text in descriptions:
         sentences = description_sentences(text)
@@ -88,6 +98,40 @@ def question_note(question: str, descriptions: Sequence[tuple[str | None, str]])
             body = _BOXES.sub("", body)
         parts.append(f"{label}: {body}" if label and len(descriptions) > 1 else body)
     return " ".join(parts)
+
+
+def description_boxes(text: str) -> dict[str, list[str]]:
+    """The boxes a description gives, by the lower-case name of the sentence that gives them
+    (``pleural effusion``, ``heart``, ``endotracheal tube``): each box as written
+    (``<|box|>(x1, y1), (x2, y2)<|/box|>``), in order. A sentence without a box (a finding
+    said absent, a graded finding) gives none."""
+    boxes: dict[str, list[str]] = {}
+    for sentence in description_sentences(text):
+        tags = _BOX_TAG.findall(sentence)
+        if tags:
+            boxes.setdefault(sentence_name(sentence), []).extend(tags)
+    return boxes
+
+
+def quote_boxes(answer: str, boxes: Mapping[str, Sequence[str]]) -> tuple[str, list[str]]:
+    """``answer`` with the boxes of each target it locates (``<|ref|> pleural effusion
+    <|/ref|> <|box|>...<|/box|>``) replaced by the ``boxes`` given for that target (by lower
+    case name, as :func:`description_boxes` gives them), where any are given; and the targets
+    so quoted, as the answer names them. A target is given by its name, by its name without a
+    final "tip" (a device's tip is its sentence's box), or as ``heart`` for cardiomegaly. A
+    target given no box keeps the answer's own."""
+    quoted: list[str] = []
+
+    def quote(m: re.Match[str]) -> str:
+        target = m.group(2).strip().lower()
+        for name in (target, target.removesuffix(" tip"), _BOXED_AS.get(target, "")):
+            if boxes.get(name):
+                quoted.append(target)
+                tail = m.group(3)[len(m.group(3).rstrip()):]
+                return m.group(1) + " ".join(boxes[name]) + tail
+        return m.group(0)
+
+    return _REF_BOXES.sub(quote, answer), quoted
 
 
 class _Pair(Protocol):

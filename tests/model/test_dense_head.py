@@ -1,5 +1,7 @@
 """The dense vision head at inference: it writes its finding kinds of the model's own image
-descriptions (presence by its thresholds; side, zone, size and box from its box)."""
+descriptions (presence by its thresholds; side, zone, size and box from its box). And the
+answers that locate a target, which quote the boxes of those descriptions (or the head's,
+for a kind the description does not box)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from cxrtrek.model.build import build_preset, load_pretrained, save_pretrained
 from cxrtrek.model.modeling import DENSE_KINDS, CXRTrekNetForConditionalGeneration, DenseHead
 from cxrtrek.model.processing import CXRTrekNetProcessor
 from cxrtrek.prompts import DESCRIBE_QUESTION
-from cxrtrek.protocol import VLMRequest, VLMResponse
+from cxrtrek.prompts.notes import description_boxes
+from cxrtrek.protocol import ContextPair, VLMRequest, VLMResponse
 from cxrtrek.schema import ImageRef
 
 Tiny = tuple[CXRTrekNetForConditionalGeneration, CXRTrekNetProcessor]
@@ -192,3 +195,96 @@ def test_a_reading_traces_which_sentences_the_head_wrote(tiny: Tiny, tmp_path: P
         described = [r for r in records if r.task_type == "description"]
         assert described and all(r.vision_head == expected for r in described)
         assert all(r.vision_head is None for r in records if r not in described)
+
+
+# --- answers that locate a target quote the description --------------------------------------
+
+OWN = "<|box|>(1.0, 2.0), (3.0, 4.0)<|/box|>"
+
+
+def _det(target: str) -> str:
+    return f"Bounding box of {target} is: <|ref|> {target} <|/ref|> {OWN}."
+
+
+def _locate(image: ImageRef, target: str, described: bool = True) -> VLMRequest:
+    context = [ContextPair(stage=2, question=DESCRIBE_QUESTION, answer=NODULE_FREE)]
+    return VLMRequest(request_id=target, stage=3, question=f"[detection] Locate the {target}.",
+                      images=[image], context=context if described else [])
+
+
+def test_a_located_target_takes_the_description_s_box_or_the_head_s(tiny: Tiny,
+                                                                     image: ImageRef) -> None:
+    requests = [_locate(image, "pulmonary mass"), _locate(image, "pulmonary nodule"),
+                _locate(image, "heart", described=False)]
+    answers = [VLMResponse(request_id=r.request_id, text=_det(r.request_id), model_id="m")
+               for r in requests]
+    backend = InProcessBackend(*_with_head(tiny, {"nodule": [2.0, 0.0]}), quote_boxes=True)
+    mass, nodule, alone = backend._quoted(requests, answers)
+    # the mass: the description's box (the language model's, as described)
+    boxed = description_boxes(NODULE_FREE)
+    assert mass.text == _det("pulmonary mass").replace(OWN, boxed["pulmonary mass"][0])
+    assert mass.quoted == ["pulmonary mass"] and mass.vision_head is None
+    # the nodule, described absent: the head's box at its likeliest cell, on the pixel grid
+    assert nodule.quoted == ["pulmonary nodule"] and nodule.vision_head == ["pulmonary nodule"]
+    assert OWN not in nodule.text and "<|box|>(" in nodule.text
+    assert alone == answers[2]  # no description in its context: as decoded
+    # without the head the nodule keeps its own box; switched off, nothing is quoted
+    no_head = InProcessBackend(backend.model, backend.processor, quote_boxes=True,
+                               dense_head=False)
+    _, kept, _ = no_head._quoted(requests, answers)
+    assert kept == answers[1]
+    off = InProcessBackend(backend.model, backend.processor, quote_boxes=False)
+    assert off._quoted(requests, answers) == answers
+
+
+def test_quoting_follows_the_model_s_config_and_is_recorded(tiny: Tiny, image: ImageRef,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            ) -> None:
+    from cxrtrek.backends.registry import BackendInfo, BackendOptions
+
+    model, processor = tiny
+    assert InProcessBackend(model, processor).quote_boxes is False
+    model.config.quote_boxes = True
+    backend = InProcessBackend(model, processor)
+    assert backend.quote_boxes is True
+    monkeypatch.setattr(backend, "_decode_sync", lambda requests: [
+        VLMResponse(request_id=r.request_id, text=_det("pulmonary mass"), model_id="m")
+        for r in requests])
+    [answer] = backend.generate_sync([_locate(image, "pulmonary mass")])
+    assert answer.quoted == ["pulmonary mass"] and OWN not in answer.text
+    off = BackendOptions(quote_boxes=False)
+    info = BackendInfo.of(backend, "inprocess:tiny", off)
+    assert info.quote_boxes is False and info.options().quote_boxes is False
+
+
+def test_a_reading_traces_the_quoted_targets(tiny: Tiny, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage-3 reading whose language model describes the image and locates the heart: the
+    answers carry the description's heart box, and the trace says so; not with
+    ``--no-quote-boxes``."""
+    from cxrtrek.backends import inprocess
+    from cxrtrek.graph.trace import QuestionRecord, read_trace
+    from cxrtrek.interfaces.cli import EXIT_OK, main
+
+    async def decode(self: InProcessBackend, requests: list[VLMRequest]) -> list[VLMResponse]:
+        return [VLMResponse(request_id=r.request_id, model_id="m",
+                            text=NODULE_FREE if inprocess._describes(r) else _det("heart"))
+                for r in requests]
+
+    monkeypatch.setattr(InProcessBackend, "_decode", decode)
+    model, processor = tiny
+    model.config.quote_boxes = True
+    save_pretrained(model, processor, tmp_path / "m")
+    study = (Path(__file__).resolve().parents[2] / "cxrtrek" / "data" / "studies"
+             / "phantom_with_prior" / "phantoms.json")
+    heart = description_boxes(NODULE_FREE)["heart"][0]
+    for flag, quoted in (("--quote-boxes", ["heart"]), ("--no-quote-boxes", None)):
+        home = tmp_path / flag
+        assert main(["run", str(study), "--backend", f"inprocess:{tmp_path / 'm'}",
+                     "--stages", "3", "--describe", "--home", str(home), flag,
+                     "--json"]) == EXIT_OK
+        [trace] = (home / "traces").glob("*.jsonl")
+        located = [r for r in read_trace(trace) if isinstance(r, QuestionRecord)
+                   and "<|ref|>" in r.raw_output]
+        assert located and all(r.quoted == quoted for r in located)
+        assert all((heart in r.raw_output) == (quoted is not None) for r in located)

@@ -7,8 +7,10 @@ import pytest
 from cxrtrek.prompts import DESCRIBE_QUESTION, describe_question
 from cxrtrek.prompts.notes import (
     context_descriptions,
+    description_boxes,
     description_sentences,
     question_note,
+    quote_boxes,
     sentence_name,
 )
 from cxrtrek.prompts.render import ContextTurn, render_chat, render_training_text
@@ -100,3 +102,53 @@ def test_training_with_notes_renders_as_inference() -> None:
     assert text == prompt + "Yes.<|end|>"
     assert [text[a:b] for a, b in spans] == ["No.<|end|>", "Yes.<|end|>"]
     assert "Note: Cardiomegaly: mild." in prompt
+
+
+# --- quoted boxes ----------------------------------------------------------------------------
+
+TWO_EFFUSIONS = ("PA view. Pleural effusion: bilateral lower small <|box|>(13.75, 63.12), "
+                 "(41.25, 74.38)<|/box|> <|box|>(58.75, 63.12), (85.0, 74.38)<|/box|>. "
+                 "Pulmonary nodule: no. Heart <|box|>(36.25, 50.62), (75.62, 73.12)<|/box|>.")
+
+
+def _det(target: str, *boxes: str) -> str:
+    return f"Bounding box of {target} is: <|ref|> {target} <|/ref|> {' '.join(boxes)}."
+
+
+OWN = "<|box|>(1.0, 2.0), (3.0, 4.0)<|/box|>"
+
+
+def test_a_description_gives_its_boxes_by_sentence() -> None:
+    boxes = description_boxes(CURRENT)
+    assert list(boxes) == ["pleural effusion", "pulmonary nodule", "central venous catheter",
+                           "heart", "left lung"]  # absent and graded findings give none
+    assert boxes["pulmonary nodule"] == ["<|box|>(76.25, 39.38), (80.62, 43.75)<|/box|>"]
+    assert len(description_boxes(TWO_EFFUSIONS)["pleural effusion"]) == 2
+
+
+@pytest.mark.parametrize(("target", "name"), [
+    ("pulmonary nodule", "pulmonary nodule"),
+    ("central venous catheter tip", "central venous catheter"),  # a device's tip
+    ("cardiomegaly", "heart"),
+])
+def test_an_answer_that_locates_a_target_quotes_its_described_box(target: str,
+                                                                  name: str) -> None:
+    text, quoted = quote_boxes(_det(target, OWN), description_boxes(CURRENT))
+    assert quoted == [target]
+    assert text == _det(target, *description_boxes(CURRENT)[name])
+
+
+def test_every_box_of_the_target_is_quoted_and_an_unboxed_target_keeps_its_own() -> None:
+    boxes = description_boxes(TWO_EFFUSIONS)
+    text, quoted = quote_boxes(_det("pleural effusion", OWN), boxes)
+    assert quoted == ["pleural effusion"] and text == _det("pleural effusion",
+                                                           *boxes["pleural effusion"])
+    # said absent: no box to quote; not a locating answer: nothing to quote
+    for answer in (_det("pulmonary nodule", OWN), _det("pulmonary mass", OWN),
+                   "Yes. There is a left pleural effusion <|box|>(1.0, 2.0), (3.0, 4.0)<|/box|>."):
+        assert quote_boxes(answer, boxes) == (answer, [])
+    # several targets in one answer: each its own
+    both = _det("pleural effusion", OWN) + " <|ref|> heart <|/ref|> " + OWN + "."
+    text, quoted = quote_boxes(both, boxes)
+    assert quoted == ["pleural effusion", "heart"]
+    assert OWN not in text and text.endswith(f"<|ref|> heart <|/ref|> {boxes['heart'][0]}.")

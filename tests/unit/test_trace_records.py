@@ -29,7 +29,8 @@ LINES = [
     '{"kind":"question","schema_version":1,"run_id":"r1","stage":2,"question_id":"q1",'
     '"request_id":"r1/2/q1","task_type":"Findings_Identification","qtype":"yes_no",'
     '"question":"Any?","options":[],"target":null,"prompt":"P","prompt_sha256":"' + "0" * 64
-    + '","dialect":"cxrtrek","constrained":null,"vision_head":null,"images":[],'
+    + '","dialect":"cxrtrek","constrained":null,"vision_head":null,"quoted":null,'
+    '"candidates":null,"images":[],'
     '"context":[{"id":"1:q0","score":0.5}],'
     '"context_used":null,"model_id":"m","decoding":{"temperature":null,"top_p":null,'
     '"seed":null},"max_new_tokens":8,"raw_output":"Yes.","parsed":{"kind":"unparsed",'
@@ -65,16 +66,18 @@ def test_a_schema_1_trace_reads_and_writes_back_the_same_lines(tmp_path: Path) -
 
 def test_a_question_line_from_before_the_newer_fields_still_reads(tmp_path: Path) -> None:
     # traces written before records gained ``backend``, ``dialect``, ``constrained`` and
-    # ``vision_head``
+    # ``vision_head``, ``quoted`` and ``candidates``
     old = [LINES[0].replace(',"backend":null', "").replace(',"otel_trace_id":null', ""),
-           LINES[1].replace(',"dialect":"cxrtrek","constrained":null,"vision_head":null', "")]
+           LINES[1].replace(',"dialect":"cxrtrek","constrained":null,"vision_head":null,'
+                            '"quoted":null,"candidates":null', "")]
     path = tmp_path / "old.jsonl"
     path.write_text("".join(f"{x}\n" for x in old), encoding="utf-8")
     run, question = read_trace(path)
     assert isinstance(run, RunRecord) and run.backend is None
     assert isinstance(question, QuestionRecord)
     assert question.dialect is None and question.constrained is None
-    assert question.vision_head is None
+    assert question.vision_head is None and question.quoted is None
+    assert question.candidates is None
 
 
 def test_a_run_line_from_before_the_newer_fields_still_reads(tmp_path: Path) -> None:

@@ -44,7 +44,9 @@ DESCRIBE_PROMPT = DESCRIBE_QUESTION
 asked by the stage graph."""
 
 
-def _box_tag(b: Sequence[float]) -> str:
+def box_tag(b: Sequence[float]) -> str:
+    """A box as descriptions and detection answers write it: ``<|box|>(x1, y1), (x2, y2)<|/box|>``
+    (percent of the image)."""
     return f"<|box|>({b[0]}, {b[1]}), ({b[2]}, {b[3]})<|/box|>"
 
 
@@ -62,15 +64,15 @@ def describe_image(t: PhantomTruth) -> str:
             parts.append(f"{_CAP_NAMES[kind]}: no.")
             continue
         words = [w for w in (f.laterality, f.zone, _grade_word(f)) if w]
-        boxes = "" if kind in _SEVERITY_KINDS else "".join(" " + _box_tag(b) for b in f.boxes)
+        boxes = "" if kind in _SEVERITY_KINDS else "".join(" " + box_tag(b) for b in f.boxes)
         parts.append(f"{_CAP_NAMES[kind]}: {' '.join(words) or 'yes'}{boxes}.")
     for kind in ("endotracheal_tube", "central_line"):
         d = t.device(kind)
         name = _cap(NAMES[kind])
-        parts.append(f"{name}: no." if d is None else f"{name}: tip {d.tip} {_box_tag(d.box)}.")
-    parts.append(f"Heart {_box_tag(t.heart_box)}.")
-    parts.append(f"Right lung {_box_tag(t.right_lung_box)}.")
-    parts.append(f"Left lung {_box_tag(t.left_lung_box)}.")
+        parts.append(f"{name}: no." if d is None else f"{name}: tip {d.tip} {box_tag(d.box)}.")
+    parts.append(f"Heart {box_tag(t.heart_box)}.")
+    parts.append(f"Right lung {box_tag(t.right_lung_box)}.")
+    parts.append(f"Left lung {box_tag(t.left_lung_box)}.")
     return " ".join(parts)
 
 
@@ -100,6 +102,18 @@ def says_present(text: str, kind: str) -> bool | None:
     return None if m is None else m.group(1).strip() != "no"
 
 
+def finding_name(kind: str) -> str:
+    """How descriptions and detection answers name a finding kind, lower case
+    (``pulmonary nodule``)."""
+    return _CAP_NAMES[kind].lower()
+
+
+def grid_box(box: Sequence[float], image_size: int = 160) -> list[float]:
+    """A box (percent of the image) on the image's pixel grid, as descriptions write them."""
+    step = 100.0 / image_size
+    return [round(round(v / step) * step, 2) for v in box]
+
+
 def revise_description(text: str, found: Mapping[str, Sequence[float] | None], *,
                        image_size: int = 160) -> tuple[str, list[str]]:
     """``text`` (a :func:`describe_image` description, the model's own) with the sentences
@@ -116,7 +130,6 @@ def revise_description(text: str, found: Mapping[str, Sequence[float] | None], *
         numbers = _BOX_NUMBERS.search(m.group(1)) if m else None
         if numbers:
             lungs[side] = [float(v) for v in numbers.groups()]
-    step = 100.0 / image_size
     written: list[str] = []
     for kind, box in found.items():
         pattern = _sentence(_CAP_NAMES[kind])
@@ -126,7 +139,7 @@ def revise_description(text: str, found: Mapping[str, Sequence[float] | None], *
         if box is None:
             sentence = f"{_CAP_NAMES[kind]}: no."
         else:
-            b = [round(round(v / step) * step, 2) for v in box]
+            b = grid_box(box, image_size)
             side = "right" if (b[0] + b[2]) / 2 < 50 else "left"
             lung = lungs[side]
             height = (((b[1] + b[3]) / 2 - lung[1]) / max(lung[3] - lung[1], 1e-6))
@@ -140,14 +153,14 @@ def revise_description(text: str, found: Mapping[str, Sequence[float] | None], *
                 said = [w for w in m.group(1).split() if w in scale]
                 size = said[0] if said else (scale[len(scale) // 2] if scale else "")
             words = " ".join(w for w in (side, zone, size) if w)
-            sentence = f"{_CAP_NAMES[kind]}: {words} {_box_tag(b)}."
+            sentence = f"{_CAP_NAMES[kind]}: {words} {box_tag(b)}."
         text = text[:m.start()] + sentence + text[m.end():]
         written.append(kind)
     return text, written
 
 
 def _det_answer(target: str, boxes: Sequence[Sequence[float]]) -> str:
-    tags = " ".join(_box_tag(b) for b in boxes)
+    tags = " ".join(box_tag(b) for b in boxes)
     return f"Bounding box of {target} is: <|ref|> {target} <|/ref|> {tags}."
 
 
