@@ -4,7 +4,11 @@ Run: ``.venv/bin/python scripts/ship_demo_checkpoint.py RUN_DIR [--dest DIR]``. 
 ``config.json``, ``model.safetensors`` (fp16: half the size; ``load_pretrained`` upcasts to
 fp32 on CPU) and the tokenizer; the model card (``MODEL_CARD.md``) is written by hand. The
 config says ``constrain_choices`` (the demo answers choice questions by its likeliest option;
-``--no-constrain-choices`` leaves the run's setting). ``--dense-head VISION_DIR/vision_dense_head.pt
+``--no-constrain-choices`` leaves the run's setting) and ``quote_boxes`` (its detection answers
+take the boxes of its own image descriptions; ``--no-quote-boxes`` leaves the run's setting) and
+``free_text_samples`` (``--free-text-samples N``, default 6: its free-text answers are held to
+its own image descriptions; 0 leaves the run's setting).
+``--dense-head VISION_DIR/vision_dense_head.pt
 --dense-kinds RULES.json`` attaches the dense head that phase 1 trained beside the tower (the
 phases after it keep the tower frozen, so the head still reads it), with the finding kinds it
 writes in the model's image descriptions and their thresholds (the config's
@@ -34,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dest", type=Path, default=DEST)
     parser.add_argument("--constrain-choices", action=argparse.BooleanOptionalAction,
                         default=True, help="set constrain_choices in the shipped config")
+    parser.add_argument("--quote-boxes", action=argparse.BooleanOptionalAction,
+                        default=True, help="set quote_boxes in the shipped config")
+    parser.add_argument("--free-text-samples", type=int, default=6, metavar="N",
+                        help="set free_text_samples in the shipped config (0: leave it)")
     parser.add_argument("--dense-head", type=Path, metavar="PT",
                         help="phase 1's vision_dense_head.pt, trained on this model's tower")
     parser.add_argument("--dense-kinds", type=Path, metavar="JSON",
@@ -46,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     model, processor = load_pretrained(args.run_dir, device="cpu", dtype="float32")
     if args.constrain_choices:
         model.config.constrain_choices = True
+    if args.quote_boxes:
+        model.config.quote_boxes = True
+    if args.free_text_samples:
+        model.config.free_text_samples = args.free_text_samples
     if args.dense_head is not None:
         state = torch.load(args.dense_head, map_location="cpu", weights_only=True)
         model.attach_dense_head(state, json.loads(args.dense_kinds.read_text()))

@@ -57,3 +57,35 @@ def test_demo_checkpoint_answers_a_phantom_study(tmp_path: Path) -> None:
         assert isinstance(parsed, kind), f"{qtype}: {resp.text!r} -> {parsed}"
     assert truth.heart_box[2] > truth.heart_box[0]
     assert record.data is not None
+
+
+def test_demo_checkpoint_quotes_its_boxes_and_holds_its_report_to_its_description(
+        tmp_path: Path) -> None:
+    """As shipped, the demo's detection answers take its description's box, and its report is
+    checked against that description (redrawn when they disagree)."""
+    from cxrtrek.prompts import DESCRIBE_QUESTION
+    from cxrtrek.prompts.agreement import disagreement
+    from cxrtrek.prompts.notes import description_boxes
+    from cxrtrek.protocol import ContextPair
+
+    images, _truth, _record = make_study(777, size=160, prior_fraction=0.0)
+    path = tmp_path / "frontal.png"
+    path.write_bytes(images[0].png())
+    ref = ImageRef(path=str(path))
+    backend = InProcessBackend.load(DEMO, device="cpu", dtype="float32", max_batch_size=8)
+    assert backend.quote_boxes and backend.free_text_samples == 6
+    [described] = backend.generate_sync([VLMRequest(
+        request_id="d", stage=2, question=DESCRIBE_QUESTION, images=[ref], max_new_tokens=200)])
+    context = [ContextPair(stage=2, question=DESCRIBE_QUESTION, answer=described.text)]
+    locate = VLMRequest(request_id="det", stage=3, images=[ref], context=context,
+                        question="[detection] Locate the heart in the image 1 of the main "
+                        "study, output bounding box(s) in the format <|box|>(x1, y1), (x2, "
+                        "y2)<|/box|>.", max_new_tokens=64)
+    report = VLMRequest(request_id="rep", stage=8, images=[ref], context=context,
+                        question="Findings of this study: ______.", max_new_tokens=160)
+    det, rep = backend.generate_sync([locate, report])
+    assert det.quoted == ["heart"] and description_boxes(described.text)["heart"][0] in det.text
+    assert rep.candidates in (1, 7)
+    [greedy] = InProcessBackend(backend.model, backend.processor,
+                                free_text_samples=0).generate_sync([report])
+    assert disagreement(rep.text, described.text) <= disagreement(greedy.text, described.text)
