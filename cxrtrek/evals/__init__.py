@@ -8,8 +8,9 @@
     outcome.results.policies["full"].by_stage["2"].metrics["yes_no_acc"]
 
 Modules: :mod:`~cxrtrek.evals.metrics` (per-question scores, metric definitions),
-:mod:`~cxrtrek.evals.chexpert_labeler` (the 14 CheXpert observations, negation- and
-uncertainty-aware), :mod:`~cxrtrek.evals.results` (rows, summaries, comparison),
+:mod:`~cxrtrek.labeler` (not in this folder, since a reading uses it too: the 14 CheXpert
+observations, negation- and uncertainty-aware), :mod:`~cxrtrek.evals.results` (rows,
+summaries, comparison),
 :mod:`~cxrtrek.evals.runner` (asyncio, worker processes, Ray), :mod:`~cxrtrek.evals.plots`,
 :mod:`~cxrtrek.evals.bertscore` (optional, local model only), :mod:`~cxrtrek.evals.datasets`
 (readers of VQA-RAD, SLAKE, ReXVQA, MIMIC-CXR-VQA and ChestAgentBench) and
@@ -37,7 +38,7 @@ _EXPORTS: dict[str, str] = {
     "load_results": "cxrtrek.evals.results",
     "summarize": "cxrtrek.evals.results",
     "score_answer": "cxrtrek.evals.metrics",
-    "label_text": "cxrtrek.evals.chexpert_labeler",
+    "label_text": "cxrtrek.labeler",
     "load_benchmark": "cxrtrek.evals.datasets",
 }
 
@@ -57,7 +58,6 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from cxrtrek.evals.chexpert_labeler import label_text
     from cxrtrek.evals.datasets import load_benchmark
     from cxrtrek.evals.metrics import score_answer
     from cxrtrek.evals.results import (
@@ -68,6 +68,7 @@ if TYPE_CHECKING:
         summarize,
     )
     from cxrtrek.evals.runner import EvalConfig, EvalOutcome, evaluate, run_eval
+    from cxrtrek.labeler import label_text
 
 
 __getattr__, __dir__ = lazy_exports("cxrtrek.evals", _EXPORTS, globals())

@@ -16,7 +16,7 @@ captioning      ``bleu1``, ``bleu4``: sacrebleu BLEU (13a tokens, lower-cased, e
                 order), corpus-level over a group, sentence-level per question;
                 ``rougeL``: ROUGE-L F-measure (rouge-score, Porter stemmer), mean;
                 ``finding_f1``: micro F1 of the 14 CheXpert observations labelled present
-                (positive or uncertain) by :mod:`cxrtrek.evals.chexpert_labeler`;
+                (positive or uncertain) by :mod:`cxrtrek.labeler`;
                 ``bertscore_f1``: only with a local model (:mod:`cxrtrek.evals.bertscore`)
 ==============  =======================================================================
 
@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cxrtrek.evals.chexpert_labeler import label_text, positive_set
+from cxrtrek.labeler import label_text, positive_set
 from cxrtrek.schema import (
     Answer,
     BBox,

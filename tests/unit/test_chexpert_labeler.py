@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cxrtrek.evals.chexpert_labeler import (
+from cxrtrek.labeler import (
     OBSERVATIONS,
     Label,
     label_text,

@@ -2,7 +2,8 @@
 
 Written for cxrtrek (not a port of the Stanford labeler): it turns report-like text into one
 :class:`Label` per observation it mentions, for the clinical finding F1 of
-:mod:`cxrtrek.evals.metrics`.
+:mod:`cxrtrek.evals.metrics`, and for a reading that holds its free-text answers to its image
+descriptions (:mod:`cxrtrek.prompts.agreement`).
 
 How a text is read:
 
@@ -35,7 +36,7 @@ uncertain; a text that mentions nothing gets no label for it.
 
 ::
 
-    >>> from cxrtrek.evals.chexpert_labeler import label_text
+    >>> from cxrtrek.labeler import label_text
     >>> label_text("No pleural effusion. Possible small left pneumothorax.")["Pneumothorax"]
     <Label.UNCERTAIN: 'uncertain'>
 """
