@@ -4,9 +4,9 @@ A describe-then-answer reading asks every question after the model's own descrip
 images. A free-text answer (a findings section, a diagnosis, the relationships of the
 findings) is composed by the language model, which can name a finding that the description
 says is absent, or deny one it says is present. :func:`disagreement` counts that: the answer's
-findings are read with the CheXpert labeler (:mod:`cxrtrek.labeler`: negation
-and uncertainty aware), named as the description names them, and compared with the
-description's sentences.
+findings are read with the CheXpert labeler (:mod:`cxrtrek.labeler`: negation and
+uncertainty aware), named as the description names them, and compared with the description's
+sentences.
 """
 
 from __future__ import annotations
