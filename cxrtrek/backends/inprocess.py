@@ -254,8 +254,8 @@ class InProcessBackend:
                 self._decode([requests[i] for i in decoded]))
             responses = _merged(len(requests), (list(ranked), out), (decoded, answers))
         redraw = self._redraws(requests, responses)
-        drawn = (await self._decode([s for copies in redraw.values() for s in copies])
-                 if redraw else [])
+        copies = [c for cs in redraw.values() for c in cs]
+        drawn = await self._decode(copies) if copies else []
         responses = self._chosen(requests, responses, redraw, drawn)
         if self.dense_head and any(map(_describes, requests)):
             responses = await asyncio.to_thread(self._revised, requests, responses)
@@ -279,8 +279,8 @@ class InProcessBackend:
                 (list(ranked), self._rank([(requests[i], c) for i, c in ranked.items()])),
                 (decoded, self._decode_sync([requests[i] for i in decoded])))
         redraw = self._redraws(requests, responses)
-        drawn = (self._decode_sync([s for copies in redraw.values() for s in copies])
-                 if redraw else [])
+        copies = [c for cs in redraw.values() for c in cs]
+        drawn = self._decode_sync(copies) if copies else []
         responses = self._chosen(requests, responses, redraw, drawn)
         if self.dense_head:
             responses = self._revised(requests, responses)
@@ -301,21 +301,21 @@ class InProcessBackend:
 
     def _redraws(self, requests: Sequence[VLMRequest], responses: Sequence[VLMResponse],
                  ) -> dict[int, list[VLMRequest]]:
-        """The sampled copies to draw for each checked request whose greedy answer does not
-        agree with its first image's description (its index -> its copies)."""
+        """Each checked request (index -> the sampled copies to draw): none for one whose
+        greedy answer agrees with its first image's description."""
         from cxrtrek.prompts.agreement import disagreement
         from cxrtrek.prompts.notes import context_descriptions
         from cxrtrek.protocol import DecodingSettings
 
         redraw: dict[int, list[VLMRequest]] = {}
         for i, (r, answer) in enumerate(zip(requests, responses, strict=True)):
-            if (self.checks_free_text(r)
-                    and disagreement(answer.text, context_descriptions(r.context)[0][1])
-                    != (0, 0)):
-                redraw[i] = [r.model_copy(update={
-                    "request_id": f"{r.request_id}#sample{k}",
-                    "decoding": DecodingSettings(temperature=FREE_TEXT_TEMPERATURE, seed=k)})
-                    for k in range(self.free_text_samples)]
+            if not self.checks_free_text(r):
+                continue
+            agrees = disagreement(answer.text, context_descriptions(r.context)[0][1]) == (0, 0)
+            redraw[i] = [] if agrees else [r.model_copy(update={
+                "request_id": f"{r.request_id}#sample{k}",
+                "decoding": DecodingSettings(temperature=FREE_TEXT_TEMPERATURE, seed=k)})
+                for k in range(self.free_text_samples)]
         return redraw
 
     def _chosen(self, requests: Sequence[VLMRequest], responses: Sequence[VLMResponse],
@@ -327,10 +327,12 @@ class InProcessBackend:
         from cxrtrek.prompts.agreement import disagreement
         from cxrtrek.prompts.notes import context_descriptions
 
-        out = [r.model_copy(update={"candidates": 1}) if self.checks_free_text(q) else r
-               for q, r in zip(requests, responses, strict=True)]
+        out = list(responses)
         rest = iter(drawn)
         for i, copies in redraw.items():
+            if not copies:
+                out[i] = out[i].model_copy(update={"candidates": 1})
+                continue
             description = context_descriptions(requests[i].context)[0][1]
             candidates = [responses[i], *(next(rest) for _ in copies)]
             best = min(range(len(candidates)),

@@ -12,7 +12,7 @@ sentences.
 from __future__ import annotations
 
 from cxrtrek.labeler import Label, find_mentions
-from cxrtrek.prompts.notes import description_sentences, sentence_name
+from cxrtrek.prompts.notes import described_findings
 
 __all__ = ["described_findings", "disagreement", "mentioned_findings"]
 
@@ -30,34 +30,21 @@ _BY_WORD = {
                         ("line", "central venous catheter")),
 }
 """Observations the description splits, by a word of the mention."""
-_RANK = {Label.NEGATIVE: 0, Label.UNCERTAIN: 1, Label.POSITIVE: 2}
-
-
-def described_findings(description: str) -> dict[str, bool]:
-    """The findings a description has a sentence for (lower case, as it names them), each
-    with whether it says the finding is present (``Pleural effusion: left lower small`` is,
-    ``Pneumothorax: no.`` is not). Structures (the heart's box) and the view are left out."""
-    out: dict[str, bool] = {}
-    for sentence in description_sentences(description):
-        if ":" in sentence:
-            said = sentence.split(":", 1)[1].strip().lower()
-            out[sentence_name(sentence)] = not said.startswith("no")
-    return out
 
 
 def mentioned_findings(text: str) -> dict[str, bool]:
     """The findings a free text mentions, named as descriptions name them, each with whether
     it says the finding is there (positive or uncertain) or not (negative)."""
-    labels: dict[str, Label] = {}
+    said: dict[str, bool] = {}
     for m in find_mentions(text):
         name = _NAMES.get(m.observation)
         if name is None:
             low = m.text.lower()
             name = next((n for word, n in _BY_WORD.get(m.observation, ()) if word in low),
                         None)
-        if name is not None and (name not in labels or _RANK[m.label] > _RANK[labels[name]]):
-            labels[name] = m.label
-    return {name: label != Label.NEGATIVE for name, label in labels.items()}
+        if name is not None:  # there when any mention says so (positive or uncertain)
+            said[name] = said.get(name, False) or m.label != Label.NEGATIVE
+    return said
 
 
 def disagreement(answer: str, description: str) -> tuple[int, int]:

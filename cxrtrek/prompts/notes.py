@@ -22,8 +22,8 @@ from typing import Protocol
 
 from cxrtrek.prompts import description_label, is_description_question
 
-__all__ = ["context_descriptions", "description_boxes", "description_sentences", "question_note",
-           "quote_boxes", "sentence_name", "wants_box"]
+__all__ = ["context_descriptions", "described_findings", "description_boxes",
+           "description_sentences", "question_note", "quote_boxes", "sentence_name", "wants_box"]
 
 _SENTENCE = re.compile(r"(?<=\.)\s+(?=[A-Z])")
 _BOX = " <|box|>"
@@ -98,6 +98,14 @@ def question_note(question: str, descriptions: Sequence[tuple[str | None, str]])
             body = _BOXES.sub("", body)
         parts.append(f"{label}: {body}" if label and len(descriptions) > 1 else body)
     return " ".join(parts)
+
+
+def described_findings(description: str) -> dict[str, bool]:
+    """The findings a description has a sentence for (lower case, as it names them), each
+    with whether it says the finding is present (``Pleural effusion: left lower small`` is,
+    ``Pneumothorax: no.`` is not). Structures (the heart's box) and the view are left out."""
+    named = ((s, sentence_name(s)) for s in description_sentences(description) if ":" in s)
+    return {name: _abnormal(s, name) for s, name in named}
 
 
 def description_boxes(text: str) -> dict[str, list[str]]:
