@@ -13,8 +13,12 @@ image:
   focal findings and devices, >= 0.75 for large structures (heart, lungs). Baseline: the mean
   box of each target over the split.
 - **Report**: the findings section of every study, finding mentions extracted by keywords (a
-  sentence with a negation mentions nothing) from the answer and the true report, micro F1 by
-  finding type and by type with side/zone. Baseline: the constant mention set that scores best.
+  sentence with a negation mentions nothing) from the answer and the true findings section
+  (written from the study's truth, so a study whose questions ask only for the impression
+  has one too), micro F1 by finding type and by type with side/zone. Baseline: the constant
+  mention set that scores best. Beside it, read by describe-then-answer, the F1 of the
+  description restated: a report naming exactly the findings that the model's own
+  description of the current image says are present (what its perception supports).
 
 Each question is asked alone (no earlier stages as context), with the images the stage graph
 gives its stage: the current image in stages 1-4, the current and the prior from stage 5 on.
@@ -215,7 +219,8 @@ def evaluate_phantoms(model_dir: str | Path, data: str | Path, *, max_studies: i
                       constrain_choices: bool | None = None,
                       dense_head: bool | None = None,
                       quote_boxes: bool | None = None,
-                      free_text_samples: int | None = None) -> PhantomEval:
+                      free_text_samples: int | None = None,
+                      hold_closed: bool | None = None) -> PhantomEval:
     """Evaluate the model folder on a phantom dataset (``phantoms.json`` with ``truth.jsonl``).
 
     ``describe``: ask every question by describe-then-answer, as a reading does (the model
@@ -227,7 +232,8 @@ def evaluate_phantoms(model_dir: str | Path, data: str | Path, *, max_studies: i
     class); None: whenever the model has one. ``quote_boxes``: detection answers quote the
     boxes of their image's description (same class); ``free_text_samples``: reports are chosen
     among the greedy one and this many samples by agreement with the description (same
-    class); None: as the checkpoint prefers."""
+    class); ``hold_closed``: closed questions that the descriptions decide are answered from
+    them (same class); None: as the checkpoint prefers."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from cxrtrek.backends.inprocess import InProcessBackend
@@ -242,7 +248,8 @@ def evaluate_phantoms(model_dir: str | Path, data: str | Path, *, max_studies: i
                                     max_batch_size=batch_size,
                                     constrain_choices=constrain_choices,
                                     dense_head=dense_head, quote_boxes=quote_boxes,
-                                    free_text_samples=free_text_samples)
+                                    free_text_samples=free_text_samples,
+                                    hold_closed=hold_closed)
 
     requests, meta = build_requests(studies, truths, max_closed=max_closed)
     if describe is None:
@@ -319,23 +326,18 @@ def build_requests(studies: Sequence[Study], truths: dict[str, dict[str, Any]], 
                                    question=_REPORT_QUESTION,
                                    images=images[:2 if s.prior is not None else 1],
                                    max_new_tokens=320))
-        meta.append({"kind": "report", "true": _true_report(s)})
+        meta.append({"kind": "report", "true": _true_report(truth)})
 
     return requests, meta
 
 
-def _true_report(s: Study) -> str:
-    for q in s.questions:
-        ref = s.references.get(q.id)
-        if ref is None or not q.task_type.startswith("Report_Generation"):
-            continue
-        text = ref.text
-        if q.task_type.endswith("[ALL]"):
-            text = text.split("Impression:")[0].removeprefix("Findings:").strip()
-            return text
-        if q.task_type.endswith("[Findings]"):
-            return text
-    return ""
+def _true_report(truth: dict[str, Any]) -> str:
+    """The findings section a study's report should have, written from its truth: what its
+    findings-report question answers (the "Findings:" part of a full report). Every study
+    has one, also one whose questions ask only for the impression."""
+    from cxrtrek.data.phantoms import PhantomTruth, report_findings
+
+    return report_findings(PhantomTruth.model_validate(truth))
 
 
 def score(studies: Sequence[Study], requests: Sequence[Any], meta: Sequence[dict[str, Any]],
@@ -358,6 +360,7 @@ def score(studies: Sequence[Study], requests: Sequence[Any], meta: Sequence[dict
     for target, boxes in det_boxes.items():
         mean_box[target] = [sum(b[i] for b in boxes) / len(boxes) for i in range(4)]
     reports: list[tuple[tuple[set[str], set[str]], tuple[set[str], set[str]]]] = []
+    perceived: list[tuple[set[str], set[str]]] = []
     for req, m, text in zip(requests, meta, answers, strict=True):
         if m["kind"] == "closed":
             if m["ref"] is None:
@@ -384,6 +387,9 @@ def score(studies: Sequence[Study], requests: Sequence[Any], meta: Sequence[dict
                 det[name].add(ok, base)
         else:
             reports.append((report_mentions(text), report_mentions(m["true"])))
+            restated = _restated(req)
+            if restated is not None:
+                perceived.append((report_mentions(restated)[0], reports[-1][1][0]))
             if len(result.examples) < 3:
                 result.examples.append({"question": req.question, "answer": text,
                                         "reference": m["true"]})
@@ -399,11 +405,28 @@ def score(studies: Sequence[Study], requests: Sequence[Any], meta: Sequence[dict
         "f1_side_zone": _f1((p[1], t[1]) for p, t in reports),
         "f1_side_zone_baseline": base_det,
     }
+    if perceived and len(perceived) == len(reports):
+        result.report["f1_type_description"] = _f1(perceived)
     for kind in sorted({k for _, t in reports for k in t[0]}):
         result.report[f"f1:{kind}"] = _f1(({kind} & p[0], {kind} & t[0]) for p, t in reports)
     result.unparsed = dict(unparsed)
     result.wall_s = round(time.monotonic() - started, 1)
     return result
+
+
+def _restated(request: Any) -> str | None:
+    """The findings the current image's description (the model's own, in the request's
+    context) says are present, one sentence each: what a report that only restated the
+    model's perception would say; None without a description."""
+    from cxrtrek.prompts.notes import context_descriptions, described_findings
+
+    described = context_descriptions(request.context)
+    if not described:
+        return None
+    current = next((text for label, text in described if label and "current" in label.lower()),
+                   described[0][1])
+    present = [name for name, there in described_findings(current).items() if there]
+    return " ".join(f"{name[:1].upper()}{name[1:]} is present." for name in present)
 
 
 def _base_key(m: dict[str, Any]) -> str:
@@ -447,6 +470,9 @@ def format_markdown(ev: PhantomEval) -> str:
     lines.append(f"| mention F1, type | {r['f1_type']:.2f} / {r['f1_type_baseline']:.2f} |")
     lines.append(f"| mention F1, type + side/zone | {r['f1_side_zone']:.2f} / "
                  f"{r['f1_side_zone_baseline']:.2f} |")
+    if "f1_type_description" in r:
+        lines.append(f"| mention F1, type, of the description restated | "
+                     f"{r['f1_type_description']:.2f} |")
     for name, f1 in r.items():
         if name.startswith("f1:"):
             lines.append(f"| {name[3:]} | {f1:.2f} |")

@@ -53,6 +53,7 @@ from cxrtrek.data.phantoms.studies import (
     make_study,
     truth_images,
 )
+from cxrtrek.data.phantoms.text import report_findings
 from cxrtrek.data.phantoms.truth import (
     F32 as F32,
 )
@@ -106,5 +107,6 @@ __all__ = [
     "describe_image",
     "generate",
     "make_study",
+    "report_findings",
     "truth_images",
 ]

@@ -22,9 +22,9 @@ from cxrtrek.data.phantoms.text import (
     _join,
     _phrase,
     _quality,
-    _report_findings,
     _report_impression,
     _where,
+    report_findings,
 )
 from cxrtrek.data.phantoms.truth import _SEVERITY_KINDS, NAMES, SCALES, PhantomFinding, PhantomTruth
 from cxrtrek.prompts import DESCRIBE_QUESTION
@@ -508,7 +508,7 @@ def _stage7(w: _Writer, t: PhantomTruth, fired: list[FiredRule]) -> None:
 
 
 def _stage8(w: _Writer, t: PhantomTruth, fired: list[FiredRule]) -> None:
-    findings = _report_findings(t)
+    findings = report_findings(t)
     impression = _report_impression(t, fired)
     kinds = ["Findings", "Impression", "ALL"]
     chosen = [kinds[int(i)] for i in w.rng.permutation(3)[: 1 + int(w.rng.integers(2))]]

@@ -156,7 +156,9 @@ def _quality(t: PhantomTruth) -> str:
     return " ".join((view, rot, insp, expo, overall))
 
 
-def _report_findings(t: PhantomTruth) -> str:
+def report_findings(t: PhantomTruth) -> str:
+    """The findings section of a phantom study's report (the answer of its findings-report
+    question; the "Findings:" part of its full report), written from its truth."""
     s: list[str] = [_cap(_device_phrase(d)) + "." for d in t.devices]
     lung = [f for f in t.findings if f.kind in ("consolidation", "nodule", "mass",
                                                  "atelectasis", "edema")]
