@@ -130,6 +130,10 @@ class VLMResponse(BaseModel):
     """The answer was chosen among this many candidates (the greedy answer and samples) as
     the one that agrees best with its image's description (a CXRTrekNet backend with
     ``free_text_samples``); None: decoded once."""
+    held: bool | None = None
+    """The answer was read from the question's images' descriptions (the model's own,
+    written from the images alone), which decide it, rather than asked of the language
+    model (a CXRTrekNet backend with ``hold_closed``); None: the model answered."""
 
 
 @runtime_checkable

@@ -142,7 +142,8 @@ class InProcessBackend:
                  share_prefix: bool = True, prefix_cache_size: int = 16,
                  continuous: bool = True, constrain_choices: bool | None = None,
                  dense_head: bool | None = None, quote_boxes: bool | None = None,
-                 free_text_samples: int | None = None) -> None:
+                 free_text_samples: int | None = None,
+                 hold_closed: bool | None = None) -> None:
         if max_batch_size < 1:
             raise DataError(f"max_batch_size must be at least 1; got {max_batch_size}")
         if cache_size < 0:
@@ -179,6 +180,10 @@ class InProcessBackend:
         self.free_text_samples = samples
         """Free-text answers are chosen among the greedy one and this many samples by their
         agreement with the image's description (see the module's docstring)."""
+        self.hold_closed = (bool(getattr(model.config, "hold_closed", False))
+                            if hold_closed is None else hold_closed)
+        """Closed questions that the images' descriptions decide are answered from them (see
+        the module's docstring)."""
         self.ranked = 0
         """Requests answered by ranking their choices."""
         self.cache_size = cache_size
@@ -213,7 +218,8 @@ class InProcessBackend:
              constrain_choices: bool | None = None,
              dense_head: bool | None = None,
              quote_boxes: bool | None = None,
-             free_text_samples: int | None = None) -> InProcessBackend:
+             free_text_samples: int | None = None,
+             hold_closed: bool | None = None) -> InProcessBackend:
         """Load a saved CXRTrekNet folder (device and dtype automatic unless given)."""
         from cxrtrek.model.build import load_pretrained
 
@@ -223,7 +229,7 @@ class InProcessBackend:
                    share_prefix=share_prefix, prefix_cache_size=prefix_cache_size,
                    continuous=continuous, constrain_choices=constrain_choices,
                    dense_head=dense_head, quote_boxes=quote_boxes,
-                   free_text_samples=free_text_samples)
+                   free_text_samples=free_text_samples, hold_closed=hold_closed)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the decode loop's threads (calls still waiting end with a
@@ -244,7 +250,16 @@ class InProcessBackend:
         """Answer ``requests``. With ``continuous`` (the default), the call joins the
         backend's decode loop: requests of concurrent calls (e.g. several readings) decode in
         one batch, joining it between tokens as they arrive. Choice questions are ranked
-        instead, with ``constrain_choices`` (see :meth:`choices`)."""
+        instead, with ``constrain_choices`` (see :meth:`choices`); closed questions that their
+        images' descriptions decide are answered from them, with ``hold_closed`` (see
+        :meth:`held`)."""
+        held, asked = self._split_held(requests)
+        if not held:
+            return await self._answer(requests)
+        answers = await self._answer([requests[i] for i in asked]) if asked else []
+        return _merged(len(requests), (list(held), list(held.values())), (asked, answers))
+
+    async def _answer(self, requests: Sequence[VLMRequest]) -> list[VLMResponse]:
         ranked, decoded = self._split(requests)
         if not ranked:
             responses = await self._decode(requests)
@@ -270,6 +285,13 @@ class InProcessBackend:
         pairs first, a stage's pairs together (the response's ``context_used`` says how many
         were kept).
         """
+        held, asked = self._split_held(requests)
+        if not held:
+            return self._answer_sync(requests)
+        answers = self._answer_sync([requests[i] for i in asked]) if asked else []
+        return _merged(len(requests), (list(held), list(held.values())), (asked, answers))
+
+    def _answer_sync(self, requests: Sequence[VLMRequest]) -> list[VLMResponse]:
         ranked, decoded = self._split(requests)
         if not ranked:
             responses = self._decode_sync(requests)
@@ -285,6 +307,36 @@ class InProcessBackend:
         if self.dense_head:
             responses = self._revised(requests, responses)
         return self._quoted(requests, responses)
+
+    def held(self, request: VLMRequest) -> str | None:
+        """The answer ``request``'s images' descriptions give it, with ``hold_closed`` (see
+        the module's docstring): a closed question (yes/no, single or multiple choice) of a
+        stage after the first, asked greedily, after descriptions, with no choices of its own,
+        that the descriptions decide (:func:`~cxrtrek.prompts.closed.held_answer`); else
+        None (the model answers it)."""
+        from cxrtrek.prompts.closed import held_answer
+        from cxrtrek.prompts.notes import context_descriptions
+
+        if not (self.hold_closed and request.decoding.greedy and request.stage != 1
+                and request.choices is None and not _describes(request)):
+            return None
+        described = context_descriptions(request.context)
+        if not described:
+            return None
+        return held_answer(request.question, request.qtype, request.options, described)
+
+    def _split_held(self, requests: Sequence[VLMRequest],
+                    ) -> tuple[dict[int, VLMResponse], list[int]]:
+        """The requests answered from their descriptions (index -> response) and the rest."""
+        held: dict[int, VLMResponse] = {}
+        for i, r in enumerate(requests):
+            started = time.perf_counter()
+            answer = self.held(r)
+            if answer is not None:
+                held[i] = VLMResponse(request_id=r.request_id, text=answer,
+                                      model_id=self.model_id, dialect="cxrtrek", held=True,
+                                      latency_s=time.perf_counter() - started)
+        return held, [i for i in range(len(requests)) if i not in held]
 
     def checks_free_text(self, request: VLMRequest) -> bool:
         """Whether ``request``'s answer is held to its image's description (see the module's

@@ -139,6 +139,10 @@ class BackendOptions:
     many samples, by agreement with its own description of the image (see
     :mod:`cxrtrek.backends.inprocess`; 0: off). None: the model's own preference
     (``free_text_samples`` in its config)."""
+    hold_closed: bool | None = None
+    """An in-process CXRTrekNet answers a closed question that its own descriptions of the
+    images decide from those descriptions (see :mod:`cxrtrek.backends.inprocess`). None: the
+    model's own preference (``hold_closed`` in its config)."""
 
 
 class BackendInfo(BaseModel):
@@ -159,6 +163,7 @@ class BackendInfo(BaseModel):
     dense_head: bool | None = None
     quote_boxes: bool | None = None
     free_text_samples: int | None = None
+    hold_closed: bool | None = None
 
     @classmethod
     def of(cls, backend: VLMBackend, spec: str | None = None,
@@ -168,17 +173,19 @@ class BackendInfo(BaseModel):
                    dialect=options.dialect, device=_auto(options.device),
                    dtype=_auto(options.dtype), constrain_choices=options.constrain_choices,
                    dense_head=options.dense_head, quote_boxes=options.quote_boxes,
-                   free_text_samples=options.free_text_samples)
+                   free_text_samples=options.free_text_samples,
+                   hold_closed=options.hold_closed)
 
     def options(self, base: BackendOptions | None = None) -> BackendOptions:
         """``base`` (default options) with this run's dialect, device, dtype, choice
-        constraint, dense head, box quoting and free-text samples."""
+        constraint, dense head, box quoting, free-text samples and closed answers held to the
+        descriptions."""
         from dataclasses import replace
 
         return replace(base or BackendOptions(), dialect=self.dialect, device=self.device,
                        dtype=self.dtype, constrain_choices=self.constrain_choices,
                        dense_head=self.dense_head, quote_boxes=self.quote_boxes,
-                       free_text_samples=self.free_text_samples)
+                       free_text_samples=self.free_text_samples, hold_closed=self.hold_closed)
 
     def same_backend(self, other: BackendInfo) -> bool:
         """Whether ``other`` answers as this one does: the same spec and dialect (the model
@@ -219,7 +226,8 @@ def _inprocess(target: str, options: BackendOptions, model_id: str | None = None
             max_batch_size=options.max_batch_size, cache_size=options.cache_size,
             prefix_cache_size=options.prefix_cache_size,
             constrain_choices=options.constrain_choices, dense_head=options.dense_head,
-            quote_boxes=options.quote_boxes, free_text_samples=options.free_text_samples)
+            quote_boxes=options.quote_boxes, free_text_samples=options.free_text_samples,
+            hold_closed=options.hold_closed)
     if target in ("tiny", "demo"):
         import torch
 
@@ -235,7 +243,8 @@ def _inprocess(target: str, options: BackendOptions, model_id: str | None = None
                                 constrain_choices=options.constrain_choices,
                                 dense_head=options.dense_head,
                                 quote_boxes=options.quote_boxes,
-                                free_text_samples=options.free_text_samples)
+                                free_text_samples=options.free_text_samples,
+                                hold_closed=options.hold_closed)
     raise ConfigError(f"inprocess backend: {target!r} is not a model folder (nor the preset "
                       "tiny or demo, random weights)")
 

@@ -147,6 +147,10 @@ class EvalConfig(BaseModel):
     samples by agreement with its image description
     (:attr:`~cxrtrek.backends.registry.BackendOptions.free_text_samples`); None: as the model
     prefers."""
+    hold_closed: bool | None = None
+    """An in-process model answers a closed question that its own image descriptions decide
+    from them (:attr:`~cxrtrek.backends.registry.BackendOptions.hold_closed`); None: as the
+    model prefers."""
     top_k: int | None = Field(default=None, ge=1)
     """Context items of the ``retrieved`` policy (default: the run settings' own)."""
 
@@ -257,7 +261,8 @@ def make_backend(spec: str, config: EvalConfig | None = None) -> VLMBackend:
     options = BackendOptions() if config is None else BackendOptions(
         device=config.device, dtype=config.dtype, dialect=config.dialect,
         constrain_choices=config.constrain_choices, dense_head=config.dense_head,
-        quote_boxes=config.quote_boxes, free_text_samples=config.free_text_samples)
+        quote_boxes=config.quote_boxes, free_text_samples=config.free_text_samples,
+        hold_closed=config.hold_closed)
     return load_backend(spec, None, options=options)
 
 

@@ -61,6 +61,8 @@ __all__ = [
     "StageRecord",
     "TraceRecord",
     "Tracer",
+    "answer_source",
+    "answer_sources",
     "hash_patient",
     "parse_trace_lines",
     "read_trace",
@@ -160,6 +162,9 @@ class QuestionRecord(BaseRecord):
     candidates: int | None = None
     """Among how many candidates the answer was chosen by its agreement with its image's
     description (:attr:`~cxrtrek.protocol.VLMResponse.candidates`; None: decoded once)."""
+    held: bool | None = None
+    """The answer was read from the question's images' descriptions, which decide it, rather
+    than asked of the language model (:attr:`~cxrtrek.protocol.VLMResponse.held`)."""
     images: list[str | None] = Field(default_factory=list)
     context: list[ContextRef] = Field(default_factory=list)
     context_used: int | None = None
@@ -179,6 +184,45 @@ class QuestionRecord(BaseRecord):
     retries: int = 0
     checkpoint_id: str | None = None
     """The checkpoint the stage started from (the one after the previous stage)."""
+
+
+def answer_source(record: QuestionRecord) -> str | None:
+    """How the backend made a recorded answer, in a few words, where it did more than decode
+    it once (None): read from the images' descriptions, boxes quoted from the description,
+    chosen among candidates by agreement with it, the likeliest option, a description's
+    sentences written by the dense vision head."""
+    parts: list[str] = []
+    if record.held:
+        parts.append("read from the image descriptions")
+    if record.constrained:
+        parts.append("likeliest option")
+    if record.quoted:
+        parts.append("boxes quoted from the description: " + ", ".join(record.quoted))
+    if record.task_type == "description" and record.vision_head:
+        parts.append("dense head wrote: " + ", ".join(record.vision_head))
+    elif record.vision_head:
+        parts.append("dense head's box: " + ", ".join(record.vision_head))
+    if record.candidates == 1:
+        parts.append("agrees with the description")
+    elif record.candidates:
+        parts.append(f"best of {record.candidates} candidates by agreement with the "
+                     "description")
+    return "; ".join(parts) or None
+
+
+def answer_sources(records: Sequence[object], run_id: str | None = None,
+                   ) -> dict[int, dict[str, str]]:
+    """:func:`answer_source` of each question of a trace (of run ``run_id`` when given), by
+    stage and question id; the last record of a question asked again wins."""
+    out: dict[int, dict[str, str]] = {}
+    for r in records:
+        if isinstance(r, QuestionRecord) and (run_id is None or r.run_id == run_id):
+            source = answer_source(r)
+            if source is None:
+                out.get(r.stage, {}).pop(r.question_id, None)
+            else:
+                out.setdefault(r.stage, {})[r.question_id] = source
+    return out
 
 
 class StageRecord(BaseRecord):

@@ -155,7 +155,12 @@ FreeTextSamplesOpt = Annotated[int | None, typer.Option(
     "--free-text-samples", metavar="N", min=0,
     help="in process: choose each free-text answer among the greedy one and N samples, by "
          "agreement with the model's own description of the image; 0: decode once "
-         "(default: as the model prefers; the demo checkpoint uses 8)")]
+         "(default: as the model prefers; the demo checkpoint uses 6)")]
+HoldClosedOpt = Annotated[bool | None, typer.Option(
+    "--hold-closed/--no-hold-closed",
+    help="in process: a closed question that the model's own descriptions of the images "
+         "decide (whether a finding is there, its side, zone or size, how it changed) is "
+         "answered from them (default: as the model prefers; the demo checkpoint does)")]
 Prior = Annotated[list[Path] | None, typer.Option(
     "--prior", metavar="PATH", help="an image (or folder) of the prior study; repeatable")]
 Indication = Annotated[str | None, typer.Option(
@@ -192,12 +197,14 @@ def _backend_options(device: str | None, dtype: str | None, dialect: str | None,
                      constrain_choices: bool | None = None,
                      dense_head: bool | None = None,
                      quote_boxes: bool | None = None,
-                     free_text_samples: int | None = None) -> BackendOptions:
+                     free_text_samples: int | None = None,
+                     hold_closed: bool | None = None) -> BackendOptions:
     from cxrtrek.backends.registry import BackendOptions
 
     return BackendOptions(device=device, dtype=dtype, dialect=dialect,
                           constrain_choices=constrain_choices, dense_head=dense_head,
-                          quote_boxes=quote_boxes, free_text_samples=free_text_samples)
+                          quote_boxes=quote_boxes, free_text_samples=free_text_samples,
+                          hold_closed=hold_closed)
 
 
 def _stage_list(value: str | None, option: str) -> tuple[int, ...] | None:
@@ -233,6 +240,7 @@ def run_cmd(
     dense_head: DenseHeadOpt = None,
     quote_boxes: QuoteBoxesOpt = None,
     free_text_samples: FreeTextSamplesOpt = None,
+    hold_closed: HoldClosedOpt = None,
     stages: Annotated[str | None, typer.Option(
         "--stages", metavar="1,2,8", help="only these stages (default: all that apply)")] = None,
     review_after: Annotated[str | None, typer.Option(
@@ -280,7 +288,8 @@ def run_cmd(
                    settings=settings, json_out=json_out, image_root=image_root,
                    allow_missing_images=allow_missing_images,
                    options=_backend_options(device, dtype, dialect, constrain_choices,
-                                            dense_head, quote_boxes, free_text_samples),
+                                            dense_head, quote_boxes, free_text_samples,
+                                            hold_closed),
                    overlay=overlay)
 
 
@@ -457,6 +466,7 @@ def chat_cmd(
     dense_head: DenseHeadOpt = None,
     quote_boxes: QuoteBoxesOpt = None,
     free_text_samples: FreeTextSamplesOpt = None,
+    hold_closed: HoldClosedOpt = None,
     home: Home = None,
     store: Store = None,
 ) -> int:
@@ -472,7 +482,7 @@ def chat_cmd(
     settings = _agent_settings(home=home, context=context, store=store, describe=describe)
     return cmd_chat(images, prior or [], indication, backend, settings, review,
                     _backend_options(device, dtype, dialect, constrain_choices, dense_head,
-                                     quote_boxes, free_text_samples))
+                                     quote_boxes, free_text_samples, hold_closed))
 
 
 # --- serving -------------------------------------------------------------------------------------
@@ -908,6 +918,7 @@ def eval_cmd(
     dense_head: DenseHeadOpt = None,
     quote_boxes: QuoteBoxesOpt = None,
     free_text_samples: FreeTextSamplesOpt = None,
+    hold_closed: HoldClosedOpt = None,
     out: Annotated[Path, typer.Option("--out", metavar="DIR", help="output folder")] = Path(
         "eval-results"),
     allow_missing_images: Annotated[bool, typer.Option(

@@ -189,7 +189,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype,
             dialect=args.dialect, describe=args.describe,
             constrain_choices=args.constrain_choices, dense_head=args.dense_head,
-            quote_boxes=args.quote_boxes, free_text_samples=args.free_text_samples)
+            quote_boxes=args.quote_boxes, free_text_samples=args.free_text_samples,
+            hold_closed=args.hold_closed)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = "--" + ".".join(str(p) for p in err["loc"]).replace("_", "-")

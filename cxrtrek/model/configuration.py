@@ -63,6 +63,9 @@ class CXRTrekNetConfig(PretrainedConfig):  # type: ignore[no-untyped-call]
     """Readings choose each free-text answer among the greedy one and this many samples, by its
     agreement with the image's description (:class:`~cxrtrek.backends.inprocess.InProcessBackend`'s
     ``free_text_samples``); 0: decoded once."""
+    hold_closed: bool = False
+    """Readings answer a closed question that the images' descriptions decide from those
+    descriptions (:class:`~cxrtrek.backends.inprocess.InProcessBackend`'s ``hold_closed``)."""
     dense_head_kinds: dict[str, list[float]] | None = None
     """Focal finding kinds whose sentences in the model's own image descriptions are written
     from the vision tower's dense per-cell head (presence, then side, zone, size and box from

@@ -61,11 +61,12 @@ def test_demo_checkpoint_answers_a_phantom_study(tmp_path: Path) -> None:
 
 def test_demo_checkpoint_quotes_its_boxes_and_holds_its_report_to_its_description(
         tmp_path: Path) -> None:
-    """As shipped, the demo's detection answers take its description's box, and its report is
-    checked against that description (redrawn when they disagree)."""
+    """As shipped, the demo's detection answers take its description's box, its report is
+    checked against that description (redrawn when they disagree), and a closed question the
+    description decides is answered from it."""
     from cxrtrek.prompts import DESCRIBE_QUESTION
     from cxrtrek.prompts.agreement import disagreement
-    from cxrtrek.prompts.notes import description_boxes
+    from cxrtrek.prompts.notes import described_findings, description_boxes
     from cxrtrek.protocol import ContextPair
 
     images, _truth, _record = make_study(777, size=160, prior_fraction=0.0)
@@ -73,7 +74,7 @@ def test_demo_checkpoint_quotes_its_boxes_and_holds_its_report_to_its_descriptio
     path.write_bytes(images[0].png())
     ref = ImageRef(path=str(path))
     backend = InProcessBackend.load(DEMO, device="cpu", dtype="float32", max_batch_size=8)
-    assert backend.quote_boxes and backend.free_text_samples == 6
+    assert backend.quote_boxes and backend.free_text_samples == 6 and backend.hold_closed
     [described] = backend.generate_sync([VLMRequest(
         request_id="d", stage=2, question=DESCRIBE_QUESTION, images=[ref], max_new_tokens=200)])
     context = [ContextPair(stage=2, question=DESCRIBE_QUESTION, answer=described.text)]
@@ -83,7 +84,13 @@ def test_demo_checkpoint_quotes_its_boxes_and_holds_its_report_to_its_descriptio
                         "y2)<|/box|>.", max_new_tokens=64)
     report = VLMRequest(request_id="rep", stage=8, images=[ref], context=context,
                         question="Findings of this study: ______.", max_new_tokens=160)
-    det, rep = backend.generate_sync([locate, report])
+    effusion = VLMRequest(request_id="yn", stage=2, images=[ref], context=context,
+                          question="Is there a pleural effusion in the current chest X-ray?",
+                          qtype="yes_no", max_new_tokens=8)
+    det, rep, yes_no = backend.generate_sync([locate, report, effusion])
+    # the closed answer is the description's, whatever it says
+    said = described_findings(described.text)["pleural effusion"]
+    assert yes_no.held and yes_no.text == ("Yes." if said else "No.")
     assert det.quoted == ["heart"] and description_boxes(described.text)["heart"][0] in det.text
     assert rep.candidates in (1, 7)
     [greedy] = InProcessBackend(backend.model, backend.processor,

@@ -30,7 +30,7 @@ LINES = [
     '"request_id":"r1/2/q1","task_type":"Findings_Identification","qtype":"yes_no",'
     '"question":"Any?","options":[],"target":null,"prompt":"P","prompt_sha256":"' + "0" * 64
     + '","dialect":"cxrtrek","constrained":null,"vision_head":null,"quoted":null,'
-    '"candidates":null,"images":[],'
+    '"candidates":null,"held":null,"images":[],'
     '"context":[{"id":"1:q0","score":0.5}],'
     '"context_used":null,"model_id":"m","decoding":{"temperature":null,"top_p":null,'
     '"seed":null},"max_new_tokens":8,"raw_output":"Yes.","parsed":{"kind":"unparsed",'
@@ -118,3 +118,37 @@ def test_a_bad_line_is_named(tmp_path: Path, change: dict[str, object], message:
     path.write_text(f"{LINES[0]}\n{json.dumps(bad)}\n", encoding="utf-8")
     with pytest.raises(DataError, match=rf"r1\.jsonl:2: .*{message}"):
         read_trace(path)
+
+
+def test_answer_sources_say_how_each_answer_was_made() -> None:
+    from cxrtrek.graph.trace import answer_source, answer_sources
+
+    base = QuestionRecord.model_validate_json(LINES[1])
+    plain = base.model_copy(update={"question_id": "q2"})
+    held = base.model_copy(update={"held": True})
+    ranked = base.model_copy(update={"stage": 3, "question_id": "q3", "constrained": True})
+    chosen = base.model_copy(update={"stage": 8, "question_id": "q4", "candidates": 7})
+    agreed = chosen.model_copy(update={"question_id": "q5", "candidates": 1})
+    boxed = base.model_copy(update={"stage": 3, "question_id": "q6",
+                                    "quoted": ["pulmonary nodule"],
+                                    "vision_head": ["pulmonary nodule"]})
+    described = base.model_copy(update={"stage": 1, "question_id": "d", "task_type":
+                                        "description", "vision_head": ["nodule", "mass"]})
+    assert answer_source(plain) is None
+    assert answer_source(held) == "read from the image descriptions"
+    assert answer_source(boxed) == ("boxes quoted from the description: pulmonary nodule; "
+                                    "dense head's box: pulmonary nodule")
+    assert answer_source(described) == "dense head wrote: nodule, mass"
+    other_run = chosen.model_copy(update={"run_id": "r2", "candidates": 2})
+    sources = answer_sources([held, plain, ranked, chosen, agreed, boxed, described, other_run],
+                             "r1")
+    assert sources == {
+        1: {"d": "dense head wrote: nodule, mass"},
+        2: {"q1": "read from the image descriptions"},
+        3: {"q3": "likeliest option",
+            "q6": "boxes quoted from the description: pulmonary nodule; dense head's box: "
+                  "pulmonary nodule"},
+        8: {"q4": "best of 7 candidates by agreement with the description",
+            "q5": "agrees with the description"}}
+    # a question asked again keeps its last answer's source (none: forgotten)
+    assert answer_sources([held, base], "r1") == {2: {}}
