@@ -89,9 +89,31 @@ class _StageView:
     descriptions: tuple[tuple[str, str], ...] = ()
     """Describe-then-answer: (image SHA-256, the model's description) written in this
     stage, before its questions."""
+    sources: dict[str, str] = field(default_factory=dict)
+    """How the backend made an answer, where it did more than decode it once, by question id
+    (:func:`~cxrtrek.graph.trace.answer_source`; a description's id is ``description-`` and
+    its image's SHA-256 prefix)."""
 
 
-def _view(result: StageResult, elapsed_s: float | None) -> _StageView:
+_MADE = (("read from the image descriptions", "read from descriptions"),
+         ("likeliest option", "ranked"), ("boxes quoted", "boxes quoted"),
+         ("candidates", "checked"), ("agrees with", "checked"))
+
+
+def _made(sources: dict[str, str]) -> str:
+    """How a stage's answers were made, counted (``2 read from descriptions, 1 ranked``)."""
+    counts: dict[str, int] = {}
+    for text in sources.values():
+        for key, name in _MADE:
+            if key in text:
+                counts[name] = counts.get(name, 0) + 1
+                if name == "checked":
+                    break
+    return ", ".join(f"{n} {name}" for name, n in counts.items()) or "-"
+
+
+def _view(result: StageResult, elapsed_s: float | None,
+          sources: dict[str, str] | None = None) -> _StageView:
     """The view of a stage's result."""
     texts = {q.id: q.text for q in result.questions}
     items = tuple((a.question_id, texts.get(a.question_id, ""), a.text) for a in result.answers)
@@ -99,7 +121,8 @@ def _view(result: StageResult, elapsed_s: float | None) -> _StageView:
                 if a.parsed.kind == "unparsed"}
     return _StageView(result.stage, result.name, items, skipped=result.skipped,
                       elapsed_s=elapsed_s, unparsed=unparsed,
-                      descriptions=tuple(result.descriptions.items()))
+                      descriptions=tuple(result.descriptions.items()),
+                      sources=dict(sources or {}))
 
 
 def _seconds(value: float | None) -> str:
@@ -261,16 +284,20 @@ each stage.
         run_id = self._current()
         report = self.agent.report(run_id)
         table = Table(title=f"run {escape(run_id)} ({report.status})")
-        for column in ("stage", "status", "questions", "time"):
-            table.add_column(column, no_wrap=column != "status")
+        for column in ("stage", "status", "questions", "answers made", "time"):
+            table.add_column(column, no_wrap=column not in ("status", "answers made"))
         times = self._stage_times(run_id)
+        sources = self._sources(run_id)
         for result in report.stages:
             status = f"skipped: {result.skipped}" if result.skipped else "answered"
             if result.descriptions:
                 n = len(result.descriptions)
                 status += f" (first described {n} image{'s' if n > 1 else ''})"
+            asked = {q.id for q in result.questions}
+            made = {q: t for q, t in sources.get(result.stage, {}).items() if q in asked}
             table.add_row(f"{result.stage} {escape(result.name)}", escape(status),
-                          str(len(result.questions)), _seconds(times.get(result.stage)))
+                          str(len(result.questions)), escape(_made(made)),
+                          _seconds(times.get(result.stage)))
         self.console.print(table)
 
     def cmd_stage(self, arg: str) -> None:
@@ -278,7 +305,8 @@ each stage.
         run_id = self._current()
         stage = _stage_number(arg, "/stage N")
         result = self._result(run_id, stage)
-        self._show_stage(_view(result, self._stage_times(run_id).get(stage)))
+        self._show_stage(_view(result, self._stage_times(run_id).get(stage),
+                                 self._sources(run_id).get(stage)))
 
     def cmd_edit(self, arg: str) -> None:
         """Correct an answer of stage N and re-run the later stages as a fork."""
@@ -288,7 +316,8 @@ each stage.
         if not result.answers:
             raise UsageError(f"stage {stage} has no answers to edit "
                              f"({result.skipped or 'not run'})")
-        self._show_stage(_view(result, self._stage_times(run_id).get(stage)))
+        self._show_stage(_view(result, self._stage_times(run_id).get(stage),
+                                 self._sources(run_id).get(stage)))
         choice = self._ask("question to correct (number or id)> ")
         question_id = self._pick(result, choice) if choice else None
         if question_id is None:
@@ -412,7 +441,8 @@ each stage.
             outcome: RunReport | None = None
             for event in events:
                 if event.kind == "stage" and event.result is not None:
-                    view = _view(event.result, event.elapsed_s)
+                    view = _view(event.result, event.elapsed_s,
+                                 self._sources(event.run_id).get(event.result.stage))
                     if view.elapsed_s is not None:
                         self._times[(event.run_id, view.stage)] = view.elapsed_s
                     self._show_stage(view)
@@ -488,6 +518,18 @@ each stage.
         times.update({stage: s for (rid, stage), s in self._times.items() if rid == run_id})
         return times
 
+    def _sources(self, run_id: str | None) -> dict[int, dict[str, str]]:
+        """How each answer of the run was made, by stage and question id, from its trace
+        (:func:`~cxrtrek.graph.trace.answer_sources`); none when there is no trace yet."""
+        from cxrtrek.graph.trace import answer_sources
+
+        if run_id is None:
+            return {}
+        try:
+            return answer_sources(self.agent.trace_records(run_id), run_id)
+        except CXRTrekError:
+            return {}
+
     def _ask(self, prompt: str) -> str:
         """A line typed in answer to ``prompt``, stripped ("" at the end of input)."""
         try:
@@ -543,11 +585,17 @@ each stage.
         for sha, text in view.descriptions:
             self.console.print(f"  [magenta]described[/magenta] image {escape(sha[:12])}: "
                                f"{escape(text)}")
+            made = view.sources.get(f"description-{sha[:12]}")
+            if made:
+                self.console.print(f"     [dim]({escape(made)})[/dim]")
         for n, (qid, question, answer) in enumerate(view.items, start=1):
             self.console.print(f"  {n}. [cyan]\\[{escape(qid)}][/cyan] {escape(question)}")
             why = view.unparsed.get(qid)
             note = f"  [yellow](not parsed: {escape(why)})[/yellow]" if why else ""
             self.console.print(f"     -> {escape(answer)}{note}")
+            made = view.sources.get(qid)
+            if made:
+                self.console.print(f"     [dim]({escape(made)})[/dim]")
 
     def _show_report(self, report: Report) -> None:
         """The report sections and limitations of a run."""

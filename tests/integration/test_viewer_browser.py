@@ -253,6 +253,11 @@ def test_the_file_of_cxrtrek_view_opens_from_a_file_url(page: Browser, tmp_path:
     assert report.status == "completed" and report.run_id is not None
     out = tmp_path / "run.html"
     trace = home / "traces" / f"{report.run_id}.jsonl"
+    # as CXRTrekNet's backend would record it: stage 2's first answer chosen of 7
+    marked = [json.loads(x) for x in trace.read_text(encoding="utf-8").splitlines()]
+    first = next(r for r in marked if r["kind"] == "question" and r["stage"] == 2)
+    first["candidates"] = 7
+    trace.write_text("".join(json.dumps(r) + "\n" for r in marked), encoding="utf-8")
     assert main(["view", str(trace), "--out", str(out), "--home", str(home)]) == 0
     boxes = [b for s in report.stages for a in s.answers if a.parsed.kind == "boxes"
              for b in a.parsed.boxes]
@@ -276,6 +281,10 @@ def test_the_file_of_cxrtrek_view_opens_from_a_file_url(page: Browser, tmp_path:
         assert drawn == pytest.approx([left + box.x1 / 100 * width, top + box.y1 / 100 * height,
                                        left + box.x2 / 100 * width,
                                        top + box.y2 / 100 * height], abs=1.5)
+    made = page.eval("Array.from(document.querySelectorAll('.qa-item .made'))"
+                     ".map(e => [e.closest('.qa-item').dataset.question, e.textContent])")
+    assert made == [[first["question_id"],
+                     "best of 7 candidates by agreement with the description"]]
     assert page.eval("document.querySelectorAll('#image-tabs button').length") == 2
     assert "Impression" in page.eval("document.querySelector('#report').textContent")
     page.eval("document.querySelector('.stage[data-stage=\"3\"] .trace-btn').click()")

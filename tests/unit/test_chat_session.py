@@ -196,6 +196,37 @@ def test_stages_show_what_describe_then_answer_wrote(tmp_path: Path, study: Stud
     assert current[:12] not in five
 
 
+class _Marked(ScriptedBackend):
+    """Scripted answers, each detection marked as quoting its box from the description and
+    each free-text one as chosen among three candidates (as CXRTrekNet's backend marks
+    them)."""
+
+    async def generate(self, requests: Sequence[VLMRequest]) -> list[VLMResponse]:
+        out = await super().generate(requests)
+        return [r.model_copy(update={"quoted": ["heart"]} if q.qtype == "detection" else
+                             {"candidates": 3} if q.qtype == "captioning" else {})
+                for q, r in zip(requests, out, strict=True)]
+
+
+def test_stages_show_how_each_answer_was_made(tmp_path: Path, study: Study) -> None:
+    from cxrtrek.backends.registry import _plausible
+
+    agent = CXRTrekAgent(_Marked(_plausible),
+                         settings=AgentSettings(home=str(tmp_path / "home")))
+    t = Transcript(agent, ["/stages", "/stage 3"])
+    assert t.run(study) == 0
+    table, stage = _after_reading(t.text).split(PROMPT)[:2]
+    assert "answers made" in table
+    [row] = [line for line in table.splitlines() if "3 Attributes" in line]
+    assert "4 checked, 2 boxes quoted" in row  # four free-text questions, two detections
+    lines = stage.splitlines()
+    located = [i for i, line in enumerate(lines) if "<|ref|>" in line]
+    assert len(located) == 2
+    assert all(lines[i + 1] == "     (boxes quoted from the description: heart)"
+               for i in located)
+    assert lines.count("     (best of 3 candidates by agreement with the description)") == 4
+
+
 def test_edit_forks_shows_the_diff_and_switches_the_current_run(
         agent: CXRTrekAgent, study: Study) -> None:
     t = Transcript(agent, ["/edit 2", "1", "No abnormality.", "/report"])

@@ -5,7 +5,8 @@ The document (``format`` 1)::
 
     {"format": 1, "run_id", "status", "study_id", "indication", "model_id", "forked_from",
      "images": [{"index", "name", "role", "view", "sha256", "url"}],   # url: null when absent
-     "stages": [StageResult as JSON + {"title", "elapsed_s", "reviewed": [question ids]}],
+     "stages": [StageResult as JSON + {"title", "elapsed_s", "reviewed": [question ids],
+                "sources": {question id: how the backend made the answer}}],
      "boxes": [OverlayBox.to_json()], "review": pending review or null,
      "report": {"findings", "impression", "limitations"} or null, "error": {...} or null,
      "trace": [trace records as JSON]}
@@ -32,6 +33,7 @@ from cxrtrek.graph.trace import (
     RunRecord,
     StageRecord,
     TraceRecord,
+    answer_sources,
 )
 from cxrtrek.schema import Answer, ImageRef, Question, Report, StageResult, Study
 from cxrtrek.stages import STAGES
@@ -126,12 +128,14 @@ def run_document(*, run_id: str, status: str, stages: Sequence[StageResult],
     for rec in records:
         if isinstance(rec, ReviewRecord) and rec.run_id == run_id:
             reviewed.setdefault(rec.stage, []).append(rec.question_id)
+    sources = answer_sources(records, run_id)
     stage_docs = []
     for result in sorted(stages, key=lambda r: r.stage):
         doc = result.model_dump(mode="json")
         doc.update(title=_TITLES.get(result.stage, result.name),
                    elapsed_s=None if result.skipped else latencies.get(result.stage),
-                   reviewed=reviewed.get(result.stage, []))
+                   reviewed=reviewed.get(result.stage, []),
+                   sources=sources.get(result.stage, {}))
         stage_docs.append(doc)
     end = next((r for r in records if isinstance(r, EndRecord) and r.run_id == run_id), None)
     report_doc: dict[str, Any] | None = None

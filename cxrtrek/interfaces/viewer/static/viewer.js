@@ -471,7 +471,7 @@
     var out = {};
     Object.keys(state.live).forEach(function (n) { out[n] = state.live[n]; });
     ((state.doc && state.doc.stages) || []).forEach(function (s) {
-      out[s.stage] = { result: s, elapsed_s: s.elapsed_s, reviewed: s.reviewed,
+      out[s.stage] = { result: s, elapsed_s: s.elapsed_s, reviewed: s.reviewed, sources: s.sources,
         arrived: state.live[s.stage] ? state.live[s.stage].arrived : false };
     });
     return out;
@@ -517,6 +517,7 @@
     var texts = {};
     result.questions.forEach(function (q) { texts[q.id] = q.text; });
     var reviewed = item.reviewed || [];
+    var sources = item.sources || {};
     var qa = h('ul', { cls: 'qa' });
     result.answers.forEach(function (answer) {
       var qid = answer.question_id;
@@ -525,7 +526,8 @@
       canEdit ? h('button', { type: 'button', cls: 'small plain edit-btn', text: 'correct',
         onclick: function () { openEditor(row, n, qid, answer.text); } }) : null,
       h('div', { cls: 'q', text: texts[qid] || qid }),
-      h('div', { cls: 'a' }, answer.text, reviewed.indexOf(qid) >= 0 ? h('span', { cls: 'tag', text: 'corrected' }) : null));
+      h('div', { cls: 'a' }, answer.text, reviewed.indexOf(qid) >= 0 ? h('span', { cls: 'tag', text: 'corrected' }) : null),
+      sources[qid] ? h('div', { cls: 'made', text: sources[qid] }) : null);
       qa.appendChild(row);
     });
     card.appendChild(qa);
