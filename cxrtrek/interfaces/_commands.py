@@ -326,6 +326,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     backend = load_backend(serve_spec(args.model), options=BackendOptions(
         device=args.device, dtype=args.dtype, max_batch_size=settings.max_batch_size,
         cache_size=settings.cache_size, prefix_cache_size=args.prefix_cache,
-        dialect=args.dialect))
+        dialect=args.dialect, dense_head=args.dense_head, quote_boxes=args.quote_boxes,
+        free_text_samples=args.free_text_samples))
     serve(backend, settings)
     return EXIT_OK

@@ -540,6 +540,9 @@ def serve_cmd(
         "--threads", metavar="N",
         help="torch CPU threads of each operation (prompts and decoding run in two worker "
              "threads at once, so 1 already keeps two cores busy)")] = None,
+    dense_head: DenseHeadOpt = None,
+    quote_boxes: QuoteBoxesOpt = None,
+    free_text_samples: FreeTextSamplesOpt = None,
 ) -> int:
     """Serve a model over HTTP (OpenAI-compatible chat completions) on a GPU host: CXRTrekNet
     or any transformers image-text-to-text model (hf:PATH).

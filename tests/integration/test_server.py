@@ -460,6 +460,20 @@ def test_other_bind_addresses_need_a_token(capsys: pytest.CaptureFixture[str]) -
     assert "expected a bearer token" in capsys.readouterr().err
 
 
+def test_serve_passes_the_reading_settings_to_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cxrtrek.serve import app
+
+    served: list[Any] = []
+    monkeypatch.setattr(app, "serve", lambda backend, settings: served.append(backend))
+    assert main(["serve", "--model", "tiny", "--no-dense-head", "--quote-boxes",
+                 "--free-text-samples", "3"]) == 0
+    assert main(["serve", "--model", "tiny"]) == 0
+    [given, default] = served
+    assert isinstance(given, InProcessBackend) and isinstance(default, InProcessBackend)
+    assert (given.dense_head, given.quote_boxes, given.free_text_samples) == (False, True, 3)
+    assert (default.quote_boxes, default.free_text_samples) == (False, 0)  # the model's own
+
+
 # --- queue, timeouts, shutdown (a slow fake backend behind the real server) ----------------
 
 
