@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hold-closed", action=argparse.BooleanOptionalAction, default=None,
                         help="closed questions that the model's own image descriptions "
                         "decide are answered from them (default: as the checkpoint prefers)")
+    parser.add_argument("--assemble-reports", action=argparse.BooleanOptionalAction,
+                        default=None, help="a report no candidate agrees with the model's "
+                        "own description is assembled from the candidates' sentences that "
+                        "do (default: as the checkpoint prefers)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
@@ -60,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                            constrain_choices=args.constrain_choices,
                            dense_head=args.dense_head, quote_boxes=args.quote_boxes,
                            free_text_samples=args.free_text_samples,
-                           hold_closed=args.hold_closed)
+                           hold_closed=args.hold_closed,
+                           assemble_reports=args.assemble_reports)
     if args.json is not None:
         args.json.write_text(json.dumps(ev.as_dict(), indent=1) + "\n")
     sys.stdout.write(format_markdown(ev))

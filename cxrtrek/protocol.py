@@ -134,6 +134,10 @@ class VLMResponse(BaseModel):
     """The answer was read from the question's images' descriptions (the model's own,
     written from the images alone), which decide it, rather than asked of the language
     model (a CXRTrekNet backend with ``hold_closed``); None: the model answered."""
+    assembled: int | None = None
+    """A report that no candidate agreed with its image's description, assembled from the
+    candidates' sentences that do (a CXRTrekNet backend with ``assemble_reports``): how many
+    of its sentences came from other candidates than the best one; None: not assembled."""
 
 
 @runtime_checkable

@@ -9,6 +9,8 @@ take the boxes of its own image descriptions; ``--no-quote-boxes`` leaves the ru
 ``free_text_samples`` (``--free-text-samples N``, default 6: its free-text answers are held to
 its own image descriptions; 0 leaves the run's setting) and ``hold_closed`` (closed questions
 that its own image descriptions decide are answered from them; ``--no-hold-closed`` leaves the
+run's setting) and ``assemble_reports`` (a report none of its candidates agrees with its own
+description is assembled from their sentences that do; ``--no-assemble-reports`` leaves the
 run's setting).
 ``--dense-head VISION_DIR/vision_dense_head.pt
 --dense-kinds RULES.json`` attaches the dense head that phase 1 trained beside the tower (the
@@ -46,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="set free_text_samples in the shipped config (0: leave it)")
     parser.add_argument("--hold-closed", action=argparse.BooleanOptionalAction,
                         default=True, help="set hold_closed in the shipped config")
+    parser.add_argument("--assemble-reports", action=argparse.BooleanOptionalAction,
+                        default=True, help="set assemble_reports in the shipped config")
     parser.add_argument("--dense-head", type=Path, metavar="PT",
                         help="phase 1's vision_dense_head.pt, trained on this model's tower")
     parser.add_argument("--dense-kinds", type=Path, metavar="JSON",
@@ -64,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         model.config.free_text_samples = args.free_text_samples
     if args.hold_closed:
         model.config.hold_closed = True
+    if args.assemble_reports:
+        model.config.assemble_reports = True
     if args.dense_head is not None:
         state = torch.load(args.dense_head, map_location="cpu", weights_only=True)
         model.attach_dense_head(state, json.loads(args.dense_kinds.read_text()))

@@ -66,6 +66,25 @@ model's; the description it is held to is the model's too, written from the imag
 demo checkpoint's small language model composes free text that often names findings its own
 description says are absent (its card has the figures).
 
+*Reports assembled from agreeing sentences.* With ``assemble_reports`` too (by default the
+model config's ``assemble_reports``), a report (a stage-8 answer) whose best candidate still
+disagrees with the description is assembled from the candidates' own sentences
+(:func:`~cxrtrek.prompts.agreement.assembled`): the best candidate's sentences that name no
+finding against the description, then, for each finding the description says is there and
+none of those names, the first sentence of another candidate that names it so; the
+response says how many sentences came from other candidates (``assembled``). Every sentence
+is one the model wrote; the samples of a small model each get some findings right, rarely
+all of them.
+
+*Closed answers held to the descriptions.* With ``hold_closed`` (by default the model config's
+``hold_closed``), a closed question (yes/no, single or multiple choice) of a stage after the
+first, asked greedily after its images' descriptions, that those descriptions decide is
+answered from them (:func:`~cxrtrek.prompts.closed.held_answer`) without the language model
+(``held=True`` in the response): whether a finding is there, its side, zone or size, whether
+the film is normal, which listed findings are present, how a finding changed since the prior
+image. The rest are asked as before, in their place. The descriptions are the model's, so
+its closed answers cannot contradict its own reading of the image.
+
 *Free questions.* CXRTrekNet's chat starts every user turn with a stage token, and a request
 may come without a stage (a plain OpenAI request to ``cxrtrek serve``, or a context pair of
 one). Such a question is rendered at :data:`FREE_QUESTION_STAGE`, stage 8, always: it is the
@@ -117,6 +136,8 @@ log = logging.getLogger(__name__)
 
 FREE_QUESTION_STAGE = 8
 """The stage token a question without a stage is rendered with (see the module docstring)."""
+REPORT_STAGE = 8
+"""The stage whose free-text answers ``assemble_reports`` may assemble (the report)."""
 FREE_TEXT_TEMPERATURE = 0.8
 """The sampling temperature of the extra free-text candidates (``free_text_samples``)."""
 MAX_RANKED_OPTIONS = 6
@@ -143,7 +164,8 @@ class InProcessBackend:
                  continuous: bool = True, constrain_choices: bool | None = None,
                  dense_head: bool | None = None, quote_boxes: bool | None = None,
                  free_text_samples: int | None = None,
-                 hold_closed: bool | None = None) -> None:
+                 hold_closed: bool | None = None,
+                 assemble_reports: bool | None = None) -> None:
         if max_batch_size < 1:
             raise DataError(f"max_batch_size must be at least 1; got {max_batch_size}")
         if cache_size < 0:
@@ -184,6 +206,10 @@ class InProcessBackend:
                             if hold_closed is None else hold_closed)
         """Closed questions that the images' descriptions decide are answered from them (see
         the module's docstring)."""
+        self.assemble_reports = (bool(getattr(model.config, "assemble_reports", False))
+                                 if assemble_reports is None else assemble_reports)
+        """A report (stage 8) that no candidate agrees with its description is assembled from
+        the candidates' sentences that do (see the module's docstring)."""
         self.ranked = 0
         """Requests answered by ranking their choices."""
         self.cache_size = cache_size
@@ -219,7 +245,8 @@ class InProcessBackend:
              dense_head: bool | None = None,
              quote_boxes: bool | None = None,
              free_text_samples: int | None = None,
-             hold_closed: bool | None = None) -> InProcessBackend:
+             hold_closed: bool | None = None,
+             assemble_reports: bool | None = None) -> InProcessBackend:
         """Load a saved CXRTrekNet folder (device and dtype automatic unless given)."""
         from cxrtrek.model.build import load_pretrained
 
@@ -229,7 +256,8 @@ class InProcessBackend:
                    share_prefix=share_prefix, prefix_cache_size=prefix_cache_size,
                    continuous=continuous, constrain_choices=constrain_choices,
                    dense_head=dense_head, quote_boxes=quote_boxes,
-                   free_text_samples=free_text_samples, hold_closed=hold_closed)
+                   free_text_samples=free_text_samples, hold_closed=hold_closed,
+                   assemble_reports=assemble_reports)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the decode loop's threads (calls still waiting end with a
@@ -376,7 +404,7 @@ class InProcessBackend:
         """``responses`` with each redrawn request's answer the candidate (its greedy answer
         first, then its samples, in ``drawn``'s order) that agrees best with its first image's
         description; a checked answer that agreed as it was says so (``candidates=1``)."""
-        from cxrtrek.prompts.agreement import disagreement
+        from cxrtrek.prompts.agreement import assembled, disagreement
         from cxrtrek.prompts.notes import context_descriptions
 
         out = list(responses)
@@ -389,8 +417,15 @@ class InProcessBackend:
             candidates = [responses[i], *(next(rest) for _ in copies)]
             best = min(range(len(candidates)),
                        key=lambda k: (disagreement(candidates[k].text, description), k))
-            out[i] = candidates[best].model_copy(update={
-                "request_id": requests[i].request_id, "candidates": len(candidates)})
+            update: dict[str, object] = {"request_id": requests[i].request_id,
+                                         "candidates": len(candidates)}
+            if (self.assemble_reports and requests[i].stage == REPORT_STAGE
+                    and disagreement(candidates[best].text, description) != (0, 0)):
+                ordered = [candidates[best], *(c for k, c in enumerate(candidates) if k != best)]
+                text, added = assembled([c.text for c in ordered], description)
+                if text != candidates[best].text:
+                    update.update(text=text, assembled=added)
+            out[i] = candidates[best].model_copy(update=update)
         return out
 
     def choices(self, request: VLMRequest) -> list[str] | None:

@@ -143,6 +143,11 @@ class BackendOptions:
     """An in-process CXRTrekNet answers a closed question that its own descriptions of the
     images decide from those descriptions (see :mod:`cxrtrek.backends.inprocess`). None: the
     model's own preference (``hold_closed`` in its config)."""
+    assemble_reports: bool | None = None
+    """An in-process CXRTrekNet assembles a report that none of its free-text candidates
+    agrees with its own description from their sentences that do (see
+    :mod:`cxrtrek.backends.inprocess`). None: the model's own preference
+    (``assemble_reports`` in its config)."""
 
 
 class BackendInfo(BaseModel):
@@ -164,6 +169,7 @@ class BackendInfo(BaseModel):
     quote_boxes: bool | None = None
     free_text_samples: int | None = None
     hold_closed: bool | None = None
+    assemble_reports: bool | None = None
 
     @classmethod
     def of(cls, backend: VLMBackend, spec: str | None = None,
@@ -174,18 +180,20 @@ class BackendInfo(BaseModel):
                    dtype=_auto(options.dtype), constrain_choices=options.constrain_choices,
                    dense_head=options.dense_head, quote_boxes=options.quote_boxes,
                    free_text_samples=options.free_text_samples,
-                   hold_closed=options.hold_closed)
+                   hold_closed=options.hold_closed,
+                   assemble_reports=options.assemble_reports)
 
     def options(self, base: BackendOptions | None = None) -> BackendOptions:
         """``base`` (default options) with this run's dialect, device, dtype, choice
-        constraint, dense head, box quoting, free-text samples and closed answers held to the
-        descriptions."""
+        constraint, dense head, box quoting, free-text samples, closed answers held to the
+        descriptions and assembled reports."""
         from dataclasses import replace
 
         return replace(base or BackendOptions(), dialect=self.dialect, device=self.device,
                        dtype=self.dtype, constrain_choices=self.constrain_choices,
                        dense_head=self.dense_head, quote_boxes=self.quote_boxes,
-                       free_text_samples=self.free_text_samples, hold_closed=self.hold_closed)
+                       free_text_samples=self.free_text_samples, hold_closed=self.hold_closed,
+                       assemble_reports=self.assemble_reports)
 
     def same_backend(self, other: BackendInfo) -> bool:
         """Whether ``other`` answers as this one does: the same spec and dialect (the model
@@ -227,7 +235,7 @@ def _inprocess(target: str, options: BackendOptions, model_id: str | None = None
             prefix_cache_size=options.prefix_cache_size,
             constrain_choices=options.constrain_choices, dense_head=options.dense_head,
             quote_boxes=options.quote_boxes, free_text_samples=options.free_text_samples,
-            hold_closed=options.hold_closed)
+            hold_closed=options.hold_closed, assemble_reports=options.assemble_reports)
     if target in ("tiny", "demo"):
         import torch
 
@@ -244,7 +252,8 @@ def _inprocess(target: str, options: BackendOptions, model_id: str | None = None
                                 dense_head=options.dense_head,
                                 quote_boxes=options.quote_boxes,
                                 free_text_samples=options.free_text_samples,
-                                hold_closed=options.hold_closed)
+                                hold_closed=options.hold_closed,
+                                assemble_reports=options.assemble_reports)
     raise ConfigError(f"inprocess backend: {target!r} is not a model folder (nor the preset "
                       "tiny or demo, random weights)")
 

@@ -220,7 +220,8 @@ def evaluate_phantoms(model_dir: str | Path, data: str | Path, *, max_studies: i
                       dense_head: bool | None = None,
                       quote_boxes: bool | None = None,
                       free_text_samples: int | None = None,
-                      hold_closed: bool | None = None) -> PhantomEval:
+                      hold_closed: bool | None = None,
+                      assemble_reports: bool | None = None) -> PhantomEval:
     """Evaluate the model folder on a phantom dataset (``phantoms.json`` with ``truth.jsonl``).
 
     ``describe``: ask every question by describe-then-answer, as a reading does (the model
@@ -233,7 +234,9 @@ def evaluate_phantoms(model_dir: str | Path, data: str | Path, *, max_studies: i
     boxes of their image's description (same class); ``free_text_samples``: reports are chosen
     among the greedy one and this many samples by agreement with the description (same
     class); ``hold_closed``: closed questions that the descriptions decide are answered from
-    them (same class); None: as the checkpoint prefers."""
+    them (same class); ``assemble_reports``: a report no candidate agrees with the description
+    is assembled from their sentences that do (same class); None: as the checkpoint
+    prefers."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from cxrtrek.backends.inprocess import InProcessBackend
@@ -249,7 +252,8 @@ def evaluate_phantoms(model_dir: str | Path, data: str | Path, *, max_studies: i
                                     constrain_choices=constrain_choices,
                                     dense_head=dense_head, quote_boxes=quote_boxes,
                                     free_text_samples=free_text_samples,
-                                    hold_closed=hold_closed)
+                                    hold_closed=hold_closed,
+                                    assemble_reports=assemble_reports)
 
     requests, meta = build_requests(studies, truths, max_closed=max_closed)
     if describe is None:

@@ -151,6 +151,11 @@ class EvalConfig(BaseModel):
     """An in-process model answers a closed question that its own image descriptions decide
     from them (:attr:`~cxrtrek.backends.registry.BackendOptions.hold_closed`); None: as the
     model prefers."""
+    assemble_reports: bool | None = None
+    """An in-process model assembles a report that no candidate agrees with its image
+    description from their sentences that do
+    (:attr:`~cxrtrek.backends.registry.BackendOptions.assemble_reports`); None: as the model
+    prefers."""
     top_k: int | None = Field(default=None, ge=1)
     """Context items of the ``retrieved`` policy (default: the run settings' own)."""
 
@@ -262,7 +267,7 @@ def make_backend(spec: str, config: EvalConfig | None = None) -> VLMBackend:
         device=config.device, dtype=config.dtype, dialect=config.dialect,
         constrain_choices=config.constrain_choices, dense_head=config.dense_head,
         quote_boxes=config.quote_boxes, free_text_samples=config.free_text_samples,
-        hold_closed=config.hold_closed)
+        hold_closed=config.hold_closed, assemble_reports=config.assemble_reports)
     return load_backend(spec, None, options=options)
 
 

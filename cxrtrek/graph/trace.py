@@ -165,6 +165,10 @@ class QuestionRecord(BaseRecord):
     held: bool | None = None
     """The answer was read from the question's images' descriptions, which decide it, rather
     than asked of the language model (:attr:`~cxrtrek.protocol.VLMResponse.held`)."""
+    assembled: int | None = None
+    """The report was assembled from its candidates' sentences that agree with the
+    description: how many came from other candidates than the best one
+    (:attr:`~cxrtrek.protocol.VLMResponse.assembled`; None: not assembled)."""
     images: list[str | None] = Field(default_factory=list)
     context: list[ContextRef] = Field(default_factory=list)
     context_used: int | None = None
@@ -202,6 +206,9 @@ def answer_source(record: QuestionRecord) -> str | None:
         parts.append("dense head wrote: " + ", ".join(record.vision_head))
     elif record.vision_head:
         parts.append("dense head's box: " + ", ".join(record.vision_head))
+    if record.assembled is not None:
+        parts.append(f"assembled from the candidates' sentences that agree with the "
+                     f"description ({record.assembled} added)")
     if record.candidates == 1:
         parts.append("agrees with the description")
     elif record.candidates:

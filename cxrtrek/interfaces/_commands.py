@@ -327,6 +327,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         device=args.device, dtype=args.dtype, max_batch_size=settings.max_batch_size,
         cache_size=settings.cache_size, prefix_cache_size=args.prefix_cache,
         dialect=args.dialect, dense_head=args.dense_head, quote_boxes=args.quote_boxes,
-        free_text_samples=args.free_text_samples))
+        free_text_samples=args.free_text_samples, assemble_reports=args.assemble_reports))
     serve(backend, settings)
     return EXIT_OK

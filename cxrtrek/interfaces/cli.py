@@ -161,6 +161,11 @@ HoldClosedOpt = Annotated[bool | None, typer.Option(
     help="in process: a closed question that the model's own descriptions of the images "
          "decide (whether a finding is there, its side, zone or size, how it changed) is "
          "answered from them (default: as the model prefers; the demo checkpoint does)")]
+AssembleReportsOpt = Annotated[bool | None, typer.Option(
+    "--assemble-reports/--no-assemble-reports",
+    help="in process, with free-text samples: a report that no candidate agrees with the "
+         "model's own description of the image is assembled from the candidates' sentences "
+         "that do (default: as the model prefers; the demo checkpoint does)")]
 Prior = Annotated[list[Path] | None, typer.Option(
     "--prior", metavar="PATH", help="an image (or folder) of the prior study; repeatable")]
 Indication = Annotated[str | None, typer.Option(
@@ -198,13 +203,14 @@ def _backend_options(device: str | None, dtype: str | None, dialect: str | None,
                      dense_head: bool | None = None,
                      quote_boxes: bool | None = None,
                      free_text_samples: int | None = None,
-                     hold_closed: bool | None = None) -> BackendOptions:
+                     hold_closed: bool | None = None,
+                     assemble_reports: bool | None = None) -> BackendOptions:
     from cxrtrek.backends.registry import BackendOptions
 
     return BackendOptions(device=device, dtype=dtype, dialect=dialect,
                           constrain_choices=constrain_choices, dense_head=dense_head,
                           quote_boxes=quote_boxes, free_text_samples=free_text_samples,
-                          hold_closed=hold_closed)
+                          hold_closed=hold_closed, assemble_reports=assemble_reports)
 
 
 def _stage_list(value: str | None, option: str) -> tuple[int, ...] | None:
@@ -241,6 +247,7 @@ def run_cmd(
     quote_boxes: QuoteBoxesOpt = None,
     free_text_samples: FreeTextSamplesOpt = None,
     hold_closed: HoldClosedOpt = None,
+    assemble_reports: AssembleReportsOpt = None,
     stages: Annotated[str | None, typer.Option(
         "--stages", metavar="1,2,8", help="only these stages (default: all that apply)")] = None,
     review_after: Annotated[str | None, typer.Option(
@@ -289,7 +296,7 @@ def run_cmd(
                    allow_missing_images=allow_missing_images,
                    options=_backend_options(device, dtype, dialect, constrain_choices,
                                             dense_head, quote_boxes, free_text_samples,
-                                            hold_closed),
+                                            hold_closed, assemble_reports),
                    overlay=overlay)
 
 
@@ -467,6 +474,7 @@ def chat_cmd(
     quote_boxes: QuoteBoxesOpt = None,
     free_text_samples: FreeTextSamplesOpt = None,
     hold_closed: HoldClosedOpt = None,
+    assemble_reports: AssembleReportsOpt = None,
     home: Home = None,
     store: Store = None,
 ) -> int:
@@ -482,7 +490,8 @@ def chat_cmd(
     settings = _agent_settings(home=home, context=context, store=store, describe=describe)
     return cmd_chat(images, prior or [], indication, backend, settings, review,
                     _backend_options(device, dtype, dialect, constrain_choices, dense_head,
-                                     quote_boxes, free_text_samples, hold_closed))
+                                     quote_boxes, free_text_samples, hold_closed,
+                                     assemble_reports))
 
 
 # --- serving -------------------------------------------------------------------------------------
@@ -543,6 +552,7 @@ def serve_cmd(
     dense_head: DenseHeadOpt = None,
     quote_boxes: QuoteBoxesOpt = None,
     free_text_samples: FreeTextSamplesOpt = None,
+    assemble_reports: AssembleReportsOpt = None,
 ) -> int:
     """Serve a model over HTTP (OpenAI-compatible chat completions) on a GPU host: CXRTrekNet
     or any transformers image-text-to-text model (hf:PATH).
@@ -922,6 +932,7 @@ def eval_cmd(
     quote_boxes: QuoteBoxesOpt = None,
     free_text_samples: FreeTextSamplesOpt = None,
     hold_closed: HoldClosedOpt = None,
+    assemble_reports: AssembleReportsOpt = None,
     out: Annotated[Path, typer.Option("--out", metavar="DIR", help="output folder")] = Path(
         "eval-results"),
     allow_missing_images: Annotated[bool, typer.Option(

@@ -190,7 +190,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             dialect=args.dialect, describe=args.describe,
             constrain_choices=args.constrain_choices, dense_head=args.dense_head,
             quote_boxes=args.quote_boxes, free_text_samples=args.free_text_samples,
-            hold_closed=args.hold_closed)
+            hold_closed=args.hold_closed, assemble_reports=args.assemble_reports)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = "--" + ".".join(str(p) for p in err["loc"]).replace("_", "-")

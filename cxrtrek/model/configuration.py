@@ -66,6 +66,10 @@ class CXRTrekNetConfig(PretrainedConfig):  # type: ignore[no-untyped-call]
     hold_closed: bool = False
     """Readings answer a closed question that the images' descriptions decide from those
     descriptions (:class:`~cxrtrek.backends.inprocess.InProcessBackend`'s ``hold_closed``)."""
+    assemble_reports: bool = False
+    """Readings assemble a report that none of its ``free_text_samples`` candidates agrees with
+    the image's description from their sentences that do
+    (:class:`~cxrtrek.backends.inprocess.InProcessBackend`'s ``assemble_reports``)."""
     dense_head_kinds: dict[str, list[float]] | None = None
     """Focal finding kinds whose sentences in the model's own image descriptions are written
     from the vision tower's dense per-cell head (presence, then side, zone, size and box from

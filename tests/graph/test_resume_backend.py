@@ -108,7 +108,8 @@ def test_a_switch_of_backend_must_be_asked_for_and_is_traced(
     assert switch.after == {"spec": "scripted", "model_id": "scripted", "dialect": None,
                             "device": None, "dtype": None, "constrain_choices": None,
                             "dense_head": None, "quote_boxes": None,
-                            "free_text_samples": None, "hold_closed": None}
+                            "free_text_samples": None, "hold_closed": None,
+                            "assemble_reports": None}
     models = _models(home, "r1")
     assert models[2] == {"big-model"} and models[3] == {"scripted"}
     assert ("model switched after stage 2: inprocess:/nowhere/model (model big-model) -> "

@@ -75,6 +75,7 @@ def test_demo_checkpoint_quotes_its_boxes_and_holds_its_report_to_its_descriptio
     ref = ImageRef(path=str(path))
     backend = InProcessBackend.load(DEMO, device="cpu", dtype="float32", max_batch_size=8)
     assert backend.quote_boxes and backend.free_text_samples == 6 and backend.hold_closed
+    assert backend.assemble_reports
     [described] = backend.generate_sync([VLMRequest(
         request_id="d", stage=2, question=DESCRIBE_QUESTION, images=[ref], max_new_tokens=200)])
     context = [ContextPair(stage=2, question=DESCRIBE_QUESTION, answer=described.text)]

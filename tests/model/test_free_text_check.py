@@ -144,3 +144,31 @@ def test_the_setting_follows_the_config_is_recorded_and_traced(
                 and r.qtype == "captioning" and r.task_type != "description"]
         assert free and all(r.candidates == expected for r in free)
         assert all(r.raw_output == (AGREES if expected else AGAINST) for r in free)
+
+
+def test_a_report_no_candidate_agrees_with_is_assembled_from_agreeing_sentences(
+        tiny: Tiny, image: ImageRef, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cxrtrek.backends.registry import BackendInfo, BackendOptions
+
+    heart = "The heart is mildly enlarged. No pneumothorax."
+    effusion = "Large left pleural effusion. Small right pneumothorax."
+    backend = InProcessBackend(*tiny, free_text_samples=2, assemble_reports=True)
+    calls = _scripted(backend, monkeypatch, {None: AGAINST, 0: heart, 1: effusion})
+    report, relations = backend.generate_sync([_asked(image), _asked(image, "r", stage=4)])
+    # the best candidate (the heart's: one finding left out) gains the effusion's sentence
+    # of another candidate, not its pneumothorax
+    assert report.text == "The heart is mildly enlarged. No pneumothorax. Large left pleural " \
+        "effusion."
+    assert (report.assembled, report.candidates) == (1, 3)
+    assert relations.text == heart and relations.assembled is None  # only the report
+    assert len(calls) == 2  # the samples of both in one batch, nothing more
+    # off (by default) the best candidate stays whole
+    plain = InProcessBackend(*tiny, free_text_samples=2)
+    _scripted(plain, monkeypatch, {None: AGAINST, 0: heart, 1: effusion})
+    [whole] = plain.generate_sync([_asked(image)])
+    assert whole.text == heart and whole.assembled is None
+    model, processor = tiny
+    model.config.assemble_reports = True
+    assert InProcessBackend(model, processor).assemble_reports
+    info = BackendInfo.of(plain, "inprocess:x", BackendOptions(assemble_reports=False))
+    assert info.assemble_reports is False and info.options().assemble_reports is False

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from cxrtrek.prompts.agreement import described_findings, disagreement, mentioned_findings
+from cxrtrek.prompts.agreement import (
+    assembled,
+    described_findings,
+    disagreement,
+    mentioned_findings,
+)
 
 DESCRIPTION = ("PA view. Cardiomegaly: mild. Pulmonary edema: no. Pleural effusion: left lower "
                "large <|box|>(58.75, 36.88), (85.62, 65.62)<|/box|>. Pneumothorax: no. "
@@ -47,3 +52,40 @@ def test_disagreement_counts_contradictions_then_omissions() -> None:
     assert disagreement(agrees + " Right lower consolidation.", DESCRIPTION) == (0, 0)
     assert disagreement("The lungs are clear.", "PA view. Heart <|box|>(1, 2), (3, 4)<|/box|>.") \
         == (0, 0)
+
+
+def test_a_report_is_assembled_from_the_candidates_agreeing_sentences() -> None:
+    best = ("The lungs are clear. No pleural effusion. No pneumothorax. Heart size is normal. "
+            "No acute bony abnormality. Compared with the prior study, the effusion is new.")
+    others = ["A large left pleural effusion. Heart size is normal. Small right pneumothorax.",
+              "The heart is mildly enlarged. A moderate left pleural effusion.",
+              "An endotracheal tube with its tip 4 cm above the carina."]
+    text, added = assembled([best, *others], DESCRIPTION)
+    # the best candidate's sentences against the description go; each finding the
+    # description names, missing, comes from the first candidate that says it (in the
+    # description's order), once; the comparison stays at the end
+    assert text == ("The lungs are clear. No pneumothorax. No acute bony abnormality. The heart "
+                    "is mildly enlarged. A large left pleural effusion. An endotracheal tube "
+                    "with its tip 4 cm above the carina. Compared with the prior study, the "
+                    "effusion is new.")
+    assert added == 3
+    assert disagreement(text.split(" Compared")[0], DESCRIPTION) == (0, 0)
+    # every sentence is one a candidate wrote
+    written = {x.strip() for c in (best, *others) for x in c.replace(". ", ".|").split("|")}
+    assert all(x.strip() in written for x in text.replace(". ", ".|").split("|"))
+    # an agreeing answer stays as it was; no candidate saying a finding leaves it out
+    agreeing = "The heart is mildly enlarged. A large left pleural effusion."
+    assert assembled([agreeing + " An endotracheal tube is present.", best], DESCRIPTION) == (
+        agreeing + " An endotracheal tube is present.", 0)
+    assert assembled([best], DESCRIPTION) == (
+        "The lungs are clear. No pneumothorax. No acute bony abnormality. Compared with the "
+        "prior study, the effusion is new.", 0)
+
+
+def test_an_assembled_full_report_keeps_its_sections() -> None:
+    best = "Findings: Heart size is normal. No pneumothorax. Impression: No acute findings."
+    other = "Findings: A large left pleural effusion. Impression: Effusion."
+    text, added = assembled([best, other], DESCRIPTION)
+    assert text == ("Findings: No pneumothorax. A large left pleural effusion. Impression: No "
+                    "acute findings.")
+    assert added == 1

@@ -30,7 +30,7 @@ LINES = [
     '"request_id":"r1/2/q1","task_type":"Findings_Identification","qtype":"yes_no",'
     '"question":"Any?","options":[],"target":null,"prompt":"P","prompt_sha256":"' + "0" * 64
     + '","dialect":"cxrtrek","constrained":null,"vision_head":null,"quoted":null,'
-    '"candidates":null,"held":null,"images":[],'
+    '"candidates":null,"held":null,"assembled":null,"images":[],'
     '"context":[{"id":"1:q0","score":0.5}],'
     '"context_used":null,"model_id":"m","decoding":{"temperature":null,"top_p":null,'
     '"seed":null},"max_new_tokens":8,"raw_output":"Yes.","parsed":{"kind":"unparsed",'
@@ -129,6 +129,7 @@ def test_answer_sources_say_how_each_answer_was_made() -> None:
     ranked = base.model_copy(update={"stage": 3, "question_id": "q3", "constrained": True})
     chosen = base.model_copy(update={"stage": 8, "question_id": "q4", "candidates": 7})
     agreed = chosen.model_copy(update={"question_id": "q5", "candidates": 1})
+    pieced = chosen.model_copy(update={"question_id": "q7", "assembled": 2})
     boxed = base.model_copy(update={"stage": 3, "question_id": "q6",
                                     "quoted": ["pulmonary nodule"],
                                     "vision_head": ["pulmonary nodule"]})
@@ -140,8 +141,8 @@ def test_answer_sources_say_how_each_answer_was_made() -> None:
                                     "dense head's box: pulmonary nodule")
     assert answer_source(described) == "dense head wrote: nodule, mass"
     other_run = chosen.model_copy(update={"run_id": "r2", "candidates": 2})
-    sources = answer_sources([held, plain, ranked, chosen, agreed, boxed, described, other_run],
-                             "r1")
+    sources = answer_sources([held, plain, ranked, chosen, agreed, pieced, boxed, described,
+                              other_run], "r1")
     assert sources == {
         1: {"d": "dense head wrote: nodule, mass"},
         2: {"q1": "read from the image descriptions"},
@@ -149,6 +150,8 @@ def test_answer_sources_say_how_each_answer_was_made() -> None:
             "q6": "boxes quoted from the description: pulmonary nodule; dense head's box: "
                   "pulmonary nodule"},
         8: {"q4": "best of 7 candidates by agreement with the description",
-            "q5": "agrees with the description"}}
+            "q5": "agrees with the description",
+            "q7": "assembled from the candidates' sentences that agree with the description (2 "
+                  "added); best of 7 candidates by agreement with the description"}}
     # a question asked again keeps its last answer's source (none: forgotten)
     assert answer_sources([held, base], "r1") == {2: {}}
