@@ -120,15 +120,22 @@ def _yes_no(q: str, findings: dict[str, _Finding], named: list[_Finding]) -> boo
         if re.search(r"\bnormal\b", q):
             return not any(f.present for f in findings.values() if f.name not in _DEVICES)
         return None
-    side = re.search(r"\b(right|left) side\b", q)
-    if side is not None:
+    side = re.search(r"\b(right|left)\b", q)
+    zone = re.search(r"\b(upper|middle|lower)\b", q)
+    if side is not None or zone is not None:  # "on the left side", "in the right lower zone"
         if len(named) != 1:
             return None
         f = named[0]
         if not f.present:  # "is there X on the left side?" no; "is the X on the left?" unknown
             return False if re.match(r"(is|are) there\b", q) else None
-        where = f.side()
-        return None if where is None else where in (side.group(1), "bilateral")
+        checks = []
+        if side is not None:
+            where = f.side()
+            checks.append(None if where is None else where in (side.group(1), "bilateral"))
+        if zone is not None:
+            height = f.zone()
+            checks.append(None if height is None else height == zone.group(1))
+        return None if None in checks else all(checks)
     if _PRESENCE.search(q) is None:
         return None
     if any(f.present for f in named):

@@ -125,3 +125,15 @@ def test_true_descriptions_answer_every_phantom_question_they_decide_rightly() -
                   "options": item.option_list or []}
             assert parse_answer(answer, **kw) == parse_answer(item.answer, **kw), item.question
     assert asked > 300 and decided / asked > 0.9
+
+
+@pytest.mark.parametrize(("question", "answer"), [
+    ("Is there a right pleural effusion?", "No."),  # it is on the left
+    ("Is there a left pleural effusion?", "Yes."),
+    ("Is there consolidation in the right lower zone?", "Yes."),
+    ("Is there consolidation in the right upper zone?", "No."),
+    ("Is the tip of the central venous catheter in the right atrium?", None),  # no side said
+    ("Is the heart size normal?", None),  # names cardiomegaly, asks no presence
+])
+def test_a_side_or_zone_a_question_names_must_match(question: str, answer: str | None) -> None:
+    assert held_answer(question, "yes_no", [], ONE) == answer
