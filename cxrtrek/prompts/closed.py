@@ -198,8 +198,8 @@ def _multi(texts: Sequence[str], findings: dict[str, _Finding]) -> list[int] | N
             none = i
             continue
         which = [f for name, f in findings.items() if _named(name, t)]
-        if len(which) != 1:
-            return None
+        if len(which) != 1 or (which[0].name in _DEVICES and not which[0].present):
+            return None  # (a device described absent may be one the description cannot see)
         if which[0].present:
             present.append(i)
     if present:

@@ -92,6 +92,11 @@ def test_multiple_choice_of_present_findings() -> None:
     # an option the description has no sentence for: not decided
     assert held_answer(asked, "multi-choice-2", ["A. Pneumothorax", "B. Hiatus hernia"],
                        ONE) is None
+    # a device described absent is not ruled out; one described present is chosen
+    assert held_answer(asked, "multi-choice-2", ["A. Pleural effusion", "B. Endotracheal tube"],
+                       ONE) is None
+    assert held_answer(asked, "multi-choice-2", ["A. Pneumothorax", "B. Central venous catheter"],
+                       ONE) == "B. Central venous catheter."
 
 
 def test_other_questions_and_no_description_are_left_to_the_model() -> None:
