@@ -415,12 +415,12 @@ class InProcessBackend:
                 continue
             description = context_descriptions(requests[i].context)[0][1]
             candidates = [responses[i], *(next(rest) for _ in copies)]
-            best = min(range(len(candidates)),
-                       key=lambda k: (disagreement(candidates[k].text, description), k))
+            scores = [disagreement(c.text, description) for c in candidates]
+            best = min(range(len(candidates)), key=lambda k: (scores[k], k))
             update: dict[str, object] = {"request_id": requests[i].request_id,
                                          "candidates": len(candidates)}
             if (self.assemble_reports and requests[i].stage == REPORT_STAGE
-                    and disagreement(candidates[best].text, description) != (0, 0)):
+                    and scores[best] != (0, 0)):
                 ordered = [candidates[best], *(c for k, c in enumerate(candidates) if k != best)]
                 text, added = assembled([c.text for c in ordered], description)
                 if text != candidates[best].text:

@@ -422,13 +422,13 @@ def _restated(request: Any) -> str | None:
     """The findings the current image's description (the model's own, in the request's
     context) says are present, one sentence each: what a report that only restated the
     model's perception would say; None without a description."""
+    from cxrtrek.prompts.closed import current_and_prior
     from cxrtrek.prompts.notes import context_descriptions, described_findings
 
     described = context_descriptions(request.context)
     if not described:
         return None
-    current = next((text for label, text in described if label and "current" in label.lower()),
-                   described[0][1])
+    current, _ = current_and_prior(described)
     present = [name for name, there in described_findings(current).items() if there]
     return " ".join(f"{name[:1].upper()}{name[1:]} is present." for name in present)
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 from cxrtrek.prompts.notes import _abnormal, _named, description_sentences, sentence_name
 
-__all__ = ["held_answer"]
+__all__ = ["current_and_prior", "held_answer"]
 
 _BOXES = re.compile(r"<\|box\|>.*?<\|/box\|>")
 _LABEL = re.compile(r"^[A-H]\.\s*")
@@ -74,7 +74,7 @@ def _option_text(option: str) -> str:
     return _LABEL.sub("", option.strip()).rstrip(".").strip().lower()
 
 
-def _current_and_prior(descriptions: Sequence[tuple[str | None, str]],
+def current_and_prior(descriptions: Sequence[tuple[str | None, str]],
                        ) -> tuple[str, str | None]:
     """The current image's description (the first, or the one labelled current) and the
     prior's (labelled prior or previous), if any."""
@@ -98,7 +98,7 @@ def held_answer(question: str, qtype: str | None, options: Sequence[str],
         return None
     q = question.lower()
     kind = (qtype or "").lower()
-    current, prior = _current_and_prior(descriptions)
+    current, prior = current_and_prior(descriptions)
     findings = _findings(current)
     named = [f for name, f in findings.items() if _named(name, q)]
     if kind == "yes_no":
