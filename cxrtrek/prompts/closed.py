@@ -5,13 +5,15 @@ images (one sentence a finding kind: ``Pleural effusion: left lower small <|box|
 ``Pneumothorax: no.``). Many closed questions are decided by those sentences alone: whether a
 finding is there, on which side, in which zone, how large, whether the film is normal, which
 of listed findings are present, and (with the prior image's description) how a finding
-changed. :func:`held_answer` reads that answer, written as CXRTrek writes answers (``Yes.``,
-``B. Left lower zone.``, ``A. Cardiomegaly, C. Pleural effusion.``), or gives None when the
-descriptions do not decide the question (a device's tip, a finding they call absent while
-the question says it is there, any other question). The descriptions are the model's,
-written from the images alone: the answer restates what the model saw, so a reading's closed
-answers cannot contradict its own description of the image. A description lists two devices
-only, so it never says that there is no device or foreign object of any kind.
+changed, whether there is a device and where its tip lies (``Endotracheal tube: tip low
+<|box|>...``). :func:`held_answer` reads that answer, written as CXRTrek writes answers
+(``Yes.``, ``B. Left lower zone.``, ``A. Cardiomegaly, C. Pleural effusion.``), or gives None
+when the descriptions do not decide the question (a finding they call absent while the
+question says it is there, any other question). The descriptions are the model's, written
+from the images alone: the answer restates what the model saw, so a reading's closed answers
+cannot contradict its own description of the image. A description has a sentence for every
+device kind the model was taught (an endotracheal tube and a central venous catheter): "no
+device or foreign object" is read only from a description that says no to each of them.
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ _PRESENCE = re.compile(r"\b(is there|are there|presence|present|show|shows|seen|
                        r"evidence|any)\b")
 _ZONE_OPTION = re.compile(r"^(right|left) (upper|middle|lower) zone$")
 _NONE_OPTION = re.compile(r"^none\b")
+_TIPS = {"appropriate": re.compile(r"\b(appropriat|satisfactor)"),
+         "low": re.compile(r"\blow\b"), "high": re.compile(r"\bhigh\b"),
+         "svc": re.compile(r"\b(superior vena cava|svc)\b"),
+         "cavoatrial": re.compile(r"\bcavoatrial\b"),
+         "atrium": re.compile(r"\b(right )?atrium\b")}
+"""How an option names each tip position a description writes (``tip svc``)."""
 _CHANGES = (("resolved", re.compile(r"\bresolv")), ("new", re.compile(r"\bnew\b")),
             ("increased", re.compile(r"\b(increas|enlarg|worse)")),
             ("decreased", re.compile(r"\b(decreas|smaller|improv)")),
@@ -63,6 +71,11 @@ class _Finding:
 
     def grade(self) -> str | None:
         return next((w for w in self.words if w in _GRADE_RANK), None)
+
+    def tip(self) -> str | None:
+        """Where a device's tip lies (``tip low``: ``low``)."""
+        words = self.words
+        return next((words[i + 1] for i, w in enumerate(words[:-1]) if w == "tip"), None)
 
 
 def _findings(description: str) -> dict[str, _Finding]:
@@ -140,9 +153,9 @@ def _yes_no(q: str, findings: dict[str, _Finding], named: list[_Finding]) -> boo
         return None
     if any(f.present for f in named):
         return True
-    # A description names two devices; "any device or foreign object" may be another one.
+    # "any device or foreign object": no only when every device kind is described absent
     return None if any(f.name in _DEVICES for f in named) and re.search(
-        r"\b(any|devices|objects)\b", q) else False
+        r"\b(any|devices|objects)\b", q) and not set(findings) >= _DEVICES else False
 
 
 def _single(q: str, texts: Sequence[str], named: list[_Finding],
@@ -154,6 +167,10 @@ def _single(q: str, texts: Sequence[str], named: list[_Finding],
         return _change(texts, f, prior)
     if not f.present:
         return None
+    if f.name in _DEVICES:
+        tip = f.tip()
+        picks = [i for i, t in enumerate(texts) if tip in _TIPS and _TIPS[tip].search(t)]
+        return picks[0] if len(picks) == 1 else None
     if all(_ZONE_OPTION.match(t) for t in texts):
         side, zone = f.side(), f.zone()
         want = f"{side} {zone} zone"
@@ -198,8 +215,8 @@ def _multi(texts: Sequence[str], findings: dict[str, _Finding]) -> list[int] | N
             none = i
             continue
         which = [f for name, f in findings.items() if _named(name, t)]
-        if len(which) != 1 or (which[0].name in _DEVICES and not which[0].present):
-            return None  # (a device described absent may be one the description cannot see)
+        if len(which) != 1:
+            return None
         if which[0].present:
             present.append(i)
     if present:

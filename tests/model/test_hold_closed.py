@@ -118,7 +118,8 @@ def test_the_setting_follows_the_config_is_recorded_and_traced(
         devices = closed["Can you confirm the presence of any medical devices or foreign "
                          "objects in the X-ray"]
         if flag == "--hold-closed":
-            assert cardiomegaly.held and pneumothorax.held and devices.held is None
-            assert (cardiomegaly.raw_output, pneumothorax.raw_output) == ("Yes.", "No.")
+            assert cardiomegaly.held and pneumothorax.held and devices.held
+            assert (cardiomegaly.raw_output, pneumothorax.raw_output,
+                    devices.raw_output) == ("Yes.", "No.", "No.")  # both devices described no
         else:
             assert all(r.held is None and r.raw_output == "Yes." for r in closed.values())

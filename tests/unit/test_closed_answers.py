@@ -33,7 +33,7 @@ CHANGES = ["A. It is new", "B. It has increased", "C. It has decreased", "D. It 
     ("Would you agree that the consolidation is on the left side?", "No."),
     ("Is there a pneumothorax on the right side of the chest?", "No."),
     ("Is this X-ray normal?", "No."),
-    # a device named present decides; its absence does not rule out any other device
+    # a device named present decides
     ("Can you confirm the presence of any medical devices or foreign objects in the X-ray?",
      "Yes."),
     ("Is there an endotracheal tube in the X-ray?", "No."),
@@ -52,11 +52,42 @@ def test_yes_no_questions_it_leaves_to_the_model(question: str) -> None:
     assert held_answer(question, "yes_no", [], ONE) is None
 
 
-def test_no_device_described_does_not_mean_no_device_at_all() -> None:
+def test_no_device_at_all_needs_every_device_described_absent() -> None:
+    any_device = ("Can you confirm the presence of any medical devices or foreign objects in the"
+                  " X-ray?")
     without = NOW.replace("tip atrium <|box|>(43.75, 41.25), (50.62, 47.5)<|/box|>", "no")
-    assert held_answer("Can you confirm the presence of any medical devices or foreign objects"
-                       " in the X-ray?", "yes_no", [], [(None, without)]) is None
+    assert held_answer(any_device, "yes_no", [], [(None, without)]) == "No."
     assert held_answer("Is this X-ray normal?", "yes_no", [], [(None, without)]) == "No."
+    # a description without a sentence for one of the devices cannot rule it out
+    partial = without.replace(" Endotracheal tube: no.", "")
+    assert held_answer(any_device, "yes_no", [], [(None, partial)]) is None
+
+
+@pytest.mark.parametrize(("tip", "options", "answer"), [
+    ("atrium", ["A. Superior vena cava.", "B. Cavoatrial junction.", "C. Right atrium."],
+     "C. Right atrium."),
+    ("svc", ["A. Right atrium", "B. Superior vena cava"], "B. Superior vena cava."),
+    ("cavoatrial", ["A. Superior vena cava", "B. Cavoatrial junction"],
+     "B. Cavoatrial junction."),
+    ("cavoatrial", ["A. Superior vena cava", "B. Right atrium"], None),  # not offered
+])
+def test_a_device_tip_is_read_from_its_sentence(tip: str, options: list[str],
+                                                answer: str | None) -> None:
+    text = NOW.replace("tip atrium", f"tip {tip}")
+    assert held_answer("Where does the tip of the central venous catheter lie? Choose the best "
+                       "answer.", "single-choice", options, [(None, text)]) == answer
+
+
+def test_an_endotracheal_tube_s_tip_and_one_described_absent() -> None:
+    tube = ["A. Appropriately positioned, 3 to 7 cm above the carina",
+            "B. Too low, within 2 cm of the carina", "C. Too high, more than 7 cm above the carina"]
+    asked = "Where does the tip of the endotracheal tube lie? Choose the best answer."
+    for tip, answer in (("appropriate", tube[0]), ("low", tube[1]), ("high", tube[2])):
+        text = NOW.replace("Endotracheal tube: no.", f"Endotracheal tube: tip {tip} "
+                           "<|box|>(46.88, 13.75), (53.75, 20.0)<|/box|>.")
+        assert held_answer(asked, "single-choice", tube, [(None, text)]) == answer + "."
+    # the question says there is a tube, the description says none: left to the model
+    assert held_answer(asked, "single-choice", tube, ONE) is None
 
 
 def test_single_choices_of_zone_grade_and_change() -> None:
@@ -76,10 +107,9 @@ def test_single_choices_of_zone_grade_and_change() -> None:
         assert held_answer(asked.format(finding), "single-choice", CHANGES, TWO) == answer
     # without the prior image's description a change is not decided
     assert held_answer(asked.format("cardiomegaly"), "single-choice", CHANGES, ONE) is None
-    # nor for a kind the description does not grade, nor a tip's position
-    assert held_answer("Where does the tip of the central venous catheter lie?",
-                       "single-choice", ["A. Superior vena cava", "B. Cavoatrial junction",
-                                         "C. Right atrium"], ONE) is None
+    # nor for a kind the description does not grade
+    assert held_answer("What is the severity of the pleural effusion?", "single-choice",
+                       grades, ONE) is None
 
 
 def test_multiple_choice_of_present_findings() -> None:
@@ -92,9 +122,9 @@ def test_multiple_choice_of_present_findings() -> None:
     # an option the description has no sentence for: not decided
     assert held_answer(asked, "multi-choice-2", ["A. Pneumothorax", "B. Hiatus hernia"],
                        ONE) is None
-    # a device described absent is not ruled out; one described present is chosen
+    # a device is chosen as its sentence says
     assert held_answer(asked, "multi-choice-2", ["A. Pleural effusion", "B. Endotracheal tube"],
-                       ONE) is None
+                       ONE) == "A. Pleural effusion."
     assert held_answer(asked, "multi-choice-2", ["A. Pneumothorax", "B. Central venous catheter"],
                        ONE) == "B. Central venous catheter."
 
@@ -106,8 +136,8 @@ def test_other_questions_and_no_description_are_left_to_the_model() -> None:
 
 def test_true_descriptions_answer_every_phantom_question_they_decide_rightly() -> None:
     """With the true description of each image (a perfect perception), every closed question
-    of stages 2-8 that the description decides gets its reference answer, and it decides all
-    but the devices' (their tips, and "any device or foreign object")."""
+    of stages 2-8 that the description decides gets its reference answer, and it decides
+    nearly all of them, the devices' included."""
     asked = decided = 0
     for seed in range(40):
         _, truth, record = make_study(seed, index=seed, size=128)
@@ -122,14 +152,12 @@ def test_true_descriptions_answer_every_phantom_question_they_decide_rightly() -
             seen = pair if item.stage >= 5 else [(None, now)]
             answer = held_answer(item.question, item.qtype, item.option_list or [], seen)
             if answer is None:
-                device = any(w in item.question for w in ("tube", "catheter", "device"))
-                assert device, item.question
                 continue
             decided += 1
             kw = {"qtype": item.qtype, "task_type": item.task_type,
                   "options": item.option_list or []}
             assert parse_answer(answer, **kw) == parse_answer(item.answer, **kw), item.question
-    assert asked > 300 and decided / asked > 0.9
+    assert asked > 300 and decided / asked > 0.97
 
 
 @pytest.mark.parametrize(("question", "answer"), [
