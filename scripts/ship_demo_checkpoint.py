@@ -16,7 +16,9 @@ run's setting).
 --dense-kinds RULES.json`` attaches the dense head that phase 1 trained beside the tower (the
 phases after it keep the tower frozen, so the head still reads it), with the finding kinds it
 writes in the model's image descriptions and their thresholds (the config's
-``dense_head_kinds``; ``benchmarks/fit_dense_head.py`` writes them).
+``dense_head_kinds``; ``benchmarks/fit_dense_head.py`` writes them). ``--fine-head PT``
+attaches the fine head that ``scripts/train_fine_head.py`` trained on this model's tower (the
+config's ``fine_head``).
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dense-kinds", type=Path, metavar="JSON",
                         help="the finding kinds the dense head writes and their thresholds, "
                         "{kind: [alone, confirm]} (with --dense-head)")
+    parser.add_argument("--fine-head", type=Path, metavar="PT",
+                        help="the fine head scripts/train_fine_head.py saved, trained on this "
+                        "model's tower")
     args = parser.parse_args(argv)
     if (args.dense_head is None) != (args.dense_kinds is None):
         parser.error("--dense-head and --dense-kinds go together")
@@ -73,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.dense_head is not None:
         state = torch.load(args.dense_head, map_location="cpu", weights_only=True)
         model.attach_dense_head(state, json.loads(args.dense_kinds.read_text()))
+    if args.fine_head is not None:
+        saved = torch.load(args.fine_head, map_location="cpu", weights_only=True)
+        model.attach_fine_head(saved["state"], int(saved["layer"]), saved["kinds"])
     torch.nn.Module.to(model, torch.float16)  # in place
     save_pretrained(model, processor, args.dest)
     size = sum(p.stat().st_size for p in args.dest.iterdir() if p.is_file())

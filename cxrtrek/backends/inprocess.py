@@ -38,7 +38,13 @@ objectness logit at its likeliest cell is above the kind's ``alone`` threshold, 
 ``confirm`` threshold where the language model wrote it present; side, zone, size and box
 then follow from the head's box
 (:func:`~cxrtrek.data.phantoms.questions.revise_description`). The head reads small findings
-that the language model, trained on the same visual tokens, misses.
+that the language model, trained on the same visual tokens, misses. A CXRTrekNet whose config
+has a ``fine_head`` carries the tower's fine head too, which reads a finer feature map than
+the pooled grid (a tube is a line a pixel or two wide, a nodule a few pixels across). With
+``dense_head`` its reading writes the sentences of its kinds, in place of the dense head's for
+a kind both read: a device's (whether it is there, where its tip lies, the tip's box;
+:func:`~cxrtrek.data.phantoms.questions.revise_devices`) and a finding's (whether it is
+there, and side, zone, size and box from its box), named in ``vision_head`` too.
 
 *Quoted boxes.* With ``quote_boxes`` (by default the model config's ``quote_boxes``), an answer
 that locates a target (``<|ref|> pleural effusion <|/ref|> <|box|>...<|/box|>``), asked after
@@ -144,6 +150,8 @@ MAX_RANKED_OPTIONS = 6
 """A multiple choice of more options is decoded rather than ranked (its sets of options grow
 as 2 ** options)."""
 _NONE_OPTION = re.compile(r"^[A-H]\.\s*none\b", re.I)
+_DEVICES = frozenset({"endotracheal_tube", "central_line"})
+"""The fine head's kinds that are devices (their sentences say where the tip lies)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,13 +192,14 @@ class InProcessBackend:
                                   if constrain_choices is None else constrain_choices)
         """Choice questions are answered by ranking the answers they allow (see the module's
         docstring)."""
-        has_head = getattr(model, "dense_head", None) is not None
+        has_head = any(getattr(model, head, None) is not None
+                       for head in ("dense_head", "fine_head"))
         if dense_head and not has_head:
-            raise ConfigError("dense_head: this CXRTrekNet has none (its config names no "
-                              "dense_head_kinds)")
+            raise ConfigError("dense_head: this CXRTrekNet has no vision head (its config "
+                              "names no dense_head_kinds and no fine_head)")
         self.dense_head = has_head if dense_head is None else dense_head
-        """Image descriptions have the dense head's kinds written from its reading (see the
-        module's docstring)."""
+        """Image descriptions have the dense and fine heads' kinds written from their reading
+        (see the module's docstring)."""
         self.quote_boxes = (bool(getattr(model.config, "quote_boxes", False))
                             if quote_boxes is None else quote_boxes)
         """Answers that locate a target quote its boxes from the image's description (see the
@@ -496,28 +505,39 @@ class InProcessBackend:
 
     def _revised(self, requests: Sequence[VLMRequest],
                  responses: list[VLMResponse]) -> list[VLMResponse]:
-        """``responses`` with each image description's dense-head kinds written from the
-        head's reading of its image (see the module's docstring)."""
-        from cxrtrek.data.phantoms.questions import revise_description, says_present
+        """``responses`` with each image description's dense-head and fine-head kinds written
+        from the heads' reading of its image (see the module's docstring)."""
+        from cxrtrek.data.phantoms.questions import (
+            revise_description,
+            revise_devices,
+            says_present,
+        )
         from cxrtrek.model.images import load_image
 
         todo = [i for i, r in enumerate(requests) if _describes(r)]
         if not todo:
             return responses
         pixels = self.processor.pixel_values([load_image(requests[i].images[0]) for i in todo])
-        found = self.model.find_focal(pixels)
+        size = int(self.model.config.image_size)
+        focal = (self.model.find_focal(pixels) if self.model.dense_head is not None
+                 else [{} for _ in todo])
+        fine = (self.model.find_fine(pixels) if self.model.fine_head is not None
+                else [{} for _ in todo])
         rules = self.model.config.dense_head_kinds or {}
         out = list(responses)
-        for i, seen in zip(todo, found, strict=True):
+        for i, seen, read in zip(todo, focal, fine, strict=True):
             decided: dict[str, list[float] | None] = {}
             for kind, (logit, box) in seen.items():
                 said = says_present(out[i].text, kind)
                 if said is not None:  # (a description without the kind's sentence: kept)
                     alone, confirm = rules[kind]
                     decided[kind] = box if logit > (confirm if said else alone) else None
-            text, kinds = revise_description(out[i].text, decided,
-                                             image_size=int(self.model.config.image_size))
-            out[i] = out[i].model_copy(update={"text": text, "vision_head": kinds})
+            devices = {k: v for k, v in read.items() if k in _DEVICES}
+            decided.update({k: None if label is None else box
+                            for k, (label, box) in read.items() if k not in _DEVICES})
+            text, kinds = revise_description(out[i].text, decided, image_size=size)
+            text, placed = revise_devices(text, devices, image_size=size)
+            out[i] = out[i].model_copy(update={"text": text, "vision_head": kinds + placed})
         return out
 
     def _quoted(self, requests: Sequence[VLMRequest],
@@ -559,9 +579,15 @@ class InProcessBackend:
             return out
         pixels = self.processor.pixel_values([load_image(requests[i].images[0]) for i in shown])
         size = int(self.model.config.image_size)
-        for i, seen in zip(shown, self.model.find_focal(pixels), strict=True):
+        focal = (self.model.find_focal(pixels) if self.model.dense_head is not None
+                 else [{} for _ in shown])
+        fine = (self.model.find_fine(pixels) if self.model.fine_head is not None
+                else [{} for _ in shown])
+        for i, seen, read in zip(shown, focal, fine, strict=True):
+            boxes = {kind: box for kind, (_, box) in seen.items()}
+            boxes.update({kind: box for kind, (_, box) in read.items() if kind not in _DEVICES})
             out[i] = {finding_name(kind): [box_tag(grid_box(box, size))]
-                      for kind, (_, box) in seen.items()}
+                      for kind, box in boxes.items()}
         return out
 
     def _fit_ranked(self, request: VLMRequest,

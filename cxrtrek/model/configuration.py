@@ -77,6 +77,12 @@ class CXRTrekNetConfig(PretrainedConfig):  # type: ignore[no-untyped-call]
     The kind is present when the logit is above ``alone``, or above ``confirm`` where the
     language model's description says present (see
     :mod:`cxrtrek.backends.inprocess`). None: the model has no dense head."""
+    fine_head: dict[str, Any] | None = None
+    """The vision tower's fine head (:class:`~cxrtrek.model.modeling.FineHead`), which writes
+    the sentences of its kinds (devices, small findings) in the model's own image
+    descriptions: ``{"layer": L, "channels": C, "grid": G, "kinds": [...]}``, the tower's
+    hidden state it reads (L, as transformers counts them: 0 is the stem's output) with its C
+    channels on a G x G grid, and the kinds it reads. None: the model has no fine head."""
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     tie_word_embeddings: bool = True
 

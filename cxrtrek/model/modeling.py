@@ -35,10 +35,12 @@ from cxrtrek.model.configuration import CXRTrekNetConfig
 
 __all__ = [
     "DENSE_KINDS",
+    "FINE_LABELS",
     "CXRTrekNetForConditionalGeneration",
     "DecodeBatch",
     "Decoding",
     "DenseHead",
+    "FineHead",
     "Generated",
     "PrefixCache",
     "vision_hidden_size",
@@ -49,6 +51,15 @@ IGNORE_INDEX = -100
 DENSE_KINDS = ("effusion", "pneumothorax", "consolidation", "nodule", "mass", "atelectasis",
                "rib_fracture")
 """Focal finding kinds of the dense per-cell head (:class:`DenseHead`)."""
+
+FINE_LABELS: dict[str, tuple[str, ...]] = {
+    "endotracheal_tube": ("appropriate", "low", "high"),
+    "central_line": ("svc", "cavoatrial", "atrium"),
+    **{kind: ("present",) for kind in DENSE_KINDS},
+}
+"""What the fine head (:class:`FineHead`) can tell of each kind it reads, besides its absence:
+where a device's tip lies, as image descriptions write it (``Endotracheal tube: tip low``),
+and a focal finding's presence (its side, zone and size follow from its box)."""
 
 
 def vision_hidden_size(config: PretrainedConfig) -> int:
@@ -473,6 +484,44 @@ class DenseHead(nn.Module):
         return scores, chosen
 
 
+class FineHead(nn.Module):
+    """Devices and small findings read from a finer feature map of the tower than the pooled
+    grid: a tube is a line one or two pixels wide, and a nodule a few pixels across, which the
+    last feature map averages away. Per kind (of :data:`FINE_LABELS`), whether it is there and
+    what it is (one class for "absent", then one per label) from the whole map, reduced to a
+    few channels a cell; and its box as a one-stage detector finds it, per cell an objectness
+    logit (the box's centre lies in this cell), the centre as an offset within the cell and
+    the size. Trained on a frozen tower (:func:`cxrtrek.model.fine_head.fit_fine_head`)."""
+
+    def __init__(self, channels: int, grid: int, kinds: Sequence[str], reduced: int = 16,
+                 hidden: int = 32) -> None:
+        super().__init__()
+        self.grid = grid
+        self.kinds = list(kinds)
+        self.classes = 1 + max(len(FINE_LABELS[k]) for k in self.kinds)
+        n = len(self.kinds)
+        self.reduce = nn.Sequential(nn.BatchNorm2d(channels), nn.Conv2d(channels, reduced, 1),
+                                    nn.GELU())
+        self.classify = nn.Linear(reduced * grid * grid, n * self.classes)
+        self.locate = nn.Sequential(nn.Conv2d(channels, hidden, 3, padding=1), nn.GELU(),
+                                    nn.Conv2d(hidden, n * 5, 1))
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``features`` (N, channels, grid, grid) -> ``classes`` (N, kinds, classes),
+        ``objectness`` (N, kinds, cells) and ``boxes`` (N, kinds, cells, 4), as fractions of
+        the image."""
+        n, kinds = features.shape[0], len(self.kinds)
+        classes = self.classify(self.reduce(features).flatten(1)).view(n, kinds, self.classes)
+        out = self.locate(features).view(n, kinds, 5, self.grid * self.grid)
+        rows = torch.arange(self.grid, device=out.device).repeat_interleave(self.grid)
+        cols = torch.arange(self.grid, device=out.device).repeat(self.grid)
+        cell_xy = torch.stack([cols, rows], 0).to(out.dtype)  # (2, cells)
+        centre = (cell_xy + torch.sigmoid(out[:, :, 1:3])) / self.grid
+        size = torch.sigmoid(out[:, :, 3:5]) * 0.5  # a small finding's or a tip's box
+        boxes = torch.cat([centre - size / 2, centre + size / 2], 2).transpose(2, 3)
+        return {"classes": classes, "objectness": out[:, :, 0], "boxes": boxes}
+
+
 class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-untyped-call]
     config_class = CXRTrekNetConfig
     config: CXRTrekNetConfig
@@ -496,6 +545,11 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
         (:meth:`find_focal`; :func:`cxrtrek.data.phantoms.questions.revise_description`)."""
         if config.dense_head_kinds:
             self.dense_head = _dense_head_for(config)
+        self.fine_head: FineHead | None = None
+        """The tower's fine head, with the config's ``fine_head``: it writes the sentences of
+        its kinds in the model's own image descriptions (:meth:`find_fine`)."""
+        if config.fine_head:
+            self.fine_head = _fine_head_for(config)
         self.post_init()  # type: ignore[no-untyped-call]
         if config.freeze_vision:
             self.freeze_vision(True)
@@ -511,11 +565,13 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
     # --- parts ------------------------------------------------------------------------------
 
     def freeze_vision(self, frozen: bool = True) -> None:
-        """Freeze (or unfreeze) the vision tower; a frozen tower stays in eval mode. A dense
-        head is frozen with it (it reads the tower's features as they were trained)."""
+        """Freeze (or unfreeze) the vision tower; a frozen tower stays in eval mode. Its dense
+        and fine heads are frozen with it (they read the tower's features as they were
+        trained)."""
         self.vision_tower.requires_grad_(not frozen)
-        if self.dense_head is not None:
-            self.dense_head.requires_grad_(not frozen)
+        for head in (self.dense_head, self.fine_head):
+            if head is not None:
+                head.requires_grad_(not frozen)
         if frozen:
             self.vision_tower.eval()
 
@@ -551,6 +607,63 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
                  for kind, k in zip(kinds, index, strict=True)}
                 for n in range(len(scores))]
 
+    def fine_features(self, pixel_values: torch.Tensor,
+                      layer: int | None = None) -> torch.Tensor:
+        """The tower's hidden state ``layer`` (as transformers counts them: 0 is the stem's
+        output; by default the one the config's ``fine_head`` reads)."""
+        if layer is None:
+            if not self.config.fine_head:
+                raise ConfigError("this CXRTrekNet has no fine head (its config has no "
+                                  "fine_head)")
+            layer = int(self.config.fine_head["layer"])
+        vision_dtype = next(self.vision_tower.parameters()).dtype
+        pixel_values = pixel_values.to(device=self.device, dtype=vision_dtype)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.vision_frozen):
+            states = self.vision_tower(pixel_values=pixel_values,
+                                       output_hidden_states=True).hidden_states
+        state: torch.Tensor = states[layer]
+        return state
+
+    def attach_fine_head(self, state: dict[str, torch.Tensor], layer: int,
+                         kinds: Sequence[str]) -> None:
+        """Give the model a trained fine head (:func:`cxrtrek.model.fine_head.fit_fine_head`,
+        trained on this very tower's hidden state ``layer`` for ``kinds``); the config records
+        it."""
+        size = int(self.config.image_size)
+        probe = torch.zeros(1, int(self.config.image_channels), size, size)
+        with torch.inference_mode():
+            shape = self.fine_features(probe, layer).shape
+        self.config.fine_head = {"layer": layer, "channels": int(shape[1]),
+                                 "grid": int(shape[2]), "kinds": list(kinds)}
+        head = _fine_head_for(self.config)
+        head.load_state_dict(state)
+        param = next(self.vision_tower.parameters())
+        self.fine_head = head.to(device=param.device, dtype=param.dtype).eval()
+        self.freeze_vision(self.vision_frozen)
+
+    def find_fine(self, pixel_values: torch.Tensor,
+                  ) -> list[dict[str, tuple[str | None, list[float]]]]:
+        """The fine head's reading of each image: for each of its kinds, what it is (a label
+        of :data:`FINE_LABELS`; None: absent) and its box at the cell likeliest to hold its
+        centre (percent of the image, ``[x1, y1, x2, y2]``)."""
+        if self.fine_head is None:
+            raise ConfigError("this CXRTrekNet has no fine head (its config has no fine_head)")
+        head = self.fine_head.eval()
+        with torch.inference_mode():
+            pred = head(self.fine_features(pixel_values).to(next(head.parameters()).dtype))
+        best = pred["objectness"].argmax(-1)  # (N, kinds)
+        boxes = pred["boxes"].gather(2, best[..., None, None].expand(-1, -1, 1, 4)).squeeze(2)
+        out: list[dict[str, tuple[str | None, list[float]]]] = []
+        for n in range(boxes.shape[0]):
+            seen: dict[str, tuple[str | None, list[float]]] = {}
+            for k, kind in enumerate(head.kinds):
+                labels = FINE_LABELS[kind]
+                pick = int(pred["classes"][n, k, :1 + len(labels)].argmax())
+                seen[kind] = (None if pick == 0 else labels[pick - 1],
+                              [round(100.0 * float(v), 2) for v in boxes[n, k].clamp(0, 1)])
+            out.append(seen)
+        return out
+
     @property
     def vision_frozen(self) -> bool:
         return not any(p.requires_grad for p in self.vision_tower.parameters())
@@ -559,6 +672,8 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
         super().train(mode)
         if self.vision_frozen:  # batch norm statistics must not drift in a frozen tower
             self.vision_tower.eval()
+            if self.fine_head is not None:
+                self.fine_head.eval()
         return self
 
     def get_input_embeddings(self) -> nn.Module:
@@ -943,3 +1058,14 @@ def _dense_kinds(kinds: Mapping[str, Sequence[float]]) -> dict[str, list[float]]
 def _dense_head_for(config: CXRTrekNetConfig) -> DenseHead:
     _dense_kinds(config.dense_head_kinds or {})
     return DenseHead(vision_hidden_size(config.vision), int(config.image_grid))
+
+
+def _fine_head_for(config: CXRTrekNetConfig) -> FineHead:
+    spec = config.fine_head or {}
+    if set(spec) != {"layer", "channels", "grid", "kinds"}:
+        raise ConfigError(f"fine_head: expected layer, channels, grid and kinds; got {spec}")
+    unknown = [k for k in spec["kinds"] if k not in FINE_LABELS]
+    if unknown or not spec["kinds"]:
+        raise ConfigError(f"fine head kinds: expected some of {', '.join(FINE_LABELS)}; got "
+                          f"{', '.join(spec['kinds']) or 'none'}")
+    return FineHead(int(spec["channels"]), int(spec["grid"]), spec["kinds"])

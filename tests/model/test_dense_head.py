@@ -155,7 +155,7 @@ def test_the_backend_has_the_head_write_its_kinds_of_each_description(tiny: Tiny
 
 
 def test_the_switch_and_its_errors(tiny: Tiny, image: ImageRef) -> None:
-    with pytest.raises(ConfigError, match="has none"):
+    with pytest.raises(ConfigError, match="has no vision head"):
         InProcessBackend(*build_preset("tiny", seed=0), dense_head=True)
     off = InProcessBackend(*_with_head(tiny, {"nodule": [2.0, 0.0]}), dense_head=False)
     [answer] = off.generate_sync([_describe(image)])
@@ -173,7 +173,7 @@ def test_the_setting_reaches_the_backend_and_is_recorded(tmp_path: Path) -> None
     assert isinstance(backend, InProcessBackend) and backend.dense_head is False
     info = BackendInfo.of(backend, "inprocess:tiny", off)
     assert info.dense_head is False and info.options().dense_head is False
-    with pytest.raises(ConfigError, match="has none"):
+    with pytest.raises(ConfigError, match="has no vision head"):
         load_backend("inprocess:tiny", options=BackendOptions(dense_head=True))
 
 

@@ -159,6 +159,27 @@ def revise_description(text: str, found: Mapping[str, Sequence[float] | None], *
     return text, written
 
 
+def revise_devices(text: str, found: Mapping[str, tuple[str | None, Sequence[float]]], *,
+                   image_size: int = 160) -> tuple[str, list[str]]:
+    """``text`` (a :func:`describe_image` description, the model's own) with the sentences of
+    the devices in ``found`` written from a device detector's reading: ``(tip, box)`` per device
+    kind (``endotracheal_tube``, ``central_line``), the tip None when it found no such device
+    (``Endotracheal tube: no.``), else ``Endotracheal tube: tip low <|box|>...``, the box
+    (percent of the image) on the image's pixel grid. Returns the text and the devices whose
+    sentence was written (a device whose sentence the text lacks is left alone)."""
+    written: list[str] = []
+    for kind, (tip, box) in found.items():
+        name = _cap(NAMES[kind])
+        m = _sentence(name).search(text)
+        if m is None:
+            continue
+        sentence = (f"{name}: no." if tip is None
+                    else f"{name}: tip {tip} {box_tag(grid_box(box, image_size))}.")
+        text = text[:m.start()] + sentence + text[m.end():]
+        written.append(kind)
+    return text, written
+
+
 def _det_answer(target: str, boxes: Sequence[Sequence[float]]) -> str:
     tags = " ".join(box_tag(b) for b in boxes)
     return f"Bounding box of {target} is: <|ref|> {target} <|/ref|> {tags}."
