@@ -5,12 +5,15 @@
 * :func:`summarize`: rows -> :class:`PolicySummary` per policy (overall, by stage, by question
   type, by stage and question type; counts; error propagation);
 * :class:`EvalResults`: what ``results.json`` holds (the summaries plus the configuration);
-* :func:`compare_results`: per-stage deltas between two results.
+* :func:`compare_results`: per-stage deltas between two results;
+* :func:`context_effects`: per stage, how much each context policy changes the stage score
+  from ``none`` on the same questions, with a confidence interval.
 """
 
 from __future__ import annotations
 
 import json
+import random
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -34,6 +37,7 @@ from cxrtrek.stages import STAGES
 __all__ = [
     "RESULTS_SCHEMA_VERSION",
     "Comparison",
+    "ContextEffect",
     "EvalResults",
     "GroupSummary",
     "MetricDelta",
@@ -44,6 +48,7 @@ __all__ = [
     "StagePropagation",
     "aggregate",
     "compare_results",
+    "context_effects",
     "load_results",
     "propagation",
     "read_rows",
@@ -168,6 +173,23 @@ class PolicySummary(BaseModel):
     """A public benchmark's own scores (closed accuracy, open recall, per category)."""
 
 
+class ContextEffect(BaseModel):
+    """How much a context policy changes a stage's score from ``none``, on the questions both
+    answered: the mean paired difference of their primary scores (points of the stage score,
+    as a fraction), with a 95 % interval from resampling the studies."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: str
+    stage: str
+    """A stage number, or ``overall``."""
+    questions: int
+    studies: int
+    delta: float
+    low: float
+    high: float
+
+
 class EvalResults(BaseModel):
     """``results.json``: the configuration, the dataset and one summary per policy."""
 
@@ -181,6 +203,9 @@ class EvalResults(BaseModel):
     policies: dict[str, PolicySummary]
     notes: list[str] = Field(default_factory=list)
     timing: dict[str, float] = Field(default_factory=dict)
+    context_effects: list[ContextEffect] = Field(default_factory=list)
+    """Per policy and stage, the paired difference from ``none`` (:func:`context_effects`);
+    empty unless ``none`` and another policy ran."""
 
 
 # --- aggregation ---------------------------------------------------------------------------
@@ -308,6 +333,58 @@ def summarize(rows: Iterable[QuestionRow], policies: Sequence[str]) -> dict[str,
             overall=aggregate(prow), by_stage=by_stage, by_question_type=by_type,
             by_stage_question_type=by_pair, propagation=propagation(prow))
     return out
+
+
+def context_effects(rows: Iterable[QuestionRow], policies: Sequence[str], *,
+                    baseline: str = "none", resamples: int = 2000,
+                    seed: int = 0) -> list[ContextEffect]:
+    """Per policy other than ``baseline`` and per stage (then ``overall``): the mean of the
+    paired differences (policy - baseline) of the primary scores of the questions both runs
+    scored, and its 95 % percentile interval over ``resamples`` resamplings of the studies
+    (a study's questions move together: its stages share one reading). Empty when
+    ``baseline`` did not run. The same rows, seed and resamples give the same intervals."""
+    if baseline not in policies:
+        return []
+    primary: dict[tuple[str, int, str], tuple[int, float]] = {}
+    for r in rows:
+        value = r.scores.get(PRIMARY[r.question_type]) if r.scored else None
+        if value is not None:
+            primary[(r.run, r.study_index, r.question_id)] = (r.stage, value)
+    out: list[ContextEffect] = []
+    for policy in policies:
+        if policy == baseline:
+            continue
+        # study -> stage -> differences
+        diffs: dict[int, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for (run, study, qid), (stage, value) in primary.items():
+            base = primary.get((baseline, study, qid))
+            if run == policy and base is not None:
+                diffs[study][stage].append(value - base[1])
+        stages: list[int | None] = [*sorted({st for per in diffs.values() for st in per}), None]
+        studies = sorted(diffs)
+        rng = random.Random(seed)
+        draws = [[rng.choice(studies) for _ in studies] for _ in range(resamples)]
+        for at in stages:
+            values = _paired(diffs, studies, at)
+            if not values:
+                continue
+            means = sorted(sum(v) / len(v) for draw in draws
+                           if (v := _paired(diffs, draw, at)))
+            out.append(ContextEffect(
+                policy=policy, stage="overall" if at is None else str(at),
+                questions=len(values),
+                studies=sum(1 for st in studies if _paired(diffs, [st], at)),
+                delta=sum(values) / len(values), low=means[int(0.025 * (len(means) - 1))],
+                high=means[int(0.975 * (len(means) - 1))]))
+    return out
+
+
+def _paired(diffs: dict[int, dict[int, list[float]]], sample: Sequence[int],
+            stage: int | None) -> list[float]:
+    """The differences of the studies in ``sample`` (repeats count again), of ``stage`` or
+    of every stage (None)."""
+    return [d for st in sample for k, ds in diffs[st].items()
+            if stage is None or k == stage for d in ds]
 
 
 # --- files -----------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from cxrtrek import errors as _errors
 from cxrtrek.errors import BackendError, ConfigError, CXRTrekError
 from cxrtrek.evals.benchmark_metrics import apply_benchmark, summarize_benchmark
 from cxrtrek.evals.metrics import score_answer
-from cxrtrek.evals.results import EvalResults, QuestionRow, summarize, write_rows
+from cxrtrek.evals.results import EvalResults, QuestionRow, context_effects, summarize, write_rows
 from cxrtrek.schema import Study
 
 if TYPE_CHECKING:
@@ -717,6 +717,7 @@ def run_eval(config: EvalConfig, out_dir: str | Path, *,
                  "questions": sum(len(s.questions) for s in studies),
                  **(dataset.benchmark.describe() if dataset.benchmark is not None else {})},
         model_id=merged.model_id, policies=policies, notes=notes,
+        context_effects=context_effects(merged.rows, config.contexts),
         timing={"run_s": round(run_s, 3),
                 "studies_per_s": round(len(studies) * len(config.contexts) / run_s, 3)
                 if run_s > 0 else 0.0})

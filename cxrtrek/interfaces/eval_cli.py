@@ -67,6 +67,10 @@ def render_results(results: EvalResults) -> list[Table]:
                                          for s in results.policies.values()),
                    str(max(s.overall.n for s in results.policies.values())))
 
+    tables = [stages]
+    if results.context_effects:
+        tables.append(render_context_effects(results))
+
     metrics = Table(title="metrics, all stages (%)")
     metrics.add_column("metric")
     metrics.add_column("type")
@@ -98,10 +102,30 @@ def render_results(results: EvalResults) -> list[Table]:
     prop.add_row("counts: ok / unparsed / not answered / skipped",
                  *(f"{s.counts['ok']}/{s.counts['unparsed']}/{s.counts['not_answered']}/"
                    f"{s.counts['skipped_missing_image']}" for s in results.policies.values()))
-    tables = [stages, metrics, prop]
+    tables += [metrics, prop]
     if any(s.benchmark is not None for s in results.policies.values()):
         tables.append(render_benchmark(results))
     return tables
+
+
+def render_context_effects(results: EvalResults) -> Table:
+    """Per stage, each policy's paired difference from ``none`` with its 95 % interval."""
+    effects = results.context_effects
+    policies = list(dict.fromkeys(e.policy for e in effects))
+    table = Table(title="context effect: stage score minus none's on the same questions "
+                        "(points; 95 % interval, studies resampled)")
+    table.add_column("stage")
+    for p in policies:
+        table.add_column(p, justify="right")
+    titles = {str(spec.number): f"{spec.number} {spec.title}" for spec in STAGES}
+    for stage in dict.fromkeys(e.stage for e in effects):
+        cells = []
+        for p in policies:
+            e = next((x for x in effects if x.policy == p and x.stage == stage), None)
+            cells.append("-" if e is None else f"{100 * e.delta:+.1f} "
+                         f"({100 * e.low:+.1f}, {100 * e.high:+.1f})")
+        table.add_row(titles.get(stage, "[bold]all[/bold]"), *cells)
+    return table
 
 
 def render_benchmark(results: EvalResults) -> Table:

@@ -126,6 +126,12 @@ def test_ablation_with_three_policies(sample_path: Path, tmp_path: Path,
     assert_png(tmp_path / "per_stage.png")
     rows = read_rows(tmp_path / "questions.jsonl")
     assert {r.run for r in rows} == {"full", "retrieved", "none"}
+    # every answer perfect under each policy: context changes nothing, paired with none
+    effects = results.context_effects
+    assert {e.policy for e in effects} == {"full", "retrieved"}
+    assert {e.stage for e in effects} >= {"1", "8", "overall"}
+    assert all((e.delta, e.low, e.high) == (0.0, 0.0, 0.0) for e in effects)
+    assert "context effect" in out
 
 
 def test_compare_gives_the_right_deltas(sample_eval: EvalOutcome, tmp_path: Path,

@@ -26,6 +26,7 @@ from cxrtrek.evals.results import (
     QuestionRow,
     aggregate,
     compare_results,
+    context_effects,
     propagation,
     summarize,
 )
@@ -224,6 +225,33 @@ def test_compare_gives_stage_deltas(tmp_path: Path) -> None:
     d = cmp.of("2", "yes_no_acc")
     assert (d.a, d.b, d.delta) == (1.0, 0.5, -0.5)
     assert cmp.of("overall", "stage_score").delta == -0.5
+
+
+def test_context_effects_pair_each_question_with_none_s_answer() -> None:
+    """The paired difference per stage and overall, an interval around it from resampled
+    studies, the same for the same seed; nothing without ``none``."""
+    rows = []
+    for study in range(6):
+        for run, q2, q4 in (("full", 1.0, 0.5), ("none", 1.0, 0.0 if study % 2 else 0.5)):
+            rows.append(row(run=run, study_index=study, question_id="q2",
+                            scores={"yes_no_acc": q2}))
+            rows.append(row(run=run, study_index=study, question_id="q4", question_index=1,
+                            stage=4, qtype="captioning", question_type="captioning",
+                            scores={"rougeL": q4}))
+    # a question only full answered is not paired
+    rows.append(row(run="full", study_index=0, question_id="q9", stage=4, scores={
+        "yes_no_acc": 0.0}))
+    effects = context_effects(rows, ("full", "none"))
+    by_stage = {e.stage: e for e in effects}
+    assert list(by_stage) == ["2", "4", "overall"]
+    assert (by_stage["2"].delta, by_stage["2"].low, by_stage["2"].high) == (0.0, 0.0, 0.0)
+    four = by_stage["4"]
+    assert (four.questions, four.studies) == (6, 6) and four.delta == pytest.approx(0.25)
+    assert 0.0 <= four.low < 0.25 < four.high <= 0.5  # half the studies gain 0.5, half 0
+    assert by_stage["overall"].delta == pytest.approx(0.125)
+    assert context_effects(rows, ("full", "none")) == effects  # seeded
+    assert context_effects(rows, ("full",)) == []
+    assert context_effects(rows, ("full", "retrieved", "none"))[0].policy == "full"
 
 
 # --- BERTScore (a tiny random BERT built here: nothing is downloaded) ------------------------
