@@ -633,10 +633,11 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
         probe = torch.zeros(1, int(self.config.image_channels), size, size)
         with torch.inference_mode():
             shape = self.fine_features(probe, layer).shape
-        self.config.fine_head = {"layer": layer, "channels": int(shape[1]),
-                                 "grid": int(shape[2]), "kinds": list(kinds)}
-        head = _fine_head_for(self.config)
+        spec = {"layer": layer, "channels": int(shape[1]), "grid": int(shape[2]),
+                "kinds": list(kinds)}
+        head = _fine_head_of(spec)
         head.load_state_dict(state)
+        self.config.fine_head = spec
         param = next(self.vision_tower.parameters())
         self.fine_head = head.to(device=param.device, dtype=param.dtype).eval()
         self.freeze_vision(self.vision_frozen)
@@ -1061,7 +1062,11 @@ def _dense_head_for(config: CXRTrekNetConfig) -> DenseHead:
 
 
 def _fine_head_for(config: CXRTrekNetConfig) -> FineHead:
-    spec = config.fine_head or {}
+    return _fine_head_of(config.fine_head or {})
+
+
+def _fine_head_of(spec: Mapping[str, Any]) -> FineHead:
+    """A fine head as ``spec`` (a config's ``fine_head``) describes it, checked."""
     if set(spec) != {"layer", "channels", "grid", "kinds"}:
         raise ConfigError(f"fine_head: expected layer, channels, grid and kinds; got {spec}")
     unknown = [k for k in spec["kinds"] if k not in FINE_LABELS]

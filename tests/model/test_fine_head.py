@@ -138,6 +138,7 @@ def test_an_attached_head_is_saved_and_loaded_with_the_model(tiny: Tiny, tmp_pat
     with pytest.raises(ConfigError, match="expected some of"):
         plain.attach_fine_head(_fixed_head(channels, grid, tube=0, line=0, nodule=0), 2,
                                ["hiatus_hernia"])
+    assert plain.config.fine_head is None and plain.fine_head is None  # left as it was
 
 
 def test_training_leaves_the_tower_as_it_was(tmp_path: Path) -> None:
