@@ -28,9 +28,11 @@ _NAMES = {
     "Cardiomegaly": "cardiomegaly", "Enlarged Cardiomediastinum": "cardiomegaly",
     "Edema": "pulmonary edema", "Pleural Effusion": "pleural effusion",
     "Pneumothorax": "pneumothorax", "Consolidation": "consolidation",
-    "Atelectasis": "atelectasis", "Fracture": "rib fracture",
+    "Atelectasis": "atelectasis", "Fracture": "rib fracture", "Pneumonia": "consolidation",
 }
-"""The description's name of each CheXpert observation it has one sentence for."""
+"""The description's name of each CheXpert observation it has one sentence for. A pneumonia
+is read on a film as airspace consolidation: a diagnosis of pneumonia says the description's
+consolidation is there, and "no pneumonia" that it is not."""
 _BY_WORD = {
     "Lung Lesion": (("nodul", "pulmonary nodule"), ("mass", "pulmonary mass")),
     "Support Devices": (("endotracheal", "endotracheal tube"), ("tracheal", "endotracheal tube"),

@@ -36,10 +36,19 @@ def test_a_description_says_which_findings_are_there() -> None:
     ("The previously seen pleural effusion has resolved.", {"pleural effusion": False}),
     ("Fracture of the right 7th rib. Pulmonary edema cannot be excluded.",
      {"rib fracture": True, "pulmonary edema": True}),
+    # a diagnosis of pneumonia is a consolidation on the film
+    ("The most likely diagnosis is pneumonia in the left lower zone.", {"consolidation": True}),
+    ("No pneumonia.", {"consolidation": False}),
 ])
 def test_a_free_text_s_findings_are_named_as_descriptions_name_them(
         text: str, said: dict[str, bool]) -> None:
     assert mentioned_findings(text) == said
+
+
+def test_a_pneumonia_the_description_does_not_have_is_a_contradiction() -> None:
+    clear = DESCRIPTION.replace("Pneumothorax: no.", "Pneumothorax: no. Consolidation: no.")
+    assert disagreement("Pneumonia in the left lower zone. Large left pleural effusion. "
+                        "Mild cardiomegaly. An endotracheal tube.", clear) == (1, 0)
 
 
 def test_disagreement_counts_contradictions_then_omissions() -> None:
