@@ -207,8 +207,8 @@ def score_fine_head(model: CXRTrekNetForConditionalGeneration, data: Path, *,
 
 
 def _iou(a: Sequence[float], b: Sequence[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+    """IoU of two ``[x1, y1, x2, y2]`` boxes (percent of the image)."""
+    from cxrtrek.schema import BBox
+
+    return BBox(x1=a[0], y1=a[1], x2=a[2], y2=a[3]).iou(BBox(x1=b[0], y1=b[1], x2=b[2],
+                                                              y2=b[3]))
