@@ -6,7 +6,7 @@ Run: ``.venv/bin/python benchmarks/eval_closed_reader.py --data demo-run/test
 film's quality and view, is never held) from the true descriptions of its images
 (``describe_image``: a perfect perception, so every decided answer should be right), and with
 ``--model`` also from that model's own descriptions, written from the images alone as a
-describe-then-answer reading writes them (the dense head's sentences included). Prints a
+describe-then-answer reading writes them (the vision heads' sentences included). Prints a
 Markdown table: questions, decided and right per question group.
 """
 

@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-images", type=int, default=64,
                         help="describe the first N images (default 64)")
     parser.add_argument("--dense-head", action=argparse.BooleanOptionalAction, default=None,
-                        help="write the dense head's kinds from it (default: whenever the "
-                        "model has one)")
+                        help="write the vision heads' kinds from them (default: whenever "
+                        "the model has one)")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     scores = evaluate_descriptions(args.model, args.data, max_images=args.max_images,

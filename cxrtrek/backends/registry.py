@@ -127,9 +127,9 @@ class BackendOptions:
     constrain decoding (vLLM's structured outputs). None: the model's own preference
     (``constrain_choices`` in a CXRTrekNet config), off for ``http:``."""
     dense_head: bool | None = None
-    """An in-process CXRTrekNet with a dense vision head writes its kinds' sentences of each
-    image description from the head (see :mod:`cxrtrek.backends.inprocess`). None: whenever
-    the model has one."""
+    """An in-process CXRTrekNet with vision heads (dense, fine) writes their kinds' sentences
+    of each image description from them (see :mod:`cxrtrek.backends.inprocess`). None:
+    whenever the model has one."""
     quote_boxes: bool | None = None
     """An in-process CXRTrekNet answers a question that locates a target with the boxes its
     own description of the image gives that target (see :mod:`cxrtrek.backends.inprocess`).

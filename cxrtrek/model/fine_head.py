@@ -3,13 +3,13 @@ on phantom studies.
 
 The demo's language model describes the devices of an image at chance, and the dense head on
 the pooled grid misses many nodules and atelectases: a tube is a line one or two pixels wide
-and a nodule a few pixels across, which the tower's last feature map (the pooled grid the
-language model reads) averages away. An earlier, finer hidden state of the same frozen tower
-still holds them. The head is trained on that state, the tower untouched, with the truth of a
-training split: per kind, absent or what it is (cross-entropy; a device's tip position, a
-finding's presence), and the cell holding its box's centre (cross-entropy over the cells) with
-the box there (L1). At inference it reads the image alone
-(:meth:`~cxrtrek.model.modeling.CXRTrekNetForConditionalGeneration.find_fine`).
+and a nodule a few pixels across, and the tower's last feature map (the pooled grid the
+language model reads) keeps little of where they lie. An earlier, finer hidden state of the
+same frozen tower holds more of them. The head is trained on that state, the tower
+untouched, with the truth of a training split: per kind, absent or what it is
+(cross-entropy; a device's tip position, a finding's presence), and the cell holding its
+box's centre (cross-entropy over the cells) with the box there (L1). At inference it reads
+the image alone (:meth:`~cxrtrek.model.modeling.CXRTrekNetForConditionalGeneration.find_fine`).
 
 ``fit_fine_head(model, data, kinds=...) -> state``, ``score_fine_head(model, data)``.
 """

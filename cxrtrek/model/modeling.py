@@ -486,8 +486,8 @@ class DenseHead(nn.Module):
 
 class FineHead(nn.Module):
     """Devices and small findings read from a finer feature map of the tower than the pooled
-    grid: a tube is a line one or two pixels wide, and a nodule a few pixels across, which the
-    last feature map averages away. Per kind (of :data:`FINE_LABELS`), whether it is there and
+    grid: a tube is a line one or two pixels wide, and a nodule a few pixels across, of which
+    the last feature map keeps little. Per kind (of :data:`FINE_LABELS`), whether it is there and
     what it is (one class for "absent", then one per label) from the whole map, reduced to a
     few channels a cell; and its box as a one-stage detector finds it, per cell an objectness
     logit (the box's centre lies in this cell), the centre as an offset within the cell and
