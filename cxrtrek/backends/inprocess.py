@@ -519,10 +519,7 @@ class InProcessBackend:
             return responses
         pixels = self.processor.pixel_values([load_image(requests[i].images[0]) for i in todo])
         size = int(self.model.config.image_size)
-        focal = (self.model.find_focal(pixels) if self.model.dense_head is not None
-                 else [{} for _ in todo])
-        fine = (self.model.find_fine(pixels) if self.model.fine_head is not None
-                else [{} for _ in todo])
+        focal, fine = self.model.read_heads(pixels)
         rules = self.model.config.dense_head_kinds or {}
         out = list(responses)
         for i, seen, read in zip(todo, focal, fine, strict=True):
@@ -579,10 +576,7 @@ class InProcessBackend:
             return out
         pixels = self.processor.pixel_values([load_image(requests[i].images[0]) for i in shown])
         size = int(self.model.config.image_size)
-        focal = (self.model.find_focal(pixels) if self.model.dense_head is not None
-                 else [{} for _ in shown])
-        fine = (self.model.find_fine(pixels) if self.model.fine_head is not None
-                else [{} for _ in shown])
+        focal, fine = self.model.read_heads(pixels)
         for i, seen, read in zip(shown, focal, fine, strict=True):
             boxes = {kind: box for kind, (_, box) in seen.items()}
             boxes.update({kind: box for kind, (_, box) in read.items() if kind not in _DEVICES})

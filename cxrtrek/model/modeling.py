@@ -596,10 +596,14 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
         if self.dense_head is None:
             raise ConfigError("this CXRTrekNet has no dense head (its config names no "
                               "dense_head_kinds)")
-        kinds = list(self.config.dense_head_kinds or ())
         with torch.inference_mode():
-            pred = self.dense_head(self.get_pooled_features(pixel_values).to(
-                next(self.dense_head.parameters()).dtype))
+            return self._focal_reading(self.get_pooled_features(pixel_values))
+
+    def _focal_reading(self, pooled: torch.Tensor) -> list[dict[str, tuple[float, list[float]]]]:
+        """:meth:`find_focal` from the pooled features (the model has a dense head)."""
+        assert self.dense_head is not None
+        kinds = list(self.config.dense_head_kinds or ())
+        pred = self.dense_head(pooled.to(next(self.dense_head.parameters()).dtype))
         scores, boxes = (t.float() for t in DenseHead.best_cells(pred))
         index = [DENSE_KINDS.index(kind) for kind in kinds]
         return [{kind: (float(scores[n, k]),
@@ -607,21 +611,45 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
                  for kind, k in zip(kinds, index, strict=True)}
                 for n in range(len(scores))]
 
+    def read_heads(self, pixel_values: torch.Tensor,
+                   ) -> tuple[list[dict[str, tuple[float, list[float]]]],
+                              list[dict[str, tuple[str | None, list[float]]]]]:
+        """Both vision heads' reading of each image, from one pass of the tower: the dense
+        head's (:meth:`find_focal`) and the fine head's (:meth:`find_fine`); an empty reading
+        per image for a head the model does not have."""
+        n = int(pixel_values.shape[0])
+        focal: list[dict[str, tuple[float, list[float]]]] = [{} for _ in range(n)]
+        fine: list[dict[str, tuple[str | None, list[float]]]] = [{} for _ in range(n)]
+        if self.dense_head is None and self.fine_head is None:
+            return focal, fine
+        with torch.inference_mode():
+            out = self._tower(pixel_values, hidden=self.fine_head is not None)
+            if self.dense_head is not None:
+                focal = self._focal_reading(self._pool(out.last_hidden_state))
+            if self.fine_head is not None:
+                fine = self._fine_reading(out.hidden_states[int(self._fine_spec()["layer"])])
+        return focal, fine
+
+    def _tower(self, pixel_values: torch.Tensor, *, hidden: bool = False) -> Any:
+        """The vision tower's output for ``pixel_values`` (moved to its device and dtype;
+        no gradient into a frozen tower), with every hidden state when ``hidden``."""
+        vision_dtype = next(self.vision_tower.parameters()).dtype
+        pixel_values = pixel_values.to(device=self.device, dtype=vision_dtype)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.vision_frozen):
+            return self.vision_tower(pixel_values=pixel_values, output_hidden_states=hidden)
+
+    def _fine_spec(self) -> dict[str, Any]:
+        if not self.config.fine_head:
+            raise ConfigError("this CXRTrekNet has no fine head (its config has no fine_head)")
+        return self.config.fine_head
+
     def fine_features(self, pixel_values: torch.Tensor,
                       layer: int | None = None) -> torch.Tensor:
         """The tower's hidden state ``layer`` (as transformers counts them: 0 is the stem's
         output; by default the one the config's ``fine_head`` reads)."""
         if layer is None:
-            if not self.config.fine_head:
-                raise ConfigError("this CXRTrekNet has no fine head (its config has no "
-                                  "fine_head)")
-            layer = int(self.config.fine_head["layer"])
-        vision_dtype = next(self.vision_tower.parameters()).dtype
-        pixel_values = pixel_values.to(device=self.device, dtype=vision_dtype)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.vision_frozen):
-            states = self.vision_tower(pixel_values=pixel_values,
-                                       output_hidden_states=True).hidden_states
-        state: torch.Tensor = states[layer]
+            layer = int(self._fine_spec()["layer"])
+        state: torch.Tensor = self._tower(pixel_values, hidden=True).hidden_states[layer]
         return state
 
     def attach_fine_head(self, state: dict[str, torch.Tensor], layer: int,
@@ -649,9 +677,15 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
         centre (percent of the image, ``[x1, y1, x2, y2]``)."""
         if self.fine_head is None:
             raise ConfigError("this CXRTrekNet has no fine head (its config has no fine_head)")
-        head = self.fine_head.eval()
         with torch.inference_mode():
-            pred = head(self.fine_features(pixel_values).to(next(head.parameters()).dtype))
+            return self._fine_reading(self.fine_features(pixel_values))
+
+    def _fine_reading(self, features: torch.Tensor,
+                      ) -> list[dict[str, tuple[str | None, list[float]]]]:
+        """:meth:`find_fine` from the hidden state its head reads (the model has one)."""
+        assert self.fine_head is not None
+        head = self.fine_head.eval()
+        pred = head(features.to(next(head.parameters()).dtype))
         best = pred["objectness"].argmax(-1)  # (N, kinds)
         boxes = pred["boxes"].gather(2, best[..., None, None].expand(-1, -1, 1, 4)).squeeze(2)
         out: list[dict[str, tuple[str | None, list[float]]]] = []
@@ -693,10 +727,10 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
     def get_pooled_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The vision tower's feature map pooled to the grid, before the projector:
         (n_images, image_grid ** 2, vision channels). A frozen tower's output can be cached."""
-        vision_dtype = next(self.vision_tower.parameters()).dtype
-        pixel_values = pixel_values.to(device=self.device, dtype=vision_dtype)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.vision_frozen):
-            feats = self.vision_tower(pixel_values=pixel_values).last_hidden_state
+        return self._pool(self._tower(pixel_values).last_hidden_state)
+
+    def _pool(self, feats: torch.Tensor) -> torch.Tensor:
+        """The tower's last feature map pooled to the grid (see :meth:`get_pooled_features`)."""
         if feats.dim() == 3:  # ViT-like (N, L, C): drop prefix tokens, lay patches on the grid
             n, length, c = feats.shape
             side = math.isqrt(length)
