@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from cxrtrek.prompts.notes import _abnormal, _named, description_sentences, sentence_name
 
-__all__ = ["current_and_prior", "held_answer"]
+__all__ = ["TIP_WORDS", "current_and_prior", "described_tips", "held_answer"]
 
 _BOXES = re.compile(r"<\|box\|>.*?<\|/box\|>")
 _LABEL = re.compile(r"^[A-H]\.\s*")
@@ -39,12 +39,13 @@ _PRESENCE = re.compile(r"\b(is there|are there|presence|present|show|shows|seen|
                        r"evidence|any)\b")
 _ZONE_OPTION = re.compile(r"^(right|left) (upper|middle|lower) zone$")
 _NONE_OPTION = re.compile(r"^none\b")
-_TIPS = {"appropriate": re.compile(r"\b(appropriat|satisfactor)"),
+TIP_WORDS = {"appropriate": re.compile(r"\b(appropriat|satisfactor)"),
          "low": re.compile(r"\blow\b"), "high": re.compile(r"\bhigh\b"),
          "svc": re.compile(r"\b(superior vena cava|svc)\b"),
          "cavoatrial": re.compile(r"\bcavoatrial\b"),
          "atrium": re.compile(r"\b(right )?atrium\b")}
-"""How an option names each tip position a description writes (``tip svc``)."""
+"""How a text (an option, a sentence) names each tip position a description writes
+(``tip svc``)."""
 _CHANGES = (("resolved", re.compile(r"\bresolv")), ("new", re.compile(r"\bnew\b")),
             ("increased", re.compile(r"\b(increas|enlarg|worse)")),
             ("decreased", re.compile(r"\b(decreas|smaller|improv)")),
@@ -81,6 +82,13 @@ class _Finding:
 def _findings(description: str) -> dict[str, _Finding]:
     found = (_Finding(s) for s in description_sentences(description) if ":" in s)
     return {f.name: f for f in found}
+
+
+def described_tips(description: str) -> dict[str, str]:
+    """Where a description puts each device's tip (``Endotracheal tube: tip low``:
+    ``{"endotracheal tube": "low"}``); devices it says are absent are left out."""
+    return {name: tip for name, f in _findings(description).items()
+            if name in _DEVICES and f.present and (tip := f.tip()) is not None}
 
 
 def _option_text(option: str) -> str:
@@ -169,7 +177,7 @@ def _single(q: str, texts: Sequence[str], named: list[_Finding],
         return None
     if f.name in _DEVICES:
         tip = f.tip()
-        picks = [i for i, t in enumerate(texts) if tip in _TIPS and _TIPS[tip].search(t)]
+        picks = [i for i, t in enumerate(texts) if tip in TIP_WORDS and TIP_WORDS[tip].search(t)]
         return picks[0] if len(picks) == 1 else None
     if all(_ZONE_OPTION.match(t) for t in texts):
         side, zone = f.side(), f.zone()

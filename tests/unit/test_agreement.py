@@ -9,6 +9,7 @@ from cxrtrek.prompts.agreement import (
     described_findings,
     disagreement,
     mentioned_findings,
+    mentioned_tips,
 )
 
 DESCRIPTION = ("PA view. Cardiomegaly: mild. Pulmonary edema: no. Pleural effusion: left lower "
@@ -98,3 +99,65 @@ def test_an_assembled_full_report_keeps_its_sections() -> None:
     assert text == ("Findings: No pneumothorax. A large left pleural effusion. Impression: No "
                     "acute findings.")
     assert added == 1
+
+
+PLACED = ("AP view. Cardiomegaly: moderate. Pleural effusion: no. Endotracheal tube: tip high "
+          "<|box|>(47.5, 8.75), (51.25, 12.5)<|/box|>. Central venous catheter: tip atrium "
+          "<|box|>(55.0, 51.25), (58.75, 55.0)<|/box|>.")
+
+
+@pytest.mark.parametrize(("text", "tips"), [
+    ("An endotracheal tube with its tip 4.1 cm above the carina, too high in the trachea. A "
+     "right internal jugular central venous catheter with its tip in the superior vena cava.",
+     {"endotracheal tube": {"high"}, "central venous catheter": {"svc"}}),
+    ("The endotracheal tube is in a satisfactory position.",
+     {"endotracheal tube": {"appropriate"}}),
+    ("Endotracheal tube placed too low, close to the carina.", {"endotracheal tube": {"low"}}),
+    # where a device should go is not where its tip lies
+    ("Central venous catheter tip in the right atrium. Advice: withdraw the catheter by about "
+     "2 cm to the cavoatrial junction.", {"central venous catheter": {"atrium"}}),
+    # a clause that names both devices places neither; none named, nothing placed
+    ("The endotracheal tube and the central venous catheter suggest intensive care.", {}),
+    ("Small left lower zone atelectasis; the heart is high-normal in size.", {}),
+])
+def test_a_free_text_says_where_each_device_s_tip_lies(text: str,
+                                                        tips: dict[str, set[str]]) -> None:
+    assert mentioned_tips(text) == tips
+
+
+def test_a_tip_placed_elsewhere_than_the_description_is_a_contradiction() -> None:
+    named = "Moderate cardiomegaly. No pleural effusion. "
+    right = named + ("The endotracheal tube is too high. The central venous catheter tip lies in "
+                     "the right atrium.")
+    assert disagreement(right, PLACED) == (0, 0)
+    wrong = named + ("The endotracheal tube is in a satisfactory position. The central venous "
+                     "catheter tip lies in the superior vena cava.")
+    assert disagreement(wrong, PLACED) == (2, 0)
+    # one clause placing the tube both ways still places it wrongly once
+    assert disagreement(named + "The endotracheal tube is too high, in a satisfactory "
+                        "position. The catheter tip lies in the right atrium.", PLACED) == (1, 0)
+    # a device named without its tip is not compared; a tip the description words otherwise
+    # (centimetres above the carina) is not either
+    assert disagreement(named + "An endotracheal tube and a central venous catheter.",
+                        PLACED) == (0, 0)
+    assert disagreement("An endotracheal tube in a satisfactory position.", DESCRIPTION) == (0, 2)
+
+
+def test_assembly_drops_a_sentence_that_misplaces_a_tip() -> None:
+    best = ("Moderate cardiomegaly. The central venous catheter tip lies in the superior vena "
+            "cava. The endotracheal tube is too high.")
+    other = "The central venous catheter tip lies in the right atrium. No pleural effusion."
+    text, added = assembled([best, other], PLACED)
+    assert text == ("Moderate cardiomegaly. The endotracheal tube is too high. The central "
+                    "venous catheter tip lies in the right atrium.")
+    assert added == 1
+    assert disagreement(text, PLACED) == (0, 0)
+
+
+def test_assembly_drops_a_stray_letter_before_a_sentence() -> None:
+    best = "An endotracheal tube with its tip 4 cm above the carina. No pneumothorax."
+    other = "Findings: C The heart is mildly enlarged. A large left pleural effusion."
+    text, added = assembled([best, other], DESCRIPTION)
+    assert text == ("An endotracheal tube with its tip 4 cm above the carina. No pneumothorax. "
+                    "The heart is mildly enlarged. A large left pleural effusion.")
+    assert added == 2
