@@ -280,7 +280,8 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
         task = progress.add_task("phantom studies", total=args.n)
         path = generate(args.n, args.seed, args.out, size=args.size,
                         prior_fraction=args.prior_fraction,
-                        progress=lambda k: progress.advance(task, k))
+                        progress=lambda k: progress.advance(task, k),
+                        workers=getattr(args, "workers", 1))
     sys.stdout.write(f"{path}\n")
     return EXIT_OK
 

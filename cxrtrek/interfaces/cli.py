@@ -752,16 +752,18 @@ def phantoms_cmd(
                                       help="image size in pixels, 128-512")] = 320,
     prior_fraction: Annotated[float, typer.Option(
         "--prior-fraction", help="share of patients with a prior study")] = 0.6,
+    workers: Annotated[int, typer.Option(
+        "--workers", help="processes drawing studies side by side (the same bytes)")] = 1,
 ) -> int:
     """Generate synthetic chest radiographs with 8-stage questions and known truth.
 
     Writes images/, phantoms.json (CXRTrek format) and truth.jsonl to OUT. The same seed
-    gives the same bytes.
+    gives the same bytes, with any number of workers.
     """
     from cxrtrek.interfaces._commands import cmd_phantoms
 
     return cmd_phantoms(argparse.Namespace(n=n, out=out, seed=seed, size=size,
-                                           prior_fraction=prior_fraction))
+                                           prior_fraction=prior_fraction, workers=workers))
 
 
 @app.command("train")

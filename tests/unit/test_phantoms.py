@@ -19,7 +19,7 @@ from cxrtrek.data.phantoms import (
     generate,
     make_study,
 )
-from cxrtrek.errors import ConfigError
+from cxrtrek.errors import ConfigError, DataError
 from cxrtrek.parsing import parse_answer, parse_options
 from cxrtrek.schema import BoxesParse, ChoiceParse, ReportParse, YesNoParse
 
@@ -129,6 +129,14 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
     assert a["phantoms.json"] != c["phantoms.json"]
     assert [v for k, v in sorted(a.items()) if k.endswith(".png")] != \
         [v for k, v in sorted(c.items()) if k.endswith(".png")]
+    # workers drawing studies side by side write the same bytes, in the same order
+    counted: list[int] = []
+    d = files(generate(120, 7, tmp_path / "d", size=128, workers=2,
+                       progress=counted.append).parent)
+    e = files(generate(120, 7, tmp_path / "e", size=128).parent)
+    assert d == e and sum(counted) == 120 and len(counted) == 3  # three batches of 50 at most
+    with pytest.raises(DataError, match="workers"):
+        generate(1, 7, tmp_path / "f", workers=0)
 
 
 def test_the_bundled_study_is_what_its_readme_regenerates(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -105,18 +106,59 @@ def make_study(rng_or_seed: np.random.Generator | int, *, index: int = 0, seed: 
 
 def generate(n: int, seed: int, out_dir: str | Path, size: int = 320,
              prior_fraction: float = 0.6,
-             progress: Callable[[int], None] | None = None) -> Path:
+             progress: Callable[[int], None] | None = None, workers: int = 1) -> Path:
     """Write ``n`` phantom studies under ``out_dir``; returns the path of ``phantoms.json``.
 
     Writes ``images/<patient>/<study>/frontal.png``, ``phantoms.json`` (CXRTrek format, image
     paths relative to ``out_dir``) and ``truth.jsonl`` (one :class:`PhantomTruth` a line).
     Study ``i`` is drawn from ``numpy.random.default_rng([seed, i])``, so the same seed gives
-    the same bytes. ``progress`` is called with 1 after each study.
+    the same bytes, with any number of ``workers`` (processes drawing studies side by side).
+    ``progress`` is called with the number of studies written, after each one (or each
+    worker's batch).
     """
+    if workers < 1:
+        raise DataError(f"workers must be at least 1; got {workers}")
     out = Path(out_dir)
     records: list[CXRTrekRecord] = []
     truth_lines: list[str] = []
-    for i in range(n):
+    spans = [range(i, min(i + _BATCH, n)) for i in range(0, n, _BATCH)]
+    draw = functools.partial(_write_studies, seed=seed, out=out, size=size,
+                             prior_fraction=prior_fraction)
+    if workers == 1 or len(spans) < 2:
+        for i in range(n):
+            [(record, line)] = draw(range(i, i + 1))
+            records.append(record)
+            truth_lines.append(line)
+            if progress is not None:
+                progress(1)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        context = multiprocessing.get_context("spawn")  # no forked torch or threads
+        with ProcessPoolExecutor(min(workers, len(spans)), mp_context=context) as pool:
+            for written in pool.map(draw, spans):  # in order: the same files as one worker
+                records.extend(r for r, _ in written)
+                truth_lines.extend(line for _, line in written)
+                if progress is not None:
+                    progress(len(written))
+    (out / "truth.jsonl").write_text("".join(line + "\n" for line in truth_lines),
+                                     encoding="utf-8")
+    path = write_records(records, out / "phantoms.json")
+    log.info("wrote %d phantom studies to %s", n, out)
+    return path
+
+
+_BATCH = 50
+"""Studies a worker draws and writes per task (``generate`` with workers)."""
+
+
+def _write_studies(indices: range, *, seed: int, out: Path, size: int,
+                   prior_fraction: float) -> list[tuple[CXRTrekRecord, str]]:
+    """Draw the studies ``indices`` of ``seed``, write their images under ``out``; their
+    records and truth lines, in order."""
+    written: list[tuple[CXRTrekRecord, str]] = []
+    for i in indices:
         images, truth, record = make_study(np.random.default_rng([seed, i]), index=i,
                                            seed=seed, size=size,
                                            prior_fraction=prior_fraction)
@@ -124,12 +166,5 @@ def generate(n: int, seed: int, out_dir: str | Path, size: int = 320,
             path = out / im.rel_path
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(im.png())
-        records.append(record)
-        truth_lines.append(json.dumps(truth.model_dump(mode="json"), ensure_ascii=False))
-        if progress is not None:
-            progress(1)
-    (out / "truth.jsonl").write_text("".join(line + "\n" for line in truth_lines),
-                                     encoding="utf-8")
-    path = write_records(records, out / "phantoms.json")
-    log.info("wrote %d phantom studies to %s", n, out)
-    return path
+        written.append((record, json.dumps(truth.model_dump(mode="json"), ensure_ascii=False)))
+    return written
