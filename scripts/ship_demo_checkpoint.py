@@ -18,7 +18,8 @@ phases after it keep the tower frozen, so the head still reads it), with the fin
 writes in the model's image descriptions and their thresholds (the config's
 ``dense_head_kinds``; ``benchmarks/fit_dense_head.py`` writes them). ``--fine-head PT``
 attaches the fine head that ``scripts/train_fine_head.py`` trained on this model's tower (the
-config's ``fine_head``).
+config's ``fine_head``), and the pixel head it trained beside it if the file has one (the
+config's ``pixel_head``).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                         "{kind: [alone, confirm]} (with --dense-head)")
     parser.add_argument("--fine-head", type=Path, metavar="PT",
                         help="the fine head scripts/train_fine_head.py saved, trained on this "
-                        "model's tower")
+                        "model's tower (and the pixel head, if it saved one)")
     args = parser.parse_args(argv)
     if (args.dense_head is None) != (args.dense_kinds is None):
         parser.error("--dense-head and --dense-kinds go together")
@@ -81,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.fine_head is not None:
         saved = torch.load(args.fine_head, map_location="cpu", weights_only=True)
         model.attach_fine_head(saved["state"], int(saved["layer"]), saved["kinds"])
+        if "pixel" in saved:
+            pixel = saved["pixel"]
+            model.attach_pixel_head(pixel["state"], int(pixel["grid"]), pixel["kinds"])
     torch.nn.Module.to(model, torch.float16)  # in place
     save_pretrained(model, processor, args.dest)
     size = sum(p.stat().st_size for p in args.dest.iterdir() if p.is_file())

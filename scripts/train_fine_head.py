@@ -1,15 +1,19 @@
-"""Train the vision tower's fine head on a phantom split and score it on another.
+"""Train the vision tower's fine head and the pixel head on a phantom split and score them on
+another.
 
-The head (:class:`~cxrtrek.model.modeling.FineHead`) reads an earlier, finer hidden state of
-the model's frozen tower than the pooled grid, and writes the sentences of its kinds (devices,
-small findings) in the model's own image descriptions (see :mod:`cxrtrek.model.fine_head`).
-Prints, per kind on ``--val``: presence and label accuracy beside the majority and box hits;
-for a kind the model's dense head reads too, the dense head's presence (its ``alone``
-threshold) and box hits beside them. Saves the head for
-``scripts/ship_demo_checkpoint.py --fine-head``.
+The fine head (:class:`~cxrtrek.model.modeling.FineHead`) reads an earlier, finer hidden state
+of the model's frozen tower than the pooled grid; the pixel head
+(:class:`~cxrtrek.model.modeling.PixelHead`) reads the image itself, for findings that no
+hidden state of the tower holds (a rib's break). Both write the sentences of their kinds
+(devices, small findings) in the model's own image descriptions (see
+:mod:`cxrtrek.model.fine_head`). Prints, per kind on ``--val``: presence and label accuracy
+beside the majority and box hits; for a kind the model's dense head reads too, the dense
+head's presence (its ``alone`` threshold) and box hits beside them. Saves both heads in one
+file for ``scripts/ship_demo_checkpoint.py --fine-head``.
 
 Run: ``python scripts/train_fine_head.py --data demo-run/train --model demo-run/notes
---val demo-run/val --out demo-run/fine_head.pt [--kinds K ...] [--max-images N]``
+--val demo-run/val --out demo-run/fine_head.pt [--kinds K ...] [--pixel-kinds K ...]
+[--max-images N]`` (``--pixel-kinds`` with no kind: no pixel head).
 """
 
 from __future__ import annotations
@@ -24,7 +28,11 @@ from cxrtrek.model.build import load_pretrained
 from cxrtrek.model.fine_head import (
     DEFAULT_KINDS,
     DEFAULT_LAYER,
+    PIXEL_EPOCHS,
+    PIXEL_GRID,
+    PIXEL_KINDS,
     fit_fine_head,
+    fit_pixel_head,
     score_fine_head,
 )
 from cxrtrek.model.modeling import FINE_LABELS, CXRTrekNetForConditionalGeneration
@@ -68,8 +76,12 @@ def main(argv: list[str] | None = None) -> int:
                         choices=list(FINE_LABELS), help="the kinds the head reads")
     parser.add_argument("--layer", type=int, default=DEFAULT_LAYER,
                         help="the tower's hidden state the head reads")
+    parser.add_argument("--pixel-kinds", nargs="*", default=list(PIXEL_KINDS),
+                        choices=[k for k, v in FINE_LABELS.items() if v == ("present",)],
+                        help="the findings the pixel head reads (none: no pixel head)")
     parser.add_argument("--max-images", type=int, default=None, help="the first N images")
     parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--pixel-epochs", type=int, default=PIXEL_EPOCHS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args(argv)
@@ -80,12 +92,20 @@ def main(argv: list[str] | None = None) -> int:
                           max_images=args.max_images, epochs=args.epochs, seed=args.seed,
                           log=print)
     model.attach_fine_head(state, args.layer, args.kinds)
+    saved: dict[str, object] = {"layer": args.layer, "kinds": args.kinds, "state": state}
+    if args.pixel_kinds:
+        print(f"fine head: {time.monotonic() - start:.0f} s; the pixel head:")
+        pixel = fit_pixel_head(model, args.data, kinds=args.pixel_kinds,
+                               max_images=args.max_images, epochs=args.pixel_epochs,
+                               seed=args.seed, log=print)
+        model.attach_pixel_head(pixel, PIXEL_GRID, args.pixel_kinds)
+        saved["pixel"] = {"grid": PIXEL_GRID, "kinds": args.pixel_kinds, "state": pixel}
     scores = score_fine_head(model, args.val)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"layer": args.layer, "kinds": args.kinds, "state": state}, args.out)
+    torch.save(saved, args.out)
     print(f"\nValidation images: {scores.images} ({args.val}).\n")
     print(scores.table())
-    dense = _dense_rows(model, args.val, args.kinds)
+    dense = _dense_rows(model, args.val, [*args.kinds, *args.pixel_kinds])
     if dense:
         print("\nThe same kinds read by the model's dense head (pooled grid):\n")
         print("\n".join(dense))

@@ -44,7 +44,10 @@ the pooled grid (a tube is a line a pixel or two wide, a nodule a few pixels acr
 ``dense_head`` its reading writes the sentences of its kinds, in place of the dense head's for
 a kind both read: a device's (whether it is there, where its tip lies, the tip's box;
 :func:`~cxrtrek.data.phantoms.questions.revise_devices`) and a finding's (whether it is
-there, and side, zone, size and box from its box), named in ``vision_head`` too.
+there, and side, zone, size and box from its box), named in ``vision_head`` too. A
+CXRTrekNet whose config has a ``pixel_head`` reads the findings too small for the tower (a
+rib's break) from the image itself, and writes them in the same way, in place of the other
+heads' for its kinds.
 
 *Quoted boxes.* With ``quote_boxes`` (by default the model config's ``quote_boxes``), an answer
 that locates a target (``<|ref|> pleural effusion <|/ref|> <|box|>...<|/box|>``), asked after
@@ -193,13 +196,13 @@ class InProcessBackend:
         """Choice questions are answered by ranking the answers they allow (see the module's
         docstring)."""
         has_head = any(getattr(model, head, None) is not None
-                       for head in ("dense_head", "fine_head"))
+                       for head in ("dense_head", "fine_head", "pixel_head"))
         if dense_head and not has_head:
             raise ConfigError("dense_head: this CXRTrekNet has no vision head (its config "
-                              "names no dense_head_kinds and no fine_head)")
+                              "names no dense_head_kinds, no fine_head and no pixel_head)")
         self.dense_head = has_head if dense_head is None else dense_head
-        """Image descriptions have the dense and fine heads' kinds written from their reading
-        (see the module's docstring)."""
+        """Image descriptions have the dense, fine and pixel heads' kinds written from their
+        reading (see the module's docstring)."""
         self.quote_boxes = (bool(getattr(model.config, "quote_boxes", False))
                             if quote_boxes is None else quote_boxes)
         """Answers that locate a target quote its boxes from the image's description (see the
@@ -505,8 +508,8 @@ class InProcessBackend:
 
     def _revised(self, requests: Sequence[VLMRequest],
                  responses: list[VLMResponse]) -> list[VLMResponse]:
-        """``responses`` with each image description's dense-head and fine-head kinds written
-        from the heads' reading of its image (see the module's docstring)."""
+        """``responses`` with each image description's dense-, fine- and pixel-head kinds
+        written from the heads' reading of its image (see the module's docstring)."""
         from cxrtrek.data.phantoms.questions import (
             revise_description,
             revise_devices,

@@ -83,6 +83,11 @@ class CXRTrekNetConfig(PretrainedConfig):  # type: ignore[no-untyped-call]
     descriptions: ``{"layer": L, "channels": C, "grid": G, "kinds": [...]}``, the tower's
     hidden state it reads (L, as transformers counts them: 0 is the stem's output) with its C
     channels on a G x G grid, and the kinds it reads. None: the model has no fine head."""
+    pixel_head: dict[str, Any] | None = None
+    """The pixel head (:class:`~cxrtrek.model.modeling.PixelHead`), which reads findings too
+    small for the tower (a rib's break) from the image itself and writes their sentences like
+    the fine head's: ``{"size": S, "grid": G, "kinds": [...]}``, the image size it reads, the
+    G x G map it reads its kinds on, and the kinds. None: the model has no pixel head."""
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     tie_word_embeddings: bool = True
 

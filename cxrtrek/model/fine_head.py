@@ -11,7 +11,13 @@ untouched, with the truth of a training split: per kind, absent or what it is
 box's centre (cross-entropy over the cells) with the box there (L1). At inference it reads
 the image alone (:meth:`~cxrtrek.model.modeling.CXRTrekNetForConditionalGeneration.find_fine`).
 
-``fit_fine_head(model, data, kinds=...) -> state``, ``score_fine_head(model, data)``.
+A rib's break (a gap of a pixel or two) is lost in every hidden state of the tower. The pixel
+head (:class:`~cxrtrek.model.modeling.PixelHead`) reads it from the image itself, through a
+small convolutional stem of its own, trained here the same way (the images' pixels in place
+of a hidden state, with a brightness and contrast jitter).
+
+``fit_fine_head(model, data, kinds=...) -> state``, ``fit_pixel_head(model, data) -> state``,
+``score_fine_head(model, data)``.
 """
 
 from __future__ import annotations
@@ -24,10 +30,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cxrtrek.model.modeling import FINE_LABELS, CXRTrekNetForConditionalGeneration, FineHead
+from cxrtrek.model.modeling import (
+    FINE_LABELS,
+    CXRTrekNetForConditionalGeneration,
+    FineHead,
+    PixelHead,
+)
 
-__all__ = ["DEFAULT_KINDS", "DEFAULT_LAYER", "FineScores", "fine_targets", "fit_fine_head",
-           "score_fine_head"]
+__all__ = ["DEFAULT_KINDS", "DEFAULT_LAYER", "PIXEL_EPOCHS", "PIXEL_GRID", "PIXEL_KINDS",
+           "FineScores", "fine_targets", "fit_fine_head", "fit_pixel_head", "score_fine_head"]
 
 DEFAULT_LAYER = 2
 """The tower's hidden state the head reads by default: for the demo's ResNet, the second
@@ -35,6 +46,12 @@ stage's output, 20 x 20 cells of 64 channels for a 160-pixel image."""
 DEFAULT_KINDS = ("endotracheal_tube", "central_line", "nodule", "mass", "atelectasis")
 """The kinds the demo's fine head reads: the two devices, and the small findings that it reads
 better than the dense head on the pooled grid (``scripts/train_fine_head.py`` prints both)."""
+PIXEL_KINDS = ("rib_fracture",)
+"""The kinds the demo's pixel head reads: those no hidden state of the tower holds."""
+PIXEL_GRID = 20
+"""The map the pixel head reads its kinds on (a 160-pixel image halved three times)."""
+PIXEL_EPOCHS = 12
+"""The pixel head's training epochs by default."""
 
 
 def _truth_of(t: object, kind: str) -> tuple[str, list[float]] | None:
@@ -97,7 +114,7 @@ def _cells(boxes: torch.Tensor, grid: int) -> torch.Tensor:
     return cy * grid + cx
 
 
-def _loss(head: FineHead, x: torch.Tensor, classes: torch.Tensor,
+def _loss(head: FineHead | PixelHead, x: torch.Tensor, classes: torch.Tensor,
           boxes: torch.Tensor) -> torch.Tensor:
     pred = head(x.float())
     loss = F.cross_entropy(pred["classes"].flatten(0, 1), classes.flatten())
@@ -120,28 +137,69 @@ def fit_fine_head(model: CXRTrekNetForConditionalGeneration, data: Path, *,
     head's state, for :meth:`~cxrtrek.model.modeling.CXRTrekNetForConditionalGeneration.
     attach_fine_head`."""
     torch.manual_seed(seed)
-    rng = random.Random(seed)
     paths, truths = _images(data, max_images)
     x = _features(model, paths, layer)
-    classes, boxes = fine_targets(truths, kinds)
     head = FineHead(int(x.shape[1]), int(x.shape[2]), kinds)
+    return _fit(head, x, *fine_targets(truths, kinds), epochs=epochs, batch_size=batch_size,
+                lr=lr, weight_decay=weight_decay, seed=seed, jitter=0.0, log=log)
+
+
+def fit_pixel_head(model: CXRTrekNetForConditionalGeneration, data: Path, *,
+                   kinds: Sequence[str] = PIXEL_KINDS, grid: int = PIXEL_GRID,
+                   max_images: int | None = None, epochs: int = PIXEL_EPOCHS,
+                   batch_size: int = 32, lr: float = 2e-3, weight_decay: float = 1e-4,
+                   jitter: float = 0.1, flip: bool = True, seed: int = 0,
+                   log: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
+    """Train a pixel head for ``kinds`` (findings) on the images of the phantom split ``data``
+    (its first ``max_images``), normalised as ``model``'s tower takes them, each batch's
+    brightness and contrast jittered by ``jitter`` (standard deviations), every other batch
+    mirrored left to right with ``flip`` (a finding's look does not depend on its side);
+    returns the head's state, for :meth:`~cxrtrek.model.modeling.
+    CXRTrekNetForConditionalGeneration.attach_pixel_head`."""
+    torch.manual_seed(seed)
+    paths, truths = _images(data, max_images)
+    x = torch.cat([_pixels(model, paths[i:i + 256]).to(torch.float16)
+                   for i in range(0, len(paths), 256)])
+    c = model.config
+    head = PixelHead(int(c.image_size), grid, kinds, int(c.image_channels))
+    return _fit(head, x, *fine_targets(truths, kinds), epochs=epochs, batch_size=batch_size,
+                lr=lr, weight_decay=weight_decay, seed=seed, jitter=jitter, flip=flip, log=log)
+
+
+def _fit(head: FineHead | PixelHead, x: torch.Tensor, classes: torch.Tensor,
+         boxes: torch.Tensor, *, epochs: int, batch_size: int, lr: float, weight_decay: float,
+         seed: int, jitter: float, log: Callable[[str], None] | None, flip: bool = False,
+         ) -> dict[str, torch.Tensor]:
+    """AdamW with a one-cycle schedule over ``epochs`` of ``x`` (seeded order); each batch's
+    inputs jittered in brightness and contrast by ``jitter`` (0: not); the trained state."""
+    rng = random.Random(seed)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=lr, total_steps=epochs * -(-len(x) // batch_size))
     order = list(range(len(x)))
+    every = max(1, epochs // 4)
     head.train()
     for epoch in range(epochs):
         rng.shuffle(order)
         total = 0.0
         for i in range(0, len(order), batch_size):
             idx = torch.tensor(order[i:i + batch_size])
-            loss = _loss(head, x[idx], classes[idx], boxes[idx])
+            batch, targets = x[idx].float(), boxes[idx]
+            if jitter:
+                shape = (len(idx),) + (1,) * (batch.dim() - 1)
+                batch = batch * (1 + jitter * torch.randn(shape)) + jitter * torch.randn(shape)
+            if flip and (i // batch_size) % 2:  # mirrored, its boxes with it
+                batch = batch.flip(-1)
+                targets = torch.stack([1 - targets[..., 2], targets[..., 1],
+                                       1 - targets[..., 0], targets[..., 3]], -1)
+                targets = targets * (classes[idx] > 0).unsqueeze(-1)
+            loss = _loss(head, batch, classes[idx], targets)
             opt.zero_grad()
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             sched.step()
             total += float(loss.detach()) * len(idx)
-        if log is not None and (epoch + 1) % 10 == 0:
+        if log is not None and ((epoch + 1) % every == 0 or epoch + 1 == epochs):
             log(f"epoch {epoch + 1}/{epochs}: loss {total / len(x):.4f}")
     head.eval()
     return {k: v.detach().clone() for k, v in head.state_dict().items()}
@@ -174,12 +232,14 @@ class FineScores:
 
 def score_fine_head(model: CXRTrekNetForConditionalGeneration, data: Path, *,
                     max_images: int | None = None) -> FineScores:
-    """Score ``model``'s fine head on the phantom split ``data`` (see :class:`FineScores`)."""
-    if model.fine_head is None:
+    """Score ``model``'s fine and pixel heads on the phantom split ``data``, each kind they
+    read (see :class:`FineScores`)."""
+    heads = [h for h in (model.fine_head, model.pixel_head) if h is not None]
+    if not heads:
         from cxrtrek.errors import ConfigError
 
-        raise ConfigError("this CXRTrekNet has no fine head to score")
-    kinds = model.fine_head.kinds
+        raise ConfigError("this CXRTrekNet has no fine head and no pixel head to score")
+    kinds = list(dict.fromkeys(k for h in heads for k in h.kinds))
     paths, truths = _images(data, max_images)
     found: list[dict[str, tuple[str | None, list[float]]]] = []
     for i in range(0, len(paths), 64):

@@ -42,6 +42,7 @@ __all__ = [
     "DenseHead",
     "FineHead",
     "Generated",
+    "PixelHead",
     "PrefixCache",
     "vision_hidden_size",
 ]
@@ -513,13 +514,72 @@ class FineHead(nn.Module):
         n, kinds = features.shape[0], len(self.kinds)
         classes = self.classify(self.reduce(features).flatten(1)).view(n, kinds, self.classes)
         out = self.locate(features).view(n, kinds, 5, self.grid * self.grid)
-        rows = torch.arange(self.grid, device=out.device).repeat_interleave(self.grid)
-        cols = torch.arange(self.grid, device=out.device).repeat(self.grid)
-        cell_xy = torch.stack([cols, rows], 0).to(out.dtype)  # (2, cells)
-        centre = (cell_xy + torch.sigmoid(out[:, :, 1:3])) / self.grid
-        size = torch.sigmoid(out[:, :, 3:5]) * 0.5  # a small finding's or a tip's box
-        boxes = torch.cat([centre - size / 2, centre + size / 2], 2).transpose(2, 3)
-        return {"classes": classes, "objectness": out[:, :, 0], "boxes": boxes}
+        return {"classes": classes, "objectness": out[:, :, 0],
+                "boxes": _cell_boxes(out, self.grid)}
+
+
+def _cell_boxes(out: torch.Tensor, grid: int) -> torch.Tensor:
+    """Each cell's box (N, kinds, cells, 4; fractions of the image) from a detector's output
+    (N, kinds, 5, cells): the centre's offset within the cell, then the size, each through a
+    sigmoid (a small finding's or a tip's box: at most half the image)."""
+    rows = torch.arange(grid, device=out.device).repeat_interleave(grid)
+    cols = torch.arange(grid, device=out.device).repeat(grid)
+    cell_xy = torch.stack([cols, rows], 0).to(out.dtype)  # (2, cells)
+    centre = (cell_xy + torch.sigmoid(out[:, :, 1:3])) / grid
+    size = torch.sigmoid(out[:, :, 3:5]) * 0.5
+    return torch.cat([centre - size / 2, centre + size / 2], 2).transpose(2, 3)
+
+
+def _conv_block(inputs: int, outputs: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False),
+                         nn.BatchNorm2d(outputs), nn.ReLU())
+
+
+class PixelHead(nn.Module):
+    """Findings smaller than the tower's first stride, read from the image itself. A rib's
+    break is a gap of a pixel or two and a step of about one in the rib; the tower's stem
+    blurs it away, and none of its hidden states holds it (the card's layer probe). The head
+    has a small convolutional stem of its own: halvings (3 x 3 convolutions of stride 2, which
+    still see every pixel) down to a ``grid`` x ``grid`` map. Per kind and cell, an objectness
+    logit (the finding's centre lies in this cell) and a box, as :class:`FineHead` finds them;
+    a kind is present where the log-sum-exp of its objectness over the cells, plus a learnt
+    bias, is above 0 (it is there when some cell holds it, wherever it lies). Its output is
+    :class:`FineHead`'s, with two classes a kind (absent, present); its kinds are findings
+    (:data:`FINE_LABELS` ``("present",)``). Trained beside a frozen tower
+    (:func:`cxrtrek.model.fine_head.fit_pixel_head`)."""
+
+    WIDTHS = (16, 32, 48, 64)
+    """Channels after each halving (the last halving's is the map the kinds are read from)."""
+
+    def __init__(self, size: int, grid: int, kinds: Sequence[str], channels: int = 1) -> None:
+        super().__init__()
+        halvings = (size // grid).bit_length() - 1 if 1 <= grid <= size else 0
+        if not 1 <= halvings <= len(self.WIDTHS) or size != grid << halvings:
+            raise ConfigError(f"pixel head: the grid ({grid}) must be the image size ({size}) "
+                              f"halved 1 to {len(self.WIDTHS)} times")
+        self.size, self.grid, self.kinds = size, grid, list(kinds)
+        self.classes = 2
+        layers: list[nn.Module] = []
+        width = channels
+        for i in range(halvings):
+            layers.append(_conv_block(width, self.WIDTHS[i], 2))
+            width = self.WIDTHS[i]
+            if i == halvings - 2:  # one more look at the last map but one
+                layers.append(_conv_block(width, width, 1))
+        self.stem = nn.Sequential(*layers)
+        self.locate = nn.Conv2d(width, len(self.kinds) * 5, 1)
+        self.bias = nn.Parameter(torch.zeros(len(self.kinds)))
+
+    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``pixels`` (N, channels, size, size), normalised as the tower's input ->
+        :meth:`FineHead.forward`'s ``classes``, ``objectness`` and ``boxes``."""
+        n, kinds = pixels.shape[0], len(self.kinds)
+        out = self.locate(self.stem(pixels)).view(n, kinds, 5, self.grid * self.grid)
+        objectness = out[:, :, 0]
+        present = torch.logsumexp(objectness, -1) + self.bias
+        classes = torch.stack([torch.zeros_like(present), present], -1)
+        return {"classes": classes, "objectness": objectness,
+                "boxes": _cell_boxes(out, self.grid)}
 
 
 class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-untyped-call]
@@ -550,6 +610,11 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
         its kinds in the model's own image descriptions (:meth:`find_fine`)."""
         if config.fine_head:
             self.fine_head = _fine_head_for(config)
+        self.pixel_head: PixelHead | None = None
+        """The pixel head, with the config's ``pixel_head``: it reads findings too small for
+        the tower from the image itself, and writes their sentences like the fine head's."""
+        if config.pixel_head:
+            self.pixel_head = _pixel_head_of(config.pixel_head, int(config.image_channels))
         self.post_init()  # type: ignore[no-untyped-call]
         if config.freeze_vision:
             self.freeze_vision(True)
@@ -567,9 +632,9 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
     def freeze_vision(self, frozen: bool = True) -> None:
         """Freeze (or unfreeze) the vision tower; a frozen tower stays in eval mode. Its dense
         and fine heads are frozen with it (they read the tower's features as they were
-        trained)."""
+        trained), and the pixel head (trained beside it)."""
         self.vision_tower.requires_grad_(not frozen)
-        for head in (self.dense_head, self.fine_head):
+        for head in (self.dense_head, self.fine_head, self.pixel_head):
             if head is not None:
                 head.requires_grad_(not frozen)
         if frozen:
@@ -614,20 +679,24 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
     def read_heads(self, pixel_values: torch.Tensor,
                    ) -> tuple[list[dict[str, tuple[float, list[float]]]],
                               list[dict[str, tuple[str | None, list[float]]]]]:
-        """Both vision heads' reading of each image, from one pass of the tower: the dense
-        head's (:meth:`find_focal`) and the fine head's (:meth:`find_fine`); an empty reading
-        per image for a head the model does not have."""
+        """The vision heads' reading of each image, from one pass of the tower: the dense
+        head's (:meth:`find_focal`), and the fine and pixel heads' (:meth:`find_fine`); an
+        empty reading per image for a head the model does not have."""
         n = int(pixel_values.shape[0])
         focal: list[dict[str, tuple[float, list[float]]]] = [{} for _ in range(n)]
         fine: list[dict[str, tuple[str | None, list[float]]]] = [{} for _ in range(n)]
-        if self.dense_head is None and self.fine_head is None:
-            return focal, fine
         with torch.inference_mode():
-            out = self._tower(pixel_values, hidden=self.fine_head is not None)
-            if self.dense_head is not None:
-                focal = self._focal_reading(self._pool(out.last_hidden_state))
-            if self.fine_head is not None:
-                fine = self._fine_reading(out.hidden_states[int(self._fine_spec()["layer"])])
+            if self.dense_head is not None or self.fine_head is not None:
+                out = self._tower(pixel_values, hidden=self.fine_head is not None)
+                if self.dense_head is not None:
+                    focal = self._focal_reading(self._pool(out.last_hidden_state))
+                if self.fine_head is not None:
+                    fine = _reading(self.fine_head,
+                                    out.hidden_states[int(self._fine_spec()["layer"])])
+            if self.pixel_head is not None:
+                pixels = pixel_values.to(device=self.device)
+                for seen, more in zip(fine, _reading(self.pixel_head, pixels), strict=True):
+                    seen.update(more)
         return focal, fine
 
     def _tower(self, pixel_values: torch.Tensor, *, hidden: bool = False) -> Any:
@@ -670,34 +739,29 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
         self.fine_head = head.to(device=param.device, dtype=param.dtype).eval()
         self.freeze_vision(self.vision_frozen)
 
+    def attach_pixel_head(self, state: dict[str, torch.Tensor], grid: int,
+                          kinds: Sequence[str]) -> None:
+        """Give the model a trained pixel head (:func:`cxrtrek.model.fine_head.fit_pixel_head`,
+        for this model's image size, reading ``kinds`` on a ``grid`` x ``grid`` map); the
+        config records it (``pixel_head``)."""
+        spec = {"size": int(self.config.image_size), "grid": int(grid), "kinds": list(kinds)}
+        head = _pixel_head_of(spec, int(self.config.image_channels))
+        head.load_state_dict(state)
+        self.config.pixel_head = spec
+        param = next(self.vision_tower.parameters())
+        self.pixel_head = head.to(device=param.device, dtype=param.dtype).eval()
+        self.freeze_vision(self.vision_frozen)
+
     def find_fine(self, pixel_values: torch.Tensor,
                   ) -> list[dict[str, tuple[str | None, list[float]]]]:
-        """The fine head's reading of each image: for each of its kinds, what it is (a label
-        of :data:`FINE_LABELS`; None: absent) and its box at the cell likeliest to hold its
-        centre (percent of the image, ``[x1, y1, x2, y2]``)."""
-        if self.fine_head is None:
-            raise ConfigError("this CXRTrekNet has no fine head (its config has no fine_head)")
-        with torch.inference_mode():
-            return self._fine_reading(self.fine_features(pixel_values))
-
-    def _fine_reading(self, features: torch.Tensor,
-                      ) -> list[dict[str, tuple[str | None, list[float]]]]:
-        """:meth:`find_fine` from the hidden state its head reads (the model has one)."""
-        assert self.fine_head is not None
-        head = self.fine_head.eval()
-        pred = head(features.to(next(head.parameters()).dtype))
-        best = pred["objectness"].argmax(-1)  # (N, kinds)
-        boxes = pred["boxes"].gather(2, best[..., None, None].expand(-1, -1, 1, 4)).squeeze(2)
-        out: list[dict[str, tuple[str | None, list[float]]]] = []
-        for n in range(boxes.shape[0]):
-            seen: dict[str, tuple[str | None, list[float]]] = {}
-            for k, kind in enumerate(head.kinds):
-                labels = FINE_LABELS[kind]
-                pick = int(pred["classes"][n, k, :1 + len(labels)].argmax())
-                seen[kind] = (None if pick == 0 else labels[pick - 1],
-                              [round(100.0 * float(v), 2) for v in boxes[n, k].clamp(0, 1)])
-            out.append(seen)
-        return out
+        """The fine and pixel heads' reading of each image: for each of their kinds, what it
+        is (a label of :data:`FINE_LABELS`; None: absent) and its box at the cell likeliest to
+        hold its centre (percent of the image, ``[x1, y1, x2, y2]``); the pixel head's for a
+        kind both read."""
+        if self.fine_head is None and self.pixel_head is None:
+            raise ConfigError("this CXRTrekNet has no fine head and no pixel head (its config "
+                              "has no fine_head and no pixel_head)")
+        return self.read_heads(pixel_values)[1]
 
     @property
     def vision_frozen(self) -> bool:
@@ -707,8 +771,9 @@ class CXRTrekNetForConditionalGeneration(PreTrainedModel):  # type: ignore[no-un
         super().train(mode)
         if self.vision_frozen:  # batch norm statistics must not drift in a frozen tower
             self.vision_tower.eval()
-            if self.fine_head is not None:
-                self.fine_head.eval()
+            for head in (self.fine_head, self.pixel_head):
+                if head is not None:
+                    head.eval()
         return self
 
     def get_input_embeddings(self) -> nn.Module:
@@ -1108,3 +1173,36 @@ def _fine_head_of(spec: Mapping[str, Any]) -> FineHead:
         raise ConfigError(f"fine head kinds: expected some of {', '.join(FINE_LABELS)}; got "
                           f"{', '.join(spec['kinds']) or 'none'}")
     return FineHead(int(spec["channels"]), int(spec["grid"]), spec["kinds"])
+
+
+def _pixel_head_of(spec: Mapping[str, Any], channels: int) -> PixelHead:
+    """A pixel head as ``spec`` (a config's ``pixel_head``) describes it, checked: its kinds
+    are findings (a device's tip position is the fine head's)."""
+    if set(spec) != {"size", "grid", "kinds"}:
+        raise ConfigError(f"pixel_head: expected size, grid and kinds; got {spec}")
+    findings = [k for k, labels in FINE_LABELS.items() if labels == ("present",)]
+    unknown = [k for k in spec["kinds"] if k not in findings]
+    if unknown or not spec["kinds"]:
+        raise ConfigError(f"pixel head kinds: expected some of {', '.join(findings)}; got "
+                          f"{', '.join(spec['kinds']) or 'none'}")
+    return PixelHead(int(spec["size"]), int(spec["grid"]), spec["kinds"], channels)
+
+
+def _reading(head: FineHead | PixelHead, x: torch.Tensor,
+             ) -> list[dict[str, tuple[str | None, list[float]]]]:
+    """A fine or pixel head's reading of its input ``x`` (a hidden state, or the pixels),
+    image by image: per kind, its label (None: absent) and its box at the likeliest cell."""
+    head.eval()
+    pred = head(x.to(next(head.parameters()).dtype))
+    best = pred["objectness"].argmax(-1)  # (N, kinds)
+    boxes = pred["boxes"].gather(2, best[..., None, None].expand(-1, -1, 1, 4)).squeeze(2)
+    out: list[dict[str, tuple[str | None, list[float]]]] = []
+    for n in range(boxes.shape[0]):
+        seen: dict[str, tuple[str | None, list[float]]] = {}
+        for k, kind in enumerate(head.kinds):
+            labels = FINE_LABELS[kind]
+            pick = int(pred["classes"][n, k, :1 + len(labels)].argmax())
+            seen[kind] = (None if pick == 0 else labels[pick - 1],
+                          [round(100.0 * float(v), 2) for v in boxes[n, k].clamp(0, 1)])
+        out.append(seen)
+    return out

@@ -147,7 +147,7 @@ def test_training_leaves_the_tower_as_it_was(tmp_path: Path) -> None:
     before = {k: v.clone() for k, v in model.vision_tower.state_dict().items()}
     logged: list[str] = []
     state = fit_fine_head(model, tmp_path, kinds=KINDS, layer=1, epochs=20, log=logged.append)
-    assert len(logged) == 2 and float(logged[-1].split()[-1]) < float(logged[0].split()[-1])
+    assert len(logged) == 4 and float(logged[-1].split()[-1]) < float(logged[0].split()[-1])
     model.attach_fine_head(state, 1, KINDS)
     assert all(torch.equal(v, model.vision_tower.state_dict()[k]) for k, v in before.items())
     assert model.config.fine_head is not None and model.config.fine_head["layer"] == 1
