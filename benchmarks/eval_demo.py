@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
                         default=None, help="answer single-choice questions by their likeliest "
                         "option (default: as the checkpoint prefers)")
     parser.add_argument("--dense-head", action=argparse.BooleanOptionalAction, default=None,
-                        help="the vision heads (dense and fine) write their kinds of each "
+                        help="the vision heads (dense, fine, pixel) write their kinds of each "
                         "image description (default: whenever the model has one)")
     parser.add_argument("--quote-boxes", action=argparse.BooleanOptionalAction, default=None,
                         help="detection answers take the boxes of the model's own image "

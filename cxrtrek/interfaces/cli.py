@@ -143,9 +143,9 @@ ConstrainChoices = Annotated[bool | None, typer.Option(
          "(default: as the model prefers; the demo checkpoint does)")]
 DenseHeadOpt = Annotated[bool | None, typer.Option(
     "--dense-head/--no-dense-head",
-    help="in process: a model's vision heads (dense and fine) write the sentences of their "
-         "kinds in each image description (default: whenever the model has one; the demo "
-         "checkpoint has both)")]
+    help="in process: a model's vision heads (dense, fine and pixel) write the sentences of "
+         "their kinds in each image description (default: whenever the model has one; the "
+         "demo checkpoint has all three)")]
 QuoteBoxesOpt = Annotated[bool | None, typer.Option(
     "--quote-boxes/--no-quote-boxes",
     help="in process: an answer that locates a target takes the boxes the model's own "

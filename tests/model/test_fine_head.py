@@ -1,7 +1,7 @@
 """The vision tower's fine head: it reads a finer feature map than the pooled grid, is trained
-on a frozen tower, is saved with the model, and writes the sentences of its kinds in the
-model's own image descriptions (whether each device is there, where its tip lies, its box; a
-small finding's presence and box)."""
+on a frozen tower (as the pixel head is, beside it), is saved with the model, and writes the
+sentences of its kinds in the model's own image descriptions (whether each device is there,
+where its tip lies, its box; a small finding's presence and box)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,13 @@ from cxrtrek.data.phantoms import generate
 from cxrtrek.data.phantoms.questions import revise_devices
 from cxrtrek.errors import ConfigError
 from cxrtrek.model.build import build_preset, load_pretrained, save_pretrained
-from cxrtrek.model.fine_head import DEFAULT_KINDS, fine_targets, fit_fine_head, score_fine_head
+from cxrtrek.model.fine_head import (
+    DEFAULT_KINDS,
+    fine_targets,
+    fit_fine_head,
+    fit_pixel_head,
+    score_fine_head,
+)
 from cxrtrek.model.modeling import FINE_LABELS, CXRTrekNetForConditionalGeneration, FineHead
 from cxrtrek.model.processing import CXRTrekNetProcessor
 from cxrtrek.prompts import DESCRIBE_QUESTION
@@ -141,16 +147,27 @@ def test_an_attached_head_is_saved_and_loaded_with_the_model(tiny: Tiny, tmp_pat
     assert plain.config.fine_head is None and plain.fine_head is None  # left as it was
 
 
-def test_training_leaves_the_tower_as_it_was(tmp_path: Path) -> None:
-    generate(12, 7, tmp_path, size=128)
+@pytest.mark.parametrize("head", ["fine", "pixel"])
+def test_training_leaves_the_tower_as_it_was(tmp_path: Path, head: str) -> None:
+    """The fine head (on a hidden state of the tower) and the pixel head (on the images)
+    learn, and the tower stays as it was; the config records the head."""
+    generate(24, 7, tmp_path, size=128)
     model, _ = build_preset("tiny", seed=0)
     before = {k: v.clone() for k, v in model.vision_tower.state_dict().items()}
     logged: list[str] = []
-    state = fit_fine_head(model, tmp_path, kinds=KINDS, layer=1, epochs=20, log=logged.append)
+    if head == "fine":
+        state = fit_fine_head(model, tmp_path, kinds=KINDS, layer=1, epochs=20,
+                              log=logged.append)
+        model.attach_fine_head(state, 1, KINDS)
+        assert model.config.fine_head is not None and model.config.fine_head["layer"] == 1
+    else:
+        kinds = ["rib_fracture", "nodule"]
+        state = fit_pixel_head(model, tmp_path, kinds=kinds, grid=8, epochs=8,
+                               log=logged.append)
+        model.attach_pixel_head(state, 8, kinds)
+        assert model.config.pixel_head == {"size": 32, "grid": 8, "kinds": kinds}
     assert len(logged) == 4 and float(logged[-1].split()[-1]) < float(logged[0].split()[-1])
-    model.attach_fine_head(state, 1, KINDS)
     assert all(torch.equal(v, model.vision_tower.state_dict()[k]) for k, v in before.items())
-    assert model.config.fine_head is not None and model.config.fine_head["layer"] == 1
 
 
 DEMO = Path(__file__).resolve().parents[2] / "cxrtrek" / "model" / "checkpoints" / "demo"

@@ -1,7 +1,7 @@
 """The pixel head: it reads findings too small for the vision tower (a rib's break) from the
-image itself, is trained beside a frozen tower, is saved with the model, is read with the fine
-head (its kinds in place of the fine head's), and writes its kinds' sentences in the model's
-own image descriptions."""
+image itself, is trained beside a frozen tower (``test_fine_head.py``), is saved with the
+model, is read with the fine head (its kinds in place of the fine head's), and writes its
+kinds' sentences in the model's own image descriptions."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from cxrtrek.backends.inprocess import InProcessBackend
 from cxrtrek.data.phantoms import generate
 from cxrtrek.errors import ConfigError
 from cxrtrek.model.build import build_preset, load_pretrained, save_pretrained
-from cxrtrek.model.fine_head import PIXEL_KINDS, fit_pixel_head, score_fine_head
+from cxrtrek.model.fine_head import PIXEL_KINDS, score_fine_head
 from cxrtrek.model.modeling import CXRTrekNetForConditionalGeneration, FineHead, PixelHead
 from cxrtrek.model.processing import CXRTrekNetProcessor
 from cxrtrek.prompts import DESCRIBE_QUESTION
@@ -100,18 +100,6 @@ def test_an_attached_pixel_head_is_saved_loaded_and_read_with_the_fine_head(
         plain.attach_pixel_head(_fixed(32, 4, present={"rib_fracture": True, "nodule": True}),
                                 4, ["central_line", "nodule"])
     assert plain.config.pixel_head is None and plain.pixel_head is None  # left as it was
-
-
-def test_training_leaves_the_tower_as_it_was(tmp_path: Path) -> None:
-    generate(24, 7, tmp_path, size=128)
-    model, _ = build_preset("tiny", seed=0)
-    before = {k: v.clone() for k, v in model.vision_tower.state_dict().items()}
-    logged: list[str] = []
-    state = fit_pixel_head(model, tmp_path, kinds=KINDS, grid=8, epochs=8, log=logged.append)
-    assert len(logged) == 4 and float(logged[-1].split()[-1]) < float(logged[0].split()[-1])
-    model.attach_pixel_head(state, 8, KINDS)
-    assert all(torch.equal(v, model.vision_tower.state_dict()[k]) for k, v in before.items())
-    assert model.config.pixel_head == {"size": 32, "grid": 8, "kinds": KINDS}
 
 
 def test_the_shipped_pixel_head_reads_rib_fractures_of_unseen_phantoms(tmp_path: Path) -> None:
