@@ -125,8 +125,8 @@ def assembled(candidates: Sequence[str], description: str) -> tuple[str, int]:
     sentence names, the first such sentence of the other candidates (in order) that names it
     as there is added at the end of the body (without a ``Findings:`` label of its own); a
     sentence that puts a device's tip elsewhere than the description does is not kept; the
-    first candidate's label and tail stay. Every sentence is one a candidate wrote (less a
-    stray capital letter before it)."""
+    first candidate's label and tail stay, less a last sentence cut off before its end. Every
+    sentence is one a candidate wrote (less a stray capital letter before it)."""
     described = described_findings(description)
     tips = described_tips(description)
     first = candidates[0]
@@ -164,4 +164,15 @@ def assembled(candidates: Sequence[str], description: str) -> tuple[str, int]:
                 added += 1
                 break
     text = head + " ".join(kept)
-    return (f"{text} {tail.strip()}" if tail.strip() else text), added
+    return _finished(f"{text} {tail.strip()}" if tail.strip() else text), added
+
+
+def _finished(text: str) -> str:
+    """``text`` less a last sentence cut off before its end (a sample stopped by its token
+    limit: ``... with its tip 5.4 cm above the carina, in a``), where an earlier sentence
+    ended."""
+    text = text.rstrip()
+    if not text or text[-1] in ".!?":
+        return text
+    ends = list(_SENTENCE.finditer(text))
+    return text if not ends else text[:ends[-1].start()]

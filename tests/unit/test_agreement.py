@@ -161,3 +161,16 @@ def test_assembly_drops_a_stray_letter_before_a_sentence() -> None:
     assert text == ("An endotracheal tube with its tip 4 cm above the carina. No pneumothorax. "
                     "The heart is mildly enlarged. A large left pleural effusion.")
     assert added == 2
+
+
+def test_assembly_drops_a_last_sentence_cut_off_before_its_end() -> None:
+    best = ("No pneumothorax. Compared with the prior study, the effusion is new. An "
+            "endotracheal tube with its tip 5.4 cm above the carina, in a")
+    other = "The heart is mildly enlarged. A large left pleural effusion."
+    text, added = assembled([best, other], DESCRIPTION)
+    assert text == ("No pneumothorax. The heart is mildly enlarged. A large left pleural "
+                    "effusion. Compared with the prior study, the effusion is new.")
+    assert added == 2
+    # a text with no sentence ended before the cut keeps what it has
+    assert assembled(["An endotracheal tube with its tip 4 cm above the", "No pneumothorax."],
+                     DESCRIPTION)[0] == "An endotracheal tube with its tip 4 cm above the"
