@@ -13,7 +13,8 @@ file for ``scripts/ship_demo_checkpoint.py --fine-head``.
 
 Run: ``python scripts/train_fine_head.py --data demo-run/train --model demo-run/notes
 --val demo-run/val --out demo-run/fine_head.pt [--kinds K ...] [--pixel-kinds K ...]
-[--max-images N]`` (``--pixel-kinds`` with no kind: no pixel head).
+[--pixel-epochs N] [--no-pixel-flip] [--max-images N]`` (``--pixel-kinds`` with no kind: no
+pixel head).
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-images", type=int, default=None, help="the first N images")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--pixel-epochs", type=int, default=PIXEL_EPOCHS)
+    parser.add_argument("--pixel-flip", action=argparse.BooleanOptionalAction, default=True,
+                        help="mirror every other batch of the pixel head's images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args(argv)
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fine head: {time.monotonic() - start:.0f} s; the pixel head:")
         pixel = fit_pixel_head(model, args.data, kinds=args.pixel_kinds,
                                max_images=args.max_images, epochs=args.pixel_epochs,
-                               seed=args.seed, log=print)
+                               flip=args.pixel_flip, seed=args.seed, log=print)
         model.attach_pixel_head(pixel, PIXEL_GRID, args.pixel_kinds)
         saved["pixel"] = {"grid": PIXEL_GRID, "kinds": args.pixel_kinds, "state": pixel}
     scores = score_fine_head(model, args.val)
