@@ -171,7 +171,8 @@ def _fit(head: FineHead | PixelHead, x: torch.Tensor, classes: torch.Tensor,
          seed: int, jitter: float, log: Callable[[str], None] | None, flip: bool = False,
          ) -> dict[str, torch.Tensor]:
     """AdamW with a one-cycle schedule over ``epochs`` of ``x`` (seeded order); each batch's
-    inputs jittered in brightness and contrast by ``jitter`` (0: not); the trained state."""
+    inputs jittered in brightness and contrast by ``jitter`` (0: not), and with ``flip`` every
+    other batch mirrored left to right, its boxes with it; the trained state."""
     rng = random.Random(seed)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(
