@@ -36,7 +36,11 @@ from cxrtrek.model.fine_head import (
     fit_pixel_head,
     score_fine_head,
 )
-from cxrtrek.model.modeling import FINE_LABELS, CXRTrekNetForConditionalGeneration
+from cxrtrek.model.modeling import (
+    DENSE_KINDS,
+    FINE_LABELS,
+    CXRTrekNetForConditionalGeneration,
+)
 
 
 def _dense_rows(model: CXRTrekNetForConditionalGeneration, data: Path,
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layer", type=int, default=DEFAULT_LAYER,
                         help="the tower's hidden state the head reads")
     parser.add_argument("--pixel-kinds", nargs="*", default=list(PIXEL_KINDS),
-                        choices=[k for k, v in FINE_LABELS.items() if v == ("present",)],
+                        choices=list(DENSE_KINDS),
                         help="the findings the pixel head reads (none: no pixel head)")
     parser.add_argument("--max-images", type=int, default=None, help="the first N images")
     parser.add_argument("--epochs", type=int, default=40)

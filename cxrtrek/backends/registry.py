@@ -127,7 +127,7 @@ class BackendOptions:
     constrain decoding (vLLM's structured outputs). None: the model's own preference
     (``constrain_choices`` in a CXRTrekNet config), off for ``http:``."""
     dense_head: bool | None = None
-    """An in-process CXRTrekNet with vision heads (dense, fine) writes their kinds' sentences
+    """An in-process CXRTrekNet with vision heads (dense, fine, pixel) writes their kinds' sentences
     of each image description from them (see :mod:`cxrtrek.backends.inprocess`). None:
     whenever the model has one."""
     quote_boxes: bool | None = None

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from cxrtrek.model.modeling import (
+    DENSE_KINDS,
     FINE_LABELS,
     CXRTrekNetForConditionalGeneration,
     FineHead,
@@ -56,7 +57,7 @@ PIXEL_EPOCHS = 12
 
 def _truth_of(t: object, kind: str) -> tuple[str, list[float]] | None:
     """What a phantom truth says of ``kind``: its label and box (percent), or None."""
-    if kind in ("endotracheal_tube", "central_line"):
+    if kind not in DENSE_KINDS:  # a device
         d = t.device(kind)  # type: ignore[attr-defined]
         return None if d is None else (d.tip, list(d.box))
     f = t.finding(kind)  # type: ignore[attr-defined]

@@ -545,7 +545,7 @@ class PixelHead(nn.Module):
     a kind is present where the log-sum-exp of its objectness over the cells, plus a learnt
     bias, is above 0 (it is there when some cell holds it, wherever it lies). Its output is
     :class:`FineHead`'s, with two classes a kind (absent, present); its kinds are findings
-    (:data:`FINE_LABELS` ``("present",)``). Trained beside a frozen tower
+    (:data:`DENSE_KINDS`). Trained beside a frozen tower
     (:func:`cxrtrek.model.fine_head.fit_pixel_head`)."""
 
     WIDTHS = (16, 32, 48, 64)
@@ -1180,10 +1180,9 @@ def _pixel_head_of(spec: Mapping[str, Any], channels: int) -> PixelHead:
     are findings (a device's tip position is the fine head's)."""
     if set(spec) != {"size", "grid", "kinds"}:
         raise ConfigError(f"pixel_head: expected size, grid and kinds; got {spec}")
-    findings = [k for k, labels in FINE_LABELS.items() if labels == ("present",)]
-    unknown = [k for k in spec["kinds"] if k not in findings]
+    unknown = [k for k in spec["kinds"] if k not in DENSE_KINDS]
     if unknown or not spec["kinds"]:
-        raise ConfigError(f"pixel head kinds: expected some of {', '.join(findings)}; got "
+        raise ConfigError(f"pixel head kinds: expected some of {', '.join(DENSE_KINDS)}; got "
                           f"{', '.join(spec['kinds']) or 'none'}")
     return PixelHead(int(spec["size"]), int(spec["grid"]), spec["kinds"], channels)
 

@@ -40,10 +40,10 @@ _PRESENCE = re.compile(r"\b(is there|are there|presence|present|show|shows|seen|
 _ZONE_OPTION = re.compile(r"^(right|left) (upper|middle|lower) zone$")
 _NONE_OPTION = re.compile(r"^none\b")
 TIP_WORDS = {"appropriate": re.compile(r"\b(appropriat|satisfactor)"),
-         "low": re.compile(r"\blow\b"), "high": re.compile(r"\bhigh\b"),
-         "svc": re.compile(r"\b(superior vena cava|svc)\b"),
-         "cavoatrial": re.compile(r"\bcavoatrial\b"),
-         "atrium": re.compile(r"\b(right )?atrium\b")}
+             "low": re.compile(r"\blow\b"), "high": re.compile(r"\bhigh\b"),
+             "svc": re.compile(r"\b(superior vena cava|svc)\b"),
+             "cavoatrial": re.compile(r"\bcavoatrial\b"),
+             "atrium": re.compile(r"\b(right )?atrium\b")}
 """How a text (an option, a sentence) names each tip position a description writes
 (``tip svc``)."""
 _CHANGES = (("resolved", re.compile(r"\bresolv")), ("new", re.compile(r"\bnew\b")),
