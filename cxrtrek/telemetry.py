@@ -83,7 +83,10 @@ def _current_provider() -> TracerProvider | None:
     return provider
 
 
-_tracers: dict[int, Tracer] = {}
+_tracer: tuple[object, Tracer] | None = None
+"""The provider the cached tracer came from, and the tracer. The provider itself is kept, not
+its ``id``: a shut-down provider's id can be reused by the next one, which would then be
+handed the old provider's tracer (spans dropped: "Processor is already shutdown")."""
 
 
 def tracer() -> Tracer:
@@ -93,12 +96,11 @@ def tracer() -> Tracer:
 
     from cxrtrek import __version__
 
+    global _tracer
     provider = _current_provider() or trace.get_tracer_provider()
-    key = id(provider)
-    if key not in _tracers:
-        _tracers.clear()  # one provider at a time
-        _tracers[key] = provider.get_tracer(_SCOPE, __version__)
-    return _tracers[key]
+    if _tracer is None or _tracer[0] is not provider:  # one provider at a time
+        _tracer = (provider, provider.get_tracer(_SCOPE, __version__))
+    return _tracer[1]
 
 
 def enabled() -> bool:
